@@ -1,0 +1,321 @@
+"""Capture: one rank's ATen-level FX graph of a tensor-parallel model.
+
+The graph is what ``torch.compile`` hands a backend, lowered with AOTAutograd: DTensor and
+explicit collectives both become functional collectives (``_c10d_functional.all_reduce`` +
+``wait_tensor``). Non-strict ``torch.export`` cannot trace DTensor-parallel modules (it fails on
+``DTensorSpec``), so dynamo + AOTAutograd is the one capture path for every source.
+
+The captured module holds the rank's (sharded) parameters as attributes named as in the source
+model, and takes only the user inputs: symbolic sizes are read off the inputs in the graph.
+``fake_process_group`` lets one process trace rank r of an N-rank job; ``meta_device`` lets a
+64-layer config be traced without allocating its weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_module_simplified
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+aten = torch.ops.aten
+
+
+@dataclass
+class CapturedGraph:
+    """A rank's ATen graph plus what the later stages need to know about where it came from."""
+
+    gm: fx.GraphModule
+    rank: int
+    world_size: int
+    # parameter attribute name in ``gm`` -> every name it has in the source model (tied aliases)
+    param_aliases: dict[str, list[str]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as one ATen graph."""
+
+
+class _CaptureFinished(Exception):
+    """Raised by the recording backend so that nothing is executed after tracing."""
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int, rank: int) -> Iterator[None]:
+    """A ``fake`` default process group, so one process can trace any rank of any world size."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise CaptureError(
+            "a default process group already exists; capture with fake_process_group only in a "
+            "process without one (or pass the model already parallelised on the real group)"
+        )
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class _Logits(torch.nn.Module):
+    """Calls a causal LM on input ids and returns its logits tensor (no KV cache)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, Qwen3ForCausalLM):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+        out = self.model(input_ids)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    dynamic: bool = True,
+) -> CapturedGraph:
+    """Trace ``model(*example_inputs)`` into an ATen graph with functional collectives.
+
+    ``model`` is one rank's TP model (DTensor-parallel or with explicit collectives). Batch and
+    sequence dimensions of ``example_inputs`` are symbolic when ``dynamic`` (give sizes >= 2).
+    """
+    rank = dist.get_rank() if rank is None and dist.is_initialized() else (rank or 0)
+    world_size = (
+        dist.get_world_size() if world_size is None and dist.is_initialized() else (world_size or 1)
+    )
+    wrapped = _Logits(model).eval()
+    # Every name a tensor has in the source's state dict (tied weights have several), so the
+    # rewritten module loads that state dict as it is; non-persistent buffers keep one name.
+    state_keys = set(model.state_dict().keys())
+    names_by_id: dict[int, list[str]] = {}
+    for name, tensor in (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ):
+        names = names_by_id.setdefault(id(tensor), [])
+        if not names or name in state_keys:
+            names.append(name)
+
+    recorded: dict[str, object] = {}
+
+    def backend(dynamo_gm: fx.GraphModule, dynamo_inputs: list) -> Callable:
+        def record_forward(aot_gm: fx.GraphModule, _inputs: list) -> Callable:
+            recorded["gm"] = aot_gm
+            raise _CaptureFinished
+
+        recorded["inputs"] = list(dynamo_inputs)
+        return aot_module_simplified(dynamo_gm, dynamo_inputs, fw_compiler=record_forward)
+
+    inputs = list(example_inputs)
+    if dynamic:
+        for tensor in inputs:
+            for dim in range(tensor.dim()):
+                torch._dynamo.mark_dynamic(tensor, dim)
+    start = time.perf_counter()
+    torch._dynamo.reset()
+    # dynamic=None: only the marked input dims are symbolic; float attributes (eps) stay constants.
+    compiled = torch.compile(wrapped, backend=backend, fullgraph=True, dynamic=None if dynamic else False)
+    try:
+        with torch.no_grad():
+            compiled(*inputs)
+    except Exception as err:  # dynamo wraps backend exceptions; find ours in the chain
+        if not _caused_by(err, _CaptureFinished):
+            raise CaptureError(f"tracing the model failed: {err}") from err
+    finally:
+        torch._dynamo.reset()
+    if "gm" not in recorded:
+        raise CaptureError("torch.compile finished without handing a graph to the backend")
+    elapsed = time.perf_counter() - start
+
+    gm, aliases = _params_as_attributes(
+        recorded["gm"], recorded["inputs"], names_by_id, state_keys, inputs
+    )
+    gm.meta["adp_world_size"] = world_size
+    gm.meta["adp_rank"] = rank
+    return CapturedGraph(
+        gm=gm,
+        rank=rank,
+        world_size=world_size,
+        param_aliases=aliases,
+        timings={"capture_s": elapsed},
+    )
+
+
+def _caused_by(err: BaseException, kind: type) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor behind a DTensor (AOTAutograd flattens DTensors to it)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _params_as_attributes(
+    gm: fx.GraphModule,
+    dynamo_inputs: list,
+    names_by_id: dict[int, list[str]],
+    state_keys: set[str],
+    user_inputs: list[torch.Tensor],
+) -> tuple[fx.GraphModule, dict[str, list[str]]]:
+    """Turn parameter placeholders into attributes and symbolic-size placeholders into
+    ``sym_size`` reads of the user inputs, so the module's only arguments are the inputs."""
+    # Opaque objects (a DeviceMesh, the mesh inside a DTensor) reach AOTAutograd as script
+    # objects the graph never reads: drop them and pair what is left with the tensors and sizes.
+    placeholders = []
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        if isinstance(node.meta.get("val"), (torch.Tensor, torch.SymInt, int)):
+            placeholders.append(node)
+        elif node.users:
+            raise CaptureError(f"graph input {node.name} is an opaque object the graph reads")
+        else:
+            gm.graph.erase_node(node)
+    dynamo_inputs = [v for v in dynamo_inputs if isinstance(v, (torch.Tensor, torch.SymInt, int))]
+    if len(placeholders) != len(dynamo_inputs):
+        raise CaptureError(
+            f"graph has {len(placeholders)} inputs but dynamo passed {len(dynamo_inputs)}: a "
+            "tensor subclass other than DTensor flattened to several tensors"
+        )
+    aliases: dict[str, list[str]] = {}
+    user_nodes: list[fx.Node] = []
+    sym_nodes: list[fx.Node] = []
+    user_ids = {id(t) for t in user_inputs}
+    for node, value in zip(placeholders, dynamo_inputs):
+        if isinstance(value, torch.Tensor) and id(value) in names_by_id:
+            names = names_by_id[id(value)]
+            attr = names[0]
+            tensor = _local(value)
+            if isinstance(value, torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            for name in names:  # one object under every alias keeps tied weights tied
+                _set_attr(gm, name, tensor, persistent=name in state_keys)
+            aliases[attr] = names
+            with gm.graph.inserting_before(node):
+                getter = gm.graph.get_attr(attr)
+            getter.meta = dict(node.meta)
+            node.replace_all_uses_with(getter)
+            gm.graph.erase_node(node)
+        elif isinstance(value, torch.Tensor) and id(value) in user_ids:
+            user_nodes.append(node)
+        elif isinstance(value, (int, torch.SymInt)):
+            sym_nodes.append(node)
+        elif isinstance(value, torch.Tensor):
+            # A tensor dynamo lifted from Python state (not registered on the module).
+            attr = f"_lifted_tensor_{len(aliases)}"
+            _set_attr(gm, attr, _local(value), persistent=False)
+            aliases[attr] = []
+            with gm.graph.inserting_before(node):
+                getter = gm.graph.get_attr(attr)
+            getter.meta = dict(node.meta)
+            node.replace_all_uses_with(getter)
+            gm.graph.erase_node(node)
+        else:
+            raise CaptureError(f"graph input {node.name} has an unsupported value {value!r}")
+    for node in sym_nodes:
+        _replace_size_placeholder(gm.graph, node, user_nodes)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, aliases
+
+
+def _replace_size_placeholder(graph: fx.Graph, node: fx.Node, user_nodes: list[fx.Node]) -> None:
+    """Replace a SymInt input by ``sym_size(input, dim)`` of the user input that carries it."""
+    symbol = node.meta.get("val")
+    for user in user_nodes:
+        for dim, size in enumerate(user.meta["val"].shape):
+            if isinstance(size, torch.SymInt) and str(size) == str(symbol):
+                with graph.inserting_after(user_nodes[-1]):
+                    size_node = graph.call_function(aten.sym_size.int, (user, dim))
+                size_node.meta = dict(node.meta)
+                node.replace_all_uses_with(size_node)
+                graph.erase_node(node)
+                return
+    raise CaptureError(f"size input {node.name}={symbol} is not a dimension of any input")
+
+
+def _set_attr(
+    root: torch.nn.Module, dotted: str, tensor: torch.Tensor, persistent: bool
+) -> None:
+    *path, leaf = dotted.split(".")
+    module = root
+    for part in path:
+        if not isinstance(getattr(module, part, None), torch.nn.Module):
+            module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    if isinstance(tensor, torch.nn.Parameter):
+        module.register_parameter(leaf, tensor)
+    else:
+        module.register_buffer(leaf, tensor, persistent=persistent)
+
+
+# ----------------------------------------------------------------------------- model sources
+def tp_plan_styles(config: Qwen3Config) -> dict:
+    """The model's own ``base_model_tp_plan`` as ``torch.distributed.tensor.parallel`` styles."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    styles = {}
+    for fqn, style in config.base_model_tp_plan.items():
+        if style.startswith("colwise"):
+            styles[fqn] = ColwiseParallel()
+        elif style.startswith("rowwise"):
+            styles[fqn] = RowwiseParallel()
+        # "replicated_with_grad_allreduce" (q/k norms) only matters for training.
+    return styles
+
+
+def parallelize_hf_qwen3(model: Qwen3ForCausalLM, world_size: int) -> Qwen3ForCausalLM:
+    """Make ``model`` TP over the default group with PyTorch's TP API and the model's own plan."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    device = "cpu" if model.device.type in ("cpu", "meta") else model.device.type
+    mesh = init_device_mesh(device, (world_size,))
+    parallelize_module(model.model, mesh, tp_plan_styles(model.config))
+    return model
+
+
+def build_hf_qwen3(config: Qwen3Config, *, meta: bool = False, seed: int = 0) -> Qwen3ForCausalLM:
+    """A transformers Qwen3ForCausalLM with random weights (or on the meta device)."""
+    if meta:
+        with torch.device("meta"):
+            return Qwen3ForCausalLM(config).eval()
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def capture_hf_qwen3(
+    config: Qwen3Config,
+    *,
+    world_size: int,
+    rank: int,
+    meta: bool = False,
+    batch: int = 2,
+    seq: int = 8,
+) -> CapturedGraph:
+    """Rank ``rank``'s graph of transformers' Qwen3 made TP over a fake ``world_size`` group."""
+    with fake_process_group(world_size, rank):
+        start = time.perf_counter()
+        model = parallelize_hf_qwen3(build_hf_qwen3(config, meta=meta), world_size)
+        build_s = time.perf_counter() - start
+        device = "meta" if meta else "cpu"
+        ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        captured = capture(model, [ids], rank=rank, world_size=world_size)
+    captured.timings = {"build_s": build_s, **captured.timings}
+    return captured

@@ -1,0 +1,182 @@
+"""Detect: classify every collective of a TP graph and plan the attention-DP rewrite.
+
+``detect(gm, mapping)`` reads the graph and returns a :class:`~adp_pass.plan.Plan`; it never
+mutates the graph. A collective is classified by what feeds it (see ``patterns/``); one that
+no pattern explains is listed in the plan and is an error in strict mode, because removing the
+others would leave a graph that still waits on its peers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from adp_pass.mapping import Mapping, MappingError
+from adp_pass.patterns import SITE_PATTERNS
+from adp_pass.patterns.structure import (
+    ALL_GATHER_OPS,
+    COLLECTIVE_OPS,
+    annotate_positions,
+    is_op,
+)
+from adp_pass.plan import ParamSpec, Plan, ShardedWeight, Site
+from adp_pass.shapes import plan_shape_fixes
+
+
+class DetectError(ValueError):
+    """The graph is not one the rewrite can turn into attention-DP form."""
+
+
+def find_collectives(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if is_op(n, COLLECTIVE_OPS)]
+
+
+def classify(collective: fx.Node) -> Site | None:
+    for pattern in SITE_PATTERNS:
+        site = pattern.match(collective)
+        if site is not None:
+            return site
+    return None
+
+
+def graph_world_size(gm: fx.GraphModule, collectives: list[fx.Node]) -> int | None:
+    """The TP degree the graph was traced with: from an all-gather's group size, else from
+    the capture's record."""
+    for node in collectives:
+        if is_op(node, ALL_GATHER_OPS):
+            return int(node.args[1])
+    return gm.meta.get("adp_world_size")
+
+
+def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -> Plan:
+    """Plan the attention-DP rewrite of ``gm`` under ``mapping``."""
+    start = time.perf_counter()
+    mapping = Mapping.load(mapping)
+    if not mapping.enable_attention_dp:
+        raise MappingError(
+            f"mapping {mapping} does not enable attention-DP, so there is nothing to rewrite; "
+            "set attn_dp=1"
+        )
+    annotate_positions(gm.graph)
+    collectives = find_collectives(gm.graph)
+    traced_tp = graph_world_size(gm, collectives)
+    if traced_tp is not None and traced_tp != mapping.tp_size:
+        raise MappingError(
+            f"the graph was traced with {traced_tp} TP ranks but the mapping says "
+            f"tp={mapping.tp_size}; pass tp={traced_tp} (the mapping describes the traced job)"
+        )
+
+    sites: list[Site] = []
+    unclassified: list[str] = []
+    for node in collectives:
+        site = classify(node)
+        if site is None:
+            feeder = node.args[0].name if node.args and isinstance(node.args[0], fx.Node) else "?"
+            unclassified.append(f"{node.name} ({node.target}) fed by {feeder}")
+        else:
+            sites.append(site)
+    layer_sites = [s for s in sites if s.kind in ("attention_out", "mlp_out")]
+    if not layer_sites:
+        raise DetectError(
+            f"no attention or MLP all-reduce site found among {len(collectives)} collectives "
+            f"({'; '.join(unclassified) or 'none'}): this is not a TP Qwen3 decoder graph. Each "
+            "layer must end its attention in a row-parallel linear + all-reduce after an "
+            "attention core, and its MLP in one after silu(gate) * up"
+        )
+    counts = {k: sum(s.kind == k for s in sites) for k in ("attention_out", "mlp_out")}
+    if counts["attention_out"] != counts["mlp_out"]:
+        raise DetectError(
+            f"found {counts['attention_out']} attention sites but {counts['mlp_out']} MLP sites; "
+            "a Qwen3 decoder layer has one of each"
+        )
+    if unclassified and strict:
+        raise DetectError(
+            "collectives no pattern explains (removing the others would leave ranks waiting on "
+            "these): " + "; ".join(unclassified) + ". Pass strict=False to list them only"
+        )
+
+    params = _param_specs(gm, sites, mapping.tp_size)
+    shape_fixes, views_to_copy = plan_shape_fixes(
+        gm, sites, {p.name: p.full_shape for p in params}
+    )
+    plan = Plan(
+        mapping=mapping,
+        rank=int(gm.meta.get("adp_rank", 0)),
+        sites=sites,
+        params=params,
+        shape_fixes=shape_fixes,
+        views_to_copy=views_to_copy,
+        unclassified=unclassified,
+    )
+    gm.meta["adp_detect_s"] = time.perf_counter() - start
+    return plan
+
+
+def _param_specs(gm: fx.GraphModule, sites: list[Site], tp_size: int) -> list[ParamSpec]:
+    claims: dict[str, ShardedWeight] = {}
+    for site in sites:
+        for weight in site.weights:
+            previous = claims.setdefault(weight.attr, weight)
+            if _layout_key(previous) != _layout_key(weight):
+                raise DetectError(
+                    f"{weight.attr} is used as {previous.layout} (dim {previous.dim}) and as "
+                    f"{weight.layout} (dim {weight.dim}); a weight can be sharded only one way"
+                )
+    aliases = _alias_table(gm)
+    specs = []
+    for name, tensor in _named_tensors(gm):
+        local = tuple(int(s) for s in tensor.shape)
+        claim = claims.get(name)
+        if claim is None:
+            layout, dim, segments, full = "replicated", None, (), local
+        else:
+            segments = claim.segments or (local[claim.dim],)
+            if sum(segments) != local[claim.dim]:
+                raise DetectError(
+                    f"{name}: fused segments {list(segments)} do not add up to its local size "
+                    f"{local[claim.dim]} along dim {claim.dim}"
+                )
+            full = tuple(s * tp_size if d == claim.dim else s for d, s in enumerate(local))
+            layout, dim = claim.layout, claim.dim
+        specs.append(
+            ParamSpec(
+                name=name,
+                aliases=tuple(aliases.get(name, [name])),
+                layout=layout,
+                dim=dim,
+                segments=tuple(segments),
+                local_shape=local,
+                full_shape=full,
+                dtype=str(tensor.dtype).replace("torch.", ""),
+            )
+        )
+    return specs
+
+
+def _layout_key(weight: ShardedWeight) -> tuple:
+    # One segment is no fusion: a tied embedding (vocab rows) and LM head (output rows) agree.
+    return weight.dim, weight.segments if len(weight.segments) > 1 else ()
+
+
+def _named_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    return [*gm.named_parameters(), *gm.named_buffers()]
+
+
+def _alias_table(gm: fx.GraphModule) -> dict[str, list[str]]:
+    table: dict[str, list[str]] = {}
+    by_id: dict[int, str] = {}
+    for name, tensor in [
+        *gm.named_parameters(remove_duplicate=False),
+        *gm.named_buffers(remove_duplicate=False),
+    ]:
+        primary = by_id.setdefault(id(tensor), name)
+        table.setdefault(primary, []).append(name)
+    return table
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    """A small summary for logs and tests."""
+    return {"counts": plan.counts(), "unclassified": len(plan.unclassified)}

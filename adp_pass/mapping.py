@@ -1,0 +1,250 @@
+"""The mapping spec: how a TP job's ranks are regrouped for attention and for the MLP.
+
+A graph is traced with ``tp_size`` ranks sharing every head and MLP column. The mapping says
+how the rewritten job uses the same ``world_size`` ranks:
+
+* attention: ``attn_tp_size`` ranks share one request set (1 = pure attention-DP, each rank
+  serves its own requests with replicated attention weights); ``dp_size = tp / attn_tp``.
+* MLP: ``mlp_tp_size`` ranks share the MLP (1 = replicated MLP, TensorRT-LLM's choice).
+
+Every invalid combination raises :class:`MappingError` naming the constraint and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+class MappingError(ValueError):
+    """A mapping that cannot describe a valid job."""
+
+
+class NotSupportedYet(MappingError):
+    """A valid mapping that this version cannot rewrite to yet."""
+
+
+# Short keys of the compact form "tp=8,attn_dp=1,mlp_tp=1" and their dataclass fields.
+_SHORT_KEYS = {
+    "world": "world_size",
+    "tp": "tp_size",
+    "attn_dp": "enable_attention_dp",
+    "attn_tp": "attn_tp_size",
+    "mlp_tp": "mlp_tp_size",
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """World layout before (``tp_size``) and after (attention / MLP groups) the rewrite."""
+
+    world_size: int = 0  # 0: same as tp_size
+    tp_size: int = 1
+    enable_attention_dp: bool = False
+    attn_tp_size: int = 0  # 0: 1 under attention-DP, else tp_size
+    mlp_tp_size: int = 0  # 0: 1 under attention-DP (replicated MLP), else tp_size
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "tp_size", "attn_tp_size", "mlp_tp_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise MappingError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.enable_attention_dp, bool):
+            raise MappingError(
+                f"enable_attention_dp must be a bool, got {self.enable_attention_dp!r}"
+            )
+        if self.tp_size < 1:
+            raise MappingError(f"tp_size must be >= 1, got {self.tp_size}")
+        world = self.world_size or self.tp_size
+        attn_tp = self.attn_tp_size or (1 if self.enable_attention_dp else self.tp_size)
+        mlp_tp = self.mlp_tp_size or (1 if self.enable_attention_dp else self.tp_size)
+        object.__setattr__(self, "world_size", world)
+        object.__setattr__(self, "attn_tp_size", attn_tp)
+        object.__setattr__(self, "mlp_tp_size", mlp_tp)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.world_size != self.tp_size:
+            raise MappingError(
+                f"world_size ({self.world_size}) must equal tp_size ({self.tp_size}): the "
+                "rewrite regroups the ranks of one TP job; pipeline or outer data parallelism "
+                "is not part of a mapping. Set world=tp."
+            )
+        if self.tp_size % self.attn_tp_size:
+            raise MappingError(
+                f"attn_tp_size ({self.attn_tp_size}) must divide tp_size ({self.tp_size}) so "
+                "every attention group has the same size"
+            )
+        if self.tp_size % self.mlp_tp_size:
+            raise MappingError(
+                f"mlp_tp_size ({self.mlp_tp_size}) must divide tp_size ({self.tp_size}) so "
+                "every MLP group has the same size"
+            )
+        if not self.enable_attention_dp and self.attn_tp_size != self.tp_size:
+            raise MappingError(
+                f"attn_tp_size ({self.attn_tp_size}) < tp_size ({self.tp_size}) means "
+                "attention data parallelism: set attn_dp=1 (enable_attention_dp=True)"
+            )
+        if not self.enable_attention_dp and self.mlp_tp_size != self.tp_size:
+            raise MappingError(
+                f"mlp_tp_size ({self.mlp_tp_size}) != tp_size ({self.tp_size}) needs "
+                "attention-DP: set attn_dp=1, or drop mlp_tp"
+            )
+        if self.enable_attention_dp and self.attn_tp_size > 1:
+            raise NotSupportedYet(
+                f"attn_tp_size={self.attn_tp_size} (attention groups of several ranks) is not "
+                "supported yet; use attn_tp=1 (pure attention-DP)"
+            )
+        if self.enable_attention_dp and self.mlp_tp_size > 1:
+            raise NotSupportedYet(
+                f"mlp_tp_size={self.mlp_tp_size} (TP MLP under attention-DP, with token "
+                "all-gather / reduce-scatter) is not supported yet; use mlp_tp=1 (replicated MLP)"
+            )
+
+    # ----------------------------------------------------------------- derived layout
+    @property
+    def dp_size(self) -> int:
+        """Number of independent request sets (attention groups)."""
+        return self.tp_size // self.attn_tp_size
+
+    def attn_group(self, rank: int) -> list[int]:
+        """Ranks that share ``rank``'s requests (and its attention heads)."""
+        self._check_rank(rank)
+        start = rank // self.attn_tp_size * self.attn_tp_size
+        return list(range(start, start + self.attn_tp_size))
+
+    def mlp_group(self, rank: int) -> list[int]:
+        """Ranks that share ``rank``'s MLP columns."""
+        self._check_rank(rank)
+        start = rank // self.mlp_tp_size * self.mlp_tp_size
+        return list(range(start, start + self.mlp_tp_size))
+
+    def dp_rank(self, rank: int) -> int:
+        """Index of ``rank``'s request set among the ``dp_size`` sets."""
+        self._check_rank(rank)
+        return rank // self.attn_tp_size
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise MappingError(f"rank {rank} is outside world_size {self.world_size}")
+
+    def check_model(
+        self, num_attention_heads: int, num_key_value_heads: int, intermediate_size: int
+    ) -> None:
+        """Reject a mapping whose TP degree does not divide the model's heads or columns."""
+        for what, count in (
+            ("num_attention_heads", num_attention_heads),
+            ("num_key_value_heads", num_key_value_heads),
+            ("intermediate_size", intermediate_size),
+        ):
+            if count % self.tp_size:
+                raise MappingError(
+                    f"tp_size ({self.tp_size}) must divide {what} ({count}); pick a tp that "
+                    f"divides it (e.g. {_divisors_hint(count)})"
+                )
+        if num_attention_heads % num_key_value_heads:
+            raise MappingError(
+                f"num_key_value_heads ({num_key_value_heads}) must divide num_attention_heads "
+                f"({num_attention_heads})"
+            )
+
+    # ----------------------------------------------------------------- parsing
+    @classmethod
+    def parse(cls, spec: str) -> "Mapping":
+        """Parse the compact CLI form, e.g. ``"tp=8,attn_dp=1,mlp_tp=1"``."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise MappingError('empty mapping string; expected e.g. "tp=2,attn_dp=1"')
+        values: dict[str, Any] = {}
+        for item in spec.split(","):
+            item = item.strip()
+            if not item:
+                raise MappingError(f"empty entry in mapping {spec!r} (doubled or trailing comma)")
+            key, sep, raw = item.partition("=")
+            key, raw = key.strip(), raw.strip()
+            if not sep or not raw:
+                raise MappingError(f"mapping entry {item!r} must look like key=value")
+            field_name = _SHORT_KEYS.get(key, key if key in _SHORT_KEYS.values() else None)
+            if field_name is None:
+                known = ", ".join(_SHORT_KEYS)
+                raise MappingError(f"unknown mapping key {key!r}; known keys: {known}")
+            if field_name in values:
+                raise MappingError(f"mapping key {key!r} given twice in {spec!r}")
+            values[field_name] = _parse_value(field_name, raw)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Mapping":
+        names = set(cls.__dataclass_fields__)
+        fields = {}
+        for key, value in values.items():
+            name = _SHORT_KEYS.get(key, key)
+            if name not in names:
+                raise MappingError(f"unknown mapping key {key!r}; known: {sorted(names)}")
+            fields[name] = value
+        if "tp_size" not in fields:
+            raise MappingError("a mapping needs tp (the TP degree the graph was traced with)")
+        return cls(**fields)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Mapping":
+        """Read a mapping from a ``.json`` or ``.toml`` file (same keys as :meth:`parse`)."""
+        path = Path(path)
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                values = json.loads(text)
+            elif path.suffix == ".toml":
+                values = tomllib.loads(text)
+            else:
+                raise MappingError(f"mapping file {path} must end in .json or .toml")
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+            raise MappingError(f"cannot parse mapping file {path}: {err}") from err
+        if isinstance(values, dict) and isinstance(values.get("mapping"), dict):
+            values = values["mapping"]
+        if not isinstance(values, dict):
+            raise MappingError(f"mapping file {path} must hold a table/object of keys")
+        return cls.from_dict(values)
+
+    @classmethod
+    def load(cls, spec: "str | Path | Mapping") -> "Mapping":
+        """A Mapping from a Mapping, a compact string, or a path to a JSON/TOML file."""
+        if isinstance(spec, Mapping):
+            return spec
+        if isinstance(spec, Path) or str(spec).endswith((".json", ".toml")):
+            return cls.from_file(spec)
+        return cls.parse(str(spec))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"tp={self.tp_size},attn_dp={int(self.enable_attention_dp)},"
+            f"attn_tp={self.attn_tp_size},mlp_tp={self.mlp_tp_size}"
+        )
+
+
+def _parse_value(field_name: str, raw: str) -> int | bool:
+    if field_name == "enable_attention_dp":
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise MappingError(f"attn_dp must be 0/1 or true/false, got {raw!r}")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise MappingError(f"{field_name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise MappingError(f"{field_name} must be >= 1, got {value}")
+    return value
+
+
+def _divisors_hint(count: int) -> str:
+    return ", ".join(str(d) for d in range(1, min(count, 16) + 1) if count % d == 0)

@@ -1,0 +1,203 @@
+"""The plan: plain data that ``detect`` produces and ``rewrite`` executes.
+
+Everything refers to graph nodes and attributes by name, so a plan prints, serialises to JSON,
+diffs, and is unit-tested without a graph. ``str(plan)`` is the report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+
+from adp_pass.mapping import Mapping
+
+
+@dataclass(frozen=True)
+class ShardedWeight:
+    """How one weight of a site is split over the TP ranks."""
+
+    attr: str  # attribute name in the captured module
+    layout: str  # "column" (output dim), "row" (input dim) or "vocab" (embedding rows)
+    dim: int  # the stored tensor's sharded dim
+    segments: tuple[int, ...] = ()  # local sizes of fused blocks along ``dim`` (q|k|v, gate|up)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One collective the rewrite removes, and how.
+
+    Removal is "redirect ``replaced``'s users to ``replacement``", after re-pointing argument
+    ``rewire`` entries ``(node, arg index, new input)``; the collective, its wait and whatever
+    only they used are then dead.
+    """
+
+    kind: str  # "attention_out" | "mlp_out" | "embedding" | "lm_head_gather"
+    collective: str
+    wait: str | None
+    group: str
+    producer: str  # the node whose (partial) result the collective combined
+    replaced: str
+    replacement: str
+    rewire: tuple[tuple[str, int, str], ...] = ()
+    weights: tuple[ShardedWeight, ...] = ()
+
+    def remove(self, graph: fx.Graph) -> None:
+        nodes = {n.name: n for n in graph.nodes}
+        for node_name, index, source in self.rewire:
+            node = nodes[node_name]
+            args = list(node.args)
+            args[index] = nodes[source]
+            node.args = tuple(args)
+        nodes[self.replaced].replace_all_uses_with(nodes[self.replacement])
+        for name in (self.wait, self.collective):
+            if name is not None and not nodes[name].users:
+                graph.erase_node(nodes[name])
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A parameter of the rewritten module: its TP layout and the full shape it gets."""
+
+    name: str
+    aliases: tuple[str, ...]
+    layout: str  # "column" | "row" | "vocab" | "replicated"
+    dim: int | None
+    segments: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    full_shape: tuple[int, ...]
+    dtype: str
+
+    def shard_ranges(self, rank: int, tp_size: int) -> list[tuple[int, int]]:
+        """``(start, length)`` ranges of the full tensor's ``dim`` that rank ``rank`` holds."""
+        if self.dim is None:
+            return [(0, self.full_shape[0] if self.full_shape else 1)]
+        ranges, offset = [], 0
+        for local in self.segments:
+            ranges.append((offset + rank * local, local))
+            offset += local * tp_size
+        return ranges
+
+    def assemble(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's shard (rank order), undoing fused layouts."""
+        if self.dim is None:
+            return shards[0]
+        pieces = [shard.split(list(self.segments), dim=self.dim) for shard in shards]
+        blocks = [torch.cat([p[j] for p in pieces], dim=self.dim) for j in range(len(self.segments))]
+        return torch.cat(blocks, dim=self.dim)
+
+    def shard(self, full: torch.Tensor, rank: int, tp_size: int) -> torch.Tensor:
+        """Rank ``rank``'s shard of the full tensor (the inverse of :meth:`assemble`)."""
+        if self.dim is None:
+            return full
+        return torch.cat(
+            [full.narrow(self.dim, s, n) for s, n in self.shard_ranges(rank, tp_size)], self.dim
+        )
+
+
+@dataclass(frozen=True)
+class ShapeFix:
+    """One integer in a node's arguments that held a per-rank size."""
+
+    node: str
+    target: str
+    arg: int
+    index: int | None  # position inside a list argument, or None for a scalar argument
+    old: int
+    new: int
+
+    def apply(self, graph: fx.Graph, nodes: dict[str, fx.Node] | None = None) -> None:
+        node = (nodes or {n.name: n for n in graph.nodes})[self.node]
+        args = list(node.args)
+        if self.index is None:
+            args[self.arg] = self.new
+        else:
+            values = list(args[self.arg])
+            values[self.index] = self.new
+            args[self.arg] = values
+        node.args = tuple(args)
+
+
+@dataclass
+class Plan:
+    mapping: Mapping
+    rank: int
+    sites: list[Site]
+    params: list[ParamSpec]
+    shape_fixes: list[ShapeFix]
+    views_to_copy: list[str] = field(default_factory=list)  # view nodes that become reshape
+    unclassified: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(site.kind for site in self.sites))
+
+    @property
+    def num_layers(self) -> int:
+        return self.counts().get("attention_out", 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "mapping": self.mapping.to_dict(),
+            "rank": self.rank,
+            "counts": self.counts(),
+            "sites": [asdict(s) for s in self.sites],
+            "params": [asdict(p) for p in self.params],
+            "shape_fixes": [asdict(f) for f in self.shape_fixes],
+            "views_to_copy": self.views_to_copy,
+            "unclassified": self.unclassified,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def __str__(self) -> str:
+        counts = self.counts()
+        lines = [
+            f"adp plan: rank {self.rank}, mapping {self.mapping}",
+            f"  sites removed: {len(self.sites)} "
+            + "(" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")",
+            f"  layers: {self.num_layers}, unclassified collectives: {len(self.unclassified)}",
+            "",
+            f"  {'site':<16} {'collective':<28} {'group':<6} producer",
+        ]
+        for site in self.sites:
+            lines.append(
+                f"  {site.kind:<16} {site.collective:<28} {site.group:<6} {site.producer}"
+            )
+        by_layout = Counter(p.layout for p in self.params)
+        local = sum(_numel(p.local_shape) for p in self.params)
+        full = sum(_numel(p.full_shape) for p in self.params)
+        lines += [
+            "",
+            "  parameters: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(by_layout.items()))
+            + f"; elements per rank {local:,} -> {full:,} ({full / max(local, 1):.2f}x)",
+        ]
+        for p in self.params:
+            if p.layout != "replicated":
+                seg = f" segments {list(p.segments)}" if len(p.segments) > 1 else ""
+                lines.append(
+                    f"  {p.layout:<7} dim {p.dim} {str(list(p.local_shape)):<14} -> "
+                    f"{str(list(p.full_shape)):<14} {p.name}{seg}"
+                )
+        lines += ["", f"  shape constants fixed: {len(self.shape_fixes)}"]
+        for fix in self.shape_fixes[:12]:
+            where = f"[{fix.index}]" if fix.index is not None else ""
+            lines.append(f"  {fix.node:<28} {fix.target:<24} arg {fix.arg}{where}: {fix.old} -> {fix.new}")
+        if len(self.shape_fixes) > 12:
+            lines.append(f"  ... {len(self.shape_fixes) - 12} more")
+        if self.views_to_copy:
+            lines.append(f"  views that become reshape (copy) at full size: {len(self.views_to_copy)}")
+        for item in self.unclassified:
+            lines.append(f"  UNCLASSIFIED {item}")
+        return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,76 @@
+"""Host-side helpers shared by the Triton kernel wrappers.
+
+Dtype conventions used by every kernel in this package:
+
+* Loads are upcast to fp32 and all arithmetic happens in fp32.
+* Wherever transformers' eager Qwen3 code produces an intermediate tensor in the model dtype
+  (bf16/fp16), the kernel rounds to that dtype at the same point (``.to(dtype).to(tl.float32)``).
+  Products of two bf16 (or two fp16) values are exact in fp32, so "fp32 multiply, round once"
+  equals aten's bf16 multiply bit for bit; the only remaining differences come from reduction
+  order and the transcendental approximations (rsqrt, exp), i.e. rare 1-ulp flips.
+* Python float scalars (eps) reach the kernel as fp32, like ``variance + eps`` on an fp32 tensor.
+"""
+
+import contextlib
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+# A whole row must fit in one program's registers; Qwen3 hidden sizes are <= 8192.
+MAX_FUSED_SIZE = 65536
+
+
+def block_and_warps(n_elements: int, max_block: int = MAX_FUSED_SIZE) -> tuple[int, int]:
+    """Power-of-two block covering ``n_elements`` (capped at ``max_block``) and its num_warps.
+
+    Warps grow with the block so each thread keeps ~8-16 elements (Liger-Kernel's
+    ``calculate_settings`` thresholds).
+    """
+    block = min(triton.next_power_of_2(max(n_elements, 1)), max_block)
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    else:
+        num_warps = 4
+    return block, num_warps
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` as 2-D ``[rows, x.shape[-1]]`` with unit column stride and one row stride.
+
+    Leading dims that collapse (e.g. a column slice of a wider buffer) stay a view; only inputs
+    whose leading dims cannot be described by a single row stride, or whose last dim is not
+    unit-stride, are copied.
+    """
+    if x.dim() == 0:
+        raise ValueError("expected at least 1-D input")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
+    assert x2.stride(1) == 1 or x2.shape[1] <= 1, f"bad column stride {x2.stride()}"
+    return x2
+
+
+def launch_guard(kernel: object, *tensors: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Check that all tensors share one device; return a context to launch ``kernel`` under.
+
+    Triton launches on the *current* CUDA device, and per-rank code may hold tensors on another
+    one, so CUDA launches run under ``torch.cuda.device``. CPU tensors only work when ``@triton.jit``
+    built an interpreted kernel, which it decides when the kernel module is first imported.
+    """
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"all inputs must be on {device}, got {t.device}")
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    if device.type == "cpu" and not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(
+            "adp Triton kernels got CPU tensors but Triton is compiling; set TRITON_INTERPRET=1 "
+            "before adp_pass.runtime.kernels is first imported"
+        )
+    return contextlib.nullcontext()

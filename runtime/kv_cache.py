@@ -1,0 +1,144 @@
+"""Per-rank paged KV cache: block storage plus a free-list block allocator.
+
+Each layer owns a k and a v tensor of shape [num_blocks, block_size, num_kv_heads,
+head_dim]. A sequence owns a list of physical blocks (its block table); token i of
+the sequence lives at flat slot ``table[i // block_size] * block_size + i % block_size``.
+The allocator is host-side bookkeeping only; it never touches the tensors.
+See docs/kv_cache.md.
+"""
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+
+class OutOfBlocksError(RuntimeError):
+    """Raised when an allocation needs more blocks than are free."""
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        # The decode kernel feeds a block straight into tl.dot, which needs >= 16 rows.
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        if num_layers < 1 or num_blocks < 1 or num_kv_heads < 1 or head_dim < 1:
+            raise ValueError("num_layers, num_blocks, num_kv_heads and head_dim must be >= 1")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # Zero-filled so stale reads (a bug) give finite values rather than NaN garbage.
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        # Stack: pop() hands out low block ids first, and freed blocks are reused first.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._tables: dict[Hashable, list[int]] = {}
+        self._lens: dict[Hashable, int] = {}
+
+    @staticmethod
+    def bytes_needed(
+        num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        """Bytes of the k and v tensors of all layers (what the constructor allocates)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_blocks * block_size * num_kv_heads * head_dim * itemsize
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold num_tokens tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_caches[index], self.v_caches[index]
+
+    def context_len(self, seq_id: Hashable) -> int:
+        return self._lens[self._known(seq_id)]
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        return list(self._tables[self._known(seq_id)])
+
+    def allocate(self, seq_id: Hashable, num_tokens: int) -> list[int]:
+        """Register a new sequence holding num_tokens tokens; returns their slots."""
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id!r} is already allocated")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        self._tables[seq_id] = self._take(seq_id, self.blocks_for(num_tokens))
+        self._lens[seq_id] = num_tokens
+        return self._slots(seq_id, 0, num_tokens)
+
+    def append(self, seq_id: Hashable, num_tokens: int = 1) -> list[int]:
+        """Grow a sequence by num_tokens (new blocks only at boundaries); returns the new slots."""
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        old = self._lens[self._known(seq_id)]
+        table = self._tables[seq_id]
+        table.extend(self._take(seq_id, self.blocks_for(old + num_tokens) - len(table)))
+        self._lens[seq_id] = old + num_tokens
+        return self._slots(seq_id, old, num_tokens)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Return a sequence's blocks to the free list (block contents are left as is)."""
+        self._free.extend(reversed(self._tables.pop(self._known(seq_id))))
+        del self._lens[seq_id]
+
+    def block_tables(self, seq_ids: Sequence[Hashable], max_blocks: int | None = None) -> torch.Tensor:
+        """int32 [len(seq_ids), max_blocks] on the cache device, padded with block 0.
+
+        Padding is never read (the kernel stops at context_len) but stays a valid
+        index. A fixed max_blocks keeps the shape static for CUDA graphs.
+        """
+        tables = [self._tables[self._known(s)] for s in seq_ids]
+        width = max((len(t) for t in tables), default=0)
+        if max_blocks is None:
+            max_blocks = width
+        elif max_blocks < width:
+            raise ValueError(f"max_blocks={max_blocks} but a sequence holds {width} blocks")
+        rows = [t + [0] * (max_blocks - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.int32).view(len(seq_ids), max_blocks).to(self.device)
+
+    def context_lens(self, seq_ids: Sequence[Hashable]) -> torch.Tensor:
+        """int32 [len(seq_ids)] on the cache device."""
+        return torch.tensor([self._lens[self._known(s)] for s in seq_ids], dtype=torch.int32).to(self.device)
+
+    def slot_mapping(self, slots: Sequence[int], pad_to: int | None = None) -> torch.Tensor:
+        """int64 [pad_to or len(slots)] on the cache device; padding is -1 (skipped by reshape_and_cache)."""
+        pad_to = len(slots) if pad_to is None else pad_to
+        if pad_to < len(slots):
+            raise ValueError(f"pad_to={pad_to} is shorter than {len(slots)} slots")
+        return torch.tensor(list(slots) + [-1] * (pad_to - len(slots)), dtype=torch.int64).to(self.device)
+
+    def _known(self, seq_id: Hashable) -> Hashable:
+        if seq_id not in self._tables:
+            raise KeyError(f"unknown sequence {seq_id!r}")
+        return seq_id
+
+    def _take(self, seq_id: Hashable, count: int) -> list[int]:
+        # Check before popping so a failed request leaves the allocator unchanged.
+        if count > len(self._free):
+            raise OutOfBlocksError(
+                f"KV cache out of blocks for sequence {seq_id!r}: needs {count} blocks, "
+                f"{len(self._free)} free of {self.num_blocks} (block_size={self.block_size})"
+            )
+        return [self._free.pop() for _ in range(count)]
+
+    def _slots(self, seq_id: Hashable, start: int, count: int) -> list[int]:
+        table = self._tables[seq_id]
+        bs = self.block_size
+        return [table[i // bs] * bs + i % bs for i in range(start, start + count)]

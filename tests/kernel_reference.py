@@ -1,0 +1,86 @@
+"""Eager references for the adp Triton kernels, copied from transformers' Qwen3 modeling code.
+
+Source: transformers/models/qwen3/modeling_qwen3.py (transformers 5.x): Qwen3RMSNorm.forward,
+Qwen3MLP.forward (act_fn = SiLUActivation -> F.silu), rotate_half, apply_rotary_pos_emb,
+Qwen3RotaryEmbedding.compute_default_rope_parameters / forward, and the residual adds of
+Qwen3DecoderLayer.forward. tests/test_kernels.py checks these copies against the installed
+transformers so drift is caught. Also used by bench/bench_kernels.py.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3RMSNorm.forward."""
+    input_dtype = x.dtype
+    hidden_states = x.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3DecoderLayer: ``hidden_states = residual + hidden_states`` then the next layernorm."""
+    hidden_states = residual + x
+    return rms_norm_ref(hidden_states, weight, eps), hidden_states
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Qwen3MLP: ``act_fn(gate_proj(x)) * up_proj(x)`` without the projections."""
+    return F.silu(gate) * up
+
+
+def silu_mul_fused_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """Engine-style fused gate_up_proj output: gate first, up second."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate_half."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' apply_rotary_pos_emb."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def rotary_cos_sin_ref(
+    positions: torch.Tensor, head_dim: int, rope_theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3RotaryEmbedding (default rope, attention_scaling 1.0) for 1-D ``positions``."""
+    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def qk_norm_rope_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3Attention: q_norm/k_norm on [T, H, D], then apply_rotary_pos_emb (unsqueeze over H)."""
+    half = q.shape[-1] // 2
+    rows = cos_sin_cache[positions]
+    cos = torch.cat((rows[:, :half], rows[:, :half]), dim=-1)  # emb = cat(freqs, freqs)
+    sin = torch.cat((rows[:, half:], rows[:, half:]), dim=-1)
+    q = rms_norm_ref(q, q_weight, eps)
+    k = rms_norm_ref(k, k_weight, eps)
+    return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)

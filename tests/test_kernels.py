@@ -1,0 +1,302 @@
+"""Correctness and traceability of the adp Triton kernels (runtime/kernels).
+
+On CPU the kernels run under the Triton interpreter, so shapes stay small. References live in
+tests/kernel_reference.py (copied from transformers' Qwen3 code and checked against it below).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Must precede the first triton import; tests/conftest.py belongs to someone else.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+import transformers.models.qwen3.modeling_qwen3 as hf_qwen3  # noqa: E402
+from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
+from transformers import Qwen3Config  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # kernel_reference, whatever pytest's import mode
+import kernel_reference as ref  # noqa: E402
+from adp_pass.runtime import kernels as K  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (atol, rtol): about one ulp of the output dtype at |x| ~ 1-2 (bf16 ulp 2^-7, fp16 2^-10);
+# fp32 differs from eager only by reduction order and rsqrt/exp implementations.
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}
+# In bf16/fp16 the rounding order must match eager, so nearly all elements are bit-identical; a
+# wrong order (e.g. no rounding before the weight multiply) drops this far below the threshold.
+MIN_EXACT_FRACTION = 0.98
+EPS = 1e-6
+HIDDEN = [64, 769, 5125]
+TOKENS = [1, 3, 17]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_rounds_bf16_to_nearest_even():
+    """Make the Triton interpreter's fp32->bf16 cast round to nearest even, as GPUs do.
+
+    The interpreter (triton 3.x, InterpreterBuilder.cast_impl) truncates fp32->bf16, which would
+    make every bf16 rounding point in the kernels differ from eager and from compiled kernels.
+    """
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    original = InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = np.array(src.data, dtype=np.float32)
+            rounded = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy()
+            return TensorHandle(rounded.view(np.uint16).reshape(data.shape), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InterpreterBuilder, "cast_impl", cast_impl)
+        mp.setattr(InterpreterBuilder, "create_fp_trunc", cast_impl)  # bound directly in some versions
+        yield
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+    """allclose with the per-dtype tolerance, reporting mismatch count and the worst index."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    atol, rtol = TOL[expected.dtype]
+    a, e = actual.float(), expected.float()
+    err = (a - e).abs()
+    ratio = torch.nan_to_num(err / (atol + rtol * e.abs()), nan=torch.inf)  # NaN counts as a miss
+    bad = ratio > 1
+    if bad.any():
+        idx = tuple(int(i) for i in torch.unravel_index(torch.argmax(ratio), a.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{a.numel()} elements outside atol={atol}, rtol={rtol}; "
+            f"worst at index {idx}: got {a[idx].item()}, expected {e[idx].item()}, "
+            f"|diff|={err[idx].item():.3g}"
+        )
+    if expected.dtype != torch.float32:
+        exact = (actual == expected).float().mean().item()
+        assert exact >= MIN_EXACT_FRACTION, (
+            f"{name}: only {exact:.4f} of elements bit-identical to eager "
+            f"(need {MIN_EXACT_FRACTION}); rounding order differs from transformers"
+        )
+
+
+def make(
+    shape: tuple[int, ...], dtype: torch.dtype, strided: bool = False, seed: int = 0
+) -> torch.Tensor:
+    """Random input; ``strided`` returns a column slice (offset 5) of a wider buffer."""
+    g = torch.Generator().manual_seed(seed)
+    if not strided:
+        return (torch.randn(shape, generator=g) * 2).to(dtype)
+    buf = (torch.randn((*shape[:-1], shape[-1] + 13), generator=g) * 2).to(dtype)
+    return buf[..., 5 : 5 + shape[-1]]
+
+
+def norm_weight(n: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (1 + 0.3 * torch.randn(n, generator=g)).to(dtype)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_rms_norm(hidden: int, tokens: int, dtype: torch.dtype, strided: bool) -> None:
+    x, w = make((tokens, hidden), dtype, strided), norm_weight(hidden, dtype)
+    assert_close(K.rms_norm(x, w, EPS), ref.rms_norm_ref(x, w, EPS), "rms_norm")
+
+
+def test_rms_norm_leading_dims_and_fp32_weight() -> None:
+    # 3-D collapsible view, a non-collapsible one (copied), and an fp32 weight with bf16 input
+    # (eager promotes the product to fp32).
+    buf = make((2, 5, 97), torch.bfloat16)
+    w = norm_weight(96, torch.bfloat16)
+    for x in (buf[..., 1:], buf[:, 1:4, :96]):
+        assert_close(K.rms_norm(x, w, EPS), ref.rms_norm_ref(x, w, EPS), "rms_norm 3-D")
+    w32 = norm_weight(96, torch.float32)
+    x = buf[..., :96]
+    assert_close(K.rms_norm(x, w32, EPS), ref.rms_norm_ref(x, w32, EPS), "rms_norm fp32 weight")
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_add_rms_norm(hidden: int, tokens: int, dtype: torch.dtype, strided: bool) -> None:
+    x = make((tokens, hidden), dtype, strided, seed=0)
+    residual = make((tokens, hidden), dtype, strided, seed=2)
+    w = norm_weight(hidden, dtype)
+    x_before, r_before = x.clone(), residual.clone()
+    normed, new_residual = K.add_rms_norm(x, residual, w, EPS)
+    ref_normed, ref_residual = ref.add_rms_norm_ref(x, residual, w, EPS)
+    assert torch.equal(new_residual, ref_residual), "residual sum must be exact"
+    assert_close(normed, ref_normed, "add_rms_norm")
+    assert torch.equal(x, x_before) and torch.equal(residual, r_before), "inputs were mutated"
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("inter", HIDDEN)
+def test_silu_mul(inter: int, tokens: int, dtype: torch.dtype, strided: bool) -> None:
+    gate, up = make((tokens, inter), dtype, strided, 0), make((tokens, inter), dtype, strided, 3)
+    assert_close(K.silu_mul(gate, up), ref.silu_mul_ref(gate, up), "silu_mul")
+    gate_up = make((tokens, 2 * inter), dtype, strided, 4)
+    assert_close(K.silu_mul_fused(gate_up), ref.silu_mul_fused_ref(gate_up), "silu_mul_fused")
+
+
+def qkv_views(
+    tokens: int, n_q: int, n_kv: int, head_dim: int, dtype: torch.dtype, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, n_q, D] and k [T, n_kv, D], either views of one fused qkv buffer or contiguous."""
+    if not fused:
+        q = make((tokens, n_q, head_dim), dtype, seed=5)
+        return q, make((tokens, n_kv, head_dim), dtype, seed=6)
+    qkv = make((tokens, (n_q + 2 * n_kv) * head_dim), dtype, seed=7)
+    q = qkv[:, : n_q * head_dim].view(tokens, n_q, head_dim)
+    k = qkv[:, n_q * head_dim : (n_q + n_kv) * head_dim].view(tokens, n_kv, head_dim)
+    return q, k
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("heads", [(4, 2), (6, 1)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_qk_norm_rope(
+    head_dim: int, heads: tuple[int, int], tokens: int, dtype: torch.dtype, fused: bool
+) -> None:
+    n_q, n_kv = heads
+    q, k = qkv_views(tokens, n_q, n_kv, head_dim, dtype, fused)
+    qw, kw = norm_weight(head_dim, dtype, 8), norm_weight(head_dim, dtype, 9)
+    cache = K.build_cos_sin_cache(4096, head_dim, 1e6, dtype, "cpu")
+    g = torch.Generator().manual_seed(tokens)
+    # Random positions, read through a stride-2 view.
+    positions = torch.randint(0, 4096, (2 * tokens,), generator=g)[::2]
+    q_out, k_out = K.qk_norm_rope(q, k, qw, kw, cache, positions, EPS)
+    q_ref, k_ref = ref.qk_norm_rope_ref(q, k, qw, kw, cache, positions, EPS)
+    assert_close(q_out, q_ref, "qk_norm_rope q")
+    assert_close(k_out, k_ref, "qk_norm_rope k")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_references_match_transformers(dtype: torch.dtype) -> None:
+    head_dim, theta = 64, 1e6
+    x, w = make((3, 4, head_dim), dtype), norm_weight(head_dim, dtype)
+    norm = hf_qwen3.Qwen3RMSNorm(head_dim, eps=EPS).to(dtype)
+    norm.weight.data.copy_(w)
+    assert torch.equal(norm(x), ref.rms_norm_ref(x, w, EPS))
+
+    config = Qwen3Config(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+    )
+    gate, up = make((3, 40), dtype, seed=1), make((3, 40), dtype, seed=2)
+    act = hf_qwen3.Qwen3MLP(config).act_fn
+    assert torch.equal(act(gate) * up, ref.silu_mul_ref(gate, up))
+
+    positions = torch.tensor([[0, 7, 4095, 123]])
+    hf_cos, hf_sin = hf_qwen3.Qwen3RotaryEmbedding(config)(x, positions)
+    cos, sin = ref.rotary_cos_sin_ref(positions[0], head_dim, theta, dtype)
+    assert torch.equal(hf_cos[0], cos) and torch.equal(hf_sin[0], sin)
+    cache = K.build_cos_sin_cache(4096, head_dim, theta, dtype, "cpu")[positions[0]]
+    half = head_dim // 2
+    assert torch.equal(cache[:, :half], cos[:, :half]) and torch.equal(cache[:, half:], sin[:, :half])
+
+    q, k = make((1, 4, 4, head_dim), dtype, seed=3), make((1, 2, 4, head_dim), dtype, seed=4)
+    ours = ref.apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
+    for got, want in zip(ours, hf_qwen3.apply_rotary_pos_emb(q, k, hf_cos, hf_sin)):
+        assert torch.equal(got, want)
+
+
+def test_input_validation() -> None:
+    x = make((2, 8), torch.float32)
+    with pytest.raises(ValueError, match="weight shape"):
+        K.rms_norm(x, norm_weight(7, torch.float32), EPS)
+    with pytest.raises(ValueError, match="must match"):
+        K.silu_mul(x, x.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="even"):
+        K.silu_mul_fused(make((2, 7), torch.float32))
+    q, k = qkv_views(2, 4, 2, 64, torch.bfloat16, fused=False)
+    w = norm_weight(64, torch.bfloat16)
+    cache = K.build_cos_sin_cache(16, 64, 1e6, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="one dtype"):
+        K.qk_norm_rope(q, k, w, w, cache, torch.arange(2), EPS)
+
+
+def _op_samples() -> list[tuple[object, tuple]]:
+    dt = torch.bfloat16
+    x, r, w = make((3, 96), dt, True), make((3, 96), dt, seed=2), norm_weight(96, dt)
+    q, k = qkv_views(3, 4, 2, 64, dt, fused=True)
+    qw = norm_weight(64, dt)
+    cache = K.build_cos_sin_cache(64, 64, 1e6, dt, "cpu")
+    return [
+        (torch.ops.adp.rms_norm.default, (x, w, EPS)),
+        (torch.ops.adp.add_rms_norm.default, (x, r, w, EPS)),
+        (torch.ops.adp.silu_mul.default, (x, r)),
+        (torch.ops.adp.silu_mul_fused.default, (make((3, 192), dt),)),
+        (torch.ops.adp.qk_norm_rope.default, (q, k, qw, qw, cache, torch.tensor([5, 0, 63]), EPS)),
+    ]
+
+
+@pytest.mark.parametrize("op, args", _op_samples(), ids=lambda v: str(v) if hasattr(v, "name") else "-")
+def test_opcheck_and_fake_trace(op: torch._ops.OpOverload, args: tuple) -> None:
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    gm = make_fx(lambda *a: op(*a), tracing_mode="fake")(*args)
+    assert op in {n.target for n in gm.graph.nodes}
+
+
+def test_torch_compile_fullgraph() -> None:
+    dt = torch.bfloat16
+    hidden, tokens, n_q, n_kv, head_dim = 128, 3, 4, 2, 64
+    x, residual = make((tokens, hidden), dt, seed=1), make((tokens, hidden), dt, seed=2)
+    w = norm_weight(hidden, dt)
+    qkv = make((tokens, (n_q + 2 * n_kv) * head_dim), dt, seed=3)
+    gate_up = make((tokens, 2 * hidden), dt, seed=4)
+    qw, positions = norm_weight(head_dim, dt), torch.arange(tokens)
+    cache = K.build_cos_sin_cache(32, head_dim, 1e6, dt, "cpu")
+
+    def layer_piece(x, residual, qkv, gate_up, positions):
+        h, res = torch.ops.adp.add_rms_norm(x, residual, w, EPS)
+        q = qkv[:, : n_q * head_dim].view(tokens, n_q, head_dim)
+        k = qkv[:, n_q * head_dim : (n_q + n_kv) * head_dim].view(tokens, n_kv, head_dim)
+        q, k = torch.ops.adp.qk_norm_rope(q, k, qw, qw, cache, positions, EPS)
+        act = torch.ops.adp.silu_mul_fused(gate_up)
+        normed = torch.ops.adp.rms_norm(h + act[:, :hidden], w, EPS)
+        return normed, res, q, k, torch.ops.adp.silu_mul(act, act)
+
+    args = (x, residual, qkv, gate_up, positions)
+    compiled = torch.compile(layer_piece, fullgraph=True, backend="eager")
+    for got, want in zip(compiled(*args), layer_piece(*args)):
+        assert torch.equal(got, want)
+
+
+def test_cpu_tensors_without_interpreter_fail_clearly() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch; from adp_pass.runtime import kernels as K; "
+        "K.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6)"
+    )
+    cmd = [sys.executable, "-c", code]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bench_dry_run(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(script), "--dry-run", "--tokens", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {r["impl"] for r in result["rows"]} == {"triton", "eager", "compile", "copy"}
+    assert len(result["rows"]) == 5 * 4 and "| qk_norm_rope | 2 |" in proc.stdout
+    assert result["metadata"]["torch"] == torch.__version__
