@@ -99,7 +99,7 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
         )
 
     params = _param_specs(gm, sites, mapping.tp_size)
-    shape_fixes, views_to_copy = plan_shape_fixes(
+    shape_fixes, views_to_copy, node_values = plan_shape_fixes(
         gm, sites, {p.name: p.full_shape for p in params}
     )
     plan = Plan(
@@ -110,6 +110,7 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
         shape_fixes=shape_fixes,
         views_to_copy=views_to_copy,
         unclassified=unclassified,
+        node_values=node_values,
     )
     gm.meta["adp_detect_s"] = time.perf_counter() - start
     return plan

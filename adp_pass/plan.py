@@ -7,6 +7,7 @@ diffs, and is unit-tested without a graph. ``str(plan)`` is the report.
 from __future__ import annotations
 
 import json
+import operator
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -100,7 +101,11 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class ShapeFix:
-    """One integer in a node's arguments that held a per-rank size."""
+    """One size in a node's arguments that held a per-rank count.
+
+    A constant is replaced (``old`` -> ``new``); a symbolic size (e.g. batch * local heads) is
+    multiplied by ``new`` (``multiply``, with ``old`` 1) through a new ``mul`` node.
+    """
 
     node: str
     target: str
@@ -108,15 +113,22 @@ class ShapeFix:
     index: int | None  # position inside a list argument, or None for a scalar argument
     old: int
     new: int
+    multiply: bool = False
 
-    def apply(self, graph: fx.Graph, nodes: dict[str, fx.Node] | None = None) -> None:
-        node = (nodes or {n.name: n for n in graph.nodes})[self.node]
+    def apply(self, graph: fx.Graph, nodes: dict[str, fx.Node]) -> None:
+        node = nodes[self.node]
         args = list(node.args)
-        if self.index is None:
-            args[self.arg] = self.new
+        values = list(args[self.arg]) if self.index is not None else None
+        current = values[self.index] if values is not None else args[self.arg]
+        if self.multiply:
+            with graph.inserting_before(node):
+                value = graph.call_function(operator.mul, (current, self.new))
         else:
-            values = list(args[self.arg])
-            values[self.index] = self.new
+            value = self.new
+        if values is None:
+            args[self.arg] = value
+        else:
+            values[self.index] = value
             args[self.arg] = values
         node.args = tuple(args)
 
@@ -130,6 +142,9 @@ class Plan:
     shape_fixes: list[ShapeFix]
     views_to_copy: list[str] = field(default_factory=list)  # view nodes that become reshape
     unclassified: list[str] = field(default_factory=list)
+    # Fake values of every node after the rewrite, from detect's walk: lets rewrite refresh
+    # node metadata without walking the graph again. Not part of the plan's data.
+    node_values: dict = field(default_factory=dict, repr=False, compare=False)
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(site.kind for site in self.sites))
@@ -186,7 +201,8 @@ class Plan:
         lines += ["", f"  shape constants fixed: {len(self.shape_fixes)}"]
         for fix in self.shape_fixes[:12]:
             where = f"[{fix.index}]" if fix.index is not None else ""
-            lines.append(f"  {fix.node:<28} {fix.target:<24} arg {fix.arg}{where}: {fix.old} -> {fix.new}")
+            change = f"x{fix.new}" if fix.multiply else f"{fix.old} -> {fix.new}"
+            lines.append(f"  {fix.node:<28} {fix.target:<24} arg {fix.arg}{where}: {change}")
         if len(self.shape_fixes) > 12:
             lines.append(f"  ... {len(self.shape_fixes) - 12} more")
         if self.views_to_copy:

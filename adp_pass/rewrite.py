@@ -7,6 +7,7 @@ unsharded model, so the original state dict loads with ``strict=True``), drop de
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import asdict, dataclass
 
@@ -40,8 +41,6 @@ def rewrite(
     gm: fx.GraphModule,
     plan: Plan,
     state_dict: dict[str, torch.Tensor] | None = None,
-    *,
-    refresh_meta: bool = True,
 ) -> fx.GraphModule:
     """Turn ``gm`` (as ``detect`` saw it) into its attention-DP form, in place.
 
@@ -78,7 +77,13 @@ def rewrite(
     gm.recompile()
     _drop_unused_attributes(gm)
 
-    if refresh_meta:
+    if plan.node_values:  # detect already propagated the full shapes
+        for node in graph.nodes:
+            if node.name in plan.node_values:
+                node.meta["val"] = plan.node_values[node.name]
+            elif node.target is operator.mul and node.op == "call_function":  # a size fix
+                node.meta["val"] = operator.mul(*fx.node.map_arg(node.args, _meta_val))
+    else:  # a plan read back from JSON: walk the graph once more
         env = propagate_shapes(gm)
         for node in graph.nodes:
             if node.op != "output":
@@ -136,6 +141,10 @@ def _is_param(gm: fx.GraphModule, name: str) -> bool:
 def _owner(gm: fx.GraphModule, dotted: str) -> tuple[torch.nn.Module, str]:
     path, _, leaf = dotted.rpartition(".")
     return (gm.get_submodule(path) if path else gm), leaf
+
+
+def _meta_val(node: fx.Node):
+    return node.meta["val"]
 
 
 def _is_impure(node: fx.Node) -> bool:

@@ -69,9 +69,13 @@ def _view_groups(old_in: list, old_out: list) -> list[tuple[list[int], list[int]
 
 
 def _growth(old: list, new: list, dims: list[int]) -> sympy.Rational:
+    """How much the product of ``dims`` grew (a number: symbolic factors cancel)."""
     factor = sympy.Integer(1)
     for d in dims:
-        factor *= sympy.Rational(_expr(new[d]), _expr(old[d])) if not _same(old[d], new[d]) else 1
+        if not _same(old[d], new[d]):
+            factor *= sympy.simplify(_expr(new[d]) / _expr(old[d]))
+    if not factor.is_Rational:
+        raise ShapeFixError(f"a symbolic size changed by a non-constant factor {factor}")
     return factor
 
 
@@ -164,17 +168,24 @@ class _Walk:
                 if factor == 1 or any(_is_int(sizes[j]) and sizes[j] == -1 for j in out_dims):
                     continue
                 j = next((j for j in out_dims if _is_int(sizes[j]) and sizes[j] != 1), None)
-                if j is None:
-                    raise ShapeFixError(f"{node.name}: no constant size to scale in {sizes}")
-                self.record(node, 1, j, sizes[j], _scaled(sizes[j], factor, node))
-                sizes[j] = self.fixes[-1].new
+                if j is not None:
+                    self.record(node, 1, j, sizes[j], _scaled(sizes[j], factor, node))
+                    sizes[j] = self.fixes[-1].new
+                    continue
+                # Heads folded into a symbolic size (batch * local heads, as decomposed
+                # attention does): multiply that size by the growth instead.
+                j = next((j for j in out_dims if isinstance(sizes[j], torch.SymInt)), None)
+                if j is None or not factor.is_integer:
+                    raise ShapeFixError(f"{node.name}: no size to scale by {factor} in {sizes}")
+                self.record(node, 1, j, 1, int(factor), multiply=True)
+                sizes[j] = sizes[j] * int(factor)
             args[1] = sizes
         elif target is aten.expand.default:
             sizes = list(args[1])
             offset = len(sizes) - len(old_in)
             for d, (old, new) in enumerate(zip(old_in, new_in)):
                 j = d + offset
-                if not _same(old, new) and _is_int(sizes[j]) and sizes[j] == int(old):
+                if not _same(old, new) and _is_int(sizes[j]) and _same(sizes[j], old):
                     self.record(node, 1, j, sizes[j], int(new))
                     sizes[j] = int(new)
             args[1] = sizes
@@ -202,8 +213,11 @@ class _Walk:
                         args[index] = self.fixes[-1].new
         return args
 
-    def record(self, node: fx.Node, arg: int, index: int | None, old: int, new: int) -> None:
-        self.fixes.append(ShapeFix(node.name, _target_name(node), arg, index, int(old), int(new)))
+    def record(
+        self, node: fx.Node, arg: int, index: int | None, old: int, new: int, multiply: bool = False
+    ) -> None:
+        fix = ShapeFix(node.name, _target_name(node), arg, index, int(old), int(new), multiply)
+        self.fixes.append(fix)
 
 
 class _Dead:
@@ -234,12 +248,14 @@ def _target_name(node: fx.Node) -> str:
 
 def plan_shape_fixes(
     gm: fx.GraphModule, sites: list[Site], attr_shapes: dict[str, tuple]
-) -> tuple[list[ShapeFix], list[str]]:
+) -> tuple[list[ShapeFix], list[str], dict[str, Any]]:
     """The constants to change so ``gm`` runs with attributes of ``attr_shapes`` once ``sites``
-    are removed, and the ``view`` nodes that must become ``reshape`` (copy) at full size."""
+    are removed, the ``view`` nodes that must become ``reshape`` (copy) at full size, and the
+    live nodes' values after that."""
     walk = _Walk(gm, sites, attr_shapes, fix=True)
-    walk.run()
-    return walk.fixes, walk.copies
+    env = walk.run()
+    live = {name: value for name, value in env.items() if value is not _DEAD}
+    return walk.fixes, walk.copies, live
 
 
 def propagate_shapes(gm: fx.GraphModule) -> dict[str, Any]:
