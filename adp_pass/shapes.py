@@ -167,7 +167,9 @@ class _Walk:
                 factor = _growth(old_in, new_in, in_dims)
                 if factor == 1 or any(_is_int(sizes[j]) and sizes[j] == -1 for j in out_dims):
                     continue
-                j = next((j for j in out_dims if _is_int(sizes[j]) and sizes[j] != 1), None)
+                ints = [j for j in out_dims if _is_int(sizes[j])]
+                # A size of 1 is the sharded dim only when nothing else can be (one local head).
+                j = next((j for j in ints if sizes[j] != 1), ints[0] if ints else None)
                 if j is not None:
                     self.record(node, 1, j, sizes[j], _scaled(sizes[j], factor, node))
                     sizes[j] = self.fixes[-1].new

@@ -1,0 +1,480 @@
+"""Weights for one rank, through the plan: checkpoint loading, a memory check, random init.
+
+Every tensor is addressed by its ``ParamSpec``: a tensor the module holds at the plan's full
+shape is read whole; a tensor it holds at ``local_shape`` while the layout is sharded (a
+TP-MLP mapping) is read as this rank's ranges only (``ParamSpec.shard_ranges``), through
+``safe_open(...).get_slice``. See docs/weights.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import PretrainedConfig
+
+from adp_pass.plan import ParamSpec, Plan
+from adp_pass.runtime.kv_cache import PagedKVCache
+
+_GIB = 1024**3
+_INV_FREQ = "rotary_emb.inv_freq"
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot fill this graph; the message says why and what to do."""
+
+
+class InsufficientMemory(RuntimeError):
+    """The replicated weights plus the KV cache do not fit the device."""
+
+
+@dataclass
+class LoadReport:
+    files: list[str]
+    tensors: int
+    bytes_read: int
+    seconds: float
+    sliced: list[str] = field(default_factory=list)  # read as this rank's shard only
+    derived: list[str] = field(default_factory=list)  # non-persistent buffers: not in a checkpoint
+    unused: list[str] = field(default_factory=list)  # checkpoint tensors nothing asked for
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / 1e6 / max(self.seconds, 1e-9)
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {self.tensors} tensors ({_size(self.bytes_read)}) from {len(self.files)} "
+            f"files in {self.seconds:.1f} s ({self.mb_per_s:.0f} MB/s); {len(self.sliced)} read "
+            f"as shards, {len(self.derived)} derived, {len(self.unused)} unused"
+        )
+
+
+def load_checkpoint(
+    gm: torch.nn.Module,
+    plan: Plan,
+    checkpoint_dir: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> LoadReport:
+    """Fill every parameter and persistent buffer of ``gm`` from a Hugging Face safetensors
+    checkpoint, reading only what this rank holds. ``device``/``dtype`` default to each tensor's
+    current ones (cpu for meta tensors); ``dtype`` applies to floating-point tensors only.
+
+    Everything is validated (config.json, missing tensors, shapes) before anything is read.
+    """
+    start = time.perf_counter()
+    root = Path(checkpoint_dir)
+    files = _safetensors_files(root)
+    config = _read_config(root)
+    if config is not None:
+        _check_config(config, plan, root)
+    stored, derived = _split_specs(gm, plan)
+    with contextlib.ExitStack() as stack:
+        # Each file is opened (mmapped) once; its header answers every validation question.
+        handles = {f.name: stack.enter_context(safe_open(str(f), "pt", device="cpu")) for f in files}
+        where = {key: name for name, handle in handles.items() for key in handle.keys()}
+        jobs = _plan_reads(gm, stored, handles, where, root)
+        meter = _Progress(len(jobs), sum(job.nbytes for job in jobs), enabled=progress)
+        for name, handle in handles.items():
+            for job in (j for j in jobs if j.file == name):
+                tensor = _read(handle, job, plan)
+                _put(gm, job.spec, tensor, device, dtype)
+                meter.advance(tensor.numel() * tensor.element_size())
+        meter.close()
+    _derive_buffers(gm, derived, config, device)
+    used = {job.key for job in jobs}
+    return LoadReport(
+        files=[f.name for f in files],
+        tensors=len(jobs),
+        bytes_read=meter.done_bytes,
+        seconds=time.perf_counter() - start,
+        sliced=[job.spec.name for job in jobs if job.shard],
+        derived=[spec.name for spec in derived],
+        unused=sorted(set(where) - used),
+    )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    rank: int
+    device: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    free_bytes: int
+    headroom: float
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.free_bytes * self.headroom)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.usable_bytes
+
+    def __str__(self) -> str:
+        return (
+            f"rank {self.rank} needs {_gib(self.total_bytes)} (weights "
+            f"{_gib(self.weights_bytes)} replicated + KV cache {_gib(self.kv_cache_bytes)}); "
+            f"{self.device} has {_gib(self.free_bytes)} free, {_gib(self.usable_bytes)} usable "
+            f"at headroom {self.headroom}"
+        )
+
+
+def kv_cache_bytes(
+    num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
+    dtype: torch.dtype,
+) -> int:
+    """Bytes of a rank's paged KV cache (k and v of every layer), as ``PagedKVCache`` allocates."""
+    return PagedKVCache.bytes_needed(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype)
+
+
+def check_memory(
+    plan: Plan,
+    *,
+    kv_cache_bytes: int,
+    device: torch.device | str,
+    headroom: float = 0.9,
+    dtype: torch.dtype | None = None,
+    free_bytes: int | None = None,
+) -> MemoryEstimate:
+    """Check that the full (replicated) weights plus the KV cache fit ``headroom`` of the device's
+    free memory; raise :class:`InsufficientMemory` if not. ``dtype`` is the weights' dtype when it
+    differs from the traced one; ``free_bytes`` overrides the device query (tests, planning)."""
+    device = _resolve_device(device)
+    sizes = {p.name: _numel(p.full_shape) * _itemsize(p, dtype) for p in plan.params}
+    estimate = MemoryEstimate(
+        rank=plan.rank,
+        device=str(device),
+        weights_bytes=sum(sizes.values()),
+        kv_cache_bytes=kv_cache_bytes,
+        free_bytes=_free_bytes(device) if free_bytes is None else free_bytes,
+        headroom=headroom,
+    )
+    if estimate.fits:
+        return estimate
+    tp = plan.mapping.tp_size
+    # What keeping the MLP sharded would give back: (tp - 1) / tp of its replicated bytes.
+    mlp_saving = sum(n for name, n in sizes.items() if ".mlp." in name) * (tp - 1) // tp
+    fixes = "lower max batch/context (a smaller KV cache)"
+    if mlp_saving:
+        fixes += f", or keep the MLP tensor-parallel (mlp_tp={tp}, saves {_gib(mlp_saving)})"
+    raise InsufficientMemory(
+        f"{estimate}: by {_gib(estimate.total_bytes - estimate.usable_bytes)} too little; {fixes}"
+    )
+
+
+def random_weights(
+    gm: torch.nn.Module,
+    plan: Plan,
+    *,
+    seed: int = 0,
+    std: float = 0.02,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    config: PretrainedConfig | None = None,
+) -> None:
+    """Fill ``gm`` with seeded random weights: matrices ~ N(0, std), 1-D weights (norms) ~
+    N(1, std). Each tensor's generator is seeded from ``seed`` and its name, and a sharded tensor
+    is cut from the full one, so every rank holds the same model. Meta tensors are materialised
+    on ``device`` (default: their own, cpu for meta); a meta rotary ``inv_freq`` needs the
+    model's ``config`` (e.g. ``qwen3_config(preset)``) to be recomputed."""
+    stored, derived = _split_specs(gm, plan)
+    for spec in stored:
+        current = _get(gm, spec.name)
+        target = _resolve_device(device, current)
+        kind = dtype if dtype is not None and current.is_floating_point() else current.dtype
+        generator = torch.Generator(device=target)
+        generator.manual_seed((seed * 2**32 + zlib.crc32(spec.name.encode())) % 2**63)
+        full = torch.empty(spec.full_shape, dtype=kind, device=target)
+        full.normal_(1.0 if full.dim() == 1 else 0.0, std, generator=generator)
+        shard = _wants_shard(spec, tuple(current.shape))
+        _put(gm, spec, spec.shard(full, plan.rank, plan.mapping.tp_size) if shard else full,
+             target, kind)
+    _derive_buffers(gm, derived, config, device)
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+@dataclass(frozen=True)
+class _Read:
+    spec: ParamSpec
+    key: str  # the name found in the checkpoint (the spec's name or an alias)
+    file: str
+    shard: bool
+    nbytes: int
+
+
+def _safetensors_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist (or is not a directory)")
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        absent = [n for n in names if not (root / n).is_file()]
+        if absent:
+            raise CheckpointError(
+                f"{index} lists shards that are not in {root}: {', '.join(absent[:5])}; the "
+                "download is incomplete: fetch the missing files"
+            )
+        return [root / n for n in names]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in root.iterdir())[:8]) or "nothing"
+        raise CheckpointError(
+            f"no *.safetensors files in {root} (it holds: {found}); save the model with "
+            "save_pretrained(dir, safe_serialization=True) or convert .bin/.pt weights to safetensors"
+        )
+    return files
+
+
+def _read_config(root: Path) -> PretrainedConfig | None:
+    if not (root / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(root)
+    except Exception as err:  # a broken config.json is reported, not half-used
+        raise CheckpointError(f"{root / 'config.json'} cannot be read as a model config: {err}") from err
+
+
+def _check_config(config: PretrainedConfig, plan: Plan, root: Path) -> None:
+    """Compare config.json with what the plan's full shapes say about the model."""
+    specs = {p.name: p for p in plan.params}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    from_config = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "tie_word_embeddings": getattr(config, "tie_word_embeddings", False),
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads*head_dim": config.num_attention_heads * head_dim,
+        "num_key_value_heads*head_dim": config.num_key_value_heads * head_dim,
+        "intermediate_size": getattr(config, "intermediate_size", None),
+    }
+    from_graph: dict[str, object] = {}
+    if embed := specs.get("model.embed_tokens.weight"):
+        from_graph["vocab_size"], from_graph["hidden_size"] = embed.full_shape
+        from_graph["tie_word_embeddings"] = "lm_head.weight" in embed.aliases
+    layers = {n.split(".")[2] for n in specs if n.startswith("model.layers.")}
+    if layers:
+        from_graph["num_hidden_layers"] = len(layers)
+    for key, weight in [("num_attention_heads*head_dim", "self_attn.q_proj"),
+                        ("num_key_value_heads*head_dim", "self_attn.k_proj"),
+                        ("intermediate_size", "mlp.gate_proj")]:
+        if spec := specs.get(f"model.layers.0.{weight}.weight"):
+            from_graph[key] = spec.full_shape[0]
+    wrong = [f"{k} {from_config[k]} (graph {v})" for k, v in from_graph.items() if from_config[k] != v]
+    if wrong:
+        raise CheckpointError(
+            f"{root / 'config.json'} disagrees with the graph: {', '.join(wrong)}; the graph was "
+            f"captured from a different config: capture it from AutoConfig.from_pretrained('{root}'), "
+            "or load the checkpoint it was made for"
+        )
+
+
+def _plan_reads(
+    gm: torch.nn.Module, specs: list[ParamSpec], handles: dict, where: dict[str, str], root: Path
+) -> list[_Read]:
+    reads, missing, wrong = [], [], []
+    for spec in specs:
+        key = next((a for a in (spec.name, *spec.aliases) if a in where), None)
+        if key is None:
+            missing.append(" / ".join(dict.fromkeys((spec.name, *spec.aliases))))
+            continue
+        piece = handles[where[key]].get_slice(key)
+        found = tuple(piece.get_shape())
+        if found != spec.full_shape:
+            wrong.append(f"{key} in {where[key]}: expected {list(spec.full_shape)}, found {list(found)}")
+            continue
+        shard = _wants_shard(spec, tuple(_get(gm, spec.name).shape))
+        bits = re.search(r"\d+", piece.get_dtype())  # "BF16" -> 16; "BOOL" has none: one byte
+        nbytes = _numel(spec.local_shape if shard else found) * (int(bits.group()) if bits else 8) // 8
+        reads.append(_Read(spec, key, where[key], shard, nbytes))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{len(missing)} tensors the graph needs are not in the checkpoint: "
+            f"{', '.join(missing[:5])}{more} (searched {', '.join(sorted(handles))} in {root}); "
+            "the checkpoint is of another model or incomplete: load the one the graph was captured for"
+        )
+    if wrong:
+        raise CheckpointError(
+            f"{len(wrong)} tensors have a shape other than the plan's full shape: "
+            f"{'; '.join(wrong[:5])}; was this checkpoint saved from a different config? Capture "
+            "the graph from the checkpoint's config.json"
+        )
+    return reads
+
+
+def _read(handle, job: _Read, plan: Plan) -> torch.Tensor:
+    if not job.shard:
+        return handle.get_tensor(job.key)
+    piece, spec = handle.get_slice(job.key), job.spec
+    lead = (slice(None),) * spec.dim
+    ranges = spec.shard_ranges(plan.rank, plan.mapping.tp_size)
+    return torch.cat([piece[lead + (slice(s, s + n),)] for s, n in ranges], dim=spec.dim)
+
+
+# ----------------------------------------------------------------------------- module tensors
+def _split_specs(gm: torch.nn.Module, plan: Plan) -> tuple[list[ParamSpec], list[ParamSpec]]:
+    """(parameters and persistent buffers, non-persistent buffers such as rotary inv_freq)."""
+    stored, derived = [], []
+    for spec in plan.params:
+        owner, leaf = _owner(gm, spec.name)
+        (derived if leaf in owner._non_persistent_buffers_set else stored).append(spec)
+    return stored, derived
+
+
+def _derive_buffers(
+    gm: torch.nn.Module, specs: list[ParamSpec], config: PretrainedConfig | None, device
+) -> None:
+    """Non-persistent buffers are computed, never saved: move them, or recompute a meta one."""
+    for spec in specs:
+        value = _get(gm, spec.name)
+        if value.device.type == "meta":
+            if not spec.name.endswith(_INV_FREQ) or config is None:
+                raise CheckpointError(
+                    f"{spec.name} is a non-persistent buffer on the meta device, so no checkpoint "
+                    "holds it; give the model config (config.json / config=) to recompute rotary "
+                    "inv_freq, or capture without meta=True"
+                )
+            from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+            value = Qwen3RotaryEmbedding(config).inv_freq
+            if tuple(value.shape) != spec.full_shape:
+                raise CheckpointError(
+                    f"{spec.name}: the config gives {list(value.shape)}, the graph holds "
+                    f"{list(spec.full_shape)}; the config's head_dim is not the graph's"
+                )
+        _put(gm, spec, value, device, None)
+
+
+def _put(gm: torch.nn.Module, spec: ParamSpec, value: torch.Tensor, device, dtype) -> None:
+    current = _get(gm, spec.name)
+    device = _resolve_device(device, current)
+    dtype = dtype if dtype is not None and current.is_floating_point() else current.dtype
+    if current.device.type != "meta" and (current.shape, current.device, current.dtype) == (
+        value.shape, device, dtype
+    ):
+        # In place, so whatever already holds this tensor (compiled code, a CUDA graph) sees it.
+        with torch.no_grad():
+            current.copy_(value)
+        return
+    new = value.to(device=device, dtype=dtype)
+    if isinstance(current, torch.nn.Parameter):
+        new = torch.nn.Parameter(new, requires_grad=False)
+    for alias in spec.aliases:  # one object under every name keeps tied weights tied
+        owner, leaf = _owner(gm, alias)
+        if isinstance(new, torch.nn.Parameter):
+            owner.register_parameter(leaf, new)
+        else:
+            owner.register_buffer(leaf, new, persistent=leaf not in owner._non_persistent_buffers_set)
+
+
+def _wants_shard(spec: ParamSpec, shape: tuple[int, ...]) -> bool:
+    if shape == spec.full_shape:
+        return False
+    if spec.layout != "replicated" and shape == spec.local_shape:
+        return True
+    raise CheckpointError(
+        f"{spec.name} is {list(shape)} in the module, neither the plan's full shape "
+        f"{list(spec.full_shape)} nor this rank's shard {list(spec.local_shape)}: the plan was made "
+        "for another graph; run detect (and rewrite) on this one"
+    )
+
+
+def _get(gm: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, leaf = _owner(gm, name)
+    return getattr(owner, leaf)
+
+
+def _owner(gm: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
+    path, _, leaf = dotted.rpartition(".")
+    try:
+        owner = gm.get_submodule(path) if path else gm
+    except AttributeError:
+        owner = None
+    if owner is None or not hasattr(owner, leaf):
+        raise CheckpointError(f"the plan names {dotted}, which the module lacks: run detect on this module")
+    return owner, leaf
+
+
+def _resolve_device(device, current: torch.Tensor | None = None) -> torch.device:
+    if device is None:
+        device = "cpu" if current is None or current.device.type == "meta" else current.device
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+# ----------------------------------------------------------------------------- sizes, progress
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"cannot tell the free memory of {device}; pass free_bytes=")
+
+
+def _itemsize(spec: ParamSpec, dtype: torch.dtype | None) -> int:
+    kind = getattr(torch, spec.dtype)
+    return (dtype if dtype is not None and kind.is_floating_point else kind).itemsize
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _gib(n: int) -> str:
+    return f"{n / _GIB:.1f} GiB"
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+class _Progress:
+    """One self-overwriting stderr line on a terminal; a line every 10 s into a log file."""
+
+    def __init__(self, tensors: int, nbytes: int, *, enabled: bool) -> None:
+        self.tensors, self.nbytes, self.enabled = tensors, nbytes, enabled
+        self.done_tensors = self.done_bytes = 0
+        self.tty = sys.stderr.isatty()
+        self.start = self.shown = time.perf_counter()
+
+    def advance(self, nbytes: int) -> None:
+        self.done_tensors += 1
+        self.done_bytes += nbytes
+        if self.enabled and time.perf_counter() - self.shown >= (0.1 if self.tty else 10.0):
+            self._show(end="" if self.tty else "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._show(end="\n")
+
+    def _show(self, end: str) -> None:
+        self.shown = time.perf_counter()
+        rate = self.done_bytes / 1e6 / max(self.shown - self.start, 1e-9)
+        line = (f"loading checkpoint: {self.done_tensors}/{self.tensors} tensors, "
+                f"{_size(self.done_bytes)}/{_size(self.nbytes)}, {rate:.0f} MB/s")
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
