@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import sys
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from adp_pass.plan import ParamSpec, Plan
 from adp_pass.runtime.kv_cache import PagedKVCache
@@ -140,7 +142,9 @@ def kv_cache_bytes(
     dtype: torch.dtype,
 ) -> int:
     """Bytes of a rank's paged KV cache (k and v of every layer), as ``PagedKVCache`` allocates."""
-    return PagedKVCache.bytes_needed(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    return PagedKVCache.bytes_needed(
+        num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype
+    )
 
 
 def check_memory(
@@ -156,7 +160,7 @@ def check_memory(
     free memory; raise :class:`InsufficientMemory` if not. ``dtype`` is the weights' dtype when it
     differs from the traced one; ``free_bytes`` overrides the device query (tests, planning)."""
     device = _resolve_device(device)
-    sizes = {p.name: _numel(p.full_shape) * _itemsize(p, dtype) for p in plan.params}
+    sizes = {p.name: math.prod(p.full_shape) * _itemsize(p, dtype) for p in plan.params}
     estimate = MemoryEstimate(
         rank=plan.rank,
         device=str(device),
@@ -196,15 +200,14 @@ def random_weights(
     stored, derived = _split_specs(gm, plan)
     for spec in stored:
         current = _get(gm, spec.name)
-        target = _resolve_device(device, current)
-        kind = dtype if dtype is not None and current.is_floating_point() else current.dtype
+        target, kind = _target(current, device, dtype)
         generator = torch.Generator(device=target)
         generator.manual_seed((seed * 2**32 + zlib.crc32(spec.name.encode())) % 2**63)
         full = torch.empty(spec.full_shape, dtype=kind, device=target)
         full.normal_(1.0 if full.dim() == 1 else 0.0, std, generator=generator)
-        shard = _wants_shard(spec, tuple(current.shape))
-        _put(gm, spec, spec.shard(full, plan.rank, plan.mapping.tp_size) if shard else full,
-             target, kind)
+        if _wants_shard(spec, tuple(current.shape)):
+            full = spec.shard(full, plan.rank, plan.mapping.tp_size)
+        _put(gm, spec, full, target, kind)
     _derive_buffers(gm, derived, config, device)
 
 
@@ -220,7 +223,7 @@ class _Read:
 
 def _safetensors_files(root: Path) -> list[Path]:
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint directory {root} does not exist (or is not a directory)")
+        raise CheckpointError(f"checkpoint directory {root} does not exist or is not a directory")
     index = root / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -236,7 +239,8 @@ def _safetensors_files(root: Path) -> list[Path]:
         found = ", ".join(sorted(p.name for p in root.iterdir())[:8]) or "nothing"
         raise CheckpointError(
             f"no *.safetensors files in {root} (it holds: {found}); save the model with "
-            "save_pretrained(dir, safe_serialization=True) or convert .bin/.pt weights to safetensors"
+            "save_pretrained(dir, safe_serialization=True), or convert .bin/.pt weights to "
+            "safetensors"
         )
     return files
 
@@ -244,12 +248,7 @@ def _safetensors_files(root: Path) -> list[Path]:
 def _read_config(root: Path) -> PretrainedConfig | None:
     if not (root / "config.json").is_file():
         return None
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(root)
-    except Exception as err:  # a broken config.json is reported, not half-used
-        raise CheckpointError(f"{root / 'config.json'} cannot be read as a model config: {err}") from err
+    return AutoConfig.from_pretrained(root)
 
 
 def _check_config(config: PretrainedConfig, plan: Plan, root: Path) -> None:
@@ -277,12 +276,13 @@ def _check_config(config: PretrainedConfig, plan: Plan, root: Path) -> None:
                         ("intermediate_size", "mlp.gate_proj")]:
         if spec := specs.get(f"model.layers.0.{weight}.weight"):
             from_graph[key] = spec.full_shape[0]
-    wrong = [f"{k} {from_config[k]} (graph {v})" for k, v in from_graph.items() if from_config[k] != v]
+    wrong = [f"{k} {from_config[k]} (graph {v})" for k, v in from_graph.items()
+             if from_config[k] != v]
     if wrong:
         raise CheckpointError(
-            f"{root / 'config.json'} disagrees with the graph: {', '.join(wrong)}; the graph was "
-            f"captured from a different config: capture it from AutoConfig.from_pretrained('{root}'), "
-            "or load the checkpoint it was made for"
+            f"{root / 'config.json'} disagrees with the graph: {', '.join(wrong)}; the graph "
+            "was captured from a different config: capture it from "
+            f"AutoConfig.from_pretrained('{root}'), or load the checkpoint it was made for"
         )
 
 
@@ -298,18 +298,22 @@ def _plan_reads(
         piece = handles[where[key]].get_slice(key)
         found = tuple(piece.get_shape())
         if found != spec.full_shape:
-            wrong.append(f"{key} in {where[key]}: expected {list(spec.full_shape)}, found {list(found)}")
+            wrong.append(
+                f"{key} in {where[key]}: expected {list(spec.full_shape)}, found {list(found)}"
+            )
             continue
         shard = _wants_shard(spec, tuple(_get(gm, spec.name).shape))
         bits = re.search(r"\d+", piece.get_dtype())  # "BF16" -> 16; "BOOL" has none: one byte
-        nbytes = _numel(spec.local_shape if shard else found) * (int(bits.group()) if bits else 8) // 8
+        size = math.prod(spec.local_shape if shard else found)
+        nbytes = size * int(bits.group() if bits else 8) // 8
         reads.append(_Read(spec, key, where[key], shard, nbytes))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(
             f"{len(missing)} tensors the graph needs are not in the checkpoint: "
             f"{', '.join(missing[:5])}{more} (searched {', '.join(sorted(handles))} in {root}); "
-            "the checkpoint is of another model or incomplete: load the one the graph was captured for"
+            "the checkpoint is of another model or incomplete: load the one the graph was "
+            "captured for"
         )
     if wrong:
         raise CheckpointError(
@@ -352,8 +356,6 @@ def _derive_buffers(
                     "holds it; give the model config (config.json / config=) to recompute rotary "
                     "inv_freq, or capture without meta=True"
                 )
-            from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
-
             value = Qwen3RotaryEmbedding(config).inv_freq
             if tuple(value.shape) != spec.full_shape:
                 raise CheckpointError(
@@ -365,8 +367,7 @@ def _derive_buffers(
 
 def _put(gm: torch.nn.Module, spec: ParamSpec, value: torch.Tensor, device, dtype) -> None:
     current = _get(gm, spec.name)
-    device = _resolve_device(device, current)
-    dtype = dtype if dtype is not None and current.is_floating_point() else current.dtype
+    device, dtype = _target(current, device, dtype)
     if current.device.type != "meta" and (current.shape, current.device, current.dtype) == (
         value.shape, device, dtype
     ):
@@ -382,7 +383,8 @@ def _put(gm: torch.nn.Module, spec: ParamSpec, value: torch.Tensor, device, dtyp
         if isinstance(new, torch.nn.Parameter):
             owner.register_parameter(leaf, new)
         else:
-            owner.register_buffer(leaf, new, persistent=leaf not in owner._non_persistent_buffers_set)
+            persistent = leaf not in owner._non_persistent_buffers_set
+            owner.register_buffer(leaf, new, persistent=persistent)
 
 
 def _wants_shard(spec: ParamSpec, shape: tuple[int, ...]) -> bool:
@@ -392,8 +394,8 @@ def _wants_shard(spec: ParamSpec, shape: tuple[int, ...]) -> bool:
         return True
     raise CheckpointError(
         f"{spec.name} is {list(shape)} in the module, neither the plan's full shape "
-        f"{list(spec.full_shape)} nor this rank's shard {list(spec.local_shape)}: the plan was made "
-        "for another graph; run detect (and rewrite) on this one"
+        f"{list(spec.full_shape)} nor this rank's shard {list(spec.local_shape)}: the plan was "
+        "made for another graph; run detect (and rewrite) on this one"
     )
 
 
@@ -404,18 +406,19 @@ def _get(gm: torch.nn.Module, name: str) -> torch.Tensor:
 
 def _owner(gm: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
     path, _, leaf = dotted.rpartition(".")
-    try:
-        owner = gm.get_submodule(path) if path else gm
-    except AttributeError:
-        owner = None
-    if owner is None or not hasattr(owner, leaf):
-        raise CheckpointError(f"the plan names {dotted}, which the module lacks: run detect on this module")
-    return owner, leaf
+    return (gm.get_submodule(path) if path else gm), leaf
 
 
-def _resolve_device(device, current: torch.Tensor | None = None) -> torch.device:
+def _target(current: torch.Tensor, device, dtype) -> tuple[torch.device, torch.dtype]:
+    """Where a tensor goes: the given device (default: its own, cpu for meta) and dtype (default:
+    its own; integer tensors keep theirs)."""
     if device is None:
-        device = "cpu" if current is None or current.device.type == "meta" else current.device
+        device = "cpu" if current.device.type == "meta" else current.device
+    use_dtype = dtype is not None and current.is_floating_point()
+    return _resolve_device(device), dtype if use_dtype else current.dtype
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device
         device = torch.device("cuda", torch.cuda.current_device())
@@ -436,13 +439,6 @@ def _free_bytes(device: torch.device) -> int:
 def _itemsize(spec: ParamSpec, dtype: torch.dtype | None) -> int:
     kind = getattr(torch, spec.dtype)
     return (dtype if dtype is not None and kind.is_floating_point else kind).itemsize
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _gib(n: int) -> str:

@@ -1,0 +1,110 @@
+"""The lowering pass: replace transformers' decomposed Qwen3 pieces by the ``torch.ops.adp`` kernels.
+
+``lower(gm)`` runs the passes of ``PASSES`` in order on a rewritten (or captured) ATen graph, in
+place, and returns it. Each pass is one module here with a "Matches: ... Replaces with: ..."
+docstring; docs/lowering.md describes them, their counts and numerics.
+
+    from adp_pass.runtime.lower import lower
+    gm = lower(gm, max_position=4096)
+    gm.meta["adp_lower_counts"]   # {"rms_norm": 4L+1, "add_rms_norm": 2L, "silu_mul": L, "qk_norm_rope": L}
+    gm.meta["adp_lower_ops"]      # adp op nodes left in the graph, by op
+
+Counts are matches per pass. ``rms_norm`` counts every RMSNorm it replaced, including those the
+later ``add_rms_norm`` / ``qk_norm_rope`` passes absorb (they work on ``adp.rms_norm`` nodes);
+``adp_lower_ops`` is the census after all passes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch.fx as fx
+
+from . import add_rms_norm, qk_norm_rope, rms_norm, silu_mul
+from .graph_utils import eliminate_dead_code, op_census
+
+
+@dataclass(frozen=True)
+class LowerPass:
+    name: str
+    run: Callable[[fx.GraphModule, "LowerContext"], int]
+    requires: tuple[str, ...] = ()
+    doc: str = ""
+
+
+@dataclass
+class LowerContext:
+    """What passes share: options, and notes on sites they saw but left alone."""
+
+    max_position: int = 4096
+    notes: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def note(self, pass_name: str, message: str) -> None:
+        self.notes.append(f"{pass_name}: {message}")
+
+
+def _entry(module) -> LowerPass:
+    return LowerPass(module.NAME, module.run, tuple(module.REQUIRES), module.__doc__ or "")
+
+
+# The order is part of the contract: add_rms_norm and qk_norm_rope rewrite adp.rms_norm nodes.
+PASSES: tuple[LowerPass, ...] = tuple(_entry(m) for m in (rms_norm, add_rms_norm, silu_mul, qk_norm_rope))
+PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
+
+
+def lower(
+    gm: fx.GraphModule,
+    *,
+    passes: Sequence[str] | None = None,
+    max_position: int = 4096,
+) -> fx.GraphModule:
+    """Run the lowering passes on ``gm`` in place and return it.
+
+    ``passes``: names from ``PASS_NAMES`` to run, in the given order (default: all, in
+    ``PASSES`` order); a pass whose prerequisite did not run before it is an error.
+    ``max_position``: rows of the cos/sin cache (positions must stay below it).
+    Results: ``gm.meta["adp_lower_counts"]`` (pass name -> matches), ``gm.meta["adp_lower_ops"]``
+    (adp op nodes in the lowered graph) and ``gm.meta["adp_lower_report"]`` (both, plus
+    per-pass seconds, notes on sites left alone, and the cos/sin cache's provenance).
+    """
+    by_name = {p.name: p for p in PASSES}
+    names = list(PASS_NAMES if passes is None else passes)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown lowering pass(es) {unknown}; known: {list(PASS_NAMES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a lowering pass is listed twice: {names}")
+    for index, name in enumerate(names):
+        missing = [r for r in by_name[name].requires if r not in names[:index]]
+        if missing:
+            raise ValueError(f"lowering pass {name!r} needs {missing} to run before it")
+    if max_position < 1:
+        raise ValueError(f"max_position must be positive, got {max_position}")
+
+    ctx = LowerContext(max_position=max_position)
+    counts: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        start = time.perf_counter()
+        counts[name] = int(by_name[name].run(gm, ctx))
+        seconds[name] = time.perf_counter() - start
+    eliminate_dead_code(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    ops = op_census(gm.graph)
+    gm.meta["adp_lower_counts"] = counts
+    gm.meta["adp_lower_ops"] = ops
+    gm.meta["adp_lower_report"] = {
+        "counts": counts,
+        "ops": ops,
+        "seconds": seconds,
+        "notes": ctx.notes,
+        **ctx.info,
+    }
+    return gm
+
+
+__all__ = ["LowerContext", "LowerPass", "PASSES", "PASS_NAMES", "lower"]

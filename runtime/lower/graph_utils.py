@@ -1,0 +1,183 @@
+"""Helpers shared by the lowering passes: pattern tracing, node creation with fake values, census.
+
+Not a pass. Every node a pass inserts gets ``meta["val"]`` computed by running its target on the
+fake values of its inputs (in the graph's own fake mode, so symbolic sizes stay symbolic), which
+keeps the lowered graph as inspectable as the rewritten one and lets later passes read shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import operator
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from adp_pass.patterns.structure import COLLECTIVE_OPS, WAIT_OPS, is_op
+from adp_pass.runtime import kernels as _kernels  # noqa: F401  (registers torch.ops.adp.*)
+
+aten = torch.ops.aten
+adp = torch.ops.adp
+
+# Custom ops the passes emit, by the short name used in the op census.
+ADP_OPS = {
+    "rms_norm": adp.rms_norm.default,
+    "add_rms_norm": adp.add_rms_norm.default,
+    "silu_mul": adp.silu_mul.default,
+    "silu_mul_fused": adp.silu_mul_fused.default,
+    "qk_norm_rope": adp.qk_norm_rope.default,
+}
+
+# Sentinel eps for tracing patterns: ``scalar_workaround`` turns this literal into a wildcard, so
+# one pattern matches any eps. Odd on purpose, so it never collides with another literal.
+EPS_SENTINEL = 0.000123456789
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+# ----------------------------------------------------------------------------- pattern tracing
+def _no_decompositions() -> dict:
+    return {}
+
+
+def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_ignored: Any) -> fx.GraphModule:
+    """``fwd_only`` without Inductor's decomposition table.
+
+    The captured graphs keep ``silu``/``mean``/``rsqrt`` as single ATen ops (AOTAutograd with the
+    default table), while ``fwd_only``'s default table would decompose e.g. ``silu``, so patterns
+    traced with it never match. Extra keyword arguments (``get_decomp_fn``, passed by newer
+    ``register_replacement``) are ignored on purpose.
+    """
+    from torch._inductor.pattern_matcher import fwd_only
+
+    if "get_decomp_fn" in inspect.signature(fwd_only).parameters:
+        return fwd_only(fn, args, get_decomp_fn=_no_decompositions)
+    from torch.fx.experimental.proxy_tensor import make_fx  # very old torch: same steps by hand
+
+    with torch.no_grad():
+        gm = make_fx(fn, {}, tracing_mode="real")(*args)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def register(search_fn, replace_fn, example_inputs, pass_dict, *, extra_check=None, eps: bool = False):
+    """``register_replacement`` with our trace function (and the eps wildcard when asked)."""
+    from torch._inductor.pattern_matcher import register_replacement
+
+    kwargs: dict[str, Any] = {}
+    if extra_check is not None:
+        kwargs["extra_check"] = extra_check
+    if eps:
+        kwargs["scalar_workaround"] = {"eps": EPS_SENTINEL}
+    return register_replacement(search_fn, replace_fn, list(example_inputs), trace_pattern, pass_dict, **kwargs)
+
+
+def match_value(match, name: str) -> Any:
+    """The fake value (or the Python scalar) bound to pattern argument ``name``."""
+    arg = match.kwargs[name]
+    return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+
+
+# ----------------------------------------------------------------------------- node creation
+def fake_value(node: fx.Node) -> Any:
+    """Compute ``node``'s value from its inputs' ``meta["val"]`` (None if an input has none)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val", _MISSING))
+    leaves = pytree.tree_leaves((args, kwargs))
+    if any(leaf is _MISSING for leaf in leaves):
+        return None
+    mode = torch._guards.detect_fake_mode(leaves)
+    with mode if mode is not None else contextlib.nullcontext():
+        return node.target(*args, **kwargs)
+
+
+def call(graph: fx.Graph, target: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` at the graph's insertion point, with its fake value."""
+    node = graph.call_function(target, args, kwargs)
+    val = fake_value(node)
+    if val is not None:
+        node.meta["val"] = val
+    return node
+
+
+def size_arg(graph: fx.Graph, tensor: fx.Node, dim: int) -> Any:
+    """Size ``dim`` of ``tensor`` as a graph argument: a literal int, or a ``sym_size`` node."""
+    size = tensor.meta["val"].shape[dim]
+    if isinstance(size, int):
+        return size
+    return call(graph, aten.sym_size.int, tensor, dim)
+
+
+def val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """True when two (possibly symbolic) sizes are provably equal; never adds a guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 - sizes from unrelated shape envs: treat as different
+        return False
+
+
+def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def positions(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {node: index for index, node in enumerate(graph.nodes)}
+
+
+def users_are(node: fx.Node, allowed: Iterable[fx.Node]) -> bool:
+    return set(node.users) <= set(allowed)
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+def op_census(graph: fx.Graph) -> dict[str, int]:
+    """How many nodes call each ``torch.ops.adp`` op (short names, zero counts included)."""
+    counts = dict.fromkeys(ADP_OPS, 0)
+    by_target = {target: name for name, target in ADP_OPS.items()}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in by_target:
+            counts[by_target[node.target]] += 1
+    return counts
+
+
+def count_ops(graph: fx.Graph, targets: Iterable[Any]) -> int:
+    targets = set(targets)
+    return sum(1 for node in graph.nodes if node.op == "call_function" and node.target in targets)
+
+
+def _is_impure(node: fx.Node) -> bool:
+    # Same rule as adp_pass.rewrite: dangling collectives/waits may go, everything else as fx says.
+    if is_op(node, WAIT_OPS) or is_op(node, COLLECTIVE_OPS):
+        return False
+    return node.is_impure()
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    graph.eliminate_dead_code(is_impure_node=_is_impure)
+
+
+def getitem(graph: fx.Graph, node: fx.Node, index: int) -> fx.Node:
+    return call(graph, operator.getitem, node, index)
+
+
+def first_body_node(graph: fx.Graph) -> fx.Node:
+    """The first node after the placeholders (where new module attributes are read)."""
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            return node
+    raise ValueError("graph has no body")

@@ -1,0 +1,29 @@
+"""``adp rewrite`` writes the plan, report, both graphs and a picture."""
+
+import json
+
+from adp_pass.cli import main
+
+
+def test_rewrite_writes_outputs(tmp_path, capsys):
+    code = main(["rewrite", "--preset", "tiny", "--mapping", "tp=4,attn_dp=1", "--rank", "3",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "4 sites removed" in out and "0 collectives left" in out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["counts"] == {"attention_out": 2, "mlp_out": 2} and plan["rank"] == 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["before"]["ops"]["collectives"] == 8  # 4 all-reduces + their waits
+    assert "collectives" not in summary["after"]["ops"]
+    assert summary["after"]["param_elements"] > summary["before"]["param_elements"]
+    assert "all_reduce" in (tmp_path / "graph_before.py").read_text()
+    assert "all_reduce" not in (tmp_path / "graph_after.py").read_text()
+    assert (tmp_path / "before_after.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_mapping_exits_2_with_the_reason(capsys):
+    code = main(["rewrite", "--preset", "tiny-3", "--mapping", "tp=4,attn_dp=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "tp_size (4) must divide num_attention_heads (6)" in err
