@@ -291,13 +291,25 @@ def parallelize_hf_qwen3(model: Qwen3ForCausalLM, world_size: int) -> Qwen3ForCa
     return model
 
 
-def build_hf_qwen3(config: Qwen3Config, *, meta: bool = False, seed: int = 0) -> Qwen3ForCausalLM:
+def build_hf_qwen3(
+    config: Qwen3Config,
+    *,
+    meta: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Qwen3ForCausalLM:
     """A transformers Qwen3ForCausalLM with random weights (or on the meta device)."""
-    if meta:
-        with torch.device("meta"):
+    previous = torch.get_default_dtype()
+    # Parameters in ``dtype``; the rotary inv_freq buffer stays fp32 (transformers builds it
+    # in fp32 explicitly), as from_pretrained(dtype=...) leaves it. model.to(dtype) would not.
+    torch.set_default_dtype(dtype or previous)
+    try:
+        torch.manual_seed(seed)
+        with torch.device("meta" if meta else device):
             return Qwen3ForCausalLM(config).eval()
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def capture_hf_qwen3(
@@ -306,16 +318,18 @@ def capture_hf_qwen3(
     world_size: int,
     rank: int,
     meta: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
     batch: int = 2,
     seq: int = 8,
 ) -> CapturedGraph:
     """Rank ``rank``'s graph of transformers' Qwen3 made TP over a fake ``world_size`` group."""
     with fake_process_group(world_size, rank):
         start = time.perf_counter()
-        model = parallelize_hf_qwen3(build_hf_qwen3(config, meta=meta), world_size)
+        model = build_hf_qwen3(config, meta=meta, dtype=dtype, device=device)
+        model = parallelize_hf_qwen3(model, world_size)
         build_s = time.perf_counter() - start
-        device = "meta" if meta else "cpu"
-        ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        ids = torch.zeros(batch, seq, dtype=torch.long, device="meta" if meta else device)
         captured = capture(model, [ids], rank=rank, world_size=world_size)
     captured.timings = {"build_s": build_s, **captured.timings}
     return captured

@@ -43,8 +43,22 @@ class PagedKVCache:
         # Zero-filled so stale reads (a bug) give finite values rather than NaN garbage.
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self._reset_allocator()
+
+    @classmethod
+    def over(cls, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]) -> "PagedKVCache":
+        """An allocator over existing per-layer k/v tensors (a graph's own cache buffers)."""
+        num_blocks, block_size, num_kv_heads, head_dim = k_caches[0].shape
+        cache = cls(1, 1, block_size, num_kv_heads, head_dim, k_caches[0].dtype, "meta")
+        cache.num_layers, cache.num_blocks = len(k_caches), num_blocks
+        cache.device = k_caches[0].device
+        cache.k_caches, cache.v_caches = list(k_caches), list(v_caches)
+        cache._reset_allocator()
+        return cache
+
+    def _reset_allocator(self) -> None:
         # Stack: pop() hands out low block ids first, and freed blocks are reused first.
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
         self._tables: dict[Hashable, list[int]] = {}
         self._lens: dict[Hashable, int] = {}
 

@@ -84,7 +84,7 @@ def load_checkpoint(
     stored, derived = _split_specs(gm, plan)
     with contextlib.ExitStack() as stack:
         # Each file is opened (mmapped) once; its header answers every validation question.
-        handles = {f.name: stack.enter_context(safe_open(str(f), "pt", device="cpu")) for f in files}
+        handles = {f.name: stack.enter_context(safe_open(str(f), "pt")) for f in files}
         where = {key: name for name, handle in handles.items() for key in handle.keys()}
         jobs = _plan_reads(gm, stored, handles, where, root)
         meter = _Progress(len(jobs), sum(job.nbytes for job in jobs), enabled=progress)
@@ -473,4 +473,5 @@ class _Progress:
         rate = self.done_bytes / 1e6 / max(self.shown - self.start, 1e-9)
         line = (f"loading checkpoint: {self.done_tensors}/{self.tensors} tensors, "
                 f"{_size(self.done_bytes)}/{_size(self.nbytes)}, {rate:.0f} MB/s")
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+        # On a terminal: back to the line start, and clear what a longer last line left there.
+        print(f"\r{line}\x1b[K" if self.tty else line, end=end, file=sys.stderr, flush=True)

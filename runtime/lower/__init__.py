@@ -1,4 +1,4 @@
-"""The lowering pass: replace transformers' decomposed Qwen3 pieces by the ``torch.ops.adp`` kernels.
+"""The lowering pass: transformers' decomposed Qwen3 pieces -> the ``torch.ops.adp`` kernels.
 
 ``lower(gm)`` runs the passes of ``PASSES`` in order on a rewritten (or captured) ATen graph, in
 place, and returns it. Each pass is one module here with a "Matches: ... Replaces with: ..."
@@ -6,7 +6,8 @@ docstring; docs/lowering.md describes them, their counts and numerics.
 
     from adp_pass.runtime.lower import lower
     gm = lower(gm, max_position=4096)
-    gm.meta["adp_lower_counts"]   # {"rms_norm": 4L+1, "add_rms_norm": 2L, "silu_mul": L, "qk_norm_rope": L}
+    gm.meta["adp_lower_counts"]   # {"rms_norm": 4L+1, "add_rms_norm": 2L,
+                                  #  "silu_mul": L, "qk_norm_rope": L}
     gm.meta["adp_lower_ops"]      # adp op nodes left in the graph, by op
 
 Counts are matches per pass. ``rms_norm`` counts every RMSNorm it replaced, including those the
@@ -23,7 +24,7 @@ from typing import Callable, Sequence
 import torch.fx as fx
 
 from . import add_rms_norm, qk_norm_rope, rms_norm, silu_mul
-from .graph_utils import eliminate_dead_code, op_census
+from .graph_utils import eliminate_dead_code, fill_missing_values, op_census
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ def _entry(module) -> LowerPass:
 
 
 # The order is part of the contract: add_rms_norm and qk_norm_rope rewrite adp.rms_norm nodes.
-PASSES: tuple[LowerPass, ...] = tuple(_entry(m) for m in (rms_norm, add_rms_norm, silu_mul, qk_norm_rope))
+PASSES: tuple[LowerPass, ...] = tuple(
+    _entry(module) for module in (rms_norm, add_rms_norm, silu_mul, qk_norm_rope)
+)
 PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
 
 
@@ -71,6 +74,8 @@ def lower(
     per-pass seconds, notes on sites left alone, and the cos/sin cache's provenance).
     """
     by_name = {p.name: p for p in PASSES}
+    if isinstance(passes, str):
+        passes = [passes]
     names = list(PASS_NAMES if passes is None else passes)
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -90,6 +95,7 @@ def lower(
     for name in names:
         start = time.perf_counter()
         counts[name] = int(by_name[name].run(gm, ctx))
+        fill_missing_values(gm.graph)
         seconds[name] = time.perf_counter() - start
     eliminate_dead_code(gm.graph)
     gm.graph.lint()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -69,7 +69,9 @@ def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_ignored: Any) 
     return gm
 
 
-def register(search_fn, replace_fn, example_inputs, pass_dict, *, extra_check=None, eps: bool = False):
+def register(
+    search_fn, replace_fn, example_inputs, pass_dict, *, extra_check=None, eps: bool = False
+):
     """``register_replacement`` with our trace function (and the eps wildcard when asked)."""
     from torch._inductor.pattern_matcher import register_replacement
 
@@ -78,7 +80,44 @@ def register(search_fn, replace_fn, example_inputs, pass_dict, *, extra_check=No
         kwargs["extra_check"] = extra_check
     if eps:
         kwargs["scalar_workaround"] = {"eps": EPS_SENTINEL}
-    return register_replacement(search_fn, replace_fn, list(example_inputs), trace_pattern, pass_dict, **kwargs)
+    return register_replacement(
+        search_fn, replace_fn, list(example_inputs), trace_pattern, pass_dict, **kwargs
+    )
+
+
+def apply_patterns(patterns, gm: fx.GraphModule) -> int:
+    """``patterns.apply(gm)`` for a ``PatternMatcherPass``, also on meta-device graphs.
+
+    Inductor's ``apply`` skips every node that holds a meta tensor (it guards its own codegen), so
+    a weightless capture (``capture_hf_qwen3(..., meta=True)``) would match nothing. For those
+    graphs the registry is walked here with ``apply``'s order: nodes last to first, entries in
+    registration order, each checked with its ``extra_check`` (which re-traces the pattern).
+    """
+    if not _holds_meta_tensors(gm.graph):
+        return patterns.apply(gm)
+    from torch._inductor.pattern_matcher import is_match
+
+    count = 0
+    graph = gm.graph
+    for node in reversed(list(graph.nodes)):
+        if node._erased or node.op != "call_function":
+            continue
+        for entry in patterns.patterns.get((node.op, node.target), ()):
+            if node._erased:
+                break
+            match = entry.pattern.match(node)
+            if is_match(match) and entry.extra_check(match):
+                entry.apply(match, graph, node)
+                count += 1
+    return count
+
+
+def _holds_meta_tensors(graph: fx.Graph) -> bool:
+    for node in graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            return value.device.type == "meta"
+    return False
 
 
 def match_value(match, name: str) -> Any:
@@ -108,16 +147,22 @@ def call(graph: fx.Graph, target: Callable[..., Any], *args: Any, **kwargs: Any)
     return node
 
 
+def fill_missing_values(graph: fx.Graph) -> None:
+    """Give every call node without ``meta["val"]`` one (Inductor versions differ in whether the
+    nodes a replacement inserts carry the traced values)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and "val" not in node.meta:
+            value = fake_value(node)
+            if value is not None:
+                node.meta["val"] = value
+
+
 def size_arg(graph: fx.Graph, tensor: fx.Node, dim: int) -> Any:
     """Size ``dim`` of ``tensor`` as a graph argument: a literal int, or a ``sym_size`` node."""
     size = tensor.meta["val"].shape[dim]
     if isinstance(size, int):
         return size
     return call(graph, aten.sym_size.int, tensor, dim)
-
-
-def val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def same_size(a: Any, b: Any) -> bool:
@@ -140,10 +185,6 @@ def positions(graph: fx.Graph) -> dict[fx.Node, int]:
     return {node: index for index, node in enumerate(graph.nodes)}
 
 
-def users_are(node: fx.Node, allowed: Iterable[fx.Node]) -> bool:
-    return set(node.users) <= set(allowed)
-
-
 # ----------------------------------------------------------------------------- bookkeeping
 def op_census(graph: fx.Graph) -> dict[str, int]:
     """How many nodes call each ``torch.ops.adp`` op (short names, zero counts included)."""
@@ -153,11 +194,6 @@ def op_census(graph: fx.Graph) -> dict[str, int]:
         if node.op == "call_function" and node.target in by_target:
             counts[by_target[node.target]] += 1
     return counts
-
-
-def count_ops(graph: fx.Graph, targets: Iterable[Any]) -> int:
-    targets = set(targets)
-    return sum(1 for node in graph.nodes if node.op == "call_function" and node.target in targets)
 
 
 def _is_impure(node: fx.Node) -> bool:

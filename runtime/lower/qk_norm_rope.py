@@ -1,29 +1,36 @@
 """Lowering pass ``qk_norm_rope``.
 
-Matches: per attention op (SDPA / flash / efficient / math), the query and the key it reads, each
-traced back through layout ops (view, reshape, clone, expand, unsqueeze, slice: GQA's
-``repeat_kv``) to Qwen3's rotary embedding of a per-head-normed projection::
+Matches: Qwen3's rotary embedding of a per-head-normed projection, for q and k together::
 
     n = adp.rms_norm(x, w, eps)         # x: [B, S, H, D]   (left by the rms_norm pass)
     t = transpose(n, 1, 2)              # [B, H, S, D]
     out = t * cos + cat([-t[..., D/2:], t[..., :D/2]], -1) * sin
 
 (``rotate_half`` as two ``slice``\\s or a ``split``/``chunk``; either operand order of every mul
-and the add). ``cos``/``sin`` must be ``cos(E)``/``sin(E)`` of the same ``E = cat([F, F], -1)``,
-``F = P * inv_freq`` with ``inv_freq`` a module buffer of ``D/2`` elements and ``P`` the float
-positions ``[..., S, 1]`` (reached through unsqueeze, dtype casts and a ``mul`` by the attention
-scaling, which must be 1: default rope only). q and k must share ``cos``/``sin``, eps and dtype.
+and the add; intermediates read by nothing else). ``cos``/``sin`` are ``cos(E)``/``sin(E)`` of one
+``E = cat([F, F], -1)``, seen through unsqueeze, dtype casts and a ``mul`` by the attention scaling
+(which must be 1: default rope only). ``F = P * inv_freq`` (transformers 5.2x) or
+``(inv_freq[None, :, None] @ P[:, None, :]).transpose(1, 2)`` (5.1x), with ``inv_freq`` a module
+buffer of ``D/2`` elements and ``P`` the float positions. q and k must share ``cos``/``sin``, eps
+and dtype.
+
+q and k are paired through the attention op that reads them (SDPA / flash / efficient / cuDNN,
+back through layout ops: view, reshape, clone, expand, unsqueeze, slice, i.e. GQA's
+``repeat_kv``); sites no known attention op reads (e.g. SDPA decomposed to bmm/softmax, as on
+the meta device) are paired in graph order. The kernel treats q and k alike, so either pairing is
+exact.
 
 Replaces with: ``q_out, k_out = adp.qk_norm_rope(x_q.reshape(T, Hq, D), x_k.reshape(T, Hk, D),
 w_q, w_k, cos_sin_cache, positions, eps)`` with ``T = B*S``, then
 ``q_out.view(B, S, Hq, D).transpose(1, 2)`` (and the same for k) takes the old rotated tensors'
 place, so the attention op sees the same shapes and strides as before.
 
-* ``cos_sin_cache``: a non-persistent buffer ``adp_cos_sin_cache`` on the module, ``[max_position,
-  D]`` in the model dtype, made by ``build_cos_sin_cache`` with the rope theta recovered from the
-  ``inv_freq`` buffer's values (checked to reproduce them bit for bit). A buffer the default
-  formula does not reproduce (e.g. ``inv_freq`` cast to bf16 by ``model.to(bf16)``) is tabulated
-  from its own values with the same steps, which keeps eager's numerics.
+* ``cos_sin_cache``: a non-persistent buffer ``adp_rope.cos_sin_cache`` on the module,
+  ``[max_position, D]`` in the model dtype, made by ``build_cos_sin_cache`` with the rope theta
+  recovered from the ``inv_freq`` buffer's values (checked to reproduce them bit for bit). A
+  buffer the default formula does not reproduce (e.g. ``inv_freq`` cast to bf16 by
+  ``model.to(bf16)``) is tabulated from its own values with the same steps, which keeps eager's
+  numerics.
 * ``positions``: the integer tensor behind ``P`` (``position_ids``; or ``P`` itself converted to
   int64 when it is a float ``arange``), broadcast to ``[B, S]`` and flattened to ``[T]``; built once
   and shared by all layers. Positions must stay below ``max_position`` (not checked by the kernel).
@@ -49,7 +56,8 @@ from .graph_utils import adp, aten, call, first_body_node, getitem, positions, s
 NAME = "qk_norm_rope"
 REQUIRES: tuple[str, ...] = ("rms_norm",)
 
-CACHE_ATTR = "adp_cos_sin_cache"
+CACHE_MODULE, CACHE_BUFFER = "adp_rope", "cos_sin_cache"
+CACHE_ATTR = f"{CACHE_MODULE}.{CACHE_BUFFER}"  # the first cache's attribute path
 
 # Walked from an attention input back to the rotated tensor (GQA repeat_kv, contiguity copies).
 _LAYOUT_OPS = {
@@ -63,7 +71,6 @@ _LAYOUT_OPS = {
     aten.alias.default,
     aten.slice.Tensor,
 }
-_BIG = 2**62  # slice ends at least this large mean "to the end"
 
 
 @dataclass
@@ -80,7 +87,8 @@ class _Rope:
 @dataclass
 class _Freqs:
     inv_freq: fx.Node  # get_attr
-    pos: fx.Node  # P, float [..., S, 1]
+    pos: fx.Node  # P: float positions, [..., S, 1] (mul form) or [X, 1, S] (matmul form)
+    pos_dim: int  # the size-1 dim of P that is not a position dim
 
 
 @dataclass
@@ -91,19 +99,44 @@ class _State:
 
 def run(gm: fx.GraphModule, ctx) -> int:
     graph = gm.graph
+    order = positions(graph)
+    sites = {}  # rotated tensor (the rope's add) -> _Rope, in graph order
+    adds = graph.find_nodes(op="call_function", target=aten.add.Tensor)
+    for add in sorted(adds, key=order.__getitem__):
+        try:
+            rope = _match_rope(add)
+        except (KeyError, AttributeError, IndexError, TypeError):  # e.g. a node without a value
+            rope = None
+        if rope is not None:
+            sites[add] = rope
+    pairs, paired = [], set()
+    # q and k of one attention op; then, for attention in a form we do not know (e.g. SDPA
+    # decomposed to bmm/softmax on the meta device), consecutive sites sharing cos/sin. The op
+    # treats q and k alike, so the second way is as correct as the first.
+    for attn in (n for n in graph.nodes if is_op(n, ATTENTION_CORE_OPS) and len(n.args) >= 2):
+        q, k = (sites.get(_through_layout(arg)) for arg in attn.args[:2])
+        if q is not None and k is not None and not {q.end, k.end} & paired and q is not k:
+            pairs.append((q, k))
+            paired |= {q.end, k.end}
+    rest = [site for end, site in sites.items() if end not in paired]
+    index = 0
+    while index < len(rest):
+        first = rest[index]
+        second = rest[index + 1] if index + 1 < len(rest) else None
+        if second is not None and first.cos is second.cos and first.sin is second.sin:
+            pairs.append((first, second))
+            index += 2
+        else:
+            ctx.note(NAME, f"{first.end.name}: rotary site without a partner sharing its cos/sin")
+            index += 1
+    pairs.sort(key=lambda pair: min(order[pair[0].end], order[pair[1].end]))
+
     state = _State()
     count = 0
-    for attn in [n for n in graph.nodes if is_op(n, ATTENTION_CORE_OPS)]:
-        if len(attn.args) < 2:
-            continue
-        q_rope = _match_rope(_through_layout(attn.args[0]))
-        k_rope = _match_rope(_through_layout(attn.args[1]))
-        if q_rope is None or k_rope is None:
-            ctx.note(NAME, f"{attn.name}: q/k are not normed + rotated as expected")
-            continue
-        reason = _rewrite(gm, ctx, state, q_rope, k_rope)
+    for q, k in pairs:
+        reason = _rewrite(gm, ctx, state, q, k)
         if reason:
-            ctx.note(NAME, f"{attn.name}: {reason}")
+            ctx.note(NAME, f"{q.end.name}/{k.end.name}: {reason}")
         else:
             count += 1
     return count
@@ -193,8 +226,10 @@ def _match_rope_muls(end: fx.Node, mul_c: fx.Node, mul_s: fx.Node) -> _Rope | No
         if t not in c_args:
             continue
         cos_operand = c_args[1] if c_args[0] is t else c_args[0]
-        norm = t.args[0] if is_op(t, {aten.transpose.int}) and sorted(t.args[1:]) == [1, 2] else None
-        if norm is None or not is_op(norm, {adp.rms_norm.default}):
+        if not is_op(t, {aten.transpose.int}) or sorted(t.args[1:]) != [1, 2]:
+            continue
+        norm = t.args[0]
+        if not is_op(norm, {adp.rms_norm.default}):
             continue
         x, weight, eps = norm.args
         if x.meta["val"].dim() != 4 or not isinstance(weight, fx.Node):
@@ -245,6 +280,14 @@ def _through_to_attr(node) -> fx.Node | None:
 
 
 def _match_freqs(cos: fx.Node, head_dim: int) -> _Freqs | None:
+    """``cos``'s argument as ``cat([F, F], -1)`` with ``F`` the rope frequencies, in either form
+    transformers writes them:
+
+    * 5.2x: ``F = position_ids[..., None].float() * inv_freq`` (``mul``, P ``[..., S, 1]``);
+    * 5.1x: ``F = (inv_freq[None, :, None].expand(X, -1, 1) @ position_ids[:, None, :].float())
+      .transpose(1, 2)`` (``bmm`` + views, P ``[X, 1, S]``). With a contraction of size 1 each
+      element is the single product ``inv * p``, so both equal the cache's ``p * inv``.
+    """
     cat = cos.args[0]
     if not is_op(cat, {aten.cat.default}) or len(cat.args[0]) != 2:
         return None
@@ -252,21 +295,62 @@ def _match_freqs(cos: fx.Node, head_dim: int) -> _Freqs | None:
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if first is not second or not _last_dim(dim, cat.meta["val"].dim()):
         return None
-    pair = _tensor_args(first, aten.mul.Tensor)
+    half = head_dim // 2
+    return _freqs_from_mul(first, half) or _freqs_from_bmm(first, half)
+
+
+def _inv_freq_attr(node, half: int) -> fx.Node | None:
+    attr = _through_to_attr(node)
+    value = attr.meta.get("val") if attr is not None else None
+    if value is None or value.numel() != half:
+        return None
+    return attr
+
+
+def _freqs_from_mul(node: fx.Node, half: int) -> _Freqs | None:
+    pair = _tensor_args(node, aten.mul.Tensor)
     if pair is None:
         return None
     for pos, inv in (pair, pair[::-1]):
-        attr = _through_to_attr(inv)
-        if attr is None or _through_to_attr(pos) is not None:
-            continue
-        inv_val = inv.meta["val"]
-        if inv_val.numel() != head_dim // 2 or inv_val.shape[-1] != head_dim // 2:
+        attr = _inv_freq_attr(inv, half)
+        if attr is None or _through_to_attr(pos) is not None or inv.meta["val"].shape[-1] != half:
             continue
         pos_val = pos.meta["val"]
         if pos_val.dim() < 2 or pos_val.shape[-1] != 1:
             continue
-        return _Freqs(attr, pos)
+        return _Freqs(attr, pos, pos_val.dim() - 1)
     return None
+
+
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _freqs_from_bmm(node: fx.Node, half: int) -> _Freqs | None:
+    if not is_op(node, {aten.transpose.int}) or node.meta["val"].dim() != 3:
+        return None
+    if sorted(d % 3 for d in node.args[1:]) != [1, 2]:
+        return None
+    product = node.args[0]
+    while is_op(product, _RESHAPES):
+        product = product.args[0]
+    if not is_op(product, {aten.bmm.default}):
+        return None
+    inv, pos = product.args
+    attr = _inv_freq_attr(inv, half)
+    inv_val = inv.meta["val"]
+    if attr is None or inv_val.shape[-2] != half or inv_val.shape[-1] != 1:
+        return None
+    # Back through broadcasts/reshapes that keep the [X, 1, S] layout, to the float positions.
+    while is_op(pos, _RESHAPES | {aten.expand.default}) and _x1s(pos.args[0]):
+        pos = pos.args[0]
+    if not _x1s(pos) or _through_to_attr(pos) is not None:
+        return None
+    return _Freqs(attr, pos, 1)
+
+
+def _x1s(node) -> bool:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[1] == 1
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -292,7 +376,7 @@ def _rewrite(gm: fx.GraphModule, ctx, state: _State, q: _Rope, k: _Rope) -> str 
     if freqs is None:
         return "cos/sin are not cos/sin(cat(P * inv_freq, P * inv_freq))"
     pos_val = freqs.pos.meta["val"]
-    pos_dims = list(pos_val.shape[:-1])
+    pos_dims = [size for index, size in enumerate(pos_val.shape) if index != freqs.pos_dim]
     if not _broadcast_ok(pos_dims, list(cos_val.shape), batch, seq, head_dim):
         return f"cos {list(cos_val.shape)} / positions {pos_dims} do not broadcast as [B, S]"
     order = positions(graph)
@@ -308,10 +392,13 @@ def _rewrite(gm: fx.GraphModule, ctx, state: _State, q: _Rope, k: _Rope) -> str 
         b_arg, s_arg = size_arg(graph, q.x, 0), size_arg(graph, q.x, 1)
         pos = state.positions.get(freqs.pos)
         if pos is None:
-            pos = state.positions[freqs.pos] = _positions_node(graph, freqs.pos, b_arg, s_arg)
+            pos = _positions_node(graph, freqs, b_arg, s_arg)
+            state.positions[freqs.pos] = pos
         q_flat = call(graph, aten.reshape.default, q.x, [-1, n_q, head_dim])
         k_flat = call(graph, aten.reshape.default, k.x, [-1, n_k, head_dim])
-        fused = call(graph, adp.qk_norm_rope.default, q_flat, k_flat, q.weight, k.weight, cache, pos, q.eps)
+        fused = call(
+            graph, adp.qk_norm_rope.default, q_flat, k_flat, q.weight, k.weight, cache, pos, q.eps
+        )
         outs = []
         for index, heads in ((0, n_q), (1, n_k)):
             flat = getitem(graph, fused, index)
@@ -324,9 +411,9 @@ def _rewrite(gm: fx.GraphModule, ctx, state: _State, q: _Rope, k: _Rope) -> str 
 
 
 def _broadcast_ok(pos_dims: list, cos_shape: list, batch, seq, head_dim: int) -> bool:
-    """cos (shape right-aligned with q's ``[B, H, S, D]``) must vary only over the positions' dims:
-    positions ``[S]`` with cos ``[S, D]`` / ``[1, S, D]`` / ``[1, 1, S, D]``, or positions ``[X, S]``
-    (``X`` 1 or B) with cos ``[X, 1, S, D]``."""
+    """cos (shape right-aligned with q's ``[B, H, S, D]``) must vary only over the positions'
+    dims: positions ``[S]`` with cos ``[S, D]`` / ``[1, S, D]`` / ``[1, 1, S, D]``, or positions
+    ``[X, S]`` (``X`` 1 or B) with cos ``[X, 1, S, D]``."""
     if not pos_dims or not same_size(pos_dims[-1], seq):
         return False
     if not (cos_shape and cos_shape[-1] == head_dim and len(cos_shape) >= 2):
@@ -338,17 +425,18 @@ def _broadcast_ok(pos_dims: list, cos_shape: list, batch, seq, head_dim: int) ->
     if len(pos_dims) != 2 or len(cos_shape) != 4:
         return False
     lead = pos_dims[0]
-    return (lead == 1 or same_size(lead, batch)) and same_size(cos_shape[0], lead) and cos_shape[1] == 1
+    lead_ok = lead == 1 or same_size(lead, batch)
+    return lead_ok and same_size(cos_shape[0], lead) and cos_shape[1] == 1
 
 
-def _positions_node(graph: fx.Graph, pos: fx.Node, b_arg, s_arg) -> fx.Node:
-    """Flat int64 ``[B*S]`` positions from the float ``P`` (``[..., S, 1]``) feeding inv_freq."""
-    source = pos
+def _positions_node(graph: fx.Graph, freqs: _Freqs, b_arg, s_arg) -> fx.Node:
+    """Flat int64 ``[B*S]`` positions from the float positions ``P`` feeding inv_freq."""
+    pos = source = freqs.pos
     if is_op(pos, {aten._to_copy.default}) and set(pos.kwargs) <= {"dtype"}:
         inner = pos.args[0]
         if isinstance(inner, fx.Node) and not inner.meta["val"].dtype.is_floating_point:
             source = inner  # position_ids itself: skip the float round trip
-    squeezed = call(graph, aten.squeeze.dim, source, -1)
+    squeezed = call(graph, aten.squeeze.dim, source, freqs.pos_dim)
     expanded = call(graph, aten.expand.default, squeezed, [b_arg, s_arg])
     flat = call(graph, aten.reshape.default, expanded, [-1])
     if flat.meta["val"].dtype != torch.int64:
@@ -374,15 +462,11 @@ def _cache_node(gm: fx.GraphModule, ctx, state: _State, inv_attr: fx.Node, head_
         else:
             cache = cos_sin_cache_from_inv_freq(inv_freq, ctx.max_position, dtype, device)
             how = f"tabulated from {inv_attr.target} ({inv_freq.dtype})"
-    name, index = CACHE_ATTR, 0
-    while hasattr(gm, name):
-        index += 1
-        name = f"{CACHE_ATTR}_{index}"
-    gm.register_buffer(name, cache, persistent=False)
+    name = _register_cache(gm, cache)
     graph = gm.graph
     with graph.inserting_before(first_body_node(graph)):
         node = graph.get_attr(name)
-    mode = torch._guards.detect_fake_mode([inv_attr.meta.get("val")])
+    mode = torch._guards.detect_fake_mode([v for v in (inv_attr.meta.get("val"),) if v is not None])
     if mode is not None:
         node.meta["val"] = mode.from_tensor(cache, static_shapes=True)
     ctx.info.setdefault("cos_sin_cache", {})[name] = {
@@ -394,6 +478,23 @@ def _cache_node(gm: fx.GraphModule, ctx, state: _State, inv_attr: fx.Node, head_
     return node
 
 
+def _register_cache(gm: fx.GraphModule, cache: torch.Tensor) -> str:
+    """Register ``cache`` as a non-persistent buffer of the child module ``adp_rope``; returns its
+    attribute path. A child module, because fx re-registers a GraphModule's *own* buffers as
+    persistent when it copies one (``deepcopy``, ``GraphModule(root, graph)``), which would put
+    the cache in the state dict; a child module is copied whole, flags included."""
+    holder = getattr(gm, CACHE_MODULE, None)
+    if not isinstance(holder, torch.nn.Module):
+        holder = torch.nn.Module()
+        gm.add_module(CACHE_MODULE, holder)
+    leaf, index = CACHE_BUFFER, 0
+    while hasattr(holder, leaf):
+        index += 1
+        leaf = f"{CACHE_BUFFER}_{index}"
+    holder.register_buffer(leaf, cache, persistent=False)
+    return f"{CACHE_MODULE}.{leaf}"
+
+
 def _get_attr(gm: torch.nn.Module, dotted: str):
     obj = gm
     for part in dotted.split("."):
@@ -402,7 +503,7 @@ def _get_attr(gm: torch.nn.Module, dotted: str):
 
 
 def rope_theta_of(inv_freq: torch.Tensor, head_dim: int) -> float | None:
-    """The ``rope_theta`` whose default-rope ``inv_freq`` equals this buffer bit for bit, or None."""
+    """The ``rope_theta`` whose default-rope ``inv_freq`` equals this buffer bitwise, or None."""
     if inv_freq.dtype != torch.float32 or inv_freq.numel() != head_dim // 2 or head_dim < 4:
         return None
     inv = inv_freq.detach().reshape(-1).cpu()
@@ -423,5 +524,6 @@ def cos_sin_cache_from_inv_freq(
 ) -> torch.Tensor:
     """``build_cos_sin_cache``'s steps with a given ``inv_freq`` (upcast to fp32, as eager does)."""
     pos = torch.arange(max_position, dtype=torch.int64, device=device).float()
-    freqs = pos[:, None] * inv_freq.detach().reshape(-1).to(device=device, dtype=torch.float32)[None, :]
+    inv = inv_freq.detach().reshape(-1).to(device=device, dtype=torch.float32)
+    freqs = pos[:, None] * inv[None, :]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)

@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.fx as fx
 
-from .graph_utils import adp, match_value, register
+from .graph_utils import adp, apply_patterns, match_value, register
 
 NAME = "rms_norm"
 REQUIRES: tuple[str, ...] = ()
@@ -68,4 +68,4 @@ def _patterns():
 
 
 def run(gm: fx.GraphModule, ctx) -> int:
-    return _patterns().apply(gm)
+    return apply_patterns(_patterns(), gm)

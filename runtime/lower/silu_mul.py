@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import adp, match_value, register, same_shape
+from .graph_utils import adp, apply_patterns, match_value, register, same_shape
 
 NAME = "silu_mul"
 REQUIRES: tuple[str, ...] = ()
@@ -97,4 +97,4 @@ def _patterns():
 
 
 def run(gm: fx.GraphModule, ctx) -> int:
-    return _patterns().apply(gm)
+    return apply_patterns(_patterns(), gm)

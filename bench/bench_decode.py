@@ -1,0 +1,90 @@
+"""Attention-DP serving benchmark: every rank serves its own requests, launched by torchrun.
+
+Default (the issue's setting, 2 GPUs): Qwen3-8B preset, random weights, bf16, 64 requests per
+rank, prompt 512, 128 new tokens, decode steps replayed from CUDA graphs::
+
+    python bench/bench_decode.py --out bench/results/decode-h100x2.json
+
+Prints decode tokens/s per rank and in total, the mean decode step time, and the first-step
+logits check against transformers holding the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adp_pass.presets import qwen3_config
+from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="qwen3-8b")
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--requests-per-rank", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--graph-sizes", default="1,2,4,8,16,32,64")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    config = qwen3_config(args.preset)
+    count = args.requests_per_rank * args.world_size
+    requests = synthetic_requests(count, args.prompt_len, args.new_tokens, config.vocab_size)
+    seq_len = args.prompt_len + args.new_tokens
+    blocks_per_seq = -(-seq_len // args.block_size)
+    job = make_job(
+        f"tp={args.world_size},attn_dp=1",
+        assign_by_load(requests, args.world_size),
+        preset=args.preset,
+        dtype=args.dtype,
+        num_blocks=blocks_per_seq * args.requests_per_rank + 8,
+        block_size=args.block_size,
+        max_position=seq_len + 16,
+        max_seq_len=seq_len,
+        max_batch=args.requests_per_rank,
+        cuda_graph_sizes=[int(s) for s in args.graph_sizes.split(",") if s],
+        check_first_step=True,
+    )
+    print(f"bench: {args.preset} {args.dtype}, {args.world_size} ranks x "
+          f"{args.requests_per_rank} requests, prompt {args.prompt_len}, {args.new_tokens} new",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    report = run_job(job, args.world_size)
+    print(report)
+    for r in report.ranks:
+        print(f"rank {r['rank']} first-step logits vs transformers: {r['first_step_check']}; "
+              f"build {r['timings']}")
+    record = {
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "gpu": report.ranks[0]["device"],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "settings": vars(args) | {"out": str(args.out)},
+        "total_decode_tokens_per_s": report.total_decode_tokens_per_s,
+        "wall_s": time.perf_counter() - start,
+        "ranks": [{k: v for k, v in r.items() if k != "results"} for r in report.ranks],
+    }
+    try:
+        import triton
+
+        record["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

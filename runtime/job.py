@@ -1,0 +1,83 @@
+"""A serving job as plain data: the model, the mapping, the cache, and each rank's requests.
+
+The front end writes it as JSON, every torchrun rank reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config
+
+from adp_pass.presets import qwen3_config
+from adp_pass.runtime.engine import Request
+from adp_pass.runtime.sampling import SamplingParams
+
+
+@dataclass
+class Job:
+    mapping: str
+    preset: str = "tiny"
+    checkpoint: str | None = None  # a Hugging Face checkpoint dir; its config.json wins
+    dtype: str = "float32"
+    num_blocks: int = 256
+    block_size: int = 16
+    max_position: int = 4096
+    max_seq_len: int | None = None
+    max_batch: int = 64
+    cuda_graph_sizes: list[int] = field(default_factory=list)
+    seed: int = 0
+    check_first_step: bool = False
+    # per rank: [{"request_id", "prompt", "max_new_tokens", "temperature", "top_p", "stop"}]
+    assignments: list[list[dict]] = field(default_factory=list)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def config(self) -> Qwen3Config:
+        if self.checkpoint is not None:
+            config = Qwen3Config.from_pretrained(self.checkpoint)
+            config._attn_implementation = "sdpa"
+            config.use_cache = False
+            return config
+        return qwen3_config(self.preset)
+
+    def requests_for(self, rank: int) -> list[Request]:
+        if rank >= len(self.assignments):
+            return []
+        return [
+            Request(
+                item["request_id"],
+                list(item["prompt"]),
+                SamplingParams(
+                    max_new_tokens=item.get("max_new_tokens", 16),
+                    temperature=item.get("temperature", 0.0),
+                    top_p=item.get("top_p", 1.0),
+                    stop_token_ids=tuple(item.get("stop", ())),
+                ),
+            )
+            for item in self.assignments[rank]
+        ]
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Job":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def request_dict(request: Request) -> dict:
+    p = request.params
+    return {
+        "request_id": request.request_id,
+        "prompt": list(request.prompt),
+        "max_new_tokens": p.max_new_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "stop": list(p.stop_token_ids),
+    }

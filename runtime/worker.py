@@ -1,0 +1,123 @@
+"""One rank of a serving job, started by torchrun: ``python -m torch.distributed.run
+--nproc-per-node N -m adp_pass.runtime.worker JOB.json OUT_DIR``.
+
+The rank builds its own model first (tracing its graph on a fake group needs no peer), then
+joins the job's process group only to line up the start and the end: under attention-DP with a
+replicated MLP nothing is exchanged while it serves its requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from adp_pass.runtime.job import Job
+
+
+def main(job_path: str, out_dir: str) -> None:
+    job = Job.read(job_path)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    log = _logger(rank)
+    log(f"building the rank's model on {device} ({job.dtype})")
+
+    from adp_pass.launch import init_rank
+    from adp_pass.runtime.engine import RankEngine
+    from adp_pass.runtime.prepare import prepare_rank
+
+    built = prepare_rank(
+        job.config(), job.mapping, rank, device=device, dtype=job.torch_dtype,
+        checkpoint=job.checkpoint, num_blocks=job.num_blocks, block_size=job.block_size,
+        max_position=job.max_position, seed=job.seed,
+    )
+    log(f"model ready: {built.counts} in {sum(built.timings.values()):.1f} s")
+    engine = RankEngine(
+        built.model, built.cache, max_batch=job.max_batch, max_position=job.max_position,
+        max_seq_len=job.max_seq_len, cuda_graph_sizes=tuple(job.cuda_graph_sizes) or None,
+        seed=job.seed + rank,
+    )
+    requests = job.requests_for(rank)
+    check = _first_step_check(built, job, requests, device) if job.check_first_step else None
+
+    init_rank()
+    dist.barrier()  # start together, so per-rank throughput is measured over the same window
+    start = time.perf_counter()
+    results = engine.generate(requests)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    log(f"served {len(results)} requests in {wall:.2f} s")
+    stats = engine.stats
+    record = {
+        "rank": rank,
+        "world_size": world_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "requests": len(requests),
+        "wall_s": wall,
+        "prefill_tokens": stats.prefill_tokens,
+        "prefill_s": stats.prefill_s,
+        "decode_steps": stats.decode_steps,
+        "decode_tokens": stats.decode_tokens,
+        "decode_s": stats.decode_s,
+        "decode_tokens_per_s": stats.decode_tokens_per_s,
+        "mean_decode_step_ms": stats.mean_decode_step_ms,
+        "timings": built.timings,
+        "counts": built.counts,
+        "first_step_check": check,
+        "results": [
+            {"request_id": r.request_id, "tokens": r.tokens, "finish_reason": r.finish_reason}
+            for r in results
+        ],
+    }
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _first_step_check(built, job: Job, requests: list, device: torch.device) -> dict | None:
+    """Prefill logits of one prompt against transformers' Qwen3 holding the same tensors."""
+    if not requests:
+        return None
+    from transformers import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        reference = Qwen3ForCausalLM(job.config()).eval()
+    weights = {k: v for k, v in built.model.state_dict().items() if not k.startswith("kv_cache")}
+    reference.load_state_dict(weights, strict=False, assign=True)  # shares the rank's tensors
+    reference.model.rotary_emb = type(reference.model.rotary_emb)(job.config(), device=device)
+    prompt = torch.tensor([requests[0].prompt], device=device)
+    with torch.no_grad():
+        want = reference(input_ids=prompt, use_cache=False).logits[0, -1].float()
+        n = prompt.shape[1]
+        got = built.model(
+            prompt, torch.arange(n, device=device)[None], torch.full((n,), -1, device=device),
+            torch.zeros(1, 1, dtype=torch.int32, device=device),
+            torch.tensor([n], dtype=torch.int32, device=device),
+        )[0][0, -1].float()
+    del reference
+    return {
+        "max_abs_diff": (got - want).abs().max().item(),
+        "max_abs_logit": want.abs().max().item(),
+        "same_argmax": bool(got.argmax() == want.argmax()),
+    }
+
+
+def _logger(rank: int):
+    def log(message: str) -> None:
+        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
