@@ -31,8 +31,10 @@ def hf_tp_source(
     config: Qwen3Config, world_size: int, rank: int, seed: int
 ) -> tuple[torch.nn.Module, dict]:
     """transformers' Qwen3ForCausalLM made TP with its own ``base_model_tp_plan``."""
-    model = build_hf_qwen3(config, seed=seed)
+    model = build_hf_qwen3(config, seed=seed)  # on the CPU: the same weights on every machine
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if torch.cuda.is_available():  # the device mesh follows the parameters' device
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
     return parallelize_hf_qwen3(model, world_size), full_state
 
 

@@ -94,7 +94,8 @@ def _first_step_check(built, job: Job, requests: list, device: torch.device) -> 
         reference = Qwen3ForCausalLM(job.config()).eval()
     weights = {k: v for k, v in built.model.state_dict().items() if not k.startswith("kv_cache")}
     reference.load_state_dict(weights, strict=False, assign=True)  # shares the rank's tensors
-    reference.model.rotary_emb = type(reference.model.rotary_emb)(job.config(), device=device)
+    with torch.device(device):  # inv_freq is not in the state dict: build it for real
+        reference.model.rotary_emb = type(reference.model.rotary_emb)(job.config())
     prompt = torch.tensor([requests[0].prompt], device=device)
     with torch.no_grad():
         want = reference(input_ids=prompt, use_cache=False).logits[0, -1].float()

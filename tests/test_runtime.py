@@ -11,6 +11,8 @@ from adp_pass.runtime.engine import RankEngine, Request
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job
 from adp_pass.runtime.sampling import SamplingParams, sample
 
+GQA_CONFIG = qwen3_config("tiny", num_key_value_heads=2)  # 8 q heads share 2 kv heads
+
 
 def test_greedy_is_argmax_and_top_p_keeps_the_head():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 4.9]])
@@ -58,16 +60,16 @@ def _hf_greedy(config, checkpoint, prompt, new_tokens):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-3-checkpoint")
+    path = tmp_path_factory.mktemp("tiny-gqa-checkpoint")
     torch.manual_seed(0)
-    Qwen3ForCausalLM(qwen3_config("tiny-3")).save_pretrained(path)
+    Qwen3ForCausalLM(GQA_CONFIG).save_pretrained(path)
     return str(path)
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("per_rank", [[3, 0], [1, 2]])
 def test_generation_on_gloo_ranks_matches_transformers(checkpoint, per_rank):
-    config = qwen3_config("tiny-3")
+    config = GQA_CONFIG
     generator = torch.Generator().manual_seed(sum(per_rank))
     lengths = [5, 9, 9][: sum(per_rank)]
     requests = [

@@ -4,6 +4,7 @@ Importing this package registers the ops (and their fake implementations for tra
 See docs/kernels.md for numerics and testing notes.
 """
 
+# adp_pass.runtime (imported first) picks Triton's interpreter when there is no GPU.
 from .add_rms_norm import add_rms_norm
 from .qk_norm_rope import build_cos_sin_cache, qk_norm_rope
 from .rms_norm import rms_norm
