@@ -105,7 +105,8 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
 
     params = _param_specs(gm, sites, mapping.tp_size)
     shape_fixes, views_to_copy, node_values = plan_shape_fixes(
-        gm, sites, {p.name: p.full_shape for p in params}
+        gm, sites, {p.name: p.full_shape for p in params},
+        head_growth=mapping.tp_size // mapping.attn_tp_size if sites else 1,
     )
     plan = Plan(
         mapping=mapping,

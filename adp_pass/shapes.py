@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from adp_pass.patterns.structure import ATTENTION_CORE_OPS
 from adp_pass.plan import ShapeFix, Site
 
 aten = torch.ops.aten
@@ -88,10 +89,16 @@ def _scaled(value: int, factor: sympy.Rational, node: fx.Node) -> int:
 
 class _Walk:
     def __init__(
-        self, gm: fx.GraphModule, sites: list[Site], attr_shapes: dict[str, tuple], fix: bool
+        self,
+        gm: fx.GraphModule,
+        sites: list[Site],
+        attr_shapes: dict[str, tuple],
+        fix: bool,
+        head_growth: int = 1,
     ):
         self.gm = gm
         self.fix = fix
+        self.head_growth = head_growth
         self.attr_shapes = attr_shapes
         self.redirect = {s.replaced: s.replacement for s in sites}
         self.rewire = {(n, i): src for s in sites for n, i, src in s.rewire}
@@ -157,6 +164,14 @@ class _Walk:
         source = node.args[0]
         old_in = list(source.meta["val"].shape)
         new_in = list(args[0].shape)
+        if node.target is aten.expand.default and self.head_growth > 1 and _feeds_attention_bias(node):
+            # The attention mask, broadcast to the local head count for a fused kernel (CUDA's
+            # efficient attention wants [B, H, S, S]): it follows the heads, not its input.
+            sizes = list(args[1])
+            if len(sizes) == 4 and _is_int(sizes[1]) and sizes[1] > 1:
+                self.record(node, 1, 1, sizes[1], sizes[1] * self.head_growth)
+                sizes[1] = self.fixes[-1].new
+                args[1] = sizes
         if all(_same(a, b) for a, b in zip(old_in, new_in)):
             return args
         target = node.target
@@ -229,6 +244,27 @@ class _Dead:
 _DEAD = _Dead()
 
 
+_BIAS_PATH_OPS = VIEW_SIZE_OPS | {aten.expand.default, aten.slice.Tensor, aten._to_copy.default,
+                                  aten.clone.default, aten.contiguous.default}
+
+
+def _feeds_attention_bias(node: fx.Node) -> bool:
+    """Whether ``node`` reaches an attention core as its mask/bias (not as q, k or v)."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            if user.op == "call_function" and user.target in ATTENTION_CORE_OPS:
+                if current in user.args[3:] or current in user.kwargs.values():
+                    return True
+            elif user.op == "call_function" and user.target in _BIAS_PATH_OPS:
+                stack.append(user)
+    return False
+
+
 def _contains_dead(tree: Any) -> bool:
     if isinstance(tree, (list, tuple)):
         return any(_contains_dead(t) for t in tree)
@@ -249,12 +285,12 @@ def _target_name(node: fx.Node) -> str:
 
 
 def plan_shape_fixes(
-    gm: fx.GraphModule, sites: list[Site], attr_shapes: dict[str, tuple]
+    gm: fx.GraphModule, sites: list[Site], attr_shapes: dict[str, tuple], head_growth: int = 1
 ) -> tuple[list[ShapeFix], list[str], dict[str, Any]]:
     """The constants to change so ``gm`` runs with attributes of ``attr_shapes`` once ``sites``
     are removed, the ``view`` nodes that must become ``reshape`` (copy) at full size, and the
     live nodes' values after that."""
-    walk = _Walk(gm, sites, attr_shapes, fix=True)
+    walk = _Walk(gm, sites, attr_shapes, fix=True, head_growth=head_growth)
     env = walk.run()
     live = {name: value for name, value in env.items() if value is not _DEAD}
     return walk.fixes, walk.copies, live

@@ -120,8 +120,14 @@ def _holds_meta_tensors(graph: fx.Graph) -> bool:
     return False
 
 
-def match_value(match, name: str) -> Any:
-    """The fake value (or the Python scalar) bound to pattern argument ``name``."""
+def match_value(match, name: str, default: Any = _MISSING) -> Any:
+    """The fake value (or the Python scalar) bound to pattern argument ``name``.
+
+    torch 2.11 runs ``extra_check`` on a re-traced, specialised match in which scalar wildcards
+    (eps) are literals and not bound: ``default`` stands in for them there.
+    """
+    if name not in match.kwargs and default is not _MISSING:
+        return default
     arg = match.kwargs[name]
     return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
 

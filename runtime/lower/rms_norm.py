@@ -43,7 +43,8 @@ def _replace(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _extra_check(match) -> bool:
-    x, weight, eps = (match_value(match, name) for name in ("x", "weight", "eps"))
+    x, weight = match_value(match, "x"), match_value(match, "weight")
+    eps = match_value(match, "eps", default=0.0)  # a literal already matched on torch 2.11
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return False
     if not isinstance(eps, (int, float)) or x.dim() == 0:
