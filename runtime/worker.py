@@ -97,19 +97,23 @@ def _first_step_check(built, job: Job, requests: list, device: torch.device) -> 
     with torch.device(device):  # inv_freq is not in the state dict: build it for real
         reference.model.rotary_emb = type(reference.model.rotary_emb)(job.config())
     prompt = torch.tensor([requests[0].prompt], device=device)
+    n = prompt.shape[1]
     with torch.no_grad():
         want = reference(input_ids=prompt, use_cache=False).logits[0, -1].float()
-        n = prompt.shape[1]
         got = built.model(
             prompt, torch.arange(n, device=device)[None], torch.full((n,), -1, device=device),
             torch.zeros(1, 1, dtype=torch.int32, device=device),
             torch.tensor([n], dtype=torch.int32, device=device),
         )[0][0, -1].float()
+        # The same weights in fp32: how far either bf16 path is from exact arithmetic.
+        exact = reference.float()(input_ids=prompt, use_cache=False).logits[0, -1]
     del reference
     return {
         "max_abs_diff": (got - want).abs().max().item(),
         "max_abs_logit": want.abs().max().item(),
         "same_argmax": bool(got.argmax() == want.argmax()),
+        "ours_vs_fp32": (got - exact).abs().max().item(),
+        "transformers_vs_fp32": (want - exact).abs().max().item(),
     }
 
 
