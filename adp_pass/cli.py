@@ -1,4 +1,5 @@
-"""``adp`` command line: ``verify`` (parity on real ranks) and ``rewrite`` (one rank's graph)."""
+"""``adp`` command line: ``verify`` (parity on real ranks), ``rewrite`` (one rank's graph),
+``run`` (generation on attention-DP ranks started by torchrun)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--splits", type=_splits, default=None, help="rows per rank, e.g. 1,3")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logits difference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lower", action="store_true", help="also lower to the Triton ops and compare")
 
 
 def _add_rewrite(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +46,56 @@ def _add_rewrite(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-strict", action="store_true", help="list unclassified collectives only")
 
 
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="serve requests on attention-DP ranks started by torchrun (generation)"
+    )
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--checkpoint", default=None, help="Hugging Face checkpoint dir (safetensors)")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--requests", type=int, default=4, help="synthetic requests (random prompts)")
+    p.add_argument("--prompt-len", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--num-blocks", type=int, default=256)
+    p.add_argument("--cuda-graphs", default="1,2,4,8,16,32,64", help="decode batch sizes")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
+    from adp_pass.runtime.sampling import SamplingParams
+
+    vocab = qwen3_config(args.preset).vocab_size
+    if args.checkpoint:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(args.checkpoint).vocab_size
+    params = SamplingParams(args.new_tokens, args.temperature, args.top_p)
+    requests = [
+        replace(r, params=params)
+        for r in synthetic_requests(args.requests, args.prompt_len, args.new_tokens, vocab)
+    ]
+    job = make_job(
+        f"tp={args.world_size},attn_dp=1", assign_by_load(requests, args.world_size),
+        preset=args.preset, checkpoint=args.checkpoint, dtype=args.dtype,
+        num_blocks=args.num_blocks, max_position=args.prompt_len + args.new_tokens + 16,
+        max_seq_len=args.prompt_len + args.new_tokens,
+        cuda_graph_sizes=[int(s) for s in args.cuda_graphs.split(",") if s],
+    )
+    print(f"run: {len(requests)} requests over {args.world_size} ranks (torchrun)", flush=True)
+    report = run_job(job, args.world_size)
+    for rank in report.ranks:
+        for result in rank["results"]:
+            print(f"  rank {rank['rank']} {result['request_id']}: {result['tokens']} "
+                  f"({result['finish_reason']})")
+    print(report)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from adp_pass.verify import verify
 
@@ -56,11 +108,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         seq=args.seq,
         splits=args.splits,
         seed=args.seed,
+        lower_ops=args.lower,
     )
     print(report.plan_text)
     print()
     print(report)
-    ok = max(report.tp_max_abs_diff, report.adp_max_abs_diff) <= args.tolerance
+    diffs = [report.tp_max_abs_diff, report.adp_max_abs_diff]
+    if report.lowered_vs_rewritten_max_abs_diff is not None:
+        diffs.append(report.lowered_vs_rewritten_max_abs_diff)
+    ok = max(diffs) <= args.tolerance
     ok = ok and report.collectives_left == 0
     print(f"{'PASS' if ok else 'FAIL'} (tolerance {args.tolerance:g}, {report.seconds:.1f} s)")
     return 0 if ok else 1
@@ -122,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_verify(sub)
     _add_rewrite(sub)
+    _add_run(sub)
     args = parser.parse_args(argv)
+    commands = {"verify": cmd_verify, "rewrite": cmd_rewrite, "run": cmd_run}
     try:
-        if args.command == "verify":
-            return cmd_verify(args)
-        return cmd_rewrite(args)
+        return commands[args.command](args)
     except MappingError as err:
         print(f"adp: bad mapping: {err}", file=sys.stderr)
         return 2

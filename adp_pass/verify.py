@@ -57,6 +57,8 @@ class ParityReport:
     collectives_left: int
     plan_text: str = field(repr=False, default="")
     seconds: float = 0.0
+    lowered_vs_rewritten_max_abs_diff: float | None = None
+    lower_counts: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return (
@@ -66,11 +68,21 @@ class ParityReport:
             f"  attention-DP graph, each rank its slice  max |logits - transformers| = "
             f"{self.adp_max_abs_diff:.3e}\n"
             f"  sites removed {self.site_counts}, collectives left {self.collectives_left}"
+        ) + (
+            f"\n  lowered to Triton ops {self.lower_counts}: max |lowered - rewritten| = "
+            f"{self.lowered_vs_rewritten_max_abs_diff:.3e}"
+            if self.lowered_vs_rewritten_max_abs_diff is not None
+            else ""
         )
 
 
 def _rank_main(
-    config: Qwen3Config, source: TPSource, ids: torch.Tensor, splits: list[int], seed: int
+    config: Qwen3Config,
+    source: TPSource,
+    ids: torch.Tensor,
+    splits: list[int],
+    seed: int,
+    lower_ops: bool,
 ) -> dict:
     rank, world_size, device = init_rank()
     tp_model, full_state = source(config, world_size, rank, seed)
@@ -87,12 +99,22 @@ def _rank_main(
     mine = ids[start : start + splits[rank]]
     with torch.no_grad():
         adp_logits = gm(mine)[0] if len(mine) else ids.new_zeros((0,))
+    lowered_logits, lower_counts = None, {}
+    if lower_ops:
+        from adp_pass.runtime.lower import lower
+
+        lower(gm)  # in place: RMSNorm, residual + RMSNorm, SiLU*mul, q/k norm + rotary
+        lower_counts = dict(gm.meta["adp_lower_counts"])
+        with torch.no_grad():
+            lowered_logits = gm(mine)[0].cpu() if len(mine) else None
     return {
         "tp_logits": tp_logits.cpu(),
         "adp_logits": adp_logits.cpu(),
         "counts": plan.counts(),
         "collectives_left": len(find_collectives(gm.graph)),
         "plan": plan_text,
+        "lowered_logits": lowered_logits,
+        "lower_counts": lower_counts,
     }
 
 
@@ -105,6 +127,7 @@ def verify(
     splits: list[int] | None = None,
     seed: int = 0,
     source: TPSource = hf_tp_source,
+    lower_ops: bool = False,
     timeout_s: float = 300.0,
 ) -> ParityReport:
     """Run the parity check on ``world_size`` local ranks and return the measured differences."""
@@ -114,12 +137,18 @@ def verify(
         raise ValueError(f"splits {splits} must give each of {world_size} ranks rows of {batch}")
     generator = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
-    results = launch(_rank_main, world_size, config, source, ids, splits, seed, timeout_s=timeout_s)
+    results = launch(
+        _rank_main, world_size, config, source, ids, splits, seed, lower_ops, timeout_s=timeout_s
+    )
     reference = build_hf_qwen3(config, seed=seed)
     with torch.no_grad():
         want = reference(input_ids=ids, use_cache=False).logits
     tp_diff = max((r["tp_logits"] - want).abs().max().item() for r in results)
     adp = torch.cat([r["adp_logits"] for r in results if r["adp_logits"].numel()])
+    lowered_diff = None
+    if lower_ops:
+        lowered = torch.cat([r["lowered_logits"] for r in results if r["lowered_logits"] is not None])
+        lowered_diff = (lowered - adp).abs().max().item()
     return ParityReport(
         world_size=world_size,
         splits=splits,
@@ -129,4 +158,6 @@ def verify(
         collectives_left=max(r["collectives_left"] for r in results),
         plan_text=results[0]["plan"],
         seconds=time.perf_counter() - start,
+        lowered_vs_rewritten_max_abs_diff=lowered_diff,
+        lower_counts=results[0]["lower_counts"],
     )

@@ -84,3 +84,27 @@ def qk_norm_rope_ref(
     q = rms_norm_ref(q, q_weight, eps)
     k = rms_norm_ref(k, k_weight, eps)
     return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+
+
+def patch_interpreter_bf16_rounding(mp) -> None:
+    """Make the Triton interpreter's fp32->bf16 cast round to nearest even, as GPUs do.
+
+    The interpreter (triton 3.x, ``InterpreterBuilder.cast_impl``) truncates fp32->bf16, which
+    would make every bf16 rounding point in the kernels differ from eager and from compiled
+    kernels. ``mp`` is a ``pytest.MonkeyPatch``.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    original = InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = np.array(src.data, dtype=np.float32)
+            rounded = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy()
+            return TensorHandle(rounded.view(np.uint16).reshape(data.shape), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    mp.setattr(InterpreterBuilder, "cast_impl", cast_impl)
+    mp.setattr(InterpreterBuilder, "create_fp_trunc", cast_impl)  # bound directly in some versions

@@ -39,25 +39,8 @@ TOKENS = [1, 3, 17]
 
 @pytest.fixture(autouse=True, scope="module")
 def interpreter_rounds_bf16_to_nearest_even():
-    """Make the Triton interpreter's fp32->bf16 cast round to nearest even, as GPUs do.
-
-    The interpreter (triton 3.x, InterpreterBuilder.cast_impl) truncates fp32->bf16, which would
-    make every bf16 rounding point in the kernels differ from eager and from compiled kernels.
-    """
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    original = InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            data = np.array(src.data, dtype=np.float32)
-            rounded = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy()
-            return TensorHandle(rounded.view(np.uint16).reshape(data.shape), dst_type.scalar)
-        return original(self, src, dst_type)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(InterpreterBuilder, "cast_impl", cast_impl)
-        mp.setattr(InterpreterBuilder, "create_fp_trunc", cast_impl)  # bound directly in some versions
+        ref.patch_interpreter_bf16_rounding(mp)
         yield
 
 
@@ -279,14 +262,25 @@ def test_torch_compile_fullgraph() -> None:
         assert torch.equal(got, want)
 
 
-def test_cpu_tensors_without_interpreter_fail_clearly() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run_rms_norm_in_fresh_process(env: dict) -> subprocess.CompletedProcess:
     code = (
         "import torch; from adp_pass.runtime import kernels as K; "
-        "K.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6)"
+        "print(K.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6).sum().item())"
     )
     cmd = [sys.executable, "-c", code]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cpu_only_machine_picks_the_interpreter_by_itself() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a machine without a GPU, wherever the test runs
+    proc = _run_rms_norm_in_fresh_process(env)
+    assert proc.returncode == 0 and float(proc.stdout.split()[-1]) == pytest.approx(8.0, rel=1e-5)
+
+
+def test_cpu_tensors_with_compiling_triton_fail_clearly() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="0")  # the user asked for compiled kernels
+    proc = _run_rms_norm_in_fresh_process(env)
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
 
 

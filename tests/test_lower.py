@@ -16,7 +16,6 @@ from pathlib import Path
 # Must precede the first triton import (the kernels run on CPU only through the interpreter).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402
@@ -39,6 +38,7 @@ from adp_pass.presets import qwen3_config  # noqa: E402
 from adp_pass.rewrite import rewrite  # noqa: E402
 from adp_pass.runtime.lower import PASS_NAMES, lower  # noqa: E402
 from adp_pass.runtime.lower.qk_norm_rope import CACHE_ATTR, rope_theta_of  # noqa: E402
+from kernel_reference import patch_interpreter_bf16_rounding  # noqa: E402
 
 aten = torch.ops.aten
 ATOL = 1e-4
@@ -328,22 +328,7 @@ def test_parity_with_small_max_position():
 
 @pytest.fixture
 def interpreter_rounds_bf16_to_nearest_even(monkeypatch):
-    """As in tests/test_kernels.py: the Triton interpreter truncates fp32->bf16, GPUs round to
-    nearest even; patch the interpreter's cast so CPU results follow GPU (and eager) semantics."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    original = InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            data = np.array(src.data, dtype=np.float32)
-            rounded = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy()
-            return TensorHandle(rounded.view(np.uint16).reshape(data.shape), dst_type.scalar)
-        return original(self, src, dst_type)
-
-    monkeypatch.setattr(InterpreterBuilder, "cast_impl", cast_impl)
-    monkeypatch.setattr(InterpreterBuilder, "create_fp_trunc", cast_impl)
+    patch_interpreter_bf16_rounding(monkeypatch)
 
 
 @needs_cpu_kernels
