@@ -13,10 +13,8 @@ from pathlib import Path
 # Must precede the first triton import; tests/conftest.py belongs to someone else.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
 import transformers.models.qwen3.modeling_qwen3 as hf_qwen3  # noqa: E402
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 from transformers import Qwen3Config  # noqa: E402
