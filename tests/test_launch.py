@@ -1,0 +1,37 @@
+"""A failed rank ends the job with an error naming it; its peers do not hang."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from adp_pass.launch import RankFailed, init_rank, launch
+
+pytestmark = pytest.mark.multirank
+
+
+def _rank_one_fails_while_rank_zero_waits() -> int:
+    rank, _, _ = init_rank()
+    if rank == 1:
+        raise ValueError("checkpoint shard missing on rank 1")
+    dist.all_reduce(torch.ones(1))  # would wait forever for rank 1 without the launcher/timeout
+    return rank
+
+
+def _ranks_sum() -> float:
+    init_rank()
+    value = torch.ones(1) * (dist.get_rank() + 1)
+    dist.all_reduce(value)
+    return value.item()
+
+
+def test_results_come_back_by_rank():
+    assert launch(_ranks_sum, 3) == [6.0, 6.0, 6.0]
+
+
+def test_failing_rank_is_named_and_the_others_stop():
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match=r"rank 1 failed: .*checkpoint shard missing on rank 1"):
+        launch(_rank_one_fails_while_rank_zero_waits, 2, timeout_s=30)
+    assert time.monotonic() - start < 60
