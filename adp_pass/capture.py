@@ -180,7 +180,8 @@ def _params_as_attributes(
     # Opaque objects (a DeviceMesh, the mesh inside a DTensor) reach AOTAutograd as script
     # objects the graph never reads: drop them and pair what is left with the tensors and sizes.
     placeholders = []
-    for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+    all_placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in all_placeholders:
         if isinstance(node.meta.get("val"), (torch.Tensor, torch.SymInt, int)):
             placeholders.append(node)
         elif node.users:
@@ -230,6 +231,9 @@ def _params_as_attributes(
             raise CaptureError(f"graph input {node.name} has an unsupported value {value!r}")
     for node in sym_nodes:
         _replace_size_placeholder(gm.graph, node, user_nodes)
+    # Where the user inputs sit among the compiled function's arguments (a compile backend
+    # receives every original argument and passes the user inputs on).
+    gm.meta["adp_user_input_positions"] = [all_placeholders.index(n) for n in user_nodes]
     gm.graph.lint()
     gm.recompile()
     return gm, aliases

@@ -1,0 +1,135 @@
+"""``torch.compile(tp_model, backend="adp", options={"mapping": "tp=N,attn_dp=1"})``.
+
+Called on every rank of a running TP job with what dynamo hands a backend. The graph is lowered
+with AOTAutograd (functional collectives), detected and rewritten to attention-DP; the full
+weights are gathered once from the ranks' TP shards. At run time each rank computes only its
+share of the batch rows with no per-layer collective, and one all-gather of the outputs returns
+the whole batch, so the compiled function means what the TP model meant.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from adp_pass.capture import _params_as_attributes
+from adp_pass.detect import detect
+from adp_pass.mapping import Mapping
+from adp_pass.plan import Plan
+from adp_pass.rewrite import rewrite
+
+_KEY = re.compile(r"\['([^']+)'\]")
+
+
+class BackendError(RuntimeError):
+    """The compiled function cannot run as attention-DP."""
+
+
+def _source(placeholder: fx.Node) -> str:
+    source = placeholder.meta["grapharg"].source
+    return source.name if isinstance(source.name, str) else source.name()
+
+
+def _attribute_name(source: str) -> str | None:
+    """``model.layers.0.q_proj.weight`` for a parameter/buffer input, else None."""
+    if "._parameters[" not in source and "._buffers[" not in source:
+        return None
+    return ".".join(_KEY.findall(source)[1:])  # drop the root local (``L['self']``)
+
+
+# An argument of the compiled function itself (``L['input_ids']``, ``L['kwargs']['input_ids']``),
+# not an attribute reached through one.
+_ARGUMENT = re.compile(r"^L(\['[^']+'\]|\[\d+\])+$")
+
+
+def adp_backend(
+    gm: fx.GraphModule, example_inputs: list, options: dict | None = None, **_: Any
+) -> Callable:
+    if not dist.is_initialized():
+        raise BackendError("backend='adp' runs inside a TP job: initialise the process group first")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mapping = Mapping.load((options or {}).get("mapping") or f"tp={world},attn_dp=1")
+    if mapping.world_size != world:
+        raise BackendError(
+            f"mapping {mapping} is for {mapping.world_size} ranks but the job has {world}"
+        )
+    names_by_id: dict[int, list[str]] = {}
+    user_inputs = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        source = _source(node)
+        name = _attribute_name(source)
+        if name is not None:
+            names_by_id[id(value)] = [name]
+        elif isinstance(value, torch.Tensor) and _ARGUMENT.match(source):
+            user_inputs.append(value)
+    batch = [n for n in placeholders if _ARGUMENT.match(_source(n))][:1]
+    if not batch or not isinstance(batch[0].meta["example_value"].shape[0], torch.SymInt):
+        raise BackendError(
+            "backend='adp' splits the batch over the DP ranks, so its size must be dynamic: "
+            "call torch._dynamo.mark_dynamic(input_ids, 0) before the first call, or compile "
+            "with dynamic=True"
+        )
+    def compile_forward(aot_gm: fx.GraphModule, _inputs: list) -> Callable:
+        # AOTAutograd calls this with dynamo's fake mode active; the weights here are real.
+        with unset_fake_temporarily():
+            return _build(aot_gm)
+
+    def _build(aot_gm: fx.GraphModule) -> Callable:
+        module, _ = _params_as_attributes(
+            aot_gm, example_inputs, names_by_id, {n for v in names_by_id.values() for n in v},
+            user_inputs,
+        )
+        module.meta["adp_world_size"], module.meta["adp_rank"] = world, rank
+        positions = module.meta["adp_user_input_positions"]
+        plan = detect(module, mapping)
+        rewrite(module, plan, state_dict=_gather_full_weights(module, plan, world))
+        return make_boxed_func(_RowShare(module, positions, mapping.dp_rank(rank), mapping.dp_size))
+
+    return aot_module_simplified(gm, example_inputs, fw_compiler=compile_forward)
+
+
+def _gather_full_weights(module: fx.GraphModule, plan: Plan, world: int) -> dict:
+    """Every sharded parameter assembled from all ranks' shards (one all-gather each)."""
+    full = {}
+    for spec in plan.params:
+        if spec.layout == "replicated":
+            continue
+        local = module.get_parameter(spec.name).detach().contiguous()
+        shards = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(shards, local)
+        full[spec.name] = spec.assemble(shards)
+    return full
+
+
+class _RowShare:
+    """Run the attention-DP graph on this rank's rows; all-gather the rows of every rank."""
+
+    def __init__(self, module: fx.GraphModule, positions: list[int], dp_rank: int, dp_size: int):
+        self.module, self.positions = module, positions
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __call__(self, *args: Any) -> list[torch.Tensor]:
+        inputs = [args[i] for i in self.positions]
+        batch = inputs[0].shape[0]
+        counts = [len(r) for r in torch.arange(batch).tensor_split(self.dp_size)]
+        start = sum(counts[: self.dp_rank])
+        mine = [t.narrow(0, start, counts[self.dp_rank]) for t in inputs]
+        outputs = self.module(*mine)
+        if len(outputs) != 1:
+            raise BackendError(f"the graph has {len(outputs)} outputs; backend='adp' takes one")
+        local = outputs[0]
+        # Pad to the largest share so one all-gather carries every rank's rows.
+        padded = local.new_zeros((max(counts), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        gathered = torch.empty((self.dp_size * max(counts), *local.shape[1:]), dtype=local.dtype,
+                               device=local.device)
+        dist.all_gather_into_tensor(gathered, padded)
+        rows = gathered.view(self.dp_size, max(counts), *local.shape[1:])
+        return [torch.cat([rows[r, : counts[r]] for r in range(self.dp_size)])]
