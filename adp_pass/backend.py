@@ -60,7 +60,8 @@ def adp_backend(
             f"mapping {mapping} is for {mapping.world_size} ranks but the job has {world}"
         )
     names_by_id: dict[int, list[str]] = {}
-    user_inputs = []
+    user_inputs: list[torch.Tensor] = []
+    batch_sizes = []  # dim 0 of each input as dynamo traced it (SymInt when dynamic)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
         source = _source(node)
@@ -69,20 +70,21 @@ def adp_backend(
             names_by_id[id(value)] = [name]
         elif isinstance(value, torch.Tensor) and _ARGUMENT.match(source):
             user_inputs.append(value)
-    batch = [n for n in placeholders if _ARGUMENT.match(_source(n))][:1]
-    if not batch or not isinstance(batch[0].meta["example_value"].shape[0], torch.SymInt):
+            batch_sizes.append(node.meta["example_value"].shape[0])
+    if not batch_sizes or not isinstance(batch_sizes[0], torch.SymInt):
         raise BackendError(
             "backend='adp' splits the batch over the DP ranks, so its size must be dynamic: "
             "call torch._dynamo.mark_dynamic(input_ids, 0) before the first call, or compile "
             "with dynamic=True"
         )
+
     def compile_forward(aot_gm: fx.GraphModule, _inputs: list) -> Callable:
         # AOTAutograd calls this with dynamo's fake mode active; the weights here are real.
         with unset_fake_temporarily():
             return _build(aot_gm)
 
     def _build(aot_gm: fx.GraphModule) -> Callable:
-        module, _ = _params_as_attributes(
+        module = _params_as_attributes(
             aot_gm, example_inputs, names_by_id, {n for v in names_by_id.values() for n in v},
             user_inputs,
         )

@@ -34,8 +34,6 @@ class CapturedGraph:
     gm: fx.GraphModule
     rank: int
     world_size: int
-    # parameter attribute name in ``gm`` -> every name it has in the source model (tied aliases)
-    param_aliases: dict[str, list[str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -139,7 +137,7 @@ def capture(
         raise CaptureError("torch.compile finished without handing a graph to the backend")
     elapsed = time.perf_counter() - start
 
-    gm, aliases = _params_as_attributes(
+    gm = _params_as_attributes(
         recorded["gm"], recorded["inputs"], names_by_id, state_keys, inputs
     )
     gm.meta["adp_world_size"] = world_size
@@ -148,7 +146,6 @@ def capture(
         gm=gm,
         rank=rank,
         world_size=world_size,
-        param_aliases=aliases,
         timings={"capture_s": elapsed},
     )
 
@@ -174,7 +171,7 @@ def _params_as_attributes(
     names_by_id: dict[int, list[str]],
     state_keys: set[str],
     user_inputs: list[torch.Tensor],
-) -> tuple[fx.GraphModule, dict[str, list[str]]]:
+) -> fx.GraphModule:
     """Turn parameter placeholders into attributes and symbolic-size placeholders into
     ``sym_size`` reads of the user inputs, so the module's only arguments are the inputs."""
     # Opaque objects (a DeviceMesh, the mesh inside a DTensor) reach AOTAutograd as script
@@ -194,7 +191,7 @@ def _params_as_attributes(
             f"graph has {len(placeholders)} inputs but dynamo passed {len(dynamo_inputs)}: a "
             "tensor subclass other than DTensor flattened to several tensors"
         )
-    aliases: dict[str, list[str]] = {}
+    lifted = 0
     user_nodes: list[fx.Node] = []
     sym_nodes: list[fx.Node] = []
     user_ids = {id(t) for t in user_inputs}
@@ -207,7 +204,6 @@ def _params_as_attributes(
                 tensor = torch.nn.Parameter(tensor, requires_grad=False)
             for name in names:  # one object under every alias keeps tied weights tied
                 _set_attr(gm, name, tensor, persistent=name in state_keys)
-            aliases[attr] = names
             with gm.graph.inserting_before(node):
                 getter = gm.graph.get_attr(attr)
             getter.meta = dict(node.meta)
@@ -219,9 +215,8 @@ def _params_as_attributes(
             sym_nodes.append(node)
         elif isinstance(value, torch.Tensor):
             # A tensor dynamo lifted from Python state (not registered on the module).
-            attr = f"_lifted_tensor_{len(aliases)}"
+            attr, lifted = f"_lifted_tensor_{lifted}", lifted + 1
             _set_attr(gm, attr, _local(value), persistent=False)
-            aliases[attr] = []
             with gm.graph.inserting_before(node):
                 getter = gm.graph.get_attr(attr)
             getter.meta = dict(node.meta)
@@ -236,7 +231,7 @@ def _params_as_attributes(
     gm.meta["adp_user_input_positions"] = [all_placeholders.index(n) for n in user_nodes]
     gm.graph.lint()
     gm.recompile()
-    return gm, aliases
+    return gm
 
 
 def _replace_size_placeholder(graph: fx.Graph, node: fx.Node, user_nodes: list[fx.Node]) -> None:

@@ -64,8 +64,6 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
     from adp_pass.runtime.sampling import SamplingParams
 
@@ -75,10 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         vocab = AutoConfig.from_pretrained(args.checkpoint).vocab_size
     params = SamplingParams(args.new_tokens, args.temperature, args.top_p)
-    requests = [
-        replace(r, params=params)
-        for r in synthetic_requests(args.requests, args.prompt_len, args.new_tokens, vocab)
-    ]
+    requests = synthetic_requests(args.requests, args.prompt_len, params, vocab)
     job = make_job(
         f"tp={args.world_size},attn_dp=1", assign_by_load(requests, args.world_size),
         preset=args.preset, checkpoint=args.checkpoint, dtype=args.dtype,
@@ -125,6 +120,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from adp_pass.capture import capture_hf_qwen3
     from adp_pass.detect import detect
+    from adp_pass.report import summarize_graph, write_rewrite_outputs
     from adp_pass.rewrite import rewrite
 
     config = qwen3_config(args.preset)
@@ -136,7 +132,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     captured = capture_hf_qwen3(
         config, world_size=mapping.tp_size, rank=args.rank, meta=args.meta
     )
-    before = _graph_summary(captured.gm)
+    before = summarize_graph(captured.gm)
     before_code = captured.gm.code
     start = time.perf_counter()
     plan = detect(captured.gm, mapping, strict=not args.no_strict)
@@ -158,19 +154,11 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         f"{report.collectives_left} collectives left"
     )
     if args.out is not None:
-        from adp_pass.report import write_rewrite_outputs
-
         paths = write_rewrite_outputs(
-            args.out, plan, before, _graph_summary(gm), before_code, gm.code, timings
+            args.out, plan, before, summarize_graph(gm), before_code, gm.code, timings
         )
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
-
-
-def _graph_summary(gm) -> dict:
-    from adp_pass.report import summarize_graph
-
-    return summarize_graph(gm)
 
 
 def main(argv: list[str] | None = None) -> int:

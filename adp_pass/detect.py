@@ -9,6 +9,7 @@ others would leave a graph that still waits on its peers.
 from __future__ import annotations
 
 import time
+
 import torch
 import torch.fx as fx
 
@@ -77,14 +78,13 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
         else:
             sites.append(site)
     layer_sites = [s for s in sites if s.kind in ("attention_out", "mlp_out")]
-    if not collectives and mapping.tp_size == 1:
-        pass  # a one-rank graph (TP on one rank emits no collective) is already attention-DP
-    elif not collectives:
+    # A one-rank graph (TP on one rank emits no collective) is already attention-DP.
+    if not collectives and mapping.tp_size > 1:
         raise DetectError(
             f"the graph has no collectives but the mapping says tp={mapping.tp_size}: it was "
             "traced without tensor parallelism; trace rank r of the TP job (capture_hf_qwen3)"
         )
-    elif not layer_sites:
+    if collectives and not layer_sites:
         raise DetectError(
             f"no attention or MLP all-reduce site found among {len(collectives)} collectives "
             f"({'; '.join(unclassified) or 'none'}): this is not a TP Qwen3 decoder graph. Each "
@@ -182,5 +182,3 @@ def _alias_table(gm: fx.GraphModule) -> dict[str, list[str]]:
         primary = by_id.setdefault(id(tensor), name)
         table.setdefault(primary, []).append(name)
     return table
-
-

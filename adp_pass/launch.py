@@ -58,16 +58,19 @@ def launch(
     return [results[rank] for rank in range(world_size)]
 
 
+def rank_device() -> torch.device:
+    """This rank's device: its local GPU (made current) or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
 def init_rank() -> tuple[int, int, torch.device]:
     """Join the job's default group (NCCL on GPUs, gloo on CPU); return rank, world, device."""
     timeout = timedelta(seconds=float(os.environ.get("ADP_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device = rank_device()
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device

@@ -7,6 +7,7 @@ diffs, and is unit-tested without a graph. ``str(plan)`` is the report.
 from __future__ import annotations
 
 import json
+import math
 import operator
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -183,8 +184,8 @@ class Plan:
                 f"  {site.kind:<16} {site.collective:<28} {site.group:<6} {site.producer}"
             )
         by_layout = Counter(p.layout for p in self.params)
-        local = sum(_numel(p.local_shape) for p in self.params)
-        full = sum(_numel(p.full_shape) for p in self.params)
+        local = sum(math.prod(p.local_shape) for p in self.params)
+        full = sum(math.prod(p.full_shape) for p in self.params)
         lines += [
             "",
             "  parameters: "
@@ -211,9 +212,3 @@ class Plan:
             lines.append(f"  UNCLASSIFIED {item}")
         return "\n".join(lines)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def write_rewrite_outputs(
 
 
 def plot_before_after(path: Path, plan: Plan, before: dict, after: dict) -> Path:
-    """Two panels: graph ops by category, and per-layer collectives, before vs after."""
+    """Two panels: graph ops by category, and parameter elements per rank by TP layout,
+    before vs after."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,8 +90,8 @@ def plot_before_after(path: Path, plan: Plan, before: dict, after: dict) -> Path
     layouts = ("column", "row", "vocab", "replicated")
     bottom = [0.0, 0.0]
     for layout in layouts:
-        local = sum(_numel(p.local_shape) for p in plan.params if p.layout == layout) / 1e6
-        full = sum(_numel(p.full_shape) for p in plan.params if p.layout == layout) / 1e6
+        local = sum(math.prod(p.local_shape) for p in plan.params if p.layout == layout) / 1e6
+        full = sum(math.prod(p.full_shape) for p in plan.params if p.layout == layout) / 1e6
         if local or full:
             layer_ax.bar(["TP shard", "attention-DP"], [local, full], 0.5, bottom=bottom,
                          label=layout)
@@ -102,9 +104,3 @@ def plot_before_after(path: Path, plan: Plan, before: dict, after: dict) -> Path
     plt.close(fig)
     return path
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n

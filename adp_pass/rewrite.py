@@ -124,7 +124,7 @@ def _swap_parameters(
             local, torch.nn.Parameter
         ) else full
         for alias in spec.aliases:
-            owner, leaf = _owner(gm, alias)
+            owner, leaf = owner_of(gm, alias)
             if isinstance(new, torch.nn.Parameter):
                 owner.register_parameter(leaf, new)
             else:
@@ -134,11 +134,12 @@ def _swap_parameters(
 
 
 def _is_param(gm: fx.GraphModule, name: str) -> bool:
-    owner, leaf = _owner(gm, name)
+    owner, leaf = owner_of(gm, name)
     return leaf in owner._parameters
 
 
-def _owner(gm: fx.GraphModule, dotted: str) -> tuple[torch.nn.Module, str]:
+def owner_of(gm: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
+    """The submodule holding attribute ``dotted`` and the attribute's own name."""
     path, _, leaf = dotted.rpartition(".")
     return (gm.get_submodule(path) if path else gm), leaf
 
@@ -160,6 +161,6 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     except parameters and persistent buffers, which belong to the model's state dict."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_buffers()):
-        owner, leaf = _owner(gm, name)
+        owner, leaf = owner_of(gm, name)
         if name not in used and leaf in owner._non_persistent_buffers_set:
             delattr(owner, leaf)

@@ -22,6 +22,7 @@ import torch
 
 from adp_pass.presets import qwen3_config
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
+from adp_pass.runtime.sampling import SamplingParams
 
 
 def main() -> None:
@@ -39,7 +40,8 @@ def main() -> None:
 
     config = qwen3_config(args.preset)
     count = args.requests_per_rank * args.world_size
-    requests = synthetic_requests(count, args.prompt_len, args.new_tokens, config.vocab_size)
+    params = SamplingParams(max_new_tokens=args.new_tokens)
+    requests = synthetic_requests(count, args.prompt_len, params, config.vocab_size)
     seq_len = args.prompt_len + args.new_tokens
     blocks_per_seq = -(-seq_len // args.block_size)
     job = make_job(

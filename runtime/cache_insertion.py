@@ -28,6 +28,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicC
 
 from adp_pass.patterns.structure import ATTENTION_CORE_OPS, SOFTMAX_OPS, is_op
 from adp_pass.runtime.kernels import cached_attention as _cached_attention  # noqa: F401  (registers the op)
+from adp_pass.runtime.lower.graph_utils import call, fake_value, same_size
 
 aten = torch.ops.aten
 CACHED_ATTENTION = torch.ops.adp.cached_attention.default
@@ -109,11 +110,11 @@ def insert_kv_cache(
             caches.append(attr)
         tables = (inputs["slot_mapping"], inputs["block_tables"], inputs["context_lens"])
         with graph.inserting_before(site.core):
-            new = _call(graph, mode, CACHED_ATTENTION, site.q, site.k, site.v, *caches, *tables, site.scale)
+            new = call(graph, CACHED_ATTENTION, site.q, site.k, site.v, *caches, *tables, site.scale)
         site.replace_with(new)
 
     graph.eliminate_dead_code()
-    _refresh_meta(graph, mode, inputs["positions"])
+    _refresh_meta(graph, inputs["positions"])
     graph.lint()
     gm.recompile()
     gm.meta["adp_cache_counts"] = {"attention_cores": len(sites), "position_ids": len(position_ids)}
@@ -142,7 +143,7 @@ class _Site:
         self.q = core.args[0]
         self.q_val = self.q.meta["val"]
         shape = self.q_val.shape
-        if len(shape) != 4 or not (_same(shape[0], batch) and _same(shape[2], seq)):
+        if len(shape) != 4 or not (same_size(shape[0], batch) and same_size(shape[2], seq)):
             raise CacheInsertionError(f"{core.name}: q {tuple(self.q_val.shape)} is not [B, H, S, D]")
         q_heads, self.head_dim = shape[1], shape[3]
         self.k = _before_repeat_kv(core.args[1], self.q_val)
@@ -231,7 +232,7 @@ def _is_position_ids(val: Any, batch: Any, seq: Any) -> bool:
         return False
     if val.dtype.is_floating_point or val.dtype == torch.bool:
         return False
-    return _same(val.shape[1], seq) and (_same(val.shape[0], 1) or _same(val.shape[0], batch))
+    return same_size(val.shape[1], seq) and (same_size(val.shape[0], 1) or same_size(val.shape[0], batch))
 
 
 def _before_repeat_kv(node: fx.Node, q_val: torch.Tensor) -> fx.Node:
@@ -286,26 +287,14 @@ def _add_inputs(graph: fx.Graph, input_ids: fx.Node, mode: Any, width_hint: int)
     return nodes
 
 
-def _call(graph: fx.Graph, mode: Any, target: Any, *args: Any) -> fx.Node:
-    node = graph.call_function(target, args)
-    node.meta["val"] = _fake_value(node, mode)
-    return node
-
-
-def _fake_value(node: fx.Node, mode: Any) -> Any:
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
-    with mode:
-        return node.target(*args, **kwargs)
-
-
-def _refresh_meta(graph: fx.Graph, mode: Any, root: fx.Node) -> None:
+def _refresh_meta(graph: fx.Graph, root: fx.Node) -> None:
     """Recompute ``meta["val"]`` downstream of ``root`` while values change: [B, S] positions
     in place of [1, S] position ids widen the rotary's cos/sin until they broadcast into q/k."""
     changed = {root}
     for node in graph.nodes:
         if node.op != "call_function" or not changed.intersection(node.all_input_nodes):
             continue
-        old, node.meta["val"] = node.meta.get("val"), _fake_value(node, mode)
+        old, node.meta["val"] = node.meta.get("val"), fake_value(node)
         if not _same_values(old, node.meta["val"]):
             changed.add(node)
 
@@ -320,16 +309,8 @@ def _same_values(a: Any, b: Any) -> bool:
         )
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
-    return _same(a, b)
+    return same_size(a, b)
 
 
 def _same_dims(a, b, dims) -> bool:
-    return all(_same(a[d], b[d]) for d in dims)
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Provably equal sizes; never adds a guard to the shape environment."""
-    try:
-        return bool(statically_known_true(a == b))
-    except TypeError:
-        return False
+    return all(same_size(a[d], b[d]) for d in dims)

@@ -34,11 +34,11 @@ def assign_by_load(requests: list[Request], dp_size: int) -> list[list[Request]]
 
 
 def synthetic_requests(
-    count: int, prompt_len: int, max_new_tokens: int, vocab_size: int, seed: int = 0
+    count: int, prompt_len: int, params: SamplingParams, vocab_size: int, seed: int = 0
 ) -> list[Request]:
+    """Random prompts (seeded), all with the same sampling parameters."""
     generator = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, vocab_size, (count, prompt_len), generator=generator)
-    params = SamplingParams(max_new_tokens=max_new_tokens)
     return [Request(f"req-{i}", prompts[i].tolist(), params) for i in range(count)]
 
 

@@ -24,6 +24,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from adp_pass.plan import ParamSpec, Plan
+from adp_pass.rewrite import owner_of
 from adp_pass.runtime.kv_cache import PagedKVCache
 
 _GIB = 1024**3
@@ -338,7 +339,7 @@ def _split_specs(gm: torch.nn.Module, plan: Plan) -> tuple[list[ParamSpec], list
     """(parameters and persistent buffers, non-persistent buffers such as rotary inv_freq)."""
     stored, derived = [], []
     for spec in plan.params:
-        owner, leaf = _owner(gm, spec.name)
+        owner, leaf = owner_of(gm, spec.name)
         (derived if leaf in owner._non_persistent_buffers_set else stored).append(spec)
     return stored, derived
 
@@ -379,7 +380,7 @@ def _put(gm: torch.nn.Module, spec: ParamSpec, value: torch.Tensor, device, dtyp
     if isinstance(current, torch.nn.Parameter):
         new = torch.nn.Parameter(new, requires_grad=False)
     for alias in spec.aliases:  # one object under every name keeps tied weights tied
-        owner, leaf = _owner(gm, alias)
+        owner, leaf = owner_of(gm, alias)
         if isinstance(new, torch.nn.Parameter):
             owner.register_parameter(leaf, new)
         else:
@@ -400,13 +401,8 @@ def _wants_shard(spec: ParamSpec, shape: tuple[int, ...]) -> bool:
 
 
 def _get(gm: torch.nn.Module, name: str) -> torch.Tensor:
-    owner, leaf = _owner(gm, name)
+    owner, leaf = owner_of(gm, name)
     return getattr(owner, leaf)
-
-
-def _owner(gm: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
-    path, _, leaf = dotted.rpartition(".")
-    return (gm.get_submodule(path) if path else gm), leaf
 
 
 def _target(current: torch.Tensor, device, dtype) -> tuple[torch.device, torch.dtype]:

@@ -17,26 +17,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from adp_pass.launch import init_rank, rank_device
 from adp_pass.runtime.job import Job
 
 
 def main(job_path: str, out_dir: str) -> None:
     job = Job.read(job_path)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = rank_device()
+    config = job.config()
     log = _logger(rank)
     log(f"building the rank's model on {device} ({job.dtype})")
 
-    from adp_pass.launch import init_rank
     from adp_pass.runtime.engine import RankEngine
     from adp_pass.runtime.prepare import prepare_rank
 
     built = prepare_rank(
-        job.config(), job.mapping, rank, device=device, dtype=job.torch_dtype,
+        config, job.mapping, rank, device=device, dtype=job.torch_dtype,
         checkpoint=job.checkpoint, num_blocks=job.num_blocks, block_size=job.block_size,
         max_position=job.max_position, seed=job.seed,
     )
@@ -47,7 +44,7 @@ def main(job_path: str, out_dir: str) -> None:
         seed=job.seed + rank,
     )
     requests = job.requests_for(rank)
-    check = _first_step_check(built, job, requests, device) if job.check_first_step else None
+    check = _first_step_check(built, config, requests, device) if job.check_first_step else None
 
     init_rank()
     dist.barrier()  # start together, so per-rank throughput is measured over the same window
@@ -84,18 +81,18 @@ def main(job_path: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _first_step_check(built, job: Job, requests: list, device: torch.device) -> dict | None:
+def _first_step_check(built, config, requests: list, device: torch.device) -> dict | None:
     """Prefill logits of one prompt against transformers' Qwen3 holding the same tensors."""
     if not requests:
         return None
     from transformers import Qwen3ForCausalLM
 
     with torch.device("meta"):
-        reference = Qwen3ForCausalLM(job.config()).eval()
+        reference = Qwen3ForCausalLM(config).eval()
     weights = {k: v for k, v in built.model.state_dict().items() if not k.startswith("kv_cache")}
     reference.load_state_dict(weights, strict=False, assign=True)  # shares the rank's tensors
     with torch.device(device):  # inv_freq is not in the state dict: build it for real
-        reference.model.rotary_emb = type(reference.model.rotary_emb)(job.config())
+        reference.model.rotary_emb = type(reference.model.rotary_emb)(config)
     prompt = torch.tensor([requests[0].prompt], device=device)
     n = prompt.shape[1]
     with torch.no_grad():
