@@ -91,7 +91,7 @@ def adp_backend(
         module.meta["adp_world_size"], module.meta["adp_rank"] = world, rank
         positions = module.meta["adp_user_input_positions"]
         plan = detect(module, mapping)
-        rewrite(module, plan, state_dict=_gather_full_weights(module, plan, world))
+        module = rewrite(module, plan, state_dict=_gather_full_weights(module, plan, world))
         return make_boxed_func(_RowShare(module, positions, mapping.dp_rank(rank), mapping.dp_size))
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=compile_forward)

@@ -203,7 +203,7 @@ def _params_as_attributes(
             if isinstance(value, torch.nn.Parameter):
                 tensor = torch.nn.Parameter(tensor, requires_grad=False)
             for name in names:  # one object under every alias keeps tied weights tied
-                _set_attr(gm, name, tensor, persistent=name in state_keys)
+                set_attr(gm, name, tensor, persistent=name in state_keys)
             with gm.graph.inserting_before(node):
                 getter = gm.graph.get_attr(attr)
             getter.meta = dict(node.meta)
@@ -216,7 +216,7 @@ def _params_as_attributes(
         elif isinstance(value, torch.Tensor):
             # A tensor dynamo lifted from Python state (not registered on the module).
             attr, lifted = f"_lifted_tensor_{lifted}", lifted + 1
-            _set_attr(gm, attr, _local(value), persistent=False)
+            set_attr(gm, attr, _local(value), persistent=False)
             with gm.graph.inserting_before(node):
                 getter = gm.graph.get_attr(attr)
             getter.meta = dict(node.meta)
@@ -249,7 +249,7 @@ def _replace_size_placeholder(graph: fx.Graph, node: fx.Node, user_nodes: list[f
     raise CaptureError(f"size input {node.name}={symbol} is not a dimension of any input")
 
 
-def _set_attr(
+def set_attr(
     root: torch.nn.Module, dotted: str, tensor: torch.Tensor, persistent: bool
 ) -> None:
     *path, leaf = dotted.split(".")

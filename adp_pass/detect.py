@@ -21,7 +21,7 @@ from adp_pass.patterns.structure import (
     annotate_positions,
     is_op,
 )
-from adp_pass.plan import ParamSpec, Plan, ShardedWeight, Site
+from adp_pass.plan import ParamSpec, Plan, ShardedWeight, Site, graph_fingerprint
 from adp_pass.shapes import plan_shape_fixes
 
 
@@ -58,6 +58,10 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
         raise MappingError(
             f"mapping {mapping} does not enable attention-DP, so there is nothing to rewrite; "
             "set attn_dp=1"
+        )
+    if gm.meta.get("adp_rewritten"):
+        raise DetectError(
+            "this graph is already rewritten (attention-DP form); detect the captured TP graph"
         )
     annotate_positions(gm.graph)
     collectives = find_collectives(gm.graph)
@@ -103,10 +107,11 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
             "these): " + "; ".join(unclassified) + ". Pass strict=False to list them only"
         )
 
-    params = _param_specs(gm, sites, mapping.tp_size)
-    shape_fixes, views_to_copy, node_values = plan_shape_fixes(
-        gm, sites, {p.name: p.full_shape for p in params},
-        head_growth=mapping.tp_size // mapping.attn_tp_size if sites else 1,
+    claims = _weight_claims(sites)
+    params = _param_specs(gm, claims, mapping.tp_size)
+    # Attention-DP with replicated weights: every sharded dim becomes tp times larger.
+    shape_fixes, views_to_copy, node_values, layouts = plan_shape_fixes(
+        gm, sites, claims, {p.name: p.full_shape for p in params}, growth=mapping.tp_size
     )
     plan = Plan(
         mapping=mapping,
@@ -117,12 +122,15 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
         views_to_copy=views_to_copy,
         unclassified=unclassified,
         node_values=node_values,
+        node_layouts=layouts,
+        fingerprint=graph_fingerprint(gm),
     )
     gm.meta["adp_detect_s"] = time.perf_counter() - start
     return plan
 
 
-def _param_specs(gm: fx.GraphModule, sites: list[Site], tp_size: int) -> list[ParamSpec]:
+def _weight_claims(sites: list[Site]) -> dict[str, ShardedWeight]:
+    """How each sharded weight is split, as the sites that use it say; one way only."""
     claims: dict[str, ShardedWeight] = {}
     for site in sites:
         for weight in site.weights:
@@ -132,6 +140,12 @@ def _param_specs(gm: fx.GraphModule, sites: list[Site], tp_size: int) -> list[Pa
                     f"{weight.attr} is used as {previous.layout} (dim {previous.dim}) and as "
                     f"{weight.layout} (dim {weight.dim}); a weight can be sharded only one way"
                 )
+    return claims
+
+
+def _param_specs(
+    gm: fx.GraphModule, claims: dict[str, ShardedWeight], tp_size: int
+) -> list[ParamSpec]:
     aliases = _alias_table(gm)
     specs = []
     for name, tensor in _named_tensors(gm):

@@ -6,6 +6,7 @@ diffs, and is unit-tested without a graph. ``str(plan)`` is the report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import operator
@@ -117,21 +118,37 @@ class ShapeFix:
     multiply: bool = False
 
     def apply(self, graph: fx.Graph, nodes: dict[str, fx.Node]) -> None:
+        """Change the node in ``graph`` (a size multiplied by a new ``mul`` node)."""
         node = nodes[self.node]
-        args = list(node.args)
+
+        def multiply(current: fx.Node) -> fx.Node:
+            with graph.inserting_before(node):
+                return graph.call_function(operator.mul, (current, self.new))
+
+        node.args = tuple(self._fixed(list(node.args), multiply))
+
+    def apply_to_values(self, args: list) -> list:
+        """The same change on argument values (ints, SymInts, lists of them)."""
+        return self._fixed(list(args), lambda current: current * self.new)
+
+    def _fixed(self, args: list, multiply) -> list:
         values = list(args[self.arg]) if self.index is not None else None
         current = values[self.index] if values is not None else args[self.arg]
-        if self.multiply:
-            with graph.inserting_before(node):
-                value = graph.call_function(operator.mul, (current, self.new))
-        else:
-            value = self.new
+        value = multiply(current) if self.multiply else self.new
         if values is None:
             args[self.arg] = value
         else:
             values[self.index] = value
             args[self.arg] = values
-        node.args = tuple(args)
+        return args
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """A digest of the graph's nodes and its attributes' shapes: what a plan was made for."""
+    digest = hashlib.sha256(str(gm.graph).encode())
+    for name, tensor in (*gm.named_parameters(), *gm.named_buffers()):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -146,6 +163,11 @@ class Plan:
     # Fake values of every node after the rewrite, from detect's walk: lets rewrite refresh
     # node metadata without walking the graph again. Not part of the plan's data.
     node_values: dict = field(default_factory=dict, repr=False, compare=False)
+    # Each live node's layout (adp_pass.sharding.Layout): which dims grew. Lets rewrite's
+    # self-check take rank r's part of a full value. Not part of the plan's data either.
+    node_layouts: dict = field(default_factory=dict, repr=False, compare=False)
+    # graph_fingerprint() of the graph detect read: rewrite refuses any other graph.
+    fingerprint: str = ""
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(site.kind for site in self.sites))
@@ -164,6 +186,7 @@ class Plan:
             "shape_fixes": [asdict(f) for f in self.shape_fixes],
             "views_to_copy": self.views_to_copy,
             "unclassified": self.unclassified,
+            "fingerprint": self.fingerprint,
         }
 
     def to_json(self) -> str:

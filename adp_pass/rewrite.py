@@ -1,8 +1,11 @@
-"""Rewrite: execute a plan on the graph.
+"""Rewrite: execute a plan, returning a new module; the caller's graph is never touched.
 
-Steps, each counted in the report: remove the sites' collectives, fix the shape constants,
-swap every sharded parameter for a full one (registered under every name it has in the
-unsharded model, so the original state dict loads with ``strict=True``), drop dead code.
+Order: check that the plan belongs to this graph (its fingerprint) and that the state dict
+fits, run the numeric self-check on the original graph (when weights are given), then copy the
+graph and, on the copy: remove the sites' collectives, fix the shape constants, swap every
+sharded parameter for a full one (registered under every name it has in the unsharded model,
+so the original state dict loads with ``strict=True``), drop dead code. Last, the finished
+module's shapes are propagated once more and its outputs must keep their shapes.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.fx as fx
 
-from adp_pass.detect import find_collectives
+from adp_pass.capture import set_attr
 from adp_pass.patterns.structure import COLLECTIVE_OPS, WAIT_OPS, is_op
-from adp_pass.plan import Plan
+from adp_pass.plan import Plan, graph_fingerprint
 from adp_pass.shapes import propagate_shapes
 
 
@@ -32,6 +35,7 @@ class RewriteReport:
     nodes_removed: int
     collectives_left: int
     seconds: float
+    self_check: str = "skipped"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,29 +45,30 @@ def rewrite(
     gm: fx.GraphModule,
     plan: Plan,
     state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    self_check: bool = True,
 ) -> fx.GraphModule:
-    """Turn ``gm`` (as ``detect`` saw it) into its attention-DP form, in place.
+    """A new module: ``gm`` (as ``detect`` saw it) in attention-DP form. ``gm`` is unchanged.
 
     Full parameters come from ``state_dict`` (the unsharded model's) when given; otherwise they
     are uninitialised tensors of the full shape on the local shard's device (use
-    ``load_state_dict`` afterwards). The report is ``gm.meta["adp_report"]``.
+    ``load_state_dict`` afterwards). With ``self_check`` (the default), a given state dict also
+    drives a numeric check of the first layer (see :mod:`adp_pass.self_check`), and the result's
+    output shapes are checked. The report is ``result.meta["adp_report"]``.
     """
-    start = time.perf_counter()
-    graph = gm.graph
-    nodes_before = len(graph.nodes)
-    names = {n.name for n in graph.nodes}
-    missing = [
-        name
-        for site in plan.sites
-        for name in (site.collective, site.replaced, site.replacement)
-        if name not in names
-    ] + [n for n in [f.node for f in plan.shape_fixes] + plan.views_to_copy if n not in names]
-    if missing:
-        raise RewriteError(
-            f"the plan names nodes the graph does not have ({missing[:5]}...): it was made for "
-            "another graph; run detect on this one"
-        )
+    from adp_pass.self_check import check_numerics
 
+    start = time.perf_counter()
+    _check_plan_fits(gm, plan)
+    if state_dict is not None:
+        _check_state_dict(plan, state_dict)
+    check_text = "skipped (--no-self-check)" if not self_check else "shapes"
+    if self_check and state_dict is not None:
+        check_text = check_numerics(gm, plan, state_dict).summary()
+
+    new = _copy_module(gm)
+    graph = new.graph
+    nodes_before = len(graph.nodes)
     for site in plan.sites:
         site.remove(graph)
     nodes = {n.name: n for n in graph.nodes}
@@ -71,33 +76,112 @@ def rewrite(
         fix.apply(graph, nodes)
     for name in plan.views_to_copy:
         nodes[name].target = torch.ops.aten.reshape.default
-    replaced = _swap_parameters(gm, plan, state_dict)
+    replaced = _swap_parameters(new, plan, state_dict)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
-    gm.recompile()
-    _drop_unused_attributes(gm)
+    new.recompile()
+    _drop_unused_attributes(new)
 
-    if plan.node_values:  # detect already propagated the full shapes
+    if plan.node_values and not self_check:  # detect already propagated the full shapes
         for node in graph.nodes:
             if node.name in plan.node_values:
                 node.meta["val"] = plan.node_values[node.name]
             elif node.target is operator.mul and node.op == "call_function":  # a size fix
                 node.meta["val"] = operator.mul(*fx.node.map_arg(node.args, _meta_val))
-    else:  # a plan read back from JSON: walk the graph once more
-        env = propagate_shapes(gm)
+    else:  # walk the finished graph once more, independently of detect's walk
+        env = propagate_shapes(new)
         for node in graph.nodes:
             if node.op != "output":
                 node.meta["val"] = env[node.name]
-    left = len(find_collectives(graph))
-    gm.meta["adp_report"] = RewriteReport(
+        if self_check:
+            _check_outputs(gm, new)
+    left = sum(is_op(n, COLLECTIVE_OPS) for n in graph.nodes)
+    new.meta["adp_rewritten"] = plan.fingerprint or True
+    new.meta["adp_report"] = RewriteReport(
         sites_removed=len(plan.sites),
         shape_constants_fixed=len(plan.shape_fixes),
         params_replaced=replaced,
         nodes_removed=nodes_before - len(graph.nodes),
         collectives_left=left,
         seconds=time.perf_counter() - start,
+        self_check=check_text,
     )
-    return gm
+    return new
+
+
+def _check_plan_fits(gm: fx.GraphModule, plan: Plan) -> None:
+    if gm.meta.get("adp_rewritten"):
+        raise RewriteError(
+            "this graph is already rewritten (attention-DP form); rewrite the captured TP "
+            "graph, not the result of rewrite()"
+        )
+    if plan.fingerprint and plan.fingerprint != graph_fingerprint(gm):
+        raise RewriteError(
+            "the plan was made for another graph (its fingerprint does not match this one); "
+            "run detect() on this graph and rewrite with that plan"
+        )
+    names = {n.name for n in gm.graph.nodes}
+    missing = [
+        name
+        for site in plan.sites
+        for name in (site.collective, site.replaced, site.replacement)
+        if name not in names
+    ] + [n for n in [f.node for f in plan.shape_fixes] + plan.views_to_copy if n not in names]
+    attrs = {name for name, _ in (*gm.named_parameters(), *gm.named_buffers())}
+    missing += [p.name for p in plan.params if p.name not in attrs]
+    if missing:
+        raise RewriteError(
+            f"the plan names nodes or parameters the graph does not have ({missing[:5]}): it "
+            "was made for another graph; run detect() on this one"
+        )
+
+
+def _check_state_dict(plan: Plan, state_dict: dict[str, torch.Tensor]) -> None:
+    for spec in plan.params:
+        full = state_dict.get(spec.name)
+        if full is None or tuple(full.shape) == spec.full_shape:
+            continue
+        hint = ""
+        if spec.dim is not None and full.dim() == len(spec.full_shape) and \
+                full.shape[spec.dim] < spec.full_shape[spec.dim]:
+            hint = (f"; the unsharded tensor is smaller than {plan.mapping.tp_size} local shards, so "
+                    "the TP source replicates parts of it over ranks (e.g. kv heads when tp > "
+                    "num_key_value_heads), which attention-DP cannot regroup: use a tp that "
+                    "divides the kv heads")
+        raise RewriteError(
+            f"state dict tensor {spec.name} has shape {list(full.shape)}, expected "
+            f"{list(spec.full_shape)} (tp x its local shard {list(spec.local_shape)}){hint}"
+        )
+
+
+def _check_outputs(before: fx.GraphModule, after: fx.GraphModule) -> None:
+    """The rewritten module returns what the TP graph returned: same shapes."""
+    def shapes(gm: fx.GraphModule) -> list:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        values = []
+        fx.node.map_arg(output.args, lambda n: values.append(n.meta.get("val")))
+        return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in values]
+
+    want, have = shapes(before), shapes(after)
+    if [tuple(map(str, s or ())) for s in want] != [tuple(map(str, s or ())) for s in have]:
+        raise RewriteError(
+            f"self-check: the rewritten graph returns shapes {have}, the TP graph {want}"
+        )
+
+
+def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph, sharing its tensors (same names)."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    new = fx.GraphModule(gm, graph)
+    for name, tensor in (*gm.named_parameters(remove_duplicate=False),
+                         *gm.named_buffers(remove_duplicate=False)):
+        owner, leaf = owner_of(gm, name)
+        persistent = leaf not in getattr(owner, "_non_persistent_buffers_set", ())
+        set_attr(new, name, tensor, persistent)
+    new.meta = dict(gm.meta)
+    return new
 
 
 def _swap_parameters(
@@ -106,16 +190,8 @@ def _swap_parameters(
     count = 0
     for spec in plan.params:
         local = gm.get_parameter(spec.name) if _is_param(gm, spec.name) else gm.get_buffer(spec.name)
-        if spec.layout == "replicated" and state_dict is None:
-            continue
         if state_dict is not None and spec.name in state_dict:
-            full = state_dict[spec.name]
-            if tuple(full.shape) != spec.full_shape:
-                raise RewriteError(
-                    f"state dict tensor {spec.name} has shape {list(full.shape)}, expected "
-                    f"{list(spec.full_shape)} (the unsharded model's)"
-                )
-            full = full.to(device=local.device, dtype=local.dtype)
+            full = state_dict[spec.name].to(device=local.device, dtype=local.dtype)
         elif spec.layout == "replicated":
             continue
         else:

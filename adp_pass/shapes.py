@@ -1,15 +1,14 @@
-"""Find the integer constants that held per-rank sizes, by propagating the full shapes.
+"""Shape constants to fix, derived from the sharding, then proven on fake tensors.
 
-The walk runs the graph on fake tensors as it will be after the rewrite (full parameters, sites
-removed). Where a shape-taking op's input grew, the op's size arguments are scaled to match:
-
-* ``view`` / ``reshape``: input and output dims are grouped by equal running products (on the
-  old, symbolic shapes); a grown group scales its outermost non-1 output size (heads before
-  head_dim), unless the group holds a ``-1``.
-* ``expand``: a non-broadcast size that equalled the old input dim takes the new input dim.
-* ``split`` / ``split_with_sizes`` / ``slice`` / ``narrow`` along a grown dim: scaled alike.
-
-Anything else must run unchanged on the bigger tensors; if it does not, the error names the node.
+1. :class:`~adp_pass.sharding.ShardingAnalysis` follows the sharded axis from the sharded
+   parameters through the graph: every live node gets a layout (which dims grow, in which
+   rank blocks), or the graph is refused with a :class:`ShapeFixError` naming the node.
+2. A size argument changes only where the layout says its output dim grows: a ``view`` /
+   ``reshape`` / ``expand`` size of that dim (a constant is multiplied by the growth; ``-1``
+   stays; a symbolic size gets a ``mul`` node), a ``split`` size or ``slice`` bound along a
+   grown dim. No constant is changed because it merely looks like a per-rank count.
+3. The graph is then run on fake tensors with the full parameters and the fixed sizes, and
+   every node's shape must equal the predicted one (its old shape, grown dims times growth).
 """
 
 from __future__ import annotations
@@ -17,112 +16,100 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import sympy
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from adp_pass.patterns.structure import ATTENTION_CORE_OPS
-from adp_pass.plan import ShapeFix, Site
+from adp_pass.plan import ShapeFix, ShardedWeight, Site
+from adp_pass.sharding import (
+    INT_MAX,
+    SLICE_OPS,
+    SPLIT_OPS,
+    VIEW_SIZE_OPS,
+    Layout,
+    ShapeFixError,
+    ShardingAnalysis,
+    _expr,
+    grown_shape,
+)
 
 aten = torch.ops.aten
 
-VIEW_SIZE_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default}
-_SIZED_OPS = VIEW_SIZE_OPS | SPLIT_OPS | {aten.expand.default, aten.slice.Tensor, aten.narrow.default}
-_INT_MAX = 2**62
+__all__ = ["ShapeFixError", "plan_shape_fixes", "propagate_shapes", "fixed_args"]
 
 
-class ShapeFixError(RuntimeError):
-    """A node whose shapes cannot be made consistent with the full parameters."""
+def fixed_args(
+    node: fx.Node, args: list, layouts: dict[str, Any], growth: int
+) -> tuple[list, list[ShapeFix]]:
+    """``node``'s argument values with the per-rank sizes of grown dims scaled, and the fixes.
 
+    ``args`` are values (fake or real tensors, ints, SymInts) in the order of ``node.args``.
+    """
+    target, fixes = node.target, []
+    layout = layouts.get(node.name)
 
-def _expr(size: Any) -> sympy.Expr:
-    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+    def fix(arg: int, index: int | None, old: Any, new_value: Any, multiply: bool = False):
+        new = growth if multiply else int(old) * growth
+        fixes.append(ShapeFix(node.name, _target_name(node), arg, index,
+                              1 if multiply else int(old), new, multiply))
+        return new_value
 
-
-def _same(a: Any, b: Any) -> bool:
-    return _expr(a) == _expr(b)
-
-
-def _view_groups(old_in: list, old_out: list) -> list[tuple[list[int], list[int]]]:
-    """Pair runs of input and output dims whose products match (view semantics)."""
-    in_products, out_products, acc = [], [], sympy.Integer(1)
-    for size in old_in:
-        acc = acc * _expr(size)
-        in_products.append(sympy.expand(acc))
-    acc = sympy.Integer(1)
-    for size in old_out:
-        acc = acc * _expr(size)
-        out_products.append(sympy.expand(acc))
-    groups, last_in, last_out = [], -1, -1
-    for i, product in enumerate(in_products):
-        for j in range(last_out + 1, len(out_products)):
-            if out_products[j] == product:
-                groups.append((list(range(last_in + 1, i + 1)), list(range(last_out + 1, j + 1))))
-                last_in, last_out = i, j
-                break
-    if last_in < len(old_in) - 1 or last_out < len(old_out) - 1:
-        groups.append(
-            (list(range(last_in + 1, len(old_in))), list(range(last_out + 1, len(old_out))))
-        )
-    return groups
-
-
-def _growth(old: list, new: list, dims: list[int]) -> sympy.Rational:
-    """How much the product of ``dims`` grew (a number: symbolic factors cancel)."""
-    factor = sympy.Integer(1)
-    for d in dims:
-        if not _same(old[d], new[d]):
-            factor *= sympy.simplify(_expr(new[d]) / _expr(old[d]))
-    if not factor.is_Rational:
-        raise ShapeFixError(f"a symbolic size changed by a non-constant factor {factor}")
-    return factor
-
-
-def _scaled(value: int, factor: sympy.Rational, node: fx.Node) -> int:
-    scaled = value * factor
-    if not scaled.is_integer:
-        raise ShapeFixError(f"{node.name}: size {value} scaled by {factor} is not an integer")
-    return int(scaled)
+    if target in VIEW_SIZE_OPS or target is aten.expand.default:
+        sizes = list(args[1])
+        for dim, _ in layout.dims:
+            entry = node.args[1][dim]
+            if isinstance(entry, int) and entry == -1:
+                continue
+            if isinstance(entry, int):
+                sizes[dim] = fix(1, dim, entry, entry * growth)
+            else:  # a symbolic size (a graph node): multiply it
+                sizes[dim] = fix(1, dim, 1, sizes[dim] * growth, multiply=True)
+        args[1] = sizes
+    elif target in SPLIT_OPS or target in SLICE_OPS:
+        source = node.args[0]
+        rank = len(source.meta["val"].shape)
+        dim_index = 2 if target in SPLIT_OPS else 1
+        dim = args[dim_index] if len(args) > dim_index else node.kwargs.get("dim", 0)
+        if layouts[source.name].at(dim % rank) is None:
+            return args, fixes
+        if target in SPLIT_OPS and isinstance(args[1], (list, tuple)):
+            args[1] = [fix(1, j, s, int(s) * growth) for j, s in enumerate(args[1])]
+        elif target in SPLIT_OPS:
+            args[1] = fix(1, None, args[1], int(args[1]) * growth)
+        else:  # slice(x, dim, start, end) / narrow(x, dim, start, length)
+            for index in (2, 3):
+                value = args[index] if index < len(args) else None
+                if isinstance(value, int) and 0 < value < INT_MAX:
+                    args[index] = fix(index, None, value, value * growth)
+    return args, fixes
 
 
 class _Walk:
-    def __init__(
-        self,
-        gm: fx.GraphModule,
-        sites: list[Site],
-        attr_shapes: dict[str, tuple],
-        fix: bool,
-        head_growth: int = 1,
-    ):
-        self.gm = gm
-        self.fix = fix
-        self.head_growth = head_growth
-        self.attr_shapes = attr_shapes
-        self.redirect = {s.replaced: s.replacement for s in sites}
-        self.rewire = {(n, i): src for s in sites for n, i, src in s.rewire}
-        self.skipped = {name for s in sites for name in (s.collective, s.wait) if name}
+    """Runs the live nodes on fake tensors as the rewrite will leave them."""
+
+    def __init__(self, analysis: ShardingAnalysis, layouts: dict[str, Any],
+                 attr_shapes: dict[str, tuple], growth: int) -> None:
+        self.analysis, self.layouts = analysis, layouts
+        self.attr_shapes, self.growth = attr_shapes, growth
         self.fixes: list[ShapeFix] = []
         self.copies: list[str] = []
         self.env: dict[str, Any] = {}
 
-    def value(self, node: fx.Node) -> Any:
-        return self.env[node.name]
-
     def run(self) -> dict[str, Any]:
-        vals = [n.meta.get("val") for n in self.gm.graph.nodes]
-        fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        order = self.analysis.live_nodes()
+        values = [n.meta.get("val") for n in order]
+        fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
         if fake_mode is None:
             raise ShapeFixError("graph nodes carry no fake-tensor metadata (meta['val'])")
         with fake_mode:
-            for node in self.gm.graph.nodes:
+            for node in order:
                 self.env[node.name] = self.evaluate(node)
+                self.check(node)
         return self.env
 
     def evaluate(self, node: fx.Node) -> Any:
-        if node.name in self.redirect:
-            return self.env[self.redirect[node.name]]
+        if node.name in self.analysis.redirect:
+            return self.env[self.analysis.redirect[node.name]]
         if node.op == "placeholder":
             return node.meta["val"]
         if node.op == "get_attr":
@@ -133,19 +120,15 @@ class _Walk:
             return torch.empty(shape, dtype=old.dtype, device=old.device)
         if node.op == "output":
             return None
-        if node.name in self.skipped:
-            return _DEAD
-        args = [self.env[self.rewire[(node.name, i)]] if (node.name, i) in self.rewire else a
-                for i, a in enumerate(fx.node.map_arg(node.args, self.value))]
-        kwargs = fx.node.map_arg(node.kwargs, self.value)
-        if _contains_dead(args) or _contains_dead(kwargs):
-            return _DEAD  # only feeds a removed collective
-        if self.fix and node.target in _SIZED_OPS:
-            args = self.fix_sizes(node, args)
+        raw_args, kwargs = self.analysis.inputs(node)
+        args = list(fx.node.map_arg(raw_args, lambda n: self.env[n.name]))
+        kwargs = fx.node.map_arg(kwargs, lambda n: self.env[n.name])
+        args, fixes = fixed_args(node, args, self.layouts, self.growth)
+        self.fixes += fixes
         try:
             return node.target(*args, **kwargs)
         except Exception as err:
-            if self.fix and node.target is aten.view.default:
+            if node.target is aten.view.default:
                 # A per-rank size of 1 (one local kv head) made an expanded tensor viewable;
                 # at full size the same reshape has to copy.
                 try:
@@ -156,147 +139,74 @@ class _Walk:
                     self.copies.append(node.name)
                     return value
             raise ShapeFixError(
-                f"node {node.name} ({node.target}) fails on the full-size inputs: {err}. The "
-                "graph computes a per-rank size in a way the rewrite cannot re-derive"
+                f"node {node.name} ({node.target}) fails on the full-size inputs: {err}"
             ) from err
 
-    def fix_sizes(self, node: fx.Node, args: list) -> list:
-        source = node.args[0]
-        old_in = list(source.meta["val"].shape)
-        new_in = list(args[0].shape)
-        if node.target is aten.expand.default and self.head_growth > 1 and _feeds_attention_bias(node):
-            # The attention mask, broadcast to the local head count for a fused kernel (CUDA's
-            # efficient attention wants [B, H, S, S]): it follows the heads, not its input.
-            sizes = list(args[1])
-            if len(sizes) == 4 and _is_int(sizes[1]) and sizes[1] > 1:
-                self.record(node, 1, 1, sizes[1], sizes[1] * self.head_growth)
-                sizes[1] = self.fixes[-1].new
-                args[1] = sizes
-        if all(_same(a, b) for a, b in zip(old_in, new_in)):
-            return args
-        target = node.target
-        if target in VIEW_SIZE_OPS:
-            old_out = list(node.meta["val"].shape)
-            sizes = list(args[1])
-            for in_dims, out_dims in _view_groups(old_in, old_out):
-                factor = _growth(old_in, new_in, in_dims)
-                if factor == 1 or any(_is_int(sizes[j]) and sizes[j] == -1 for j in out_dims):
-                    continue
-                ints = [j for j in out_dims if _is_int(sizes[j])]
-                # A size of 1 is the sharded dim only when nothing else can be (one local head).
-                j = next((j for j in ints if sizes[j] != 1), ints[0] if ints else None)
-                if j is not None:
-                    self.record(node, 1, j, sizes[j], _scaled(sizes[j], factor, node))
-                    sizes[j] = self.fixes[-1].new
-                    continue
-                # Heads folded into a symbolic size (batch * local heads, as decomposed
-                # attention does): multiply that size by the growth instead.
-                j = next((j for j in out_dims if isinstance(sizes[j], torch.SymInt)), None)
-                if j is None or not factor.is_integer:
-                    raise ShapeFixError(f"{node.name}: no size to scale by {factor} in {sizes}")
-                self.record(node, 1, j, 1, int(factor), multiply=True)
-                sizes[j] = sizes[j] * int(factor)
-            args[1] = sizes
-        elif target is aten.expand.default:
-            sizes = list(args[1])
-            offset = len(sizes) - len(old_in)
-            for d, (old, new) in enumerate(zip(old_in, new_in)):
-                j = d + offset
-                if not _same(old, new) and _is_int(sizes[j]) and _same(sizes[j], old):
-                    self.record(node, 1, j, sizes[j], int(new))
-                    sizes[j] = int(new)
-            args[1] = sizes
-        else:
-            dim_arg = 1 if target in (aten.slice.Tensor, aten.narrow.default) else 2
-            dim = args[dim_arg] if len(args) > dim_arg else 0
-            dim = dim % len(old_in)
-            if _same(old_in[dim], new_in[dim]):
-                return args
-            factor = _growth(old_in, new_in, [dim])
-            if target in SPLIT_OPS:
-                if isinstance(args[1], (list, tuple)):
-                    sizes = list(args[1])
-                    for j, s in enumerate(sizes):
-                        self.record(node, 1, j, s, _scaled(s, factor, node))
-                        sizes[j] = self.fixes[-1].new
-                    args[1] = sizes
-                else:
-                    self.record(node, 1, None, args[1], _scaled(args[1], factor, node))
-                    args[1] = self.fixes[-1].new
-            else:  # slice(x, dim, start, end) / narrow(x, dim, start, length)
-                for index in (2, 3):
-                    if index < len(args) and _is_int(args[index]) and 0 < args[index] < _INT_MAX:
-                        self.record(node, index, None, args[index], _scaled(args[index], factor, node))
-                        args[index] = self.fixes[-1].new
-        return args
-
-    def record(
-        self, node: fx.Node, arg: int, index: int | None, old: int, new: int, multiply: bool = False
-    ) -> None:
-        fix = ShapeFix(node.name, _target_name(node), arg, index, int(old), int(new), multiply)
-        self.fixes.append(fix)
-
-
-class _Dead:
-    """The value of a node that only feeds a removed collective."""
-
-
-_DEAD = _Dead()
-
-
-_BIAS_PATH_OPS = VIEW_SIZE_OPS | {aten.expand.default, aten.slice.Tensor, aten._to_copy.default,
-                                  aten.clone.default, aten.contiguous.default}
-
-
-def _feeds_attention_bias(node: fx.Node) -> bool:
-    """Whether ``node`` reaches an attention core as its mask/bias (not as q, k or v)."""
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        for user in current.users:
-            if user.op == "call_function" and user.target in ATTENTION_CORE_OPS:
-                if current in user.args[3:] or current in user.kwargs.values():
-                    return True
-            elif user.op == "call_function" and user.target in _BIAS_PATH_OPS:
-                stack.append(user)
-    return False
-
-
-def _contains_dead(tree: Any) -> bool:
-    if isinstance(tree, (list, tuple)):
-        return any(_contains_dead(t) for t in tree)
-    if isinstance(tree, dict):
-        return any(_contains_dead(t) for t in tree.values())
-    return tree is _DEAD
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _target_name(node: fx.Node) -> str:
-    target = node.target
-    if target in (operator.getitem,):
-        return "getitem"
-    return str(target).replace("aten.", "")
+    def check(self, node: fx.Node) -> None:
+        """The value must have the shape the layout predicts."""
+        layout = self.layouts.get(node.name)
+        old, new = node.meta.get("val"), self.env[node.name]
+        pairs = zip(old, new, layout) if isinstance(layout, tuple) else [(old, new, layout)]
+        for old_value, new_value, piece in pairs:
+            if not isinstance(piece, Layout) or not isinstance(new_value, torch.Tensor):
+                continue
+            want = grown_shape(old_value.shape, piece, self.growth) if not piece.partial \
+                else list(old_value.shape)
+            have = list(new_value.shape)
+            if len(want) != len(have) or any(_expr(a) != _expr(b) for a, b in zip(want, have)):
+                raise ShapeFixError(
+                    f"node {node.name} ({node.target}) has shape {have} at full size, but its "
+                    f"layout ({piece.describe()}) says {want}"
+                )
 
 
 def plan_shape_fixes(
-    gm: fx.GraphModule, sites: list[Site], attr_shapes: dict[str, tuple], head_growth: int = 1
-) -> tuple[list[ShapeFix], list[str], dict[str, Any]]:
-    """The constants to change so ``gm`` runs with attributes of ``attr_shapes`` once ``sites``
-    are removed, the ``view`` nodes that must become ``reshape`` (copy) at full size, and the
-    live nodes' values after that."""
-    walk = _Walk(gm, sites, attr_shapes, fix=True, head_growth=head_growth)
-    env = walk.run()
-    live = {name: value for name, value in env.items() if value is not _DEAD}
-    return walk.fixes, walk.copies, live
+    gm: fx.GraphModule,
+    sites: list[Site],
+    weights: dict[str, ShardedWeight],
+    attr_shapes: dict[str, tuple],
+    growth: int,
+) -> tuple[list[ShapeFix], list[str], dict[str, Any], dict[str, Any]]:
+    """The constants to change so ``gm`` runs with full ``weights`` once ``sites`` are
+    removed, the ``view`` nodes that must become ``reshape`` (copy), the live nodes' fake
+    values after that, and every live node's layout."""
+    analysis = ShardingAnalysis(gm, sites, weights, growth)
+    layouts = analysis.run()
+    walk = _Walk(analysis, layouts, attr_shapes, growth)
+    values = walk.run()
+    return walk.fixes, walk.copies, values, layouts
 
 
 def propagate_shapes(gm: fx.GraphModule) -> dict[str, Any]:
     """Every node's fake value for the module's current attributes; raises on a mismatch."""
     shapes = {name: tuple(t.shape) for name, t in (*gm.named_parameters(), *gm.named_buffers())}
-    return _Walk(gm, [], shapes, fix=False).run()
+    values = [n.meta.get("val") for n in gm.graph.nodes]
+    fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        raise ShapeFixError("graph nodes carry no fake-tensor metadata (meta['val'])")
+    env: dict[str, Any] = {}
+    with fake_mode:
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node.name] = node.meta["val"]
+            elif node.op == "get_attr":
+                old = node.meta["val"]
+                env[node.name] = torch.empty(shapes.get(node.target, old.shape),
+                                             dtype=old.dtype, device=old.device)
+            elif node.op == "call_function":
+                args = fx.node.map_arg(node.args, lambda n: env[n.name])
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+                try:
+                    env[node.name] = node.target(*args, **kwargs)
+                except Exception as err:
+                    raise ShapeFixError(
+                        f"node {node.name} ({node.target}) fails on the module's parameters: "
+                        f"{err}"
+                    ) from err
+    return env
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.target is operator.getitem:
+        return "getitem"
+    return str(node.target).replace("aten.", "")

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from adp_pass.capture import capture, fake_process_group
-from adp_pass.detect import DetectError, detect
+from adp_pass.detect import DetectError, detect, find_collectives
 from adp_pass.mapping import MappingError
 from adp_pass.presets import qwen3_config
 from adp_pass.rewrite import RewriteError, rewrite
@@ -89,12 +89,32 @@ def test_graph_without_collectives_for_a_tp_mapping():
         detect(captured.gm, "tp=2,attn_dp=1")
 
 
-def test_plan_from_another_graph_is_refused():
+def _graph_state(gm) -> tuple:
+    return (str(gm.graph), len(find_collectives(gm.graph)),
+            {k: tuple(v.shape) for k, v in gm.state_dict().items()})
+
+
+def test_plan_from_another_graph_is_refused_and_leaves_the_graph_as_it_was():
     config = qwen3_config("tiny")
     plan = detect(capture_source("engine", config, 2, 0).gm, "tp=2,attn_dp=1")
-    other = capture_source("hf", config, 2, 0)
-    with pytest.raises(RewriteError, match="made for another graph"):
-        rewrite(other.gm, plan)
+    for source, rank in (("hf", 0), ("engine", 1)):  # another source; another rank's graph
+        other = capture_source(source, config, 2, rank)
+        before = _graph_state(other.gm)
+        with pytest.raises(RewriteError, match="made for another graph"):
+            rewrite(other.gm, plan)
+        assert _graph_state(other.gm) == before
+
+
+def test_rewrite_returns_a_new_module_and_refuses_to_run_twice(tiny_tp2):
+    before = _graph_state(tiny_tp2.gm)
+    plan = detect(tiny_tp2.gm, "tp=2,attn_dp=1")
+    gm = rewrite(tiny_tp2.gm, plan)
+    assert gm is not tiny_tp2.gm and _graph_state(tiny_tp2.gm) == before
+    assert find_collectives(gm.graph) == []
+    with pytest.raises(RewriteError, match="already rewritten"):
+        rewrite(gm, plan)
+    with pytest.raises(DetectError, match="already rewritten"):
+        detect(gm, "tp=2,attn_dp=1")
 
 
 def test_misshaped_state_dict_tensor(tiny_tp2):
