@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from adp_pass.plan import Plan
-from adp_pass.sharding import Layout, ShardingAnalysis, grown_shape, local_part
+from adp_pass.sharding import Layout, ShardingAnalysis, expected_shape, local_part
 
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 _LOW_PRECISION_TOLERANCE = 3e-2
@@ -131,11 +131,8 @@ def _check_shape(node: fx.Node, value: Any, layout: Any, growth: int) -> None:
     for old_value, new_value, piece in pieces:
         if not isinstance(piece, Layout) or not isinstance(new_value, torch.Tensor):
             continue
-        want = list(old_value.shape) if piece.partial else grown_shape(old_value.shape, piece,
-                                                                       growth)
-        # Symbolic sizes (batch, sequence) never grow; the concrete ones must match.
-        if len(want) != new_value.dim() or any(
-                isinstance(w, int) and w != h for w, h in zip(want, new_value.shape)):
+        want = expected_shape(old_value, new_value, piece, growth)
+        if want is not None:
             raise SelfCheckError(
                 f"self-check: node {node.name} ({node.target}) gives shape "
                 f"{list(new_value.shape)} after the rewrite, but rank values of the TP graph "

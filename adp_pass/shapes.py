@@ -29,8 +29,7 @@ from adp_pass.sharding import (
     Layout,
     ShapeFixError,
     ShardingAnalysis,
-    _expr,
-    grown_shape,
+    expected_shape,
 )
 
 aten = torch.ops.aten
@@ -150,13 +149,11 @@ class _Walk:
         for old_value, new_value, piece in pairs:
             if not isinstance(piece, Layout) or not isinstance(new_value, torch.Tensor):
                 continue
-            want = grown_shape(old_value.shape, piece, self.growth) if not piece.partial \
-                else list(old_value.shape)
-            have = list(new_value.shape)
-            if len(want) != len(have) or any(_expr(a) != _expr(b) for a, b in zip(want, have)):
+            want = expected_shape(old_value, new_value, piece, self.growth)
+            if want is not None:
                 raise ShapeFixError(
-                    f"node {node.name} ({node.target}) has shape {have} at full size, but its "
-                    f"layout ({piece.describe()}) says {want}"
+                    f"node {node.name} ({node.target}) has shape {list(new_value.shape)} at "
+                    f"full size, but its layout ({piece.describe()}) says {want}"
                 )
 
 

@@ -100,6 +100,23 @@ def grown_shape(shape: Iterable, layout: Layout, growth: int) -> list:
     return shape
 
 
+def expected_shape(old: torch.Tensor, new: torch.Tensor, layout: Layout, growth: int) -> list | None:
+    """The shape ``new`` should have (``old``'s, grown as ``layout`` says), or None if it has
+    it. Symbolic sizes are compared as expressions, or skipped against concrete ones."""
+    want = list(old.shape) if layout.partial else grown_shape(old.shape, layout, growth)
+    have = list(new.shape)
+    if len(want) != len(have):
+        return want
+    for w, h in zip(want, have):
+        symbolic = isinstance(w, torch.SymInt) or isinstance(h, torch.SymInt)
+        if symbolic and isinstance(w, torch.SymInt) and isinstance(h, torch.SymInt):
+            if _expr(w) != _expr(h):
+                return want
+        elif not symbolic and int(w) != int(h):
+            return want
+    return None
+
+
 def local_part(
     full: torch.Tensor, layout: Layout, rank: int, growth: int, symbols: dict | None = None
 ) -> torch.Tensor:
@@ -450,7 +467,7 @@ def _permutation(node: fx.Node) -> list[int]:
     return [_norm_dim(d, rank) for d in node.args[1]]
 
 
-def _tensor_layout(analysis: ShardingAnalysis, node: fx.Node, value: Any) -> Layout:
+def _tensor_layout(analysis: ShardingAnalysis, value: Any) -> Layout:
     layout = analysis.get(value)
     return layout if isinstance(layout, Layout) else REPLICATED
 
@@ -465,7 +482,7 @@ def _refuse_partial(node: fx.Node, layouts: Iterable[Layout]) -> None:
 
 def rule_pointwise(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     tensors = [v for v in _nodes_in((args, kwargs)) if isinstance(_val(v), torch.Tensor)]
-    layouts = [_tensor_layout(a, node, v) for v in tensors]
+    layouts = [_tensor_layout(a, v) for v in tensors]
     deps = _deps_of(layouts)
     if node.target in _PARTIAL_OK and len(tensors) == 1 and layouts[0].partial:
         return layouts[0]
@@ -493,7 +510,7 @@ def rule_pointwise(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict
 
 def rule_view(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     source = args[0]
-    layout = _tensor_layout(a, node, source)
+    layout = _tensor_layout(a, source)
     if layout.partial or not layout.dims:
         return layout
     if len(layout.dims) > 1:
@@ -528,7 +545,7 @@ def rule_view(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> 
 
 
 def rule_permute(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
-    layout = _tensor_layout(a, node, args[0])
+    layout = _tensor_layout(a, args[0])
     if layout.partial:
         return layout
     perm = _permutation(node)
@@ -536,14 +553,14 @@ def rule_permute(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) 
 
 
 def rule_unsqueeze(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
-    layout = _tensor_layout(a, node, args[0])
+    layout = _tensor_layout(a, args[0])
     _refuse_partial(node, [layout])
     at = _norm_dim(args[1], len(_shape(node)))
     return _layout({d + (d >= at): s for d, s in layout.dims}, layout.deps)
 
 
 def rule_squeeze(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
-    layout = _tensor_layout(a, node, args[0])
+    layout = _tensor_layout(a, args[0])
     _refuse_partial(node, [layout])
     old = _shape(args[0])
     if node.target is aten.squeeze.default:
@@ -558,7 +575,7 @@ def rule_squeeze(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) 
 
 def rule_expand(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     source = args[0]
-    layout = _tensor_layout(a, node, source)
+    layout = _tensor_layout(a, source)
     _refuse_partial(node, [layout])
     sizes, old_in = list(args[1]), _shape(source)
     offset = len(sizes) - len(old_in)
@@ -598,7 +615,7 @@ def _split_layout(node: fx.Node, layout: Layout, dim: int, sizes: list) -> list[
 
 
 def rule_split(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> tuple:
-    layout = _tensor_layout(a, node, args[0])
+    layout = _tensor_layout(a, args[0])
     _refuse_partial(node, [layout])
     sizes = [_shape_of(v)[_norm_dim(_dim_arg(node, args, 2), len(_shape(args[0])))]
              for v in node.meta["val"]]
@@ -607,7 +624,7 @@ def rule_split(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) ->
 
 
 def rule_slice(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
-    layout = _tensor_layout(a, node, args[0])
+    layout = _tensor_layout(a, args[0])
     _refuse_partial(node, [layout])
     old = _shape(args[0])
     dim = _norm_dim(_dim_arg(node, args, 1), len(old))
@@ -629,7 +646,7 @@ def rule_slice(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) ->
 
 def rule_cat(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     tensors = [t for t in args[0] if isinstance(t, fx.Node)]
-    layouts = [_tensor_layout(a, node, t) for t in tensors]
+    layouts = [_tensor_layout(a, t) for t in tensors]
     deps = _deps_of(layouts)
     _refuse_partial(node, layouts)
     rank = len(_shape(node))
@@ -689,12 +706,12 @@ def _transposed(layout: Layout, rank: int) -> Layout:
 def rule_mm(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     if node.target is aten.addmm.default:
         bias, x, w = args[:3]
-        lbias = _tensor_layout(a, node, bias)
+        lbias = _tensor_layout(a, bias)
         lbias = Layout(((0, lbias.at(len(_shape(bias)) - 1)),), deps=lbias.deps) \
             if lbias.at(len(_shape(bias)) - 1) else lbias
     else:
         (x, w), lbias = args[:2], None
-    lx, lw = _tensor_layout(a, node, x), _tensor_layout(a, node, w)
+    lx, lw = _tensor_layout(a, x), _tensor_layout(a, w)
     batch = len(_shape(x)) - 2
     return _matmul_layout(node, lx, lw, batch, _deps_of([lx, lw, lbias]), lbias)
 
@@ -702,8 +719,8 @@ def rule_mm(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> La
 def rule_linear(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     x, w = args[:2]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    lx, lw = _tensor_layout(a, node, x), _tensor_layout(a, node, w)
-    lbias = _tensor_layout(a, node, bias) if isinstance(bias, fx.Node) else None
+    lx, lw = _tensor_layout(a, x), _tensor_layout(a, w)
+    lbias = _tensor_layout(a, bias) if isinstance(bias, fx.Node) else None
     deps = _deps_of([lx, lw, lbias])
     _refuse_partial(node, [lx, lw])
     rank = len(_shape(x))
@@ -723,7 +740,7 @@ def rule_linear(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -
 
 def rule_embedding(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     weight, ids = args[:2]
-    lw, li = _tensor_layout(a, node, weight), _tensor_layout(a, node, ids)
+    lw, li = _tensor_layout(a, weight), _tensor_layout(a, ids)
     deps = _deps_of([lw, li])
     if not li.replicated:
         raise _Conflict(node, "its indices are sharded", deps)
@@ -734,7 +751,7 @@ def rule_embedding(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict
 
 
 def rule_reduce(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
-    layout = _tensor_layout(a, node, args[0])
+    layout = _tensor_layout(a, args[0])
     _refuse_partial(node, [layout])
     rank = len(_shape(args[0]))
     if node.target in _ALONG_DIM_OPS:
@@ -758,9 +775,9 @@ def rule_reduce(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -
 
 def rule_attention(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     q, k, v = args[:3]
-    lq, lk, lv = (_tensor_layout(a, node, t) for t in (q, k, v))
+    lq, lk, lv = (_tensor_layout(a, t) for t in (q, k, v))
     masks = [m for m in _nodes_in((args[3:], kwargs)) if isinstance(_val(m), torch.Tensor)]
-    lmasks = [_tensor_layout(a, node, m) for m in masks]
+    lmasks = [_tensor_layout(a, m) for m in masks]
     deps = _deps_of([lq, lk, lv, *lmasks])
     _refuse_partial(node, [lq, lk, lv, *lmasks])
     heads = len(_shape(q)) - 3
@@ -809,19 +826,19 @@ def rule_getitem(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) 
 
 def rule_like(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     """``zeros_like(x)`` and friends: a fresh tensor of x's shape, laid out like x."""
-    layout = _tensor_layout(a, node, args[0])
+    layout = _tensor_layout(a, args[0])
     return Layout(layout.dims, False, layout.deps)
 
 
 def rule_sym_size(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> None:
-    layout = _tensor_layout(a, node, args[0])
+    layout = _tensor_layout(a, args[0])
     if layout.at(_norm_dim(args[1], len(_shape(args[0])))):
         raise _Conflict(node, "it reads the size of a sharded dim", layout.deps)
     return None
 
 
 def rule_collective(a: ShardingAnalysis, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
-    layout = _tensor_layout(a, node, args[0])
+    layout = _tensor_layout(a, args[0])
     if node.target in WAIT_OPS:
         return layout
     raise _Conflict(node, f"a collective that stays in the graph reads {args[0].name}, which "
