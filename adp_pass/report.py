@@ -41,6 +41,15 @@ def summarize_graph(gm: fx.GraphModule) -> dict:
     return {"nodes": len(gm.graph.nodes), "ops": dict(counts), "param_elements": params}
 
 
+def weight_bytes(plan: Plan) -> tuple[int, int]:
+    """Bytes of the parameters one rank holds: (TP shard, attention-DP full)."""
+    def size(shape, dtype):
+        return math.prod(shape) * getattr(torch, dtype).itemsize
+
+    tp = sum(size(p.local_shape, p.dtype) for p in plan.params)
+    return tp, sum(size(p.full_shape, p.dtype) for p in plan.params)
+
+
 def write_rewrite_outputs(
     out: Path,
     plan: Plan,

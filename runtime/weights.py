@@ -26,16 +26,17 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 from adp_pass.plan import ParamSpec, Plan
 from adp_pass.rewrite import owner_of
 from adp_pass.runtime.kv_cache import PagedKVCache
+from adp_pass.errors import AdpError
 
 _GIB = 1024**3
 _INV_FREQ = "rotary_emb.inv_freq"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AdpError, RuntimeError):
     """The checkpoint cannot fill this graph; the message says why and what to do."""
 
 
-class InsufficientMemory(RuntimeError):
+class InsufficientMemory(AdpError, RuntimeError):
     """The replicated weights plus the KV cache do not fit the device."""
 
 

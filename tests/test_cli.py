@@ -26,4 +26,4 @@ def test_bad_mapping_exits_2_with_the_reason(capsys):
     code = main(["rewrite", "--preset", "tiny-3", "--mapping", "tp=4,attn_dp=1"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "tp_size (4) must divide num_attention_heads (6)" in err
+    assert "tp (4) must divide the model's num_attention_heads (6)" in err
