@@ -74,7 +74,8 @@ def read_checkpoint_config(root: Path, flag: str = "--checkpoint") -> dict:
     model_type = config.get("model_type")
     if model_type != "qwen3":
         what = f"a {model_type} checkpoint" if model_type else "a checkpoint without model_type"
-        raise UsageError(f"{root} is {what}; adp-pass supports qwen3 (dense) only", flag=flag,
+        raise UsageError(f"{flag} {root}: this is {what}; adp-pass supports qwen3 (dense models)",
+                         flag=flag,
                          hint="give a Qwen3 checkpoint, or a --preset")
     absent = [k for k in _CONFIG_KEYS if not isinstance(config.get(k), int) or config[k] < 1]
     if absent:

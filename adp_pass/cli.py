@@ -273,6 +273,10 @@ def cmd_rewrite(args: argparse.Namespace, stage: _Stages) -> int:
     mapping = _mapping(args.mapping)
     _check_tp_fits_model(mapping, shape.num_attention_heads, shape.num_key_value_heads,
                          shape.intermediate_size, "--mapping")
+    if not mapping.enable_attention_dp:  # detect says so too, but only after the capture
+        raise UsageError(f"mapping {args.mapping!r} does not enable attention-DP, which is what "
+                         "the rewrite produces", flag="--mapping",
+                         hint=f"add attn_dp=1: --mapping tp={mapping.tp_size},attn_dp=1")
     if args.rank >= mapping.tp_size:
         raise UsageError(f"--rank {args.rank} is not a rank of the mapping's tp={mapping.tp_size} "
                          f"(ranks 0..{mapping.tp_size - 1})", flag="--rank")

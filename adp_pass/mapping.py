@@ -235,7 +235,10 @@ class Mapping:
         """A Mapping from a Mapping, a compact string, or a path to a JSON/TOML file."""
         if isinstance(spec, Mapping):
             return spec
-        if isinstance(spec, Path) or str(spec).endswith((".json", ".toml")):
+        text = str(spec)
+        # A path-like spec without "=" is a file, so "m.yaml" is told it is the wrong kind.
+        looks_like_file = "=" not in text and (Path(text).suffix or "/" in text)
+        if isinstance(spec, Path) or text.endswith((".json", ".toml")) or looks_like_file:
             return cls.from_file(spec)
         return cls.parse(str(spec))
 

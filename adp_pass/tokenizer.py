@@ -33,7 +33,16 @@ class ByteTokenizer:
 class HFTokenizer:
     """The checkpoint's tokenizer through transformers' ``AutoTokenizer``."""
 
+    # Without one of these, AutoTokenizer may build an empty tokenizer from config.json alone.
+    FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
     def __init__(self, checkpoint: str | Path) -> None:
+        if not any((Path(checkpoint) / name).is_file() for name in self.FILES):
+            raise UsageError(
+                f"--checkpoint {checkpoint} has no tokenizer ({', '.join(self.FILES)}), which "
+                "--prompt needs", flag="--checkpoint",
+                hint="copy the tokenizer files into it (tokenizer.save_pretrained(dir)), or "
+                "drop --prompt for random prompts")
         from transformers import AutoTokenizer
 
         try:
