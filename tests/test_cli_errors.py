@@ -377,3 +377,20 @@ def test_byte_tokenizer_round_trip_and_unknown_ids():
     assert tok.decode(tok.encode("hé")) == "hé"
     assert tok.decode([104, 300, 105]) == "h\ufffdi"
     assert tok.decode([195]) == "\ufffd"  # a cut UTF-8 sequence
+
+
+def test_checkpoint_tokenizer_is_used_for_prompts(tmp_path):
+    """A checkpoint with a tokenizer: --prompt text goes through AutoTokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from adp_pass.tokenizer import load_tokenizer
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    root = _checkpoint(tmp_path / "ckpt")
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(root)
+    tok = load_tokenizer(root)
+    assert tok.encode("hello world") == [1, 2]
+    assert tok.decode([2, 1]) == "world hello"
+    assert isinstance(load_tokenizer(None), ByteTokenizer)
