@@ -19,7 +19,11 @@ from adp_pass.errors import AdpError, UsageError
 def _pick_triton_mode() -> None:
     import torch
 
-    if not torch.cuda.is_available():
+    try:
+        has_gpu = torch.cuda.is_available()
+    except AttributeError:  # Triton imported while torch itself is importing: a GPU build
+        return
+    if not has_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -250,7 +250,7 @@ def cmd_verify(args: argparse.Namespace, stage: _Stages) -> int:
     from adp_pass.runtime.frontend import default_log_path
     from adp_pass.verify import verify
 
-    log_dir = log_dir or default_log_path("verify")
+    log_dir = log_dir or default_log_path("verify", suffix="")
     print(f"verify: preset {args.preset}, {args.world_size} ranks, batch {args.batch}x{args.seq}")
     with stage(f"parity on {args.world_size} ranks (rank logs: {log_dir})"):
         report = verify(qwen3_config(args.preset), args.world_size, batch=args.batch,

@@ -69,10 +69,11 @@ class JobReport:
         return "\n".join(lines)
 
 
-def default_log_path(kind: str = "run") -> Path:
-    """Where a job's rank logs go unless told: one file per job under the temp dir."""
+def default_log_path(kind: str = "run", suffix: str = ".log") -> Path:
+    """Where a job's rank logs go unless told: one file (or, with ``suffix=""``, directory) per
+    job under the temp dir."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(tempfile.gettempdir()) / "adp-logs" / f"{kind}-{stamp}-{os.getpid()}.log"
+    return Path(tempfile.gettempdir()) / "adp-logs" / f"{kind}-{stamp}-{os.getpid()}{suffix}"
 
 
 def run_job(job: Job, world_size: int, *, timeout_s: float = 1800, out_dir: str | None = None,

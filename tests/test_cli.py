@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from adp_pass.cli import main
 
 
@@ -38,3 +40,18 @@ def test_verbose_prints_the_full_plan(capsys):
     assert main(["rewrite", "--preset", "tiny", "--mapping", "tp=2,attn_dp=1", "-v"]) == 0
     out = capsys.readouterr().out
     assert "adp plan: rank 0" in out and "column" in out and "4 sites removed (" in out
+
+
+@pytest.mark.multirank
+def test_run_prompts_show_text_progress_and_keep_the_log(tmp_path, capsys):
+    code = main(["run", "--preset", "tiny", "--world-size", "2", "--prompt", "hello",
+                 "--prompt", "hé", "--new-tokens", "3", "--cuda-graphs", "",
+                 "--log-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "prompt-0: 'hello' -> '" in out and "prompt-1: 'hé' -> '" in out
+    assert out.count("ids [") == 2
+    (log,) = tmp_path.glob("run-*.log")
+    assert "[rank 1] served 1/1 requests" in log.read_text()
+    assert "[rank 0] served 1/1 requests" in err and f"rank logs: {log}" in err
+    assert "torch.distributed" not in err  # torchrun's own lines stay in the log

@@ -10,9 +10,11 @@ point, ``--help`` timing). Checkpoint directories are written here as bare safet
 from __future__ import annotations
 
 import json
+import math
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +35,7 @@ TINY = {  # the "tiny" preset as a config.json
 def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], cut: int = 0) -> None:
     header, offset = {}, 0
     for name, shape in shapes.items():
-        nbytes = 4 * max(1, __import__("math").prod(shape))
+        nbytes = 4 * max(1, math.prod(shape))
         header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header).encode()
@@ -331,7 +333,7 @@ def test_run_job_reports_the_ranks_error_and_keeps_the_log(tmp_path, capfd):
     from adp_pass.runtime.job import Job
 
     log = tmp_path / "logs" / "job.log"
-    jobs_before = set(Path(__import__("tempfile").gettempdir()).glob("adp-job-*"))
+    jobs_before = set(Path(tempfile.gettempdir()).glob("adp-job-*"))
     with pytest.raises(RankFailed) as caught:
         run_job(Job(mapping="tp=1,attn_dp=1", preset="no-such-preset"), 1, log_path=log,
                 timeout_s=120)
@@ -341,7 +343,7 @@ def test_run_job_reports_the_ranks_error_and_keeps_the_log(tmp_path, capfd):
     assert "Traceback" in log.read_text()  # the details are kept, in the file
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and len((out + err).splitlines()) <= 2
-    assert set(Path(__import__("tempfile").gettempdir()).glob("adp-job-*")) <= jobs_before
+    assert set(Path(tempfile.gettempdir()).glob("adp-job-*")) <= jobs_before
 
 
 # ----------------------------------------------------------------------------- subprocesses

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 def test_qwen3_32b_tp8_rank0_on_meta_weights(capsys):
     code = main(["rewrite", "--preset", "qwen3-32b", "--mapping", "tp=8,attn_dp=1", "--rank", "0",
-                 "--meta"])
+                 "--meta", "-v"])  # -v: the full plan listing, checked below
     out = capsys.readouterr().out
     print(out[-600:])  # stage timings, kept in the test log
     assert code == 0
