@@ -104,34 +104,34 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rewrite a preset (random weights) for --world-size ranks, run "
                        "the TP and the attention-DP graphs on real ranks (gloo on CPU, NCCL on "
                        "GPU) and compare both with transformers.")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shape")
-    p.add_argument("--world-size", type=_positive, default=2,
+    p.add_argument("--preset", metavar="NAME", default="small", choices=sorted(PRESETS), help="model shape: %(choices)s")
+    p.add_argument("--world-size", metavar="N", type=_positive, default=2,
                    help="ranks to start; also the TP degree the graph is traced with")
-    p.add_argument("--batch", type=_positive, default=4, help="sequences in the test batch")
-    p.add_argument("--seq", type=_positive, default=16, help="tokens per sequence")
-    p.add_argument("--splits", type=_int_list(0), default=None,
-                   help="rows per rank, e.g. 1,3 (one per rank, summing to --batch); default: "
-                   "rank 0 one row, the others the rest")
-    p.add_argument("--tolerance", type=_float_in(0), default=1e-4,
+    p.add_argument("--batch", metavar="N", type=_positive, default=4, help="sequences in the test batch")
+    p.add_argument("--seq", metavar="N", type=_positive, default=16, help="tokens per sequence")
+    p.add_argument("--splits", metavar="ROWS", type=_int_list(0), default=None,
+                   help="rows per rank, e.g. 1,3 (one per rank, summing to --batch); "
+                   "if not given, rank 0 gets one row and the others the rest")
+    p.add_argument("--tolerance", metavar="TOL", type=_float_in(0), default=1e-4,
                    help="largest allowed |logits difference|")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="weights and inputs seed")
+    p.add_argument("--seed", metavar="N", type=_int_at_least(0), default=0, help="weights and inputs seed")
     p.add_argument("--lower", action="store_true", help="also lower to the Triton ops and compare")
-    p.add_argument("--log-dir", type=Path, default=None,
-                   help="where the ranks' logs go (default: a new directory under the temp dir)")
+    p.add_argument("--log-dir", metavar="DIR", type=Path, default=None,
+                   help="where the ranks' logs go; if not given, a new directory under the temp dir")
 
     p = sub.add_parser("rewrite", parents=[common], formatter_class=fmt,
                        help="capture, detect and rewrite one rank's graph; print a summary",
                        description="Trace one rank of a TP job on a fake process group, find the "
                        "collectives and rewrite the graph to attention-DP. Prints a summary; "
                        "-v prints the full plan, --out writes it with both graphs and a picture.")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shape")
-    p.add_argument("--mapping", default=DEFAULT_MAPPING,
+    p.add_argument("--preset", metavar="NAME", default="small", choices=sorted(PRESETS), help="model shape: %(choices)s")
+    p.add_argument("--mapping", metavar="SPEC", default=DEFAULT_MAPPING,
                    help='"tp=8,attn_dp=1" form (keys world, tp, attn_dp, attn_tp, mlp_tp), or a '
                    ".json/.toml file with the same keys")
-    p.add_argument("--rank", type=_int_at_least(0), default=0, help="which TP rank to trace")
+    p.add_argument("--rank", metavar="N", type=_int_at_least(0), default=0, help="which TP rank to trace")
     p.add_argument("--meta", action="store_true",
                    help="trace on meta weights (no memory needed for big presets)")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", metavar="DIR", type=Path, default=None,
                    help="directory for plan.json, report.txt, summary.json, both graphs and "
                    "before_after.png")
     p.add_argument("--no-strict", action="store_true",
@@ -143,29 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generation: requests are spread over --world-size "
                        "attention-DP ranks by load; each rank builds its own rewritten model and "
                        "serves its requests from a paged KV cache.")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="model shape with random weights (tiny unless --checkpoint is given)")
-    p.add_argument("--checkpoint", type=Path, default=None,
+    p.add_argument("--preset", metavar="NAME", default=None, choices=sorted(PRESETS),
+                   help="model shape with random weights: %(choices)s; if not given, tiny (or the "
+                   "--checkpoint's)")
+    p.add_argument("--checkpoint", metavar="DIR", type=Path, default=None,
                    help="Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors)")
-    p.add_argument("--world-size", type=_positive, default=2, help="ranks (each its own requests)")
-    p.add_argument("--prompt", action="append", default=None,
+    p.add_argument("--world-size", metavar="N", type=_positive, default=2, help="ranks (each its own requests)")
+    p.add_argument("--prompt", metavar="TEXT", action="append", default=None,
                    help="a prompt text (repeatable); tokenized with the checkpoint's tokenizer, "
                    "or bytes as ids for a preset. Without it: --requests random prompts")
-    p.add_argument("--requests", type=_positive, default=4,
+    p.add_argument("--requests", metavar="N", type=_positive, default=4,
                    help="random prompts to serve when no --prompt is given")
-    p.add_argument("--prompt-len", type=_positive, default=8, help="tokens per random prompt")
-    p.add_argument("--new-tokens", type=_positive, default=8, help="tokens to generate per request")
-    p.add_argument("--temperature", type=_float_in(0), default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=1.0,
+    p.add_argument("--prompt-len", metavar="N", type=_positive, default=8, help="tokens per random prompt")
+    p.add_argument("--new-tokens", metavar="N", type=_positive, default=8, help="tokens to generate per request")
+    p.add_argument("--temperature", metavar="T", type=_float_in(0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", metavar="P", type=_float_in(0, 1, low_open=True), default=1.0,
                    help="nucleus sampling mass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations")
-    p.add_argument("--num-blocks", type=_positive, default=256,
+    p.add_argument("--num-blocks", metavar="N", type=_positive, default=256,
                    help=f"KV-cache blocks per rank ({BLOCK_SIZE} tokens each)")
-    p.add_argument("--cuda-graphs", type=_int_list(1, allow_empty=True), default="1,2,4,8,16,32,64",
+    p.add_argument("--cuda-graphs", metavar="SIZES", type=_int_list(1, allow_empty=True), default="1,2,4,8,16,32,64",
                    help="decode batch sizes captured as CUDA graphs (GPU only; empty: none)")
-    p.add_argument("--log-dir", type=Path, default=None,
-                   help="where the ranks' log goes (default: a file under the temp dir)")
+    p.add_argument("--log-dir", metavar="DIR", type=Path, default=None,
+                   help="where the ranks' log goes; if not given, a file under the temp dir")
     return parser
 
 
@@ -459,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:  # --help
         raise
     except BaseException as err:  # noqa: BLE001 - the one place errors become messages
+        if command and isinstance(err, UsageError) and err.hint == "see 'adp --help'":
+            err.hint = f"see 'adp {command} --help'"  # argparse reports leftovers at the top
         return _report(err, command, "--debug" in argv)
 
 

@@ -120,7 +120,7 @@ CASES = [
     # top level
     ([], 2, ["required", "COMMAND"]),
     (["serve"], 2, ["invalid choice", "serve"]),
-    (["rewrite", "--bogus"], 2, ["unrecognized", "--bogus"]),
+    (["rewrite", "--bogus"], 2, ["unrecognized", "--bogus", "see 'adp rewrite --help'"]),
     # verify flags
     (["verify", "--world-size", "0"], 2, ["--world-size", ">= 1"]),
     (["verify", "--world-size", "-1"], 2, ["--world-size"]),
