@@ -396,3 +396,23 @@ def test_checkpoint_tokenizer_is_used_for_prompts(tmp_path):
     assert tok.encode("hello world") == [1, 2]
     assert tok.decode([2, 1]) == "world hello"
     assert isinstance(load_tokenizer(None), ByteTokenizer)
+
+
+def test_memory_and_os_errors_get_one_line_each():
+    from adp_pass.runtime.weights import InsufficientMemory
+
+    code, message, _ = cli.explain(InsufficientMemory("rank 0 needs 70.0 GiB; keep mlp_tp=8"))
+    assert (code, message) == (1, "rank 0 needs 70.0 GiB; keep mlp_tp=8")
+    code, message, hint = cli.explain(MemoryError())
+    assert code == 1 and message == "out of memory" and "--num-blocks" in hint
+    code, message, _ = cli.explain(PermissionError(13, "Permission denied", "/x/plan.json"))
+    assert (code, message) == (1, "Permission denied: /x/plan.json")
+
+
+def test_a_long_message_is_cut_to_three_lines(capsys):
+    from adp_pass.errors import AdpError
+
+    code = cli._report(AdpError("\n".join(f"line {i}" for i in range(40)), hint="h"), "run", False)
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 1 and len(lines) == 4
+    assert lines[0] == "adp run: error: line 0" and "38 more lines" in lines[2]
