@@ -4,36 +4,71 @@ capture (TP graph) -> detect (plain-data plan) -> rewrite (execute the plan) -> 
 ops) -> execute per rank. See docs/design.md.
 """
 
+import importlib
 import os
+import sys
 
-import torch
+from adp_pass.errors import AdpError, UsageError
+
 
 # Without a GPU, Triton kernels run only through Triton's interpreter, which Triton picks when
-# it is imported and each @triton.jit function is defined; the imports below (AOTAutograd)
-# already import Triton. So choose here, first, unless the user decided already.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# it is imported and each @triton.jit function is defined. Deciding needs torch (is there a
+# GPU?), but importing torch here would make every ``adp`` command, even ``--help``, pay seconds
+# for it. So the decision is made just before Triton's first import (AOTAutograd imports it),
+# by a one-shot import hook; if Triton is already imported it is made now, as before.
+def _pick_triton_mode() -> None:
+    import torch
 
-from adp_pass.capture import CapturedGraph, capture, capture_hf_qwen3, fake_process_group
-from adp_pass.detect import DetectError, detect
-from adp_pass.mapping import Mapping, MappingError, NotSupportedYet
-from adp_pass.plan import ParamSpec, Plan, ShapeFix, Site
-from adp_pass.rewrite import RewriteError, rewrite
+    try:
+        has_gpu = torch.cuda.is_available()
+    except AttributeError:  # Triton imported while torch itself is importing: a GPU build
+        return
+    if not has_gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
-__all__ = [
-    "CapturedGraph",
-    "DetectError",
-    "Mapping",
-    "MappingError",
-    "NotSupportedYet",
-    "ParamSpec",
-    "Plan",
-    "RewriteError",
-    "ShapeFix",
-    "Site",
-    "capture",
-    "capture_hf_qwen3",
-    "detect",
-    "fake_process_group",
-    "rewrite",
-]
+
+class _BeforeTriton:
+    """Meta-path finder that only watches for ``triton``; it never finds anything itself."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton":
+            sys.meta_path.remove(self)
+            _pick_triton_mode()
+        return None
+
+
+if "TRITON_INTERPRET" not in os.environ:
+    if "triton" in sys.modules:
+        _pick_triton_mode()
+    elif not any(isinstance(f, _BeforeTriton) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeTriton())
+
+# Public names, imported on first use (PEP 562) so that ``import adp_pass`` stays cheap.
+_LAZY = {
+    "CapturedGraph": "adp_pass.capture",
+    "capture": "adp_pass.capture",
+    "capture_hf_qwen3": "adp_pass.capture",
+    "fake_process_group": "adp_pass.capture",
+    "DetectError": "adp_pass.detect",
+    "detect": "adp_pass.detect",
+    "Mapping": "adp_pass.mapping",
+    "MappingError": "adp_pass.mapping",
+    "NotSupportedYet": "adp_pass.mapping",
+    "ParamSpec": "adp_pass.plan",
+    "Plan": "adp_pass.plan",
+    "ShapeFix": "adp_pass.plan",
+    "Site": "adp_pass.plan",
+    "RewriteError": "adp_pass.rewrite",
+    "rewrite": "adp_pass.rewrite",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'adp_pass' has no attribute {name!r}")
+
+
+__all__ = ["AdpError", "UsageError", *_LAZY]

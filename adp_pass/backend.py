@@ -23,11 +23,12 @@ from adp_pass.detect import detect
 from adp_pass.mapping import Mapping
 from adp_pass.plan import Plan
 from adp_pass.rewrite import rewrite
+from adp_pass.errors import AdpError
 
 _KEY = re.compile(r"\['([^']+)'\]")
 
 
-class BackendError(RuntimeError):
+class BackendError(AdpError, RuntimeError):
     """The compiled function cannot run as attention-DP."""
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from transformers import Qwen3Config, Qwen3ForCausalLM
+from adp_pass.errors import AdpError
 
 aten = torch.ops.aten
 
@@ -37,7 +38,7 @@ class CapturedGraph:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class CaptureError(RuntimeError):
+class CaptureError(AdpError, RuntimeError):
     """The model could not be captured as one ATen graph."""
 
 

@@ -1,179 +1,468 @@
-"""``adp`` command line: ``verify`` (parity on real ranks), ``rewrite`` (one rank's graph),
-``run`` (generation on attention-DP ranks started by torchrun)."""
+"""adp: rewrite tensor-parallel Qwen3 graphs into attention-data-parallel form.
+
+verify checks parity on real ranks, rewrite shows one rank's rewrite, run serves requests on
+attention-DP ranks. Inputs are checked before any expensive work; errors are a few lines that
+name the problem and the fix (exit 2: fix the command line, 1: a failure; --debug: traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
+# Nothing imported here loads torch or transformers: `adp --help` and every input error must
+# answer at once. The commands import them after validation.
+from adp_pass.checks import check_checkpoint, check_out_dir, check_requests
+from adp_pass.errors import AdpError, UsageError
 from adp_pass.mapping import Mapping, MappingError
-from adp_pass.presets import PRESETS, qwen3_config
+from adp_pass.presets import PRESETS
+
+BLOCK_SIZE = 16  # the serving job's KV-cache block size (Job.block_size)
+DEFAULT_MAPPING = "tp=2,attn_dp=1"
+MAX_MESSAGE_LINES = 3  # of one error's message; the rest is in the rank log / --debug
 
 
-def _splits(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--splits wants comma-separated integers, got {text!r}")
+# ----------------------------------------------------------------------------- argument types
+class _Parser(argparse.ArgumentParser):
+    """Bad flags raise a UsageError, reported by ``main`` like every other error (argparse's
+    own report prints the whole usage block first)."""
+
+    def error(self, message: str):
+        raise UsageError(message, hint=f"see '{self.prog} --help'")
 
 
-def _add_verify(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "verify",
-        help="rewrite a preset with random weights, run it on real CPU/GPU ranks, check parity",
-    )
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=16)
-    p.add_argument("--splits", type=_splits, default=None, help="rows per rank, e.g. 1,3")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logits difference")
-    p.add_argument("--seed", type=int, default=0)
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            left = "(" if low_open else "["
+            right = "]" if math.isfinite(high) else ")"
+            raise argparse.ArgumentTypeError(f"must be in {left}{low:g}, {high:g}{right}, "
+                                             f"got {text}")
+        return value
+
+    return parse
+
+
+def _int_list(low: int, *, allow_empty: bool = False):
+    def parse(text: str) -> list[int]:
+        items = [t.strip() for t in text.split(",")] if text.strip() else []
+        if not items and not allow_empty:
+            raise argparse.ArgumentTypeError("expected comma-separated integers, got nothing")
+        try:
+            values = [int(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, got {text!r}") from None
+        if any(v < low for v in values):
+            raise argparse.ArgumentTypeError(f"every value must be >= {low}, got {text!r}")
+        return values
+
+    return parse
+
+
+_positive = _int_at_least(1)
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    common = _Parser(add_help=False)
+    # SUPPRESS: a subcommand's default must not overwrite `adp --debug CMD`.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, also print the traceback")
+    parser = _Parser(prog="adp", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--debug", action="store_true", help="on an error, also print the traceback")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("verify", parents=[common], formatter_class=fmt,
+                       help="rewrite a preset with random weights, run it on real ranks, check "
+                       "parity with transformers",
+                       description="Rewrite a preset (random weights) for --world-size ranks, run "
+                       "the TP and the attention-DP graphs on real ranks (gloo on CPU, NCCL on "
+                       "GPU) and compare both with transformers.")
+    p.add_argument("--preset", metavar="NAME", default="small", choices=sorted(PRESETS), help="model shape: %(choices)s")
+    p.add_argument("--world-size", metavar="N", type=_positive, default=2,
+                   help="ranks to start; also the TP degree the graph is traced with")
+    p.add_argument("--batch", metavar="N", type=_positive, default=4, help="sequences in the test batch")
+    p.add_argument("--seq", metavar="N", type=_positive, default=16, help="tokens per sequence")
+    p.add_argument("--splits", metavar="ROWS", type=_int_list(0), default=None,
+                   help="rows per rank, e.g. 1,3 (one per rank, summing to --batch); "
+                   "if not given, rank 0 gets one row and the others the rest")
+    p.add_argument("--tolerance", metavar="TOL", type=_float_in(0), default=1e-4,
+                   help="largest allowed |logits difference|")
+    p.add_argument("--seed", metavar="N", type=_int_at_least(0), default=0, help="weights and inputs seed")
     p.add_argument("--lower", action="store_true", help="also lower to the Triton ops and compare")
+    p.add_argument("--log-dir", metavar="DIR", type=Path, default=None,
+                   help="where the ranks' logs go; if not given, a new directory under the temp dir")
+
+    p = sub.add_parser("rewrite", parents=[common], formatter_class=fmt,
+                       help="capture, detect and rewrite one rank's graph; print a summary",
+                       description="Trace one rank of a TP job on a fake process group, find the "
+                       "collectives and rewrite the graph to attention-DP. Prints a summary; "
+                       "-v prints the full plan, --out writes it with both graphs and a picture.")
+    p.add_argument("--preset", metavar="NAME", default="small", choices=sorted(PRESETS), help="model shape: %(choices)s")
+    p.add_argument("--mapping", metavar="SPEC", default=DEFAULT_MAPPING,
+                   help='"tp=8,attn_dp=1" form (keys world, tp, attn_dp, attn_tp, mlp_tp), or a '
+                   ".json/.toml file with the same keys")
+    p.add_argument("--rank", metavar="N", type=_int_at_least(0), default=0, help="which TP rank to trace")
+    p.add_argument("--meta", action="store_true",
+                   help="trace on meta weights (no memory needed for big presets)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=None,
+                   help="directory for plan.json, report.txt, summary.json, both graphs and "
+                   "before_after.png")
+    p.add_argument("--no-strict", action="store_true",
+                   help="list collectives no pattern explains instead of failing")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the full plan listing")
+
+    p = sub.add_parser("run", parents=[common], formatter_class=fmt,
+                       help="serve requests on attention-DP ranks started by torchrun",
+                       description="Generation: requests are spread over --world-size "
+                       "attention-DP ranks by load; each rank builds its own rewritten model and "
+                       "serves its requests from a paged KV cache.")
+    p.add_argument("--preset", metavar="NAME", default=None, choices=sorted(PRESETS),
+                   help="model shape with random weights: %(choices)s; if not given, tiny (or the "
+                   "--checkpoint's)")
+    p.add_argument("--checkpoint", metavar="DIR", type=Path, default=None,
+                   help="Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--world-size", metavar="N", type=_positive, default=2, help="ranks (each its own requests)")
+    p.add_argument("--prompt", metavar="TEXT", action="append", default=None,
+                   help="a prompt text (repeatable); tokenized with the checkpoint's tokenizer, "
+                   "or bytes as ids for a preset. Without it: --requests random prompts")
+    p.add_argument("--requests", metavar="N", type=_positive, default=4,
+                   help="random prompts to serve when no --prompt is given")
+    p.add_argument("--prompt-len", metavar="N", type=_positive, default=8, help="tokens per random prompt")
+    p.add_argument("--new-tokens", metavar="N", type=_positive, default=8, help="tokens to generate per request")
+    p.add_argument("--temperature", metavar="T", type=_float_in(0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", metavar="P", type=_float_in(0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling mass")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations")
+    p.add_argument("--num-blocks", metavar="N", type=_positive, default=256,
+                   help=f"KV-cache blocks per rank ({BLOCK_SIZE} tokens each)")
+    p.add_argument("--cuda-graphs", metavar="SIZES", type=_int_list(1, allow_empty=True), default="1,2,4,8,16,32,64",
+                   help="decode batch sizes captured as CUDA graphs (GPU only; empty: none)")
+    p.add_argument("--log-dir", metavar="DIR", type=Path, default=None,
+                   help="where the ranks' log goes; if not given, a file under the temp dir")
+    return parser
 
 
-def _add_rewrite(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("rewrite", help="capture, detect and rewrite one rank's graph")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    p.add_argument("--mapping", default=None, help='e.g. "tp=8,attn_dp=1", or a .json/.toml file')
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument(
-        "--meta", action="store_true", help="trace on meta weights (no memory for big presets)"
-    )
-    p.add_argument("--out", type=Path, default=None, help="write plan, report, graphs, picture")
-    p.add_argument("--no-strict", action="store_true", help="list unclassified collectives only")
+# ----------------------------------------------------------------------------- progress
+class _Stages:
+    """Each stage's start and time, on stderr (stdout keeps the results)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    @contextmanager
+    def __call__(self, what: str):
+        print(f"adp {self.command}: {what} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        yield
+        print(f"adp {self.command}: {what}: done in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr, flush=True)
 
 
-def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run", help="serve requests on attention-DP ranks started by torchrun (generation)"
-    )
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--checkpoint", default=None, help="Hugging Face checkpoint dir (safetensors)")
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--requests", type=int, default=4, help="synthetic requests (random prompts)")
-    p.add_argument("--prompt-len", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--num-blocks", type=int, default=256)
-    p.add_argument("--cuda-graphs", default="1,2,4,8,16,32,64", help="decode batch sizes")
+# ----------------------------------------------------------------------------- shared checks
+def _mapping(spec: str, flag: str = "--mapping") -> Mapping:
+    try:
+        return Mapping.load(spec)
+    except MappingError as err:
+        err.flag = err.flag or flag
+        raise
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
-    from adp_pass.runtime.sampling import SamplingParams
-
-    vocab = qwen3_config(args.preset).vocab_size
-    if args.checkpoint:
-        from transformers import AutoConfig
-
-        vocab = AutoConfig.from_pretrained(args.checkpoint).vocab_size
-    params = SamplingParams(args.new_tokens, args.temperature, args.top_p)
-    requests = synthetic_requests(args.requests, args.prompt_len, params, vocab)
-    job = make_job(
-        f"tp={args.world_size},attn_dp=1", assign_by_load(requests, args.world_size),
-        preset=args.preset, checkpoint=args.checkpoint, dtype=args.dtype,
-        num_blocks=args.num_blocks, max_position=args.prompt_len + args.new_tokens + 16,
-        max_seq_len=args.prompt_len + args.new_tokens,
-        cuda_graph_sizes=[int(s) for s in args.cuda_graphs.split(",") if s],
-    )
-    print(f"run: {len(requests)} requests over {args.world_size} ranks (torchrun)", flush=True)
-    report = run_job(job, args.world_size)
-    for rank in report.ranks:
-        for result in rank["results"]:
-            print(f"  rank {rank['rank']} {result['request_id']}: {result['tokens']} "
-                  f"({result['finish_reason']})")
-    print(report)
-    return 0
+def _check_tp_fits_model(mapping: Mapping, heads: int, kv_heads: int, inter: int,
+                         flag: str) -> None:
+    try:
+        mapping.check_model(heads, kv_heads, inter)
+    except MappingError as err:
+        if flag == "--world-size":  # the user typed a world size, not a tp: say how they relate
+            raise UsageError(f"--world-size {mapping.tp_size} is the TP degree: {err}",
+                             flag=flag, hint="pick a --world-size that divides the model's heads "
+                             "and intermediate size") from None
+        err.flag = flag
+        raise
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _check_ranks_fit_machine(world_size: int) -> None:
+    """One rank per GPU; without a GPU, one per CPU core (gloo ranks on fewer cores crawl)."""
+    import torch
+
+    if torch.cuda.is_available():
+        limit, what = torch.cuda.device_count(), f"{torch.cuda.device_count()} GPUs"
+    else:
+        limit = os.cpu_count() or 1
+        what = f"no GPU and {limit} CPU cores"
+    if world_size > limit:
+        raise UsageError(
+            f"--world-size {world_size} is more ranks than this machine can run: it has {what}",
+            flag="--world-size", hint=f"use --world-size {limit} or less")
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_verify(args: argparse.Namespace, stage: _Stages) -> int:
+    shape = PRESETS[args.preset]
+    mapping = _mapping(f"tp={args.world_size},attn_dp=1", "--world-size")
+    _check_tp_fits_model(mapping, shape.num_attention_heads, shape.num_key_value_heads,
+                         shape.intermediate_size, "--world-size")
+    if args.seq > shape.max_position_embeddings:
+        raise UsageError(f"--seq {args.seq} is longer than preset {args.preset}'s "
+                         f"{shape.max_position_embeddings} positions", flag="--seq")
+    if args.splits is None:
+        if args.batch < args.world_size:
+            raise UsageError(f"--batch {args.batch} is smaller than --world-size "
+                             f"{args.world_size}: the default split gives every rank a row",
+                             flag="--batch", hint="raise --batch, or give --splits (0 allowed)")
+    elif len(args.splits) != args.world_size or sum(args.splits) != args.batch:
+        raise UsageError(
+            f"--splits {','.join(map(str, args.splits))} must give each of the --world-size "
+            f"{args.world_size} ranks its rows ({len(args.splits)} values given) and sum to "
+            f"--batch {args.batch} (they sum to {sum(args.splits)})", flag="--splits")
+    log_dir = args.log_dir
+    if log_dir is not None:
+        check_out_dir(log_dir, "--log-dir")
+    _check_ranks_fit_machine(args.world_size)
+
+    from adp_pass.presets import qwen3_config
+    from adp_pass.runtime.frontend import default_log_path
     from adp_pass.verify import verify
 
-    config = qwen3_config(args.preset)
+    log_dir = log_dir or default_log_path("verify", suffix="")
     print(f"verify: preset {args.preset}, {args.world_size} ranks, batch {args.batch}x{args.seq}")
-    report = verify(
-        config,
-        args.world_size,
-        batch=args.batch,
-        seq=args.seq,
-        splits=args.splits,
-        seed=args.seed,
-        lower_ops=args.lower,
-    )
+    with stage(f"parity on {args.world_size} ranks (rank logs: {log_dir})"):
+        report = verify(qwen3_config(args.preset), args.world_size, batch=args.batch,
+                        seq=args.seq, splits=args.splits, seed=args.seed, lower_ops=args.lower,
+                        log_dir=log_dir)
     print(report.plan_text)
     print()
     print(report)
     diffs = [report.tp_max_abs_diff, report.adp_max_abs_diff]
     if report.lowered_vs_rewritten_max_abs_diff is not None:
         diffs.append(report.lowered_vs_rewritten_max_abs_diff)
-    ok = max(diffs) <= args.tolerance
-    ok = ok and report.collectives_left == 0
+    ok = max(diffs) <= args.tolerance and report.collectives_left == 0
     print(f"{'PASS' if ok else 'FAIL'} (tolerance {args.tolerance:g}, {report.seconds:.1f} s)")
+    print(f"rank logs: {log_dir}", file=sys.stderr)
     return 0 if ok else 1
 
 
-def cmd_rewrite(args: argparse.Namespace) -> int:
-    from adp_pass.capture import capture_hf_qwen3
-    from adp_pass.detect import detect
-    from adp_pass.report import summarize_graph, write_rewrite_outputs
-    from adp_pass.rewrite import rewrite
-
-    config = qwen3_config(args.preset)
-    mapping = Mapping.load(args.mapping or "tp=2,attn_dp=1")
-    mapping.check_model(
-        config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
-    )
-    print(f"rewrite: preset {args.preset}, mapping {mapping}, rank {args.rank}", flush=True)
-    captured = capture_hf_qwen3(
-        config, world_size=mapping.tp_size, rank=args.rank, meta=args.meta
-    )
-    before = summarize_graph(captured.gm)
-    before_code = captured.gm.code
-    start = time.perf_counter()
-    plan = detect(captured.gm, mapping, strict=not args.no_strict)
-    detect_s = time.perf_counter() - start
-    gm = rewrite(captured.gm, plan)
-    report = gm.meta["adp_report"]
-    print(plan)
-    print()
-    timings = {
-        "build_s": captured.timings["build_s"],
-        "capture_s": captured.timings["capture_s"],
-        "detect_s": detect_s,
-        "rewrite_s": report.seconds,
-    }
-    print("stages: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
-    print(
-        f"rewrite: {report.sites_removed} sites removed, {report.shape_constants_fixed} shape "
-        f"constants fixed, {report.params_replaced} parameters made full, "
-        f"{report.collectives_left} collectives left"
-    )
+def cmd_rewrite(args: argparse.Namespace, stage: _Stages) -> int:
+    shape = PRESETS[args.preset]
+    mapping = _mapping(args.mapping)
+    _check_tp_fits_model(mapping, shape.num_attention_heads, shape.num_key_value_heads,
+                         shape.intermediate_size, "--mapping")
+    if not mapping.enable_attention_dp:  # detect says so too, but only after the capture
+        raise UsageError(f"mapping {args.mapping!r} does not enable attention-DP, which is what "
+                         "the rewrite produces", flag="--mapping",
+                         hint=f"add attn_dp=1: --mapping tp={mapping.tp_size},attn_dp=1")
+    if args.rank >= mapping.tp_size:
+        raise UsageError(f"--rank {args.rank} is not a rank of the mapping's tp={mapping.tp_size} "
+                         f"(ranks 0..{mapping.tp_size - 1})", flag="--rank")
     if args.out is not None:
-        paths = write_rewrite_outputs(
-            args.out, plan, before, summarize_graph(gm), before_code, gm.code, timings
-        )
-        print("wrote " + ", ".join(str(p) for p in paths))
+        check_out_dir(args.out)
+
+    with stage("import torch and transformers"):
+        from adp_pass.capture import capture_hf_qwen3
+        from adp_pass.detect import detect
+        from adp_pass.presets import qwen3_config
+        from adp_pass.report import summarize_graph, weight_bytes, write_rewrite_outputs
+        from adp_pass.rewrite import rewrite
+
+    print(f"rewrite: preset {args.preset}, mapping {mapping}, rank {args.rank}", flush=True)
+    with stage(f"build and capture rank {args.rank}'s TP graph"):
+        captured = capture_hf_qwen3(qwen3_config(args.preset), world_size=mapping.tp_size,
+                                    rank=args.rank, meta=args.meta)
+    before, before_code = summarize_graph(captured.gm), captured.gm.code
+    with stage("detect"):
+        start = time.perf_counter()
+        plan = detect(captured.gm, mapping, strict=not args.no_strict)
+        detect_s = time.perf_counter() - start
+    with stage("rewrite"):
+        gm = rewrite(captured.gm, plan)
+    report = gm.meta["adp_report"]
+    timings = {"build_s": captured.timings["build_s"], "capture_s": captured.timings["capture_s"],
+               "detect_s": detect_s, "rewrite_s": report.seconds}
+    if args.verbose:
+        print(plan)
+        print()
+    tp_bytes, adp_bytes = weight_bytes(plan)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(plan.counts().items()))
+    print(f"  {report.sites_removed} sites removed ({counts}), {report.collectives_left} "
+          f"collectives left, {len(plan.unclassified)} unclassified")
+    print(f"  {report.shape_constants_fixed} shape constants fixed, {report.params_replaced} "
+          f"parameters made full: weights per rank {_mb(tp_bytes)} -> {_mb(adp_bytes)}")
+    print("  stages: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
+    if args.out is not None:
+        with stage(f"write {args.out}"):
+            paths = write_rewrite_outputs(args.out, plan, before, summarize_graph(gm),
+                                          before_code, gm.code, timings)
+        print(f"  wrote {len(paths)} files to {args.out}: " + ", ".join(p.name for p in paths))
+    elif not args.verbose:
+        print("  (-v prints the full plan; --out DIR writes it, both graphs and a picture)")
     return 0
 
 
+def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
+    if args.checkpoint is not None and args.preset is not None:
+        raise UsageError("give --preset or --checkpoint, not both", flag="--checkpoint",
+                         hint="a checkpoint brings its own shape (config.json)")
+    preset = args.preset or "tiny"
+    if args.checkpoint is not None:
+        config = check_checkpoint(args.checkpoint)
+        heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        inter, vocab = config["intermediate_size"], config["vocab_size"]
+        max_position = config.get("max_position_embeddings") or 4096
+    else:
+        shape = PRESETS[preset]
+        heads, kv_heads, inter = (shape.num_attention_heads, shape.num_key_value_heads,
+                                  shape.intermediate_size)
+        vocab, max_position = shape.vocab_size, shape.max_position_embeddings
+    mapping = _mapping(f"tp={args.world_size},attn_dp=1", "--world-size")
+    _check_tp_fits_model(mapping, heads, kv_heads, inter, "--world-size")
+    tokenizer = None
+    if args.prompt is not None:
+        from adp_pass.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.checkpoint)
+        prompts = [tokenizer.encode(text) for text in args.prompt]
+    else:
+        prompts = [[0] * args.prompt_len] * args.requests  # lengths only: ids are drawn later
+    check_requests(prompts, args.new_tokens, vocab_size=vocab, max_position=max_position,
+                   num_blocks=args.num_blocks, block_size=BLOCK_SIZE)
+    if args.log_dir is not None:
+        check_out_dir(args.log_dir, "--log-dir")
+    _check_ranks_fit_machine(args.world_size)
+
+    from adp_pass.runtime.engine import Request
+    from adp_pass.runtime.frontend import (
+        assign_by_load, default_log_path, make_job, run_job, synthetic_requests)
+    from adp_pass.runtime.sampling import SamplingParams
+
+    params = SamplingParams(args.new_tokens, args.temperature, args.top_p)
+    if tokenizer is not None:
+        requests = [Request(f"prompt-{i}", ids, params) for i, ids in enumerate(prompts)]
+    else:
+        requests = synthetic_requests(args.requests, args.prompt_len, params, vocab)
+    longest = max(len(r.prompt) for r in requests) + args.new_tokens
+    job = make_job(
+        str(mapping), assign_by_load(requests, args.world_size), preset=preset,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None, dtype=args.dtype,
+        num_blocks=args.num_blocks, block_size=BLOCK_SIZE,
+        max_position=min(longest + 16, max_position), max_seq_len=longest,
+        cuda_graph_sizes=args.cuda_graphs,  # argparse parses a string default with its type
+    )
+    log = (args.log_dir / Path(default_log_path()).name) if args.log_dir else default_log_path()
+    print(f"run: {len(requests)} requests over {args.world_size} ranks (torchrun)", flush=True)
+    with stage(f"serve on {args.world_size} ranks (log: {log})"):
+        report = run_job(job, args.world_size, log_path=log)
+    texts = dict(zip((r.request_id for r in requests), args.prompt or []))
+    for rank in report.ranks:
+        for result in rank["results"]:
+            tokens, rid = result["tokens"], result["request_id"]
+            if tokenizer is not None:
+                print(f"  rank {rank['rank']} {rid}: {texts[rid]!r} -> "
+                      f"{tokenizer.decode(tokens)!r} ({result['finish_reason']})")
+                print(f"      ids {tokens}")
+            else:
+                print(f"  rank {rank['rank']} {rid}: {tokens} ({result['finish_reason']})")
+    print(report)
+    print(f"rank logs: {report.log}", file=sys.stderr)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+# ----------------------------------------------------------------------------- the error path
+# Errors of modules another change owns (no AdpError base there): caught by class, by stage.
+_STAGE_ERRORS = {
+    ("adp_pass.detect", "DetectError"): ("detect", "run with --no-strict to list what no "
+                                         "pattern explains; --debug shows where"),
+    ("adp_pass.shapes", "ShapeFixError"): ("shape fix-up", "--debug shows the node"),
+    ("adp_pass.rewrite", "RewriteError"): ("rewrite", "--debug shows where"),
+}
+
+
+def explain(err: BaseException) -> tuple[int, str, str | None]:
+    """(exit code, message, fix) for any error that reaches the command line."""
+    if isinstance(err, AdpError):
+        message, hint = str(err), err.hint
+        if err.flag and err.flag not in message and not isinstance(err, MappingError):
+            message = f"{err.flag}: {message}"
+        elif isinstance(err, MappingError):
+            message = f"bad {err.flag or 'mapping'}: {message}"
+        return err.exit_code, message, hint
+    for (module, name), (what, hint) in _STAGE_ERRORS.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return 1, f"{what} failed: {err}", hint
+    if isinstance(err, KeyboardInterrupt):
+        return 130, "interrupted", None
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return 1, f"out of memory: {err}".rstrip(": "), ("use a smaller --preset, --num-blocks "
+                                                         "or --world-size")
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        return 1, f"{err.strerror or err}{where}", None
+    return 1, f"unexpected {type(err).__name__}: {err}", (
+        "this is a bug in adp-pass: rerun with --debug and report the traceback")
+
+
+def _report(err: BaseException, command: str | None, debug: bool) -> int:
+    code, message, hint = explain(err)
+    lines = [line for line in message.strip().splitlines() if line.strip()] or [message]
+    if len(lines) > MAX_MESSAGE_LINES:
+        lines = lines[: MAX_MESSAGE_LINES - 1] + [f"... ({len(lines) - MAX_MESSAGE_LINES + 1} "
+                                                  "more lines; --debug shows them)"]
+    out = [f"adp{' ' + command if command else ''}: error: {lines[0]}", *lines[1:]]
+    if hint:
+        out.append(f"  fix: {hint}")
+    if getattr(err, "log", None):
+        out.append(f"  rank logs: {err.log}")
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    print("\n".join(out), file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adp", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_verify(sub)
-    _add_rewrite(sub)
-    _add_run(sub)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     commands = {"verify": cmd_verify, "rewrite": cmd_rewrite, "run": cmd_run}
+    command = next((a for a in argv if a in commands), None)  # for the error prefix only
     try:
-        return commands[args.command](args)
-    except MappingError as err:
-        print(f"adp: bad mapping: {err}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+        return commands[args.command](args, _Stages(args.command))
+    except SystemExit:  # --help
+        raise
+    except BaseException as err:  # noqa: BLE001 - the one place errors become messages
+        if command and isinstance(err, UsageError) and err.hint == "see 'adp --help'":
+            err.hint = f"see 'adp {command} --help'"  # argparse reports leftovers at the top
+        return _report(err, command, "--debug" in argv)
 
 
 if __name__ == "__main__":

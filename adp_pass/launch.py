@@ -8,6 +8,8 @@ every collective, so a rank waiting on a dead peer fails instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import uuid
 from datetime import timedelta
@@ -16,11 +18,20 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from adp_pass.errors import AdpError
+
 DEFAULT_TIMEOUT_S = 120.0
 
 
-class RankFailed(RuntimeError):
-    """A rank of a launched job raised or died; the message names it and its error."""
+class RankFailed(AdpError, RuntimeError):
+    """A rank of a launched job raised or died; the message names it and its error.
+
+    ``rank`` is the failing rank (None if unknown), ``log`` the file with every rank's output."""
+
+    def __init__(self, message: str, *, rank: int | None = None, log: str | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.rank, self.log = rank, log
 
 
 def launch(
@@ -28,14 +39,24 @@ def launch(
     world_size: int,
     *args: Any,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    log_dir: str | os.PathLike | None = None,
 ) -> list[Any]:
-    """Run ``entrypoint(*args)`` on ``world_size`` local ranks; return their results by rank."""
+    """Run ``entrypoint(*args)`` on ``world_size`` local ranks; return their results by rank.
+
+    With ``log_dir``, each rank's stdout/stderr go to files under it (torchrun's layout:
+    ``<run id>/attempt_0/<rank>/stderr.log``) and torchrun's own messages are silenced, so a
+    failure reaches the caller only as :class:`RankFailed` carrying the rank's message.
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     os.environ["ADP_TIMEOUT_S"] = str(timeout_s)
+    logs = None
+    if log_dir is not None:
+        logs = DefaultLogsSpecs(log_dir=str(log_dir), redirects=Std.ALL, tee=Std.NONE)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -46,16 +67,43 @@ def launch(
         max_restarts=0,
         monitor_interval=0.1,
         start_method="spawn",
+        logs_specs=logs,
     )
-    try:
-        results = elastic_launch(config, entrypoint)(*args)
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        detail = failure.message
-        if isinstance(detail, dict):
-            detail = detail.get("message", detail)
-        raise RankFailed(f"rank {rank} failed: {detail}") from None
+    with _quiet_launcher(log_dir is not None):
+        try:
+            results = elastic_launch(config, entrypoint)(*args)
+        except ChildFailedError as err:
+            rank, failure = err.get_first_failure()
+            detail = failure.message
+            if isinstance(detail, dict):
+                detail = detail.get("message", detail)
+            raise RankFailed(
+                f"rank {rank} failed: {_last_line(str(detail))}", rank=rank,
+                log=str(log_dir) if log_dir is not None else None,
+            ) from None
     return [results[rank] for rank in range(world_size)]
+
+
+@contextlib.contextmanager
+def _quiet_launcher(quiet: bool):
+    """torchrun logs a multi-screen report of a failure; the caller reports it in one line."""
+    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing",
+                                               "torch.distributed.launcher")]
+    levels = [logger.level for logger in loggers]
+    if quiet:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _last_line(text: str) -> str:
+    """A recorded failure may carry the traceback; the exception's own line is the last one."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else text
 
 
 def rank_device() -> torch.device:

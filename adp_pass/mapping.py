@@ -18,9 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from adp_pass.errors import UsageError
 
-class MappingError(ValueError):
-    """A mapping that cannot describe a valid job."""
+
+class MappingError(UsageError, ValueError):
+    """A mapping that cannot describe a valid job. Messages use the short keys of the string
+    form (``tp``, ``attn_dp``, ...), the words a user types."""
 
 
 class NotSupportedYet(MappingError):
@@ -35,6 +38,7 @@ _SHORT_KEYS = {
     "attn_tp": "attn_tp_size",
     "mlp_tp": "mlp_tp_size",
 }
+_KEY_OF = {field: key for key, field in _SHORT_KEYS.items()}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -53,13 +57,11 @@ class Mapping:
         for name in ("world_size", "tp_size", "attn_tp_size", "mlp_tp_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise MappingError(f"{name} must be a non-negative integer, got {value!r}")
+                raise MappingError(f"{_KEY_OF[name]} must be a non-negative integer, got {value!r}")
         if not isinstance(self.enable_attention_dp, bool):
-            raise MappingError(
-                f"enable_attention_dp must be a bool, got {self.enable_attention_dp!r}"
-            )
+            raise MappingError(f"attn_dp must be a bool, got {self.enable_attention_dp!r}")
         if self.tp_size < 1:
-            raise MappingError(f"tp_size must be >= 1, got {self.tp_size}")
+            raise MappingError(f"tp must be >= 1, got {self.tp_size}")
         world = self.world_size or self.tp_size
         attn_tp = self.attn_tp_size or (1 if self.enable_attention_dp else self.tp_size)
         mlp_tp = self.mlp_tp_size or (1 if self.enable_attention_dp else self.tp_size)
@@ -71,38 +73,38 @@ class Mapping:
     def _validate(self) -> None:
         if self.world_size != self.tp_size:
             raise MappingError(
-                f"world_size ({self.world_size}) must equal tp_size ({self.tp_size}): the "
+                f"world ({self.world_size}) must equal tp ({self.tp_size}): the "
                 "rewrite regroups the ranks of one TP job; pipeline or outer data parallelism "
                 "is not part of a mapping. Set world=tp."
             )
         if self.tp_size % self.attn_tp_size:
             raise MappingError(
-                f"attn_tp_size ({self.attn_tp_size}) must divide tp_size ({self.tp_size}) so "
+                f"attn_tp ({self.attn_tp_size}) must divide tp ({self.tp_size}) so "
                 "every attention group has the same size"
             )
         if self.tp_size % self.mlp_tp_size:
             raise MappingError(
-                f"mlp_tp_size ({self.mlp_tp_size}) must divide tp_size ({self.tp_size}) so "
+                f"mlp_tp ({self.mlp_tp_size}) must divide tp ({self.tp_size}) so "
                 "every MLP group has the same size"
             )
         if not self.enable_attention_dp and self.attn_tp_size != self.tp_size:
             raise MappingError(
-                f"attn_tp_size ({self.attn_tp_size}) < tp_size ({self.tp_size}) means "
-                "attention data parallelism: set attn_dp=1 (enable_attention_dp=True)"
+                f"attn_tp ({self.attn_tp_size}) < tp ({self.tp_size}) means "
+                "attention data parallelism: set attn_dp=1"
             )
         if not self.enable_attention_dp and self.mlp_tp_size != self.tp_size:
             raise MappingError(
-                f"mlp_tp_size ({self.mlp_tp_size}) != tp_size ({self.tp_size}) needs "
+                f"mlp_tp ({self.mlp_tp_size}) != tp ({self.tp_size}) needs "
                 "attention-DP: set attn_dp=1, or drop mlp_tp"
             )
         if self.enable_attention_dp and self.attn_tp_size > 1:
             raise NotSupportedYet(
-                f"attn_tp_size={self.attn_tp_size} (attention groups of several ranks) is not "
+                f"attn_tp={self.attn_tp_size} (attention groups of several ranks) is not "
                 "supported yet; use attn_tp=1 (pure attention-DP)"
             )
         if self.enable_attention_dp and self.mlp_tp_size > 1:
             raise NotSupportedYet(
-                f"mlp_tp_size={self.mlp_tp_size} (TP MLP under attention-DP, with token "
+                f"mlp_tp={self.mlp_tp_size} (TP MLP under attention-DP, with token "
                 "all-gather / reduce-scatter) is not supported yet; use mlp_tp=1 (replicated MLP)"
             )
 
@@ -131,7 +133,7 @@ class Mapping:
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:
-            raise MappingError(f"rank {rank} is outside world_size {self.world_size}")
+            raise MappingError(f"rank {rank} is outside world {self.world_size}")
 
     def check_model(
         self, num_attention_heads: int, num_key_value_heads: int, intermediate_size: int
@@ -144,7 +146,7 @@ class Mapping:
         ):
             if count % self.tp_size:
                 raise MappingError(
-                    f"tp_size ({self.tp_size}) must divide {what} ({count}); pick a tp that "
+                    f"tp ({self.tp_size}) must divide the model's {what} ({count}); pick a tp that "
                     f"divides it (e.g. {_divisors_hint(count)})"
                 )
         if num_attention_heads % num_key_value_heads:
@@ -159,7 +161,7 @@ class Mapping:
         """Parse the compact CLI form, e.g. ``"tp=8,attn_dp=1,mlp_tp=1"``."""
         if not isinstance(spec, str) or not spec.strip():
             raise MappingError('empty mapping string; expected e.g. "tp=2,attn_dp=1"')
-        values: dict[str, Any] = {}
+        items = []
         for item in spec.split(","):
             item = item.strip()
             if not item:
@@ -168,42 +170,60 @@ class Mapping:
             key, raw = key.strip(), raw.strip()
             if not sep or not raw:
                 raise MappingError(f"mapping entry {item!r} must look like key=value")
-            field_name = _SHORT_KEYS.get(key, key if key in _SHORT_KEYS.values() else None)
-            if field_name is None:
-                known = ", ".join(_SHORT_KEYS)
-                raise MappingError(f"unknown mapping key {key!r}; known keys: {known}")
-            if field_name in values:
-                raise MappingError(f"mapping key {key!r} given twice in {spec!r}")
-            values[field_name] = _parse_value(field_name, raw)
-        return cls.from_dict(values)
+            items.append((key, raw))
+        return cls._from_items(items, f"in {spec!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Mapping":
-        names = set(cls.__dataclass_fields__)
-        fields = {}
+        """The keys and values of the string form, as a dict: ``{"tp": 8, "attn_dp": 1}``
+        (long field names and JSON/TOML booleans are accepted too, as in the string form)."""
+        items = []
         for key, value in values.items():
-            name = _SHORT_KEYS.get(key, key)
-            if name not in names:
-                raise MappingError(f"unknown mapping key {key!r}; known: {sorted(names)}")
-            fields[name] = value
+            if isinstance(value, bool):
+                raw = "1" if value else "0"
+            elif isinstance(value, (int, str)):
+                raw = str(value).strip()
+            else:  # 2.0, [2], {...}, null: the string form has no such values either
+                raw = None
+            items.append((str(key), raw, value))
+        return cls._from_items(items, "")
+
+    @classmethod
+    def _from_items(cls, items: list, where: str) -> "Mapping":
+        """One checker for both forms: known keys, no repeats, each value checked by its key."""
+        fields: dict[str, Any] = {}
+        for key, raw, *original in items:
+            field_name = _SHORT_KEYS.get(key, key if key in _KEY_OF else None)
+            if field_name is None:
+                known = ", ".join(_SHORT_KEYS)
+                raise MappingError(f"unknown mapping key {key!r}; known keys: {known}")
+            if field_name in fields:
+                raise MappingError(f"mapping key {key!r} given twice {where}".rstrip())
+            if raw is None or raw == "":
+                got = original[0] if original else raw
+                raise MappingError(f"{key} must be {_WANTS[field_name]}, got {got!r}")
+            fields[field_name] = _parse_value(key, field_name, raw)
         if "tp_size" not in fields:
             raise MappingError("a mapping needs tp (the TP degree the graph was traced with)")
         return cls(**fields)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Mapping":
-        """Read a mapping from a ``.json`` or ``.toml`` file (same keys as :meth:`parse`)."""
+        """Read a mapping from a ``.json`` or ``.toml`` file: the string form's keys and values,
+        at the top level or under a ``mapping`` table."""
         path = Path(path)
-        text = path.read_text()
+        if path.suffix not in (".json", ".toml"):
+            raise MappingError(f"mapping file {path} must end in .json or .toml")
         try:
-            if path.suffix == ".json":
-                values = json.loads(text)
-            elif path.suffix == ".toml":
-                values = tomllib.loads(text)
-            else:
-                raise MappingError(f"mapping file {path} must end in .json or .toml")
+            text = path.read_text()
+        except FileNotFoundError:
+            raise MappingError(f"mapping file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise MappingError(f"cannot read mapping file {path}: {err}") from None
+        try:
+            values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-            raise MappingError(f"cannot parse mapping file {path}: {err}") from err
+            raise MappingError(f"cannot parse mapping file {path}: {err}") from None
         if isinstance(values, dict) and isinstance(values.get("mapping"), dict):
             values = values["mapping"]
         if not isinstance(values, dict):
@@ -215,7 +235,10 @@ class Mapping:
         """A Mapping from a Mapping, a compact string, or a path to a JSON/TOML file."""
         if isinstance(spec, Mapping):
             return spec
-        if isinstance(spec, Path) or str(spec).endswith((".json", ".toml")):
+        text = str(spec)
+        # A path-like spec without "=" is a file, so "m.yaml" is told it is the wrong kind.
+        looks_like_file = "=" not in text and (Path(text).suffix or "/" in text)
+        if isinstance(spec, Path) or text.endswith((".json", ".toml")) or looks_like_file:
             return cls.from_file(spec)
         return cls.parse(str(spec))
 
@@ -229,20 +252,30 @@ class Mapping:
         )
 
 
-def _parse_value(field_name: str, raw: str) -> int | bool:
+_WANTS = {
+    "enable_attention_dp": "0/1 or true/false",
+    "world_size": "an integer >= 1",
+    "tp_size": "an integer >= 1",
+    "attn_tp_size": "an integer >= 1",
+    "mlp_tp_size": "an integer >= 1",
+}
+
+
+def _parse_value(key: str, field_name: str, raw: str) -> int | bool:
+    """``raw`` as typed for ``key`` (the name the user wrote, used in the message)."""
     if field_name == "enable_attention_dp":
         low = raw.lower()
         if low in _TRUE:
             return True
         if low in _FALSE:
             return False
-        raise MappingError(f"attn_dp must be 0/1 or true/false, got {raw!r}")
+        raise MappingError(f"{key} must be 0/1 or true/false, got {raw!r}")
     try:
         value = int(raw)
     except ValueError:
-        raise MappingError(f"{field_name} must be an integer, got {raw!r}") from None
+        raise MappingError(f"{key} must be an integer, got {raw!r}") from None
     if value < 1:
-        raise MappingError(f"{field_name} must be >= 1, got {value}")
+        raise MappingError(f"{key} must be >= 1, got {value}")
     return value
 
 

@@ -7,8 +7,12 @@ Published values are those of the Qwen3 model cards' ``config.json`` (head_dim 1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import Qwen3Config
+from adp_pass.errors import UsageError
+
+if TYPE_CHECKING:  # transformers is imported on use: `adp --help` must not pay for it
+    from transformers import Qwen3Config
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,13 @@ class Qwen3Shape:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 40960
     rope_theta: float = 1_000_000.0
+
+
+class UnknownPreset(UsageError, KeyError):
+    """A preset name that is not in PRESETS."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
 
 
 PRESETS: dict[str, Qwen3Shape] = {
@@ -43,12 +54,15 @@ PRESETS: dict[str, Qwen3Shape] = {
 }
 
 
-def qwen3_config(preset: str | Qwen3Shape, **overrides) -> Qwen3Config:
+def qwen3_config(preset: str | Qwen3Shape, **overrides) -> "Qwen3Config":
     """A transformers ``Qwen3Config`` for a preset name (or shape), with overrides applied."""
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise KeyError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+            raise UnknownPreset(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}",
+                                flag="--preset")
         preset = PRESETS[preset]
+    from transformers import Qwen3Config
+
     fields = dict(preset.__dict__)
     fields.update(overrides)
     rope_theta = fields.pop("rope_theta")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -30,15 +31,28 @@ _CATEGORIES = (
 
 
 def summarize_graph(gm: fx.GraphModule) -> dict:
-    """Node counts by category and the parameter elements a rank holds."""
+    """Node counts by category, the collective calls (without their waits), and the parameter
+    elements a rank holds."""
     counts: Counter = Counter()
+    calls = 0
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         category = next((name for name, ops in _CATEGORIES if node.target in ops), "other")
         counts[category] += 1
+        calls += node.target in COLLECTIVE_OPS
     params = sum(p.numel() for p in gm.parameters())
-    return {"nodes": len(gm.graph.nodes), "ops": dict(counts), "param_elements": params}
+    return {"nodes": len(gm.graph.nodes), "ops": dict(counts), "collective_calls": calls,
+            "param_elements": params}
+
+
+def weight_bytes(plan: Plan) -> tuple[int, int]:
+    """Bytes of the parameters one rank holds: (TP shard, attention-DP full)."""
+    def size(shape, dtype):
+        return math.prod(shape) * getattr(torch, dtype).itemsize
+
+    tp = sum(size(p.local_shape, p.dtype) for p in plan.params)
+    return tp, sum(size(p.full_shape, p.dtype) for p in plan.params)
 
 
 def write_rewrite_outputs(
@@ -67,40 +81,90 @@ def write_rewrite_outputs(
     return paths
 
 
+def _layer_of(site) -> int | None:
+    for weight in site.weights:
+        if match := re.search(r"layers\.(\d+)\.", weight.attr):
+            return int(match.group(1))
+    return None
+
+
 def plot_before_after(path: Path, plan: Plan, before: dict, after: dict) -> Path:
-    """Two panels: graph ops by category, and parameter elements per rank by TP layout,
-    before vs after."""
+    """Three panels: collectives per layer before/after, weight bytes a rank holds before/after
+    by TP layout, and what the rewrite changed. Every count in a title is computed here from
+    the same numbers the panels draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ops_ax, layer_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [name for name, _ in _CATEGORIES] + ["other"]
-    xs = range(len(names))
-    ops_ax.bar([x - 0.2 for x in xs], [before["ops"].get(n, 0) for n in names], 0.4, label="TP")
-    ops_ax.bar([x + 0.2 for x in xs], [after["ops"].get(n, 0) for n in names], 0.4,
-               label="attention-DP")
-    ops_ax.set_xticks(list(xs), names)
-    ops_ax.set_ylabel("graph nodes")
-    ops_ax.set_title(f"rank {plan.rank}: graph before / after ({plan.mapping})")
-    ops_ax.legend()
+    fig, (col_ax, mem_ax, fix_ax) = plt.subplots(1, 3, figsize=(16, 4.6),
+                                                 gridspec_kw={"width_ratios": [2.2, 1, 1.3]})
+    n_before = before.get("collective_calls", len(plan.sites) + len(plan.unclassified))
+    n_after = after.get("collective_calls", 0)
 
-    # Right: what a rank holds, by TP layout: the memory price of removing the collectives.
-    layouts = ("column", "row", "vocab", "replicated")
-    bottom = [0.0, 0.0]
-    for layout in layouts:
-        local = sum(math.prod(p.local_shape) for p in plan.params if p.layout == layout) / 1e6
-        full = sum(math.prod(p.full_shape) for p in plan.params if p.layout == layout) / 1e6
+    # Left: collectives per layer, by site kind, before; what is left after (not per layer:
+    # a collective no pattern explains has no layer to belong to).
+    layers = sorted({_layer_of(s) for s in plan.sites} - {None})
+    outside = any(_layer_of(s) is None for s in plan.sites) or n_after > 0
+    groups = [str(i) for i in layers] + (["outside layers"] if outside else [])
+    kinds = sorted({s.kind for s in plan.sites})
+    xs = list(range(len(groups)))
+    bottom = [0] * len(groups)
+    for kind in kinds:
+        per = [sum(1 for s in plan.sites if s.kind == kind and
+                   (_layer_of(s) == layer if layer is not None else _layer_of(s) is None))
+               for layer in [*layers, None][: len(groups)]]
+        col_ax.bar([x - 0.2 for x in xs], per, 0.4, bottom=bottom, label=f"TP: {kind}")
+        bottom = [b + p for b, p in zip(bottom, per)]
+    left = ([0] * len(layers) + [n_after])[: len(groups)]
+    after_bars = col_ax.bar([x + 0.2 for x in xs], left, 0.4, color="black",
+                            label=f"attention-DP: left ({n_after})")
+    col_ax.bar_label(after_bars, fontsize=7)  # the zeros are the point: show them
+    col_ax.yaxis.get_major_locator().set_params(integer=True)
+    col_ax.set_xticks(xs, groups, rotation=90 if len(groups) > 16 else 0, fontsize=8)
+    col_ax.set_xlabel("decoder layer")
+    col_ax.set_ylabel("collectives")
+    col_ax.set_ylim(0, max(bottom + [n_after, 1]) + 1)
+    col_ax.set_title(f"collectives: {n_before} before, {n_after} after "
+                     f"({len(plan.sites)} removed)")
+    col_ax.legend(fontsize=8)
+
+    # Middle: bytes a rank holds, by TP layout: the memory price of removing the collectives.
+    tp_total, adp_total = weight_bytes(plan)
+    stack = [0.0, 0.0]
+    for layout in ("column", "row", "vocab", "replicated"):
+        specs = [p for p in plan.params if p.layout == layout]
+        local = sum(math.prod(p.local_shape) * getattr(torch, p.dtype).itemsize for p in specs)
+        full = sum(math.prod(p.full_shape) * getattr(torch, p.dtype).itemsize for p in specs)
         if local or full:
-            layer_ax.bar(["TP shard", "attention-DP"], [local, full], 0.5, bottom=bottom,
-                         label=layout)
-            bottom = [bottom[0] + local, bottom[1] + full]
-    layer_ax.set_ylabel("parameter elements per rank (millions)")
-    layer_ax.set_title(f"{len(plan.sites)} collectives removed, {plan.num_layers} layers")
-    layer_ax.legend()
+            mem_ax.bar(["TP shard", "attention-DP"], [local / 1e6, full / 1e6], 0.5,
+                       bottom=stack, label=f"{layout} ({len(specs)})")
+            stack = [stack[0] + local / 1e6, stack[1] + full / 1e6]
+    mem_ax.set_ylabel("weights per rank (MB)")
+    mem_ax.set_title(f"weights: {tp_total / 1e6:.1f} -> {adp_total / 1e6:.1f} MB "
+                     f"({adp_total / max(tp_total, 1):.1f}x)")
+    mem_ax.legend(fontsize=8)
+
+    # Right: what the rewrite removed, fixed or made full.
+    multiplied = sum(1 for f in plan.shape_fixes if f.multiply)
+    changes = {
+        "collectives removed": len(plan.sites),
+        "waits removed": sum(1 for s in plan.sites if s.wait),
+        "shape constants replaced": len(plan.shape_fixes) - multiplied,
+        "symbolic sizes multiplied": multiplied,
+        "views made reshape": len(plan.views_to_copy),
+        "parameters made full": sum(1 for p in plan.params if p.layout != "replicated"),
+        "unclassified (kept)": len(plan.unclassified),
+    }
+    names = list(changes)[::-1]
+    bars = fix_ax.barh(names, [changes[n] for n in names], color="tab:green")
+    fix_ax.bar_label(bars, fontsize=8)
+    fix_ax.tick_params(axis="y", labelsize=8)
+    fix_ax.set_title(f"changes: {sum(changes.values()) - len(plan.unclassified)} edits")
+
+    fig.suptitle(f"rank {plan.rank}, {plan.mapping}: {len(layers)} layers, "
+                 f"{n_before} -> {n_after} collectives, weights {adp_total / max(tp_total, 1):.1f}x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-

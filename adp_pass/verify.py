@@ -129,8 +129,10 @@ def verify(
     source: TPSource = hf_tp_source,
     lower_ops: bool = False,
     timeout_s: float = 300.0,
+    log_dir: str | None = None,
 ) -> ParityReport:
-    """Run the parity check on ``world_size`` local ranks and return the measured differences."""
+    """Run the parity check on ``world_size`` local ranks and return the measured differences.
+    With ``log_dir``, the ranks' output goes to files there instead of the terminal."""
     start = time.perf_counter()
     splits = list(splits) if splits is not None else default_splits(batch, world_size)
     if len(splits) != world_size or sum(splits) != batch or min(splits) < 0:
@@ -138,7 +140,8 @@ def verify(
     generator = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
     results = launch(
-        _rank_main, world_size, config, source, ids, splits, seed, lower_ops, timeout_s=timeout_s
+        _rank_main, world_size, config, source, ids, splits, seed, lower_ops, timeout_s=timeout_s,
+        log_dir=log_dir,
     )
     reference = build_hf_qwen3(config, seed=seed)
     with torch.no_grad():

@@ -29,6 +29,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicC
 from adp_pass.patterns.structure import ATTENTION_CORE_OPS, SOFTMAX_OPS, is_op
 from adp_pass.runtime.kernels import cached_attention as _cached_attention  # noqa: F401  (registers the op)
 from adp_pass.runtime.lower.graph_utils import call, fake_value, same_size
+from adp_pass.errors import AdpError
 
 aten = torch.ops.aten
 CACHED_ATTENTION = torch.ops.adp.cached_attention.default
@@ -52,7 +53,7 @@ _REPEAT_KV_OPS = {
 }
 
 
-class CacheInsertionError(ValueError):
+class CacheInsertionError(AdpError, ValueError):
     """The graph does not have the structure the cache-insertion pass needs."""
 
 

@@ -7,16 +7,21 @@ that has the fewest, so long and short requests even out across ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from adp_pass.launch import RankFailed
 from adp_pass.runtime.engine import Request
 from adp_pass.runtime.job import Job, request_dict
 from adp_pass.runtime.sampling import SamplingParams
@@ -45,6 +50,7 @@ def synthetic_requests(
 @dataclass
 class JobReport:
     ranks: list[dict]
+    log: str | None = None  # every rank's output
 
     @property
     def total_decode_tokens_per_s(self) -> float:
@@ -63,26 +69,87 @@ class JobReport:
         return "\n".join(lines)
 
 
-def run_job(job: Job, world_size: int, *, timeout_s: float = 1800, out_dir: str | None = None
-            ) -> JobReport:
-    """Start ``world_size`` ranks with torchrun on this host and return their records."""
-    out = Path(out_dir or tempfile.mkdtemp(prefix="adp-job-"))
-    out.mkdir(parents=True, exist_ok=True)
-    job_path = out / "job.json"
-    job.write(job_path)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={world_size}", "-m", "adp_pass.runtime.worker",
-        str(job_path), str(out),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    try:
-        done = subprocess.run(command, env=env, timeout=timeout_s, capture_output=True, text=True)
-    except subprocess.TimeoutExpired as err:
-        raise RuntimeError(f"the job did not finish within {timeout_s:.0f} s") from err
-    if done.returncode != 0:
-        raise RuntimeError(f"torchrun failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return JobReport([json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)])
+def default_log_path(kind: str = "run", suffix: str = ".log") -> Path:
+    """Where a job's rank logs go unless told: one file (or, with ``suffix=""``, directory) per
+    job under the temp dir."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(tempfile.gettempdir()) / "adp-logs" / f"{kind}-{stamp}-{os.getpid()}{suffix}"
+
+
+def run_job(job: Job, world_size: int, *, timeout_s: float = 1800, out_dir: str | None = None,
+            log_path: str | Path | None = None, echo: bool = True) -> JobReport:
+    """Start ``world_size`` ranks with torchrun on this host and return their records.
+
+    Everything torchrun and the ranks print goes to ``log_path`` (kept, success or not); with
+    ``echo`` the ranks' own progress lines (``[rank N] ...``) are also shown on stderr, torchrun's
+    messages are not. A failed rank raises :class:`RankFailed` with that rank's own error
+    message. The job directory (job file, rank records) is temporary unless ``out_dir`` is given.
+    """
+    log = Path(log_path) if log_path is not None else default_log_path()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if out_dir is None:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="adp-job-")))
+        else:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+        job_path = out / "job.json"
+        job.write(job_path)
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={world_size}", "-m", "adp_pass.runtime.worker",
+            str(job_path), str(out),
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        returncode = _run_logged(command, env, log, timeout_s, echo)
+        if returncode != 0:
+            raise _rank_failure(out, returncode, log)
+        report = JobReport([json.loads((out / f"rank{r}.json").read_text())
+                            for r in range(world_size)])
+    report.log = str(log)
+    return report
+
+
+def _run_logged(command: list[str], env: dict, log: Path, timeout_s: float, echo: bool) -> int:
+    """Run ``command`` with its output into ``log``; show rank progress lines; kill the whole
+    process group (torchrun and its ranks) on timeout."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        timer = threading.Timer(timeout_s, _kill_group, [process])
+        timer.start()
+        try:
+            for line in process.stdout:
+                sink.write(line)
+                if echo and line.startswith("[rank "):
+                    print(line, end="", file=sys.stderr, flush=True)
+            returncode = process.wait()
+        finally:
+            timer.cancel()
+            if process.poll() is None:  # interrupted: take the ranks down with us
+                _kill_group(process, timed_out=False)
+    if getattr(process, "timed_out", False):
+        raise RankFailed(f"the job did not finish within {timeout_s:.0f} s", log=str(log),
+                         hint=f"every rank's output is in {log}")
+    return returncode
+
+
+def _kill_group(process: subprocess.Popen, timed_out: bool = True) -> None:
+    process.timed_out = timed_out
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _rank_failure(out: Path, returncode: int, log: Path) -> RankFailed:
+    """The first rank's own error (ranks record theirs in ``rank{N}.error.json``)."""
+    records = [json.loads(p.read_text()) for p in out.glob("rank*.error.json")]
+    if not records:
+        return RankFailed(
+            f"the job's ranks exited (code {returncode}) without an error message: killed, or "
+            "out of memory?", log=str(log), hint=f"every rank's output is in {log}")
+    first = min(records, key=lambda r: r["time"])
+    return RankFailed(f"rank {first['rank']} failed: {first['type']}: {first['message']}",
+                      rank=first["rank"], log=str(log), hint=first.get("hint"))
 
 
 def make_job(mapping: str, assignments: list[list[Request]], **settings) -> Job:

@@ -11,8 +11,10 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from adp_pass.errors import AdpError
 
-class OutOfBlocksError(RuntimeError):
+
+class OutOfBlocksError(AdpError, RuntimeError):
     """Raised when an allocation needs more blocks than are free."""
 
 

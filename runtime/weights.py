@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -26,16 +27,17 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 from adp_pass.plan import ParamSpec, Plan
 from adp_pass.rewrite import owner_of
 from adp_pass.runtime.kv_cache import PagedKVCache
+from adp_pass.errors import AdpError
 
 _GIB = 1024**3
 _INV_FREQ = "rotary_emb.inv_freq"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AdpError, RuntimeError):
     """The checkpoint cannot fill this graph; the message says why and what to do."""
 
 
-class InsufficientMemory(RuntimeError):
+class InsufficientMemory(AdpError, RuntimeError):
     """The replicated weights plus the KV cache do not fit the device."""
 
 
@@ -446,19 +448,31 @@ def _size(n: float) -> str:
 
 
 class _Progress:
-    """One self-overwriting stderr line on a terminal; a line every 10 s into a log file."""
+    """One self-overwriting stderr line on a terminal; into a log file, a line per quarter of
+    the tensors and at least every 10 s. In a torchrun rank the lines carry ``[rank N]`` (the
+    front end shows those lines)."""
 
     def __init__(self, tensors: int, nbytes: int, *, enabled: bool) -> None:
         self.tensors, self.nbytes, self.enabled = tensors, nbytes, enabled
         self.done_tensors = self.done_bytes = 0
         self.tty = sys.stderr.isatty()
         self.start = self.shown = time.perf_counter()
+        self.every = max(1, tensors // 4)
+        rank = os.environ.get("RANK")
+        self.prefix = f"[rank {rank}] " if rank is not None else ""
 
     def advance(self, nbytes: int) -> None:
         self.done_tensors += 1
         self.done_bytes += nbytes
-        if self.enabled and time.perf_counter() - self.shown >= (0.1 if self.tty else 10.0):
-            self._show(end="" if self.tty else "\n")
+        if not self.enabled:
+            return
+        if self.tty:
+            if time.perf_counter() - self.shown >= 0.1:
+                self._show(end="")
+        elif (self.done_tensors % self.every == 0 and self.done_tensors < self.tensors) or (
+            time.perf_counter() - self.shown >= 10.0
+        ):
+            self._show(end="\n")
 
     def close(self) -> None:
         if self.enabled:
@@ -467,7 +481,7 @@ class _Progress:
     def _show(self, end: str) -> None:
         self.shown = time.perf_counter()
         rate = self.done_bytes / 1e6 / max(self.shown - self.start, 1e-9)
-        line = (f"loading checkpoint: {self.done_tensors}/{self.tensors} tensors, "
+        line = (f"{self.prefix}loading checkpoint: {self.done_tensors}/{self.tensors} tensors, "
                 f"{_size(self.done_bytes)}/{_size(self.nbytes)}, {rate:.0f} MB/s")
         # On a terminal: back to the line start, and clear what a longer last line left there.
         print(f"\r{line}\x1b[K" if self.tty else line, end=end, file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ replicated MLP nothing is exchanged while it serves its requests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -49,7 +50,7 @@ def main(job_path: str, out_dir: str) -> None:
     init_rank()
     dist.barrier()  # start together, so per-rank throughput is measured over the same window
     start = time.perf_counter()
-    results = engine.generate(requests)
+    results = _serve(engine, requests, log)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -79,6 +80,30 @@ def main(job_path: str, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _serve(engine, requests: list, log) -> list:
+    """``engine.generate`` with a progress line per quarter of the requests."""
+    for request in requests:
+        engine.add(request)
+    results, shown, every = [], 0, max(1, len(requests) // 4)
+    while engine.has_work:
+        results += engine.step()
+        if len(results) - shown >= every:
+            shown = len(results)
+            log(f"served {shown}/{len(requests)} requests")
+    order = {r.request_id: i for i, r in enumerate(requests)}
+    return sorted(results, key=lambda r: order[r.request_id])
+
+
+def _record_failure(out_dir: str, err: BaseException) -> None:
+    """Leave this rank's own error where the front end looks for it (torchrun reports only an
+    exit code for a ``-m`` module)."""
+    rank = int(os.environ.get("RANK", 0))
+    record = {"rank": rank, "type": type(err).__name__, "message": str(err).strip(),
+              "hint": getattr(err, "hint", None), "time": time.time()}
+    with contextlib.suppress(OSError):
+        Path(out_dir, f"rank{rank}.error.json").write_text(json.dumps(record))
 
 
 def _first_step_check(built, config, requests: list, device: torch.device) -> dict | None:
@@ -122,4 +147,8 @@ def _logger(rank: int):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    try:
+        main(*sys.argv[1:3])
+    except BaseException as err:  # noqa: BLE001 - recorded, then re-raised for the log
+        _record_failure(sys.argv[2], err)
+        raise

@@ -2,19 +2,26 @@
 
 import json
 
+import pytest
+
 from adp_pass.cli import main
 
 
 def test_rewrite_writes_outputs(tmp_path, capsys):
     code = main(["rewrite", "--preset", "tiny", "--mapping", "tp=4,attn_dp=1", "--rank", "3",
                  "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
     assert "4 sites removed" in out and "0 collectives left" in out
+    assert len(out.splitlines()) <= 6 and "adp plan:" not in out  # the listing is in the files
+    assert "adp plan: rank 3" in (tmp_path / "report.txt").read_text()
+    for stage in ("build and capture", "detect", "rewrite"):  # each stage: start and time
+        assert f"adp rewrite: {stage}" in err and "done in" in err
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["counts"] == {"attention_out": 2, "mlp_out": 2} and plan["rank"] == 3
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["before"]["ops"]["collectives"] == 8  # 4 all-reduces + their waits
+    assert summary["before"]["collective_calls"] == 4 and summary["after"]["collective_calls"] == 0
     assert "collectives" not in summary["after"]["ops"]
     assert summary["after"]["param_elements"] > summary["before"]["param_elements"]
     assert "all_reduce" in (tmp_path / "graph_before.py").read_text()
@@ -26,4 +33,25 @@ def test_bad_mapping_exits_2_with_the_reason(capsys):
     code = main(["rewrite", "--preset", "tiny-3", "--mapping", "tp=4,attn_dp=1"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "tp_size (4) must divide num_attention_heads (6)" in err
+    assert "tp (4) must divide the model's num_attention_heads (6)" in err
+
+
+def test_verbose_prints_the_full_plan(capsys):
+    assert main(["rewrite", "--preset", "tiny", "--mapping", "tp=2,attn_dp=1", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "adp plan: rank 0" in out and "column" in out and "4 sites removed (" in out
+
+
+@pytest.mark.multirank
+def test_run_prompts_show_text_progress_and_keep_the_log(tmp_path, capsys):
+    code = main(["run", "--preset", "tiny", "--world-size", "2", "--prompt", "hello",
+                 "--prompt", "hé", "--new-tokens", "3", "--cuda-graphs", "",
+                 "--log-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "prompt-0: 'hello' -> '" in out and "prompt-1: 'hé' -> '" in out
+    assert out.count("ids [") == 2
+    (log,) = tmp_path.glob("run-*.log")
+    assert "[rank 1] served 1/1 requests" in log.read_text()
+    assert "[rank 0] served 1/1 requests" in err and f"rank logs: {log}" in err
+    assert "torch.distributed" not in err  # torchrun's own lines stay in the log

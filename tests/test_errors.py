@@ -129,7 +129,7 @@ def test_tp_not_dividing_heads_is_caught_before_tracing():
     from adp_pass.mapping import Mapping
 
     config = qwen3_config("tiny-3")  # 6 heads, 3 kv heads
-    with pytest.raises(MappingError, match=r"tp_size \(4\) must divide num_attention_heads \(6\)"):
+    with pytest.raises(MappingError, match=r"tp \(4\) must divide the model.s num_attention_heads \(6\)"):
         Mapping.parse("tp=4,attn_dp=1").check_model(
             config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
         )

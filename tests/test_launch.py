@@ -35,3 +35,15 @@ def test_failing_rank_is_named_and_the_others_stop():
     with pytest.raises(RankFailed, match=r"rank 1 failed: .*checkpoint shard missing on rank 1"):
         launch(_rank_one_fails_while_rank_zero_waits, 2, timeout_s=30)
     assert time.monotonic() - start < 60
+
+
+def test_with_a_log_dir_the_failure_is_one_line_and_the_details_are_in_files(tmp_path, capfd):
+    with pytest.raises(RankFailed) as caught:
+        launch(_rank_one_fails_while_rank_zero_waits, 2, timeout_s=30, log_dir=tmp_path)
+    assert str(caught.value) == "rank 1 failed: ValueError: checkpoint shard missing on rank 1"
+    assert caught.value.rank == 1 and caught.value.log == str(tmp_path)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and len((out + err).splitlines()) <= 2
+    # torchrun keeps the failing rank's traceback in its error file under the log dir
+    logs = "".join(p.read_text() for p in tmp_path.rglob("error.json"))
+    assert "checkpoint shard missing on rank 1" in logs and "Traceback" in logs

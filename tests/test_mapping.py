@@ -51,9 +51,9 @@ def test_from_file(tmp_path, suffix):
         ("tp=8,pp=2", "unknown mapping key 'pp'"),
         ("tp=8,attn_dp=maybe", "attn_dp must be 0/1"),
         ("attn_dp=1", "needs tp"),
-        ("tp=8,world=16,attn_dp=1", "world_size (16) must equal tp_size (8)"),
-        ("tp=8,attn_dp=1,mlp_tp=3", "mlp_tp_size (3) must divide tp_size (8)"),
-        ("tp=8,attn_tp=3,attn_dp=1", "attn_tp_size (3) must divide tp_size (8)"),
+        ("tp=8,world=16,attn_dp=1", "world (16) must equal tp (8)"),
+        ("tp=8,attn_dp=1,mlp_tp=3", "mlp_tp (3) must divide tp (8)"),
+        ("tp=8,attn_tp=3,attn_dp=1", "attn_tp (3) must divide tp (8)"),
         ("tp=8,attn_tp=2", "set attn_dp=1"),
         ("tp=8,mlp_tp=1", "needs attention-DP"),
     ],
@@ -80,7 +80,7 @@ def test_check_model_rejects_tp_not_dividing_the_model(heads, kv, inter, what):
 
 
 def test_rank_outside_world_is_rejected():
-    with pytest.raises(MappingError, match="outside world_size 4"):
+    with pytest.raises(MappingError, match="outside world 4"):
         Mapping.parse("tp=4,attn_dp=1").dp_rank(4)
 
 
@@ -98,3 +98,38 @@ def test_groups_partition_the_world(tp, data):
     assert all(len(g) == m.attn_tp_size for g in groups)
     assert {m.dp_rank(r) for r in range(tp)} == set(range(m.dp_size))
     assert Mapping.parse(str(m)) == m
+
+
+# Files take the string form's keys and values, checked by the same code.
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"tp": 2, "attn_dp": 1}, None),  # 1 for attn_dp, as in "tp=2,attn_dp=1"
+        ({"tp": "2", "attn_dp": "true"}, None),
+        ({"tp": 0, "attn_dp": 1}, "tp must be >= 1, got 0"),
+        ({"tp": 2.0, "attn_dp": 1}, "tp must be an integer >= 1, got 2.0"),
+        ({"tp": [2]}, "tp must be an integer >= 1, got [2]"),
+        ({"tp": 2, "attn_dp": "maybe"}, "attn_dp must be 0/1 or true/false, got 'maybe'"),
+        ({"tp": 2, "attn_dp": 2}, "attn_dp must be 0/1 or true/false, got '2'"),
+        ({"tp": 2, "pp": 2}, "unknown mapping key 'pp'"),
+        ({"tp": 2, "tp_size": 2}, "mapping key 'tp_size' given twice"),
+        ({"attn_dp": 1}, "needs tp"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_files_take_the_string_forms_keys_and_values(tmp_path, values, message, suffix):
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(values))
+    else:
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    if message is None:
+        assert Mapping.load(path) == Mapping.parse("tp=2,attn_dp=1")
+    else:
+        with pytest.raises(MappingError, match=__import__("re").escape(message)):
+            Mapping.load(path)
+
+
+def test_missing_mapping_file_is_named(tmp_path):
+    with pytest.raises(MappingError, match="does not exist"):
+        Mapping.load(tmp_path / "nope.json")

@@ -249,3 +249,17 @@ def test_random_weights_sharded_target_is_the_full_tensors_shard():
     full.w = torch.nn.Parameter(torch.empty(8, 3), requires_grad=False)
     random_weights(full, Plan(Mapping(tp_size=2), 0, [], [spec], []), seed=5)
     assert torch.equal(spec.assemble(shards), full.w)
+
+
+def test_progress_in_a_rank_log_is_a_line_per_quarter(monkeypatch, capsys):
+    from adp_pass.runtime.weights import _Progress
+
+    monkeypatch.setenv("RANK", "1")  # as under torchrun: the front end shows "[rank N]" lines
+    meter = _Progress(8, 8_000_000, enabled=True)
+    for _ in range(8):
+        meter.advance(1_000_000)
+    meter.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        f"[rank 1] loading checkpoint: {n}/8 tensors" for n in (2, 4, 6, 8)
+    ]
