@@ -13,6 +13,7 @@ import time
 import torch
 import torch.fx as fx
 
+from adp_pass.errors import AdpError
 from adp_pass.mapping import Mapping, MappingError
 from adp_pass.patterns import SITE_PATTERNS
 from adp_pass.patterns.structure import (
@@ -25,8 +26,10 @@ from adp_pass.plan import ParamSpec, Plan, ShardedWeight, Site, graph_fingerprin
 from adp_pass.shapes import plan_shape_fixes
 
 
-class DetectError(ValueError):
+class DetectError(AdpError, ValueError):
     """The graph is not one the rewrite can turn into attention-DP form."""
+
+    default_hint = "--no-strict lists the collectives no pattern explains; --debug shows where"
 
 
 def find_collectives(graph: fx.Graph) -> list[fx.Node]:

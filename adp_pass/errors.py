@@ -16,10 +16,11 @@ class AdpError(Exception):
     """
 
     exit_code = 1
+    default_hint: str | None = None  # a class's usual fix, when the raise site gives none
 
     def __init__(self, message: str = "", *, hint: str | None = None, flag: str | None = None):
         super().__init__(message)
-        self.hint = hint
+        self.hint = hint if hint is not None else self.default_hint
         self.flag = flag
 
 

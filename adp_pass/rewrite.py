@@ -18,12 +18,13 @@ import torch
 import torch.fx as fx
 
 from adp_pass.capture import set_attr
+from adp_pass.errors import AdpError
 from adp_pass.patterns.structure import COLLECTIVE_OPS, WAIT_OPS, is_op
 from adp_pass.plan import Plan, graph_fingerprint
 from adp_pass.shapes import propagate_shapes
 
 
-class RewriteError(RuntimeError):
+class RewriteError(AdpError, RuntimeError):
     """The plan does not fit the graph it is applied to."""
 
 

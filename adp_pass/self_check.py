@@ -22,14 +22,18 @@ import torch
 import torch.fx as fx
 
 from adp_pass.plan import Plan
+from adp_pass.rewrite import RewriteError
 from adp_pass.sharding import Layout, ShardingAnalysis, expected_shape, local_part
 
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 _LOW_PRECISION_TOLERANCE = 3e-2
 
 
-class SelfCheckError(RuntimeError):
+class SelfCheckError(RewriteError):
     """The rewritten graph would not compute what the TP graph computed."""
+
+    default_hint = "report the graph (adp rewrite --out DIR saves it); --no-self-check skips " \
+        "this check at your own risk"
 
 
 @dataclass

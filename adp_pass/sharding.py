@@ -30,6 +30,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from adp_pass.errors import AdpError
 from adp_pass.patterns.structure import ATTENTION_CORE_OPS, COLLECTIVE_OPS, WAIT_OPS
 from adp_pass.plan import ShardedWeight, Site
 
@@ -43,8 +44,11 @@ INT_MAX = 2**62
 _MAX_RETRIES = 500
 
 
-class ShapeFixError(RuntimeError):
+class ShapeFixError(AdpError, RuntimeError):
     """A node whose sharded axis cannot be followed, so the rewrite cannot prove its sizes."""
+
+    default_hint = ("write per-rank sizes as a plain TP layer does (view(.., -1, head_dim)), or "
+                    "report the graph (adp rewrite --out DIR saves it)")
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -287,8 +291,7 @@ class ShardingAnalysis:
         return (
             f"cannot follow the sharded axis through node {node.name} ({_op_name(node)}): "
             f"{conflict.reason}. The rewrite would have to guess a per-rank size here, so it "
-            "refuses; write the per-rank sizes as in a plain TP layer (view(.., -1, head_dim)), "
-            "or report the graph"
+            "refuses"
         )
 
     def decide(self, node: fx.Node, signature: tuple, options: list, deps: frozenset):

@@ -59,6 +59,7 @@ class ParityReport:
     seconds: float = 0.0
     lowered_vs_rewritten_max_abs_diff: float | None = None
     lower_counts: dict[str, int] = field(default_factory=dict)
+    self_check: str = ""
 
     def __str__(self) -> str:
         return (
@@ -67,7 +68,8 @@ class ParityReport:
             f"{self.tp_max_abs_diff:.3e}\n"
             f"  attention-DP graph, each rank its slice  max |logits - transformers| = "
             f"{self.adp_max_abs_diff:.3e}\n"
-            f"  sites removed {self.site_counts}, collectives left {self.collectives_left}"
+            f"  sites removed {self.site_counts}, collectives left {self.collectives_left}\n"
+            f"  rewrite self-check (rank 0): {self.self_check}"
         ) + (
             f"\n  lowered to Triton ops {self.lower_counts}: max |lowered - rewritten| = "
             f"{self.lowered_vs_rewritten_max_abs_diff:.3e}"
@@ -83,6 +85,7 @@ def _rank_main(
     splits: list[int],
     seed: int,
     lower_ops: bool,
+    self_check: bool = True,
 ) -> dict:
     rank, world_size, device = init_rank()
     tp_model, full_state = source(config, world_size, rank, seed)
@@ -93,7 +96,9 @@ def _rank_main(
         tp_logits = captured.gm(ids)[0]
     plan = detect(captured.gm, f"tp={world_size},attn_dp=1")
     plan_text = str(plan)
-    gm = rewrite(captured.gm, plan)
+    # The unsharded weights drive rewrite's numeric self-check of the first layer.
+    gm = rewrite(captured.gm, plan, state_dict=full_state if self_check else None,
+                 self_check=self_check)
     gm.load_state_dict(full_state, strict=True)
     start = sum(splits[:rank])
     mine = ids[start : start + splits[rank]]
@@ -115,6 +120,7 @@ def _rank_main(
         "plan": plan_text,
         "lowered_logits": lowered_logits,
         "lower_counts": lower_counts,
+        "self_check": gm.meta["adp_report"].self_check,
     }
 
 
@@ -130,6 +136,7 @@ def verify(
     lower_ops: bool = False,
     timeout_s: float = 300.0,
     log_dir: str | None = None,
+    self_check: bool = True,
 ) -> ParityReport:
     """Run the parity check on ``world_size`` local ranks and return the measured differences.
     With ``log_dir``, the ranks' output goes to files there instead of the terminal."""
@@ -140,8 +147,8 @@ def verify(
     generator = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
     results = launch(
-        _rank_main, world_size, config, source, ids, splits, seed, lower_ops, timeout_s=timeout_s,
-        log_dir=log_dir,
+        _rank_main, world_size, config, source, ids, splits, seed, lower_ops, self_check,
+        timeout_s=timeout_s, log_dir=log_dir,
     )
     reference = build_hf_qwen3(config, seed=seed)
     with torch.no_grad():
@@ -163,4 +170,5 @@ def verify(
         seconds=time.perf_counter() - start,
         lowered_vs_rewritten_max_abs_diff=lowered_diff,
         lower_counts=results[0]["lower_counts"],
+        self_check=results[0]["self_check"],
     )

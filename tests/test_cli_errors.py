@@ -289,13 +289,18 @@ def test_a_valid_checkpoint_passes_the_checks(ckpt):
     assert check_checkpoint(ckpt["good"])["num_hidden_layers"] == 2
 
 
-def test_stage_errors_of_other_modules_are_named_by_stage():
+def test_stage_errors_are_project_errors_with_their_fix():
     from adp_pass.detect import DetectError
     from adp_pass.rewrite import RewriteError
+    from adp_pass.self_check import SelfCheckError
+    from adp_pass.shapes import ShapeFixError
 
     assert cli.explain(DetectError("not a TP Qwen3 decoder graph"))[:2] == (
-        1, "detect failed: not a TP Qwen3 decoder graph")
+        1, "not a TP Qwen3 decoder graph")
+    assert "--no-strict" in cli.explain(DetectError("x"))[2]
     assert cli.explain(RewriteError("plan made for another graph"))[0] == 1
+    assert "view(.., -1, head_dim)" in cli.explain(ShapeFixError("x"))[2]
+    assert "--no-self-check" in cli.explain(SelfCheckError("x"))[2]
     code, message, hint = cli.explain(ZeroDivisionError("x"))
     assert code == 1 and "unexpected ZeroDivisionError" in message and "--debug" in hint
 
