@@ -7,6 +7,7 @@ ops) -> execute per rank. See docs/design.md.
 import importlib
 import os
 import sys
+import types
 
 from adp_pass.errors import AdpError, UsageError
 
@@ -61,6 +62,24 @@ _LAZY = {
     "RewriteError": "adp_pass.rewrite",
     "rewrite": "adp_pass.rewrite",
 }
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``adp_pass.capture`` (or ``.detect``, ``.rewrite``) binds it on
+    the package under the same name as the public function; keep the function there, as the
+    eager ``from adp_pass.capture import capture`` of earlier versions did."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _NAMED_LIKE_THEIR_MODULE and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+_NAMED_LIKE_THEIR_MODULE = {"capture", "detect", "rewrite"}
+sys.modules[__name__].__class__ = _Package
+for _name in _NAMED_LIKE_THEIR_MODULE:  # already imported before this module finished
+    if isinstance(globals().get(_name), types.ModuleType):
+        globals()[_name] = getattr(globals()[_name], _name)
 
 
 def __getattr__(name: str):

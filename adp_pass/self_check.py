@@ -102,8 +102,12 @@ def check_numerics(
             want, have = full.env[node.name], sum(outputs[q] for q in ranks)
             worst = max(worst, _compare(node, want, have, "the sum over ranks of", rank))
         else:
-            pairs = zip(full.env[node.name], outputs[rank], layout) \
-                if isinstance(layout, tuple) else [(full.env[node.name], outputs[rank], layout)]
+            if isinstance(layout, tuple):  # only the outputs the graph reads (not RNG state)
+                read = {u.args[1] for u in node.users if u.name in live}
+                pairs = [p for i, p in enumerate(zip(full.env[node.name], outputs[rank], layout))
+                         if i in read]
+            else:
+                pairs = [(full.env[node.name], outputs[rank], layout)]
             for value, mine, lay in pairs:
                 if isinstance(lay, Layout) and isinstance(value, torch.Tensor):
                     part = local_part(value, lay, rank, growth, symbols)

@@ -258,7 +258,7 @@ def _styles():
     )
 
 
-STYLE_EXAMPLES = 40
+STYLE_EXAMPLES = 30
 
 
 @pytest.mark.slow
