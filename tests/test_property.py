@@ -5,6 +5,7 @@ The rewritten graph holds no collective, so all ranks' slices run in this proces
 captured on a fake process group (structure only), the numbers come from real computation.
 """
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,6 +42,7 @@ def configs(draw):
     return config, world, rank, splits, source
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=configs(), seq=st.integers(2, 7))
 def test_rewrite_matches_transformers_on_every_split(case, seq):

@@ -54,32 +54,33 @@ class _OneLayer(torch.nn.Module):
     """The issue's first source: 4 heads of 16 at tp=4 (one q and one kv head per rank), the
     per-rank head count written out, functional all-reduces after o_proj and down_proj."""
 
-    def __init__(self, tp: int) -> None:
+    def __init__(self, tp: int, hidden: int = 64, heads: int = 4, head_dim: int = 16) -> None:
         super().__init__()
-        self.tp, self.heads, self.dim = tp, 4 // tp, 16
-        self.q = torch.nn.Linear(64, 64 // tp, bias=False)
-        self.k = torch.nn.Linear(64, 64 // tp, bias=False)
-        self.v = torch.nn.Linear(64, 64 // tp, bias=False)
-        self.o = torch.nn.Linear(64 // tp, 64, bias=False)
-        self.gate = torch.nn.Linear(64, 128 // tp, bias=False)
-        self.up = torch.nn.Linear(64, 128 // tp, bias=False)
-        self.down = torch.nn.Linear(128 // tp, 64, bias=False)
+        self.tp, self.heads, self.dim = tp, heads // tp, head_dim
+        width = heads * head_dim // tp
+        self.q = torch.nn.Linear(hidden, width, bias=False)
+        self.k = torch.nn.Linear(hidden, width, bias=False)
+        self.v = torch.nn.Linear(hidden, width, bias=False)
+        self.o = torch.nn.Linear(width, hidden, bias=False)
+        self.gate = torch.nn.Linear(hidden, 2 * hidden // tp, bias=False)
+        self.up = torch.nn.Linear(hidden, 2 * hidden // tp, bias=False)
+        self.down = torch.nn.Linear(2 * hidden // tp, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
         from torch.distributed._functional_collectives import all_reduce
 
+        return all_reduce(x, "sum", torch.distributed.group.WORLD) if self.tp > 1 else x
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = (p(x).view(b, t, self.heads, self.dim).transpose(1, 2)
                    for p in (self.q, self.k, self.v))
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        o = self.o(o.transpose(1, 2).reshape(b, t, self.heads * self.dim))
-        if self.tp > 1:
-            o = all_reduce(o, "sum", torch.distributed.group.WORLD)
-        x = x + o
-        m = self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
-        if self.tp > 1:
-            m = all_reduce(m, "sum", torch.distributed.group.WORLD)
-        return x + m
+        return self.o(o.transpose(1, 2).reshape(b, t, self.heads * self.dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.reduce(self.attention(x))
+        return x + self.reduce(self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x)))
 
 
 def _shard_one_layer(full: dict, tp: int, rank: int) -> dict:
@@ -153,35 +154,20 @@ def test_static_shapes_backtrack_from_batch_to_heads():
 
 @pytest.mark.parametrize("kind", ["reduce_over_everything", "per_rank_constant"])
 def test_unprovable_sizes_are_refused_by_name(kind):
-    class Bad(torch.nn.Module):
-        def __init__(self, tp: int) -> None:
-            super().__init__()
-            self.tp = tp
-            self.q = torch.nn.Linear(16, 16 // tp, bias=False)
-            self.o = torch.nn.Linear(16 // tp, 16, bias=False)
-            self.gate = torch.nn.Linear(16, 16 // tp, bias=False)
-            self.up = torch.nn.Linear(16, 16 // tp, bias=False)
-            self.down = torch.nn.Linear(16 // tp, 16, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            from torch.distributed._functional_collectives import all_reduce
-
+    class Bad(_OneLayer):
+        def attention(self, x: torch.Tensor) -> torch.Tensor:
             b, t, _ = x.shape
             q = self.q(x)
             if kind == "reduce_over_everything":  # a scale from all of this rank's q values
                 q = q * torch.rsqrt(q.pow(2).mean() + 1e-6)
-            q = q.view(b, t, 16 // self.tp // 4, 4).transpose(1, 2)
+            q = q.view(b, t, self.heads, self.dim).transpose(1, 2)
             if kind == "per_rank_constant":  # a tensor made with the local head count
-                q = q + torch.zeros(b, 16 // self.tp // 4, t, 4)
+                q = q + torch.zeros(b, self.heads, t, self.dim)
             o = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-            o = all_reduce(self.o(o.transpose(1, 2).reshape(b, t, -1)), "sum",
-                           torch.distributed.group.WORLD)
-            x = x + o
-            m = self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
-            return x + all_reduce(m, "sum", torch.distributed.group.WORLD)
+            return self.o(o.transpose(1, 2).reshape(b, t, -1))
 
     with fake_process_group(2, 0):
-        captured = capture(Bad(2), [torch.zeros(2, 5, 16)])
+        captured = capture(Bad(2, hidden=16, heads=4, head_dim=4), [torch.zeros(2, 5, 16)])
     with pytest.raises(ShapeFixError) as info:
         detect(captured.gm, "tp=2,attn_dp=1")
     message = str(info.value)
