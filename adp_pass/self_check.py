@@ -23,7 +23,8 @@ import torch.fx as fx
 
 from adp_pass.plan import Plan
 from adp_pass.rewrite import RewriteError
-from adp_pass.sharding import Layout, ShardingAnalysis, expected_shape, local_part
+from adp_pass.layouts import Layout, expected_shape, local_part
+from adp_pass.sharding import ShardingAnalysis
 
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 _LOW_PRECISION_TOLERANCE = 3e-2

@@ -21,16 +21,15 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from adp_pass.plan import ShapeFix, ShardedWeight, Site
-from adp_pass.sharding import (
+from adp_pass.layouts import (
     INT_MAX,
     SLICE_OPS,
     SPLIT_OPS,
     VIEW_SIZE_OPS,
     Layout,
-    ShapeFixError,
-    ShardingAnalysis,
     expected_shape,
 )
+from adp_pass.sharding import ShapeFixError, ShardingAnalysis
 
 aten = torch.ops.aten
 

@@ -8,6 +8,8 @@ refused one must raise one of the project's named errors.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings
@@ -244,12 +246,13 @@ def _styles():
     )
 
 
-STYLE_EXAMPLES = 30
+# CI runs a fixed set; ADP_STYLE_EXAMPLES=N runs N fresh random ones (see docs/design.md).
+STYLE_EXAMPLES = int(os.environ.get("ADP_STYLE_EXAMPLES", 30))
 
 
 @pytest.mark.slow
 @settings(max_examples=STYLE_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
-          derandomize=True)
+          derandomize="ADP_STYLE_EXAMPLES" not in os.environ)
 @given(style=_styles(), data=st.data())
 def test_every_source_style_is_right_or_refused_by_name(style, data):
     assume(style.heads % style.gqa == 0)
