@@ -94,14 +94,19 @@ def _shard_one_layer(full: dict, tp: int, rank: int) -> dict:
             for k, v in full.items()}
 
 
-def test_one_head_per_rank_with_explicit_counts_is_right():
+def _captured_one_layer():
+    """The unsharded one-layer model, its state dict, and rank 0's graph at tp=4."""
     torch.manual_seed(0)
     reference = _OneLayer(1)
     full = reference.state_dict()
     with fake_process_group(4, 0):
         model = _OneLayer(4)
         model.load_state_dict(_shard_one_layer(full, 4, 0))
-        captured = capture(model, [torch.zeros(2, 5, 64)])
+        return reference, full, capture(model, [torch.zeros(2, 5, 64)])
+
+
+def test_one_head_per_rank_with_explicit_counts_is_right():
+    reference, full, captured = _captured_one_layer()
     plan = detect(captured.gm, "tp=4,attn_dp=1")
     # Into [b, t, heads, head_dim], the head count grows (1 -> 4), never head_dim (16).
     nodes = {n.name: n for n in captured.gm.graph.nodes}
@@ -191,12 +196,7 @@ def test_replicated_kv_heads_are_refused_with_the_reason():
 def test_self_check_refuses_a_plan_that_grows_head_dim():
     # The bug this issue was filed for, put back by hand: grow head_dim (16 -> 64) instead of
     # the head count. Every shape still agrees; only the numbers can tell.
-    torch.manual_seed(0)
-    full = _OneLayer(1).state_dict()
-    with fake_process_group(4, 0):
-        model = _OneLayer(4)
-        model.load_state_dict(_shard_one_layer(full, 4, 0))
-        captured = capture(model, [torch.zeros(2, 5, 64)])
+    _, full, captured = _captured_one_layer()
     plan = detect(captured.gm, "tp=4,attn_dp=1")
     from dataclasses import replace
 
