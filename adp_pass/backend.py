@@ -99,15 +99,25 @@ def adp_backend(
 
 
 def _gather_full_weights(module: fx.GraphModule, plan: Plan, world: int) -> dict:
-    """Every sharded parameter assembled from all ranks' shards (one all-gather each)."""
+    """Every sharded parameter assembled from all ranks' shards.
+
+    One all-gather per dtype of all the shards laid end to end, rather than one per parameter:
+    dozens of small gloo collectives issued from inside compilation were seen to stall now and
+    then on a 2-core machine; one large one is also faster on NCCL."""
+    specs = [spec for spec in plan.params if spec.layout != "replicated"]
+    locals_ = {spec.name: module.get_parameter(spec.name).detach() for spec in specs}
     full = {}
-    for spec in plan.params:
-        if spec.layout == "replicated":
-            continue
-        local = module.get_parameter(spec.name).detach().contiguous()
-        shards = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(shards, local)
-        full[spec.name] = spec.assemble(shards)
+    for dtype in sorted({t.dtype for t in locals_.values()}, key=str):
+        group = [spec for spec in specs if locals_[spec.name].dtype == dtype]
+        flat = torch.cat([locals_[spec.name].reshape(-1) for spec in group])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        offset = 0
+        for spec in group:
+            local = locals_[spec.name]
+            shards = [g[offset:offset + local.numel()].view(local.shape) for g in gathered]
+            full[spec.name] = spec.assemble(shards)
+            offset += local.numel()
     return full
 
 
