@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from adp_pass.attributes import set_attr
 from adp_pass.errors import AdpError
 
 aten = torch.ops.aten
@@ -248,21 +250,6 @@ def _replace_size_placeholder(graph: fx.Graph, node: fx.Node, user_nodes: list[f
                 graph.erase_node(node)
                 return
     raise CaptureError(f"size input {node.name}={symbol} is not a dimension of any input")
-
-
-def set_attr(
-    root: torch.nn.Module, dotted: str, tensor: torch.Tensor, persistent: bool
-) -> None:
-    *path, leaf = dotted.split(".")
-    module = root
-    for part in path:
-        if not isinstance(getattr(module, part, None), torch.nn.Module):
-            module.add_module(part, torch.nn.Module())
-        module = getattr(module, part)
-    if isinstance(tensor, torch.nn.Parameter):
-        module.register_parameter(leaf, tensor)
-    else:
-        module.register_buffer(leaf, tensor, persistent=persistent)
 
 
 # ----------------------------------------------------------------------------- model sources

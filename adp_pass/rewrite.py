@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.fx as fx
 
-from adp_pass.capture import set_attr
+from adp_pass.attributes import owner_of, set_attr
 from adp_pass.errors import AdpError
 from adp_pass.patterns.structure import COLLECTIVE_OPS, WAIT_OPS, is_op
 from adp_pass.plan import Plan, graph_fingerprint
@@ -213,12 +213,6 @@ def _swap_parameters(
 def _is_param(gm: fx.GraphModule, name: str) -> bool:
     owner, leaf = owner_of(gm, name)
     return leaf in owner._parameters
-
-
-def owner_of(gm: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
-    """The submodule holding attribute ``dotted`` and the attribute's own name."""
-    path, _, leaf = dotted.rpartition(".")
-    return (gm.get_submodule(path) if path else gm), leaf
 
 
 def _meta_val(node: fx.Node):

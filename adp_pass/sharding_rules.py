@@ -250,9 +250,8 @@ def _split_layout(node: fx.Node, layout: Layout, dim: int, sizes: list) -> list[
 def rule_split(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> tuple:
     layout = _tensor_layout(a, args[0])
     _refuse_partial(node, [layout])
-    sizes = [_shape_of(v)[_norm_dim(_dim_arg(node, args, 2), len(_shape(args[0])))]
-             for v in node.meta["val"]]
     dim = _norm_dim(_dim_arg(node, args, 2), len(_shape(args[0])))
+    sizes = [piece.shape[dim] for piece in node.meta["val"]]
     return tuple(_split_layout(node, layout, dim, sizes))
 
 
@@ -306,8 +305,20 @@ def _contract(node: fx.Node, ka: DimLayout | None, kb: DimLayout | None, deps) -
     return True
 
 
-def _matmul_layout(node, la: Layout, lb: Layout, batch: int, deps, bias: Layout | None = None):
-    """``a[..., M, K] @ b[..., K, N]``, ``batch`` leading dims that must agree."""
+def _check_bias(node: fx.Node, bias: Layout | None, bias_rank: int, partial: bool,
+                columns: DimLayout | None, deps) -> None:
+    """A bias is added once: never to each rank's partial sum, and sharded like the columns."""
+    if bias is None:
+        return
+    if partial:
+        raise _Conflict(node, "it adds a bias to each rank's partial sum", deps)
+    if bias.at(bias_rank - 1) != columns:
+        raise _Conflict(node, "its bias is sharded unlike its output columns", deps)
+
+
+def _matmul_layout(node, la: Layout, lb: Layout, batch: int, deps, bias: Layout | None = None,
+                   bias_rank: int = 1):
+    """``a[..., M, K] @ b[..., K, N] (+ bias)``, ``batch`` leading dims that must agree."""
     _refuse_partial(node, [la, lb] + ([bias] if bias else []))
     rank = batch + 2
     dims = {}
@@ -323,25 +334,19 @@ def _matmul_layout(node, la: Layout, lb: Layout, batch: int, deps, bias: Layout 
         dims[rank - 1] = lb.at(rank - 1)
     if partial and dims:
         raise _Conflict(node, "it is both a partial sum and sharded", deps)
-    if bias is not None and (partial or bias.at(0) != dims.get(rank - 1)):
-        if partial and not bias.dims:
-            raise _Conflict(node, "it adds a bias to each rank's partial sum", deps)
-        if bias.at(0) != dims.get(rank - 1):
-            raise _Conflict(node, "its bias is sharded unlike its output columns", deps)
+    _check_bias(node, bias, bias_rank, partial, dims.get(rank - 1), deps)
     return _layout(dims, deps, partial)
 
 
 def rule_mm(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     if node.target is aten.addmm.default:
         bias, x, w = args[:3]
-        lbias = _tensor_layout(a, bias)
-        lbias = Layout(((0, lbias.at(len(_shape(bias)) - 1)),), deps=lbias.deps) \
-            if lbias.at(len(_shape(bias)) - 1) else lbias
+        lbias, bias_rank = _tensor_layout(a, bias), len(_shape(bias))
     else:
-        (x, w), lbias = args[:2], None
+        (x, w), lbias, bias_rank = args[:2], None, 1
     lx, lw = _tensor_layout(a, x), _tensor_layout(a, w)
     batch = len(_shape(x)) - 2
-    return _matmul_layout(node, lx, lw, batch, _deps_of([lx, lw, lbias]), lbias)
+    return _matmul_layout(node, lx, lw, batch, _deps_of([lx, lw, lbias]), lbias, bias_rank)
 
 
 def rule_linear(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
@@ -358,11 +363,9 @@ def rule_linear(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     dims = {d: s for d, s in lx.dims if d < rank - 1}
     if lw.at(0):
         dims[rank - 1] = lw.at(0)
-    if partial and (dims or (lbias is not None)):
-        raise _Conflict(node, "it is both a partial sum and sharded, or adds a bias to each "
-                        "rank's partial sum", deps)
-    if lbias is not None and lbias.at(0) != dims.get(rank - 1):
-        raise _Conflict(node, "its bias is sharded unlike its output columns", deps)
+    if partial and dims:
+        raise _Conflict(node, "it is both a partial sum and sharded", deps)
+    _check_bias(node, lbias, 1, partial, dims.get(rank - 1), deps)
     return _layout(dims, deps, partial)
 
 
@@ -477,10 +480,6 @@ def _dim_arg(node: fx.Node, args: tuple, index: int) -> int:
     if len(args) > index:
         return args[index]
     return node.kwargs.get("dim", 0)
-
-
-def _shape_of(value: Any) -> list:
-    return list(value.shape)
 
 
 _ALONG_DIM_OPS = {aten._softmax.default, aten._log_softmax.default, aten.cumsum.default}

@@ -25,7 +25,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from adp_pass.plan import ParamSpec, Plan
-from adp_pass.rewrite import owner_of
+from adp_pass.attributes import owner_of
 from adp_pass.runtime.kv_cache import PagedKVCache
 from adp_pass.errors import AdpError
 
