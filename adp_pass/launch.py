@@ -73,15 +73,31 @@ def launch(
         try:
             results = elastic_launch(config, entrypoint)(*args)
         except ChildFailedError as err:
-            rank, failure = err.get_first_failure()
-            detail = failure.message
-            if isinstance(detail, dict):
-                detail = detail.get("message", detail)
+            rank, detail = _culprit(err.failures)
             raise RankFailed(
                 f"rank {rank} failed: {_last_line(str(detail))}", rank=rank,
                 log=str(log_dir) if log_dir is not None else None,
             ) from None
     return [results[rank] for rank in range(world_size)]
+
+
+# A rank that only lost its peer (the failing rank exited mid-collective) reports one of these;
+# torchrun's failure timestamps have one-second resolution, so "first" alone cannot tell.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+              "communicator was aborted", "failed to recv", "Broken pipe")
+
+
+def _culprit(failures: dict) -> tuple[int, str]:
+    """The rank whose own error ended the job, and its message: the earliest failure that is
+    not just a peer's disappearance (else the earliest)."""
+    def message(failure) -> str:
+        detail = failure.message
+        return str(detail.get("message", detail) if isinstance(detail, dict) else detail)
+
+    ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    own = [(rank, f) for rank, f in ordered if not any(s in message(f) for s in _PEER_LOST)]
+    rank, failure = (own or ordered)[0]
+    return rank, message(failure)
 
 
 @contextlib.contextmanager
