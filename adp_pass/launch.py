@@ -9,9 +9,14 @@ every collective, so a rank waiting on a dead peer fails instead of hanging.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import tempfile
+import time
+import traceback
 import uuid
+from pathlib import Path
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -69,16 +74,34 @@ def launch(
         start_method="spawn",
         logs_specs=logs,
     )
-    with _quiet_launcher(log_dir is not None):
+    with _quiet_launcher(log_dir is not None), tempfile.TemporaryDirectory(
+            prefix="adp-errors-") as error_dir:
         try:
-            results = elastic_launch(config, entrypoint)(*args)
+            results = elastic_launch(config, _recording_errors)(error_dir, entrypoint, *args)
         except ChildFailedError as err:
-            rank, detail = _culprit(err.failures)
+            rank, detail = _culprit(err.failures, Path(error_dir))
             raise RankFailed(
                 f"rank {rank} failed: {_last_line(str(detail))}", rank=rank,
                 log=str(log_dir) if log_dir is not None else None,
             ) from None
     return [results[rank] for rank in range(world_size)]
+
+
+def _recording_errors(error_dir: str, entrypoint: Callable[..., Any], *args: Any) -> Any:
+    """Run the rank's entrypoint; on failure, record the error with a precise time first.
+
+    torchrun's own failure records carry one-second timestamps and sometimes miss the rank
+    that failed first, so the launcher blames from these records instead."""
+    try:
+        return entrypoint(*args)
+    except BaseException as exc:
+        rank = int(os.environ.get("RANK", -1))
+        record = {"rank": rank, "time": time.time(),
+                  "message": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc()}
+        with contextlib.suppress(OSError):
+            Path(error_dir, f"rank{rank}.json").write_text(json.dumps(record))
+        raise
 
 
 # A rank that only lost its peer (the failing rank exited mid-collective) reports one of these;
@@ -87,17 +110,26 @@ _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed ou
               "communicator was aborted", "failed to recv", "Broken pipe")
 
 
-def _culprit(failures: dict) -> tuple[int, str]:
+def _culprit(failures: dict, error_dir: Path) -> tuple[int, str]:
     """The rank whose own error ended the job, and its message: the earliest failure that is
-    not just a peer's disappearance (else the earliest)."""
+    not just a peer's disappearance (else the earliest). The ranks' own records come first;
+    torchrun's (a rank killed by a signal records nothing) fill in."""
     def message(failure) -> str:
         detail = failure.message
         return str(detail.get("message", detail) if isinstance(detail, dict) else detail)
 
-    ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
-    own = [(rank, f) for rank, f in ordered if not any(s in message(f) for s in _PEER_LOST)]
-    rank, failure = (own or ordered)[0]
-    return rank, message(failure)
+    recorded = []
+    for path in error_dir.glob("rank*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            record = json.loads(path.read_text())
+            recorded.append((record["time"], record["rank"], record["message"]))
+    seen = {rank for _, rank, _ in recorded}
+    recorded += [(f.timestamp, rank, message(f)) for rank, f in failures.items()
+                 if rank not in seen]
+    recorded.sort()
+    own = [entry for entry in recorded if not any(s in entry[2] for s in _PEER_LOST)]
+    _, rank, text = (own or recorded)[0]
+    return rank, text
 
 
 @contextlib.contextmanager
