@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,9 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks to start; also the TP degree the graph is traced with")
     p.add_argument("--batch", metavar="N", type=_positive, default=4, help="sequences in the test batch")
     p.add_argument("--seq", metavar="N", type=_positive, default=16, help="tokens per sequence")
+    p.add_argument("--mapping", metavar="SPEC", default=None,
+                   help='what the TP graph is rewritten to, e.g. "tp=4,attn_dp=1,mlp_tp=2" '
+                   "(tp must equal --world-size); default tp=N,attn_dp=1 (replicated)")
     p.add_argument("--splits", metavar="ROWS", type=_int_list(0), default=None,
-                   help="rows per rank, e.g. 1,3 (one per rank, summing to --batch); "
-                   "if not given, rank 0 gets one row and the others the rest")
+                   help="rows per DP group, e.g. 1,3 (one number per group: --world-size / "
+                   "attn_tp groups, summing to --batch); if not given, group 0 gets one row and "
+                   "the others the rest")
     p.add_argument("--tolerance", metavar="TOL", type=_float_in(0), default=1e-4,
                    help="largest allowed |logits difference|")
     p.add_argument("--seed", metavar="N", type=_int_at_least(0), default=0, help="weights and inputs seed")
@@ -144,15 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], formatter_class=fmt,
                        help="serve requests on attention-DP ranks started by torchrun",
-                       description="Generation: requests are spread over --world-size "
-                       "attention-DP ranks by load; each rank builds its own rewritten model and "
-                       "serves its requests from a paged KV cache.")
+                       description="Generation: requests are spread over the mapping's DP groups "
+                       "by load (each of the --world-size ranks its own group unless --mapping "
+                       "says otherwise); each rank builds its own rewritten model and serves its "
+                       "group's requests from a paged KV cache.")
     p.add_argument("--preset", metavar="NAME", default=None, choices=sorted(PRESETS),
                    help="model shape with random weights: %(choices)s; if not given, tiny (or the "
                    "--checkpoint's)")
     p.add_argument("--checkpoint", metavar="DIR", type=Path, default=None,
                    help="Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors)")
-    p.add_argument("--world-size", metavar="N", type=_positive, default=2, help="ranks (each its own requests)")
+    p.add_argument("--world-size", metavar="N", type=_positive, default=None,
+                   help="ranks (each its own requests); if not given, 2 (or the --mapping's tp)")
+    p.add_argument("--mapping", metavar="SPEC", default=None,
+                   help='"tp=4,attn_dp=1,mlp_tp=2" form or a .json/.toml file; its tp is the '
+                   "number of ranks. If not given: tp=--world-size,attn_dp=1 (replicated weights, "
+                   "every rank its own requests)")
     p.add_argument("--prompt", metavar="TEXT", action="append", default=None,
                    help="a prompt text (repeatable); tokenized with the checkpoint's tokenizer, "
                    "or bytes as ids for a preset. Without it: --requests random prompts")
@@ -230,21 +241,35 @@ def _check_ranks_fit_machine(world_size: int) -> None:
 # ----------------------------------------------------------------------------- commands
 def cmd_verify(args: argparse.Namespace, stage: _Stages) -> int:
     shape = PRESETS[args.preset]
-    mapping = _mapping(f"tp={args.world_size},attn_dp=1", "--world-size")
+    if args.mapping is None:
+        mapping = _mapping(f"tp={args.world_size},attn_dp=1", "--world-size")
+    else:
+        mapping = _mapping(args.mapping)
+        if mapping.tp_size != args.world_size:
+            raise UsageError(f"--mapping {args.mapping!r} has tp={mapping.tp_size} but "
+                             f"--world-size is {args.world_size}: the mapping regroups the ranks "
+                             "of the TP job", flag="--mapping",
+                             hint=f"use --world-size {mapping.tp_size}, or tp={args.world_size}")
+    flag = "--world-size" if args.mapping is None else "--mapping"
     _check_tp_fits_model(mapping, shape.num_attention_heads, shape.num_key_value_heads,
-                         shape.intermediate_size, "--world-size")
+                         shape.intermediate_size, flag)
     if args.seq > shape.max_position_embeddings:
         raise UsageError(f"--seq {args.seq} is longer than preset {args.preset}'s "
                          f"{shape.max_position_embeddings} positions", flag="--seq")
+    groups = mapping.dp_size
+    if args.splits is not None and not mapping.enable_attention_dp:
+        raise UsageError(f"--splits gives rows to DP groups, but mapping {mapping} has none "
+                         "(attn_dp=0: every rank serves the whole batch)", flag="--splits",
+                         hint="drop --splits, or set attn_dp=1")
     if args.splits is None:
-        if args.batch < args.world_size:
-            raise UsageError(f"--batch {args.batch} is smaller than --world-size "
-                             f"{args.world_size}: the default split gives every rank a row",
+        if args.batch < groups:
+            raise UsageError(f"--batch {args.batch} is smaller than the {groups} DP groups: "
+                             "the default split gives every group a row",
                              flag="--batch", hint="raise --batch, or give --splits (0 allowed)")
-    elif len(args.splits) != args.world_size or sum(args.splits) != args.batch:
+    elif len(args.splits) != groups or sum(args.splits) != args.batch:
         raise UsageError(
-            f"--splits {','.join(map(str, args.splits))} must give each of the --world-size "
-            f"{args.world_size} ranks its rows ({len(args.splits)} values given) and sum to "
+            f"--splits {','.join(map(str, args.splits))} must give each of the {groups} DP "
+            f"groups its rows ({len(args.splits)} values given) and sum to "
             f"--batch {args.batch} (they sum to {sum(args.splits)})", flag="--splits")
     log_dir = args.log_dir
     if log_dir is not None:
@@ -256,18 +281,20 @@ def cmd_verify(args: argparse.Namespace, stage: _Stages) -> int:
     from adp_pass.verify import verify
 
     log_dir = log_dir or default_log_path("verify", suffix="")
-    print(f"verify: preset {args.preset}, {args.world_size} ranks, batch {args.batch}x{args.seq}")
+    print(f"verify: preset {args.preset}, {args.world_size} ranks, mapping {mapping}, batch "
+          f"{args.batch}x{args.seq}")
     with stage(f"parity on {args.world_size} ranks (rank logs: {log_dir})"):
         report = verify(qwen3_config(args.preset), args.world_size, batch=args.batch,
                         seq=args.seq, splits=args.splits, seed=args.seed, lower_ops=args.lower,
-                        log_dir=log_dir, self_check=not args.no_self_check)
+                        log_dir=log_dir, self_check=not args.no_self_check, mapping=mapping)
     print(report.plan_text)
     print()
     print(report)
     diffs = [report.tp_max_abs_diff, report.adp_max_abs_diff]
     if report.lowered_vs_rewritten_max_abs_diff is not None:
         diffs.append(report.lowered_vs_rewritten_max_abs_diff)
-    ok = max(diffs) <= args.tolerance and report.collectives_left == 0
+    # The replicated mapping keeps no collective; every other mapping keeps or inserts some.
+    ok = max(diffs) <= args.tolerance and (report.collectives_left == 0 or mapping.lockstep_size > 1)
     print(f"{'PASS' if ok else 'FAIL'} (tolerance {args.tolerance:g}, {report.seconds:.1f} s)")
     print(f"rank logs: {log_dir}", file=sys.stderr)
     return 0 if ok else 1
@@ -278,10 +305,6 @@ def cmd_rewrite(args: argparse.Namespace, stage: _Stages) -> int:
     mapping = _mapping(args.mapping)
     _check_tp_fits_model(mapping, shape.num_attention_heads, shape.num_key_value_heads,
                          shape.intermediate_size, "--mapping")
-    if not mapping.enable_attention_dp:  # detect says so too, but only after the capture
-        raise UsageError(f"mapping {args.mapping!r} does not enable attention-DP, which is what "
-                         "the rewrite produces", flag="--mapping",
-                         hint=f"add attn_dp=1: --mapping tp={mapping.tp_size},attn_dp=1")
     if args.rank >= mapping.tp_size:
         raise UsageError(f"--rank {args.rank} is not a rank of the mapping's tp={mapping.tp_size} "
                          f"(ranks 0..{mapping.tp_size - 1})", flag="--rank")
@@ -314,10 +337,13 @@ def cmd_rewrite(args: argparse.Namespace, stage: _Stages) -> int:
         print()
     tp_bytes, adp_bytes = weight_bytes(plan)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(plan.counts().items()))
-    print(f"  {report.sites_removed} sites removed ({counts}), {report.collectives_left} "
+    actions = ", ".join(f"{n} {a}" for a, n in sorted(
+        Counter(s.action + (f" over {s.group_tag} ({s.group_size})" if s.action != "remove"
+                            else "d") for s in plan.sites).items()))
+    print(f"  {len(plan.sites)} sites ({counts}): {actions}; {report.collectives_left} "
           f"collectives left, {len(plan.unclassified)} unclassified")
     print(f"  {report.shape_constants_fixed} shape constants fixed, {report.params_replaced} "
-          f"parameters made full: weights per rank {_mb(tp_bytes)} -> {_mb(adp_bytes)}")
+          f"parameters regrouped: weights per rank {_mb(tp_bytes)} -> {_mb(adp_bytes)}")
     print("  stages: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
     if args.out is not None:
         with stage(f"write {args.out}"):
@@ -344,8 +370,17 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
         heads, kv_heads, inter = (shape.num_attention_heads, shape.num_key_value_heads,
                                   shape.intermediate_size)
         vocab, max_position = shape.vocab_size, shape.max_position_embeddings
-    mapping = _mapping(f"tp={args.world_size},attn_dp=1", "--world-size")
-    _check_tp_fits_model(mapping, heads, kv_heads, inter, "--world-size")
+    if args.mapping is not None:
+        mapping = _mapping(args.mapping)
+        if args.world_size is not None and args.world_size != mapping.world_size:
+            raise UsageError(f"--world-size {args.world_size} is not the --mapping's tp "
+                             f"({mapping.tp_size}): the mapping regroups the ranks of one TP job",
+                             flag="--world-size", hint="drop --world-size, or make them equal")
+        _check_tp_fits_model(mapping, heads, kv_heads, inter, "--mapping")
+    else:
+        mapping = _mapping(f"tp={args.world_size or 2},attn_dp=1", "--world-size")
+        _check_tp_fits_model(mapping, heads, kv_heads, inter, "--world-size")
+    world_size = mapping.world_size
     tokenizer = None
     if args.prompt is not None:
         from adp_pass.tokenizer import load_tokenizer
@@ -358,7 +393,7 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
                    num_blocks=args.num_blocks, block_size=BLOCK_SIZE)
     if args.log_dir is not None:
         check_out_dir(args.log_dir, "--log-dir")
-    _check_ranks_fit_machine(args.world_size)
+    _check_ranks_fit_machine(world_size)
 
     from adp_pass.runtime.engine import Request
     from adp_pass.runtime.frontend import (
@@ -372,18 +407,20 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
         requests = synthetic_requests(args.requests, args.prompt_len, params, vocab)
     longest = max(len(r.prompt) for r in requests) + args.new_tokens
     job = make_job(
-        str(mapping), assign_by_load(requests, args.world_size), preset=preset,
+        str(mapping), assign_by_load(requests, mapping.dp_size), preset=preset,
         checkpoint=str(args.checkpoint) if args.checkpoint else None, dtype=args.dtype,
         num_blocks=args.num_blocks, block_size=BLOCK_SIZE,
         max_position=min(longest + 16, max_position), max_seq_len=longest,
         cuda_graph_sizes=args.cuda_graphs,  # argparse parses a string default with its type
     )
     log = (args.log_dir / Path(default_log_path()).name) if args.log_dir else default_log_path()
-    print(f"run: {len(requests)} requests over {args.world_size} ranks (torchrun)", flush=True)
-    with stage(f"serve on {args.world_size} ranks (log: {log})"):
-        report = run_job(job, args.world_size, log_path=log)
+    groups = (f" in {mapping.dp_size} DP group{'s' * (mapping.dp_size != 1)} ({mapping})"
+              if mapping.dp_size < world_size else "")
+    print(f"run: {len(requests)} requests over {world_size} ranks{groups} (torchrun)", flush=True)
+    with stage(f"serve on {world_size} ranks (log: {log})"):
+        report = run_job(job, world_size, log_path=log)
     texts = dict(zip((r.request_id for r in requests), args.prompt or []))
-    for rank in report.ranks:
+    for rank in report.leaders:  # the other ranks of a DP group served the same requests
         for result in rank["results"]:
             tokens, rid = result["tokens"], result["request_id"]
             if tokenizer is not None:

@@ -8,7 +8,10 @@ others would leave a graph that still waits on its peers.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+
+import sympy
 
 import torch
 import torch.fx as fx
@@ -22,8 +25,8 @@ from adp_pass.patterns.structure import (
     annotate_positions,
     is_op,
 )
-from adp_pass.plan import ParamSpec, Plan, ShardedWeight, Site, graph_fingerprint
-from adp_pass.shapes import plan_shape_fixes
+from adp_pass.plan import ParamSpec, Plan, ShapeFix, ShardedWeight, Site, graph_fingerprint
+from adp_pass.shapes import ShapeFixError, plan_shape_fixes
 
 
 class DetectError(AdpError, ValueError):
@@ -57,11 +60,6 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
     """Plan the attention-DP rewrite of ``gm`` under ``mapping``."""
     start = time.perf_counter()
     mapping = Mapping.load(mapping)
-    if not mapping.enable_attention_dp:
-        raise MappingError(
-            f"mapping {mapping} does not enable attention-DP, so there is nothing to rewrite; "
-            "set attn_dp=1"
-        )
     if gm.meta.get("adp_rewritten"):
         raise DetectError(
             "this graph is already rewritten (attention-DP form); detect the captured TP graph"
@@ -110,12 +108,12 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
             "these): " + "; ".join(unclassified) + ". Pass strict=False to list them only"
         )
 
+    sites = [_with_action(site, mapping) for site in sites]
     claims = _weight_claims(sites)
-    params = _param_specs(gm, claims, mapping.tp_size)
-    # Attention-DP with replicated weights: every sharded dim becomes tp times larger.
-    shape_fixes, views_to_copy, node_values, layouts = plan_shape_fixes(
-        gm, sites, claims, {p.name: p.full_shape for p in params}, growth=mapping.tp_size
-    )
+    roles = {w.attr: ROLE_OF_KIND[s.kind] for s in sites for w in s.weights}
+    params = _param_specs(gm, claims, mapping, roles)
+    shape_fixes, views_to_copy, node_values, layouts = _plan_growth(gm, sites, claims, params,
+                                                                    mapping)
     plan = Plan(
         mapping=mapping,
         rank=int(gm.meta.get("adp_rank", 0)),
@@ -130,6 +128,148 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
     )
     gm.meta["adp_detect_s"] = time.perf_counter() - start
     return plan
+
+
+# Which weights a site's kind shards; a mapping splits each role over its own group size.
+ROLE_OF_KIND = {"attention_out": "attention", "mlp_out": "mlp", "embedding": "vocab",
+                "lm_head_gather": "vocab"}
+
+
+def role_parts(mapping: Mapping) -> dict[str, int]:
+    """Over how many ranks the rewritten job splits each role's weights."""
+    if not mapping.enable_attention_dp:
+        return dict.fromkeys(("attention", "mlp", "vocab"), mapping.tp_size)
+    return {"attention": mapping.attn_tp_size, "mlp": mapping.mlp_tp_size, "vocab": 1}
+
+
+def site_action(kind: str, mapping: Mapping) -> tuple[str, str, int]:
+    """(action, group tag, group size) for a site of ``kind`` under ``mapping``."""
+    if not mapping.enable_attention_dp:
+        return "keep", "world", mapping.tp_size
+    role, attn, mlp = ROLE_OF_KIND[kind], mapping.attn_tp_size, mapping.mlp_tp_size
+    if role == "vocab" or (role == "attention" and attn == 1) or (role == "mlp" and mlp == 1):
+        return "remove", "", 0
+    if role == "attention":
+        return "keep", "attn", attn
+    if mlp == attn:  # the MLP group is the attention group: its ranks hold the same tokens
+        return "keep", "mlp", mlp
+    return "gather_scatter", "mlp", mlp
+
+
+def _with_action(site: Site, mapping: Mapping) -> Site:
+    action, tag, size = site_action(site.kind, mapping)
+    if action == "gather_scatter" and site.block_input is None:
+        raise DetectError(
+            f"{site.kind} site {site.collective}: its column linears read different tensors, so "
+            f"there is no one input to all-gather for mlp_tp={size}; use mlp_tp=1 or "
+            f"mlp_tp={mapping.attn_tp_size}"
+        )
+    return dataclasses.replace(site, action=action, group_tag=tag, group_size=size)
+
+
+def _plan_growth(gm: fx.GraphModule, sites: list[Site], claims: dict[str, ShardedWeight],
+                 params: list[ParamSpec], mapping: Mapping) -> tuple[list, list, dict, dict]:
+    """Shape fixes for every weight regrouping, then for every token all-gather.
+
+    The weights of roles that grow by the same factor (tp / parts) are followed by one sharding
+    analysis; roles of different factors never meet in a node (a site separates them), so
+    each analysis treats the others' weights as the traced shards they stay in its walk."""
+    parts, tp = role_parts(mapping), mapping.tp_size
+    role_of = {w.attr: ROLE_OF_KIND[s.kind] for s in sites for w in s.weights}
+    by_growth: dict[int, set[str]] = {}
+    for role, count in parts.items():
+        if tp // count > 1:
+            by_growth.setdefault(tp // count, set()).add(role)
+    fixes, copies, values, layouts = [], [], {}, {}
+    for growth, roles in sorted(by_growth.items()):
+        removed = [s for s in sites if s.action == "remove" and ROLE_OF_KIND[s.kind] in roles]
+        weights = {a: w for a, w in claims.items() if role_of[a] in roles}
+        if not weights:
+            continue
+        shapes = {p.name: p.held_shape for p in params if p.role in roles}
+        class_fixes, class_copies, values, layouts = plan_shape_fixes(
+            gm, removed, weights, shapes, growth=growth)
+        fixes += class_fixes
+        copies += [c for c in class_copies if c not in copies]
+    for site in sites:
+        if site.action == "gather_scatter":
+            fixes += token_gather_fixes(gm, site)
+    seen: dict[tuple, ShapeFix] = {}
+    for fix in fixes:
+        key = (fix.node, fix.arg, fix.index)
+        if key in seen and seen[key] != fix:
+            raise ShapeFixError(
+                f"node {fix.node} arg {fix.arg}: one size must change for two reasons (a weight "
+                "regrouping and a token gather); this mapping cannot be proven for this graph: "
+                "use mlp_tp=1"
+            )
+        seen[key] = fix
+    simple = len(by_growth) == 1 and all(s.action == "remove" for s in sites)
+    # Fake values and layouts stand for the graph after the rewrite only when one analysis saw
+    # every change (the replicated mapping); otherwise rewrite propagates shapes itself.
+    return list(seen.values()), copies, values if simple else {}, layouts if simple else {}
+
+
+def token_gather_fixes(gm: fx.GraphModule, site: Site) -> list[ShapeFix]:
+    """Sizes to multiply by the group size once ``site.block_input`` is all-gathered along the
+    batch dim: every symbolic size, read by a node between the gather and the reduce-scatter,
+    that was computed outside that region and scales with the batch."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    start, collective = nodes[site.block_input], nodes[site.collective]
+    value = start.meta.get("val")
+    batch = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else None
+    if not isinstance(batch, torch.SymInt) or not isinstance(batch.node.expr, sympy.Symbol):
+        raise DetectError(
+            f"{site.kind} site {site.collective}: the MLP input {start.name} has no symbolic "
+            f"batch dim ({list(value.shape) if value is not None else '?'}), so its all-gather "
+            "cannot be sized; capture with dynamic shapes (the default)"
+        )
+    symbol, size = batch.node.expr, site.group_size
+    below = _descendants(start)
+    region = below & _ancestors(collective.args[0]) | {collective.args[0]}
+    fixes = []
+    for node in region:
+        for arg_index, arg in enumerate(node.args):
+            entries = list(enumerate(arg)) if isinstance(arg, (list, tuple)) else [(None, arg)]
+            for index, entry in entries:
+                if not isinstance(entry, fx.Node) or entry in below:
+                    continue
+                sym = entry.meta.get("val")
+                if not isinstance(sym, torch.SymInt) or symbol not in sym.node.expr.free_symbols:
+                    continue
+                expr = sym.node.expr
+                if sympy.simplify(expr.subs(symbol, size * symbol) - size * expr) != 0:
+                    raise DetectError(
+                        f"node {node.name} reads size {expr}, which is not proportional to the "
+                        f"batch {symbol}; the token all-gather cannot resize it: use mlp_tp=1"
+                    )
+                fixes.append(ShapeFix(node.name, _target_text(node), arg_index, index, 1, size,
+                                      multiply=True))
+    return fixes
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), list(node.users)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.users)
+    return seen
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def _target_text(node: fx.Node) -> str:
+    return str(node.target).replace("aten.", "")
 
 
 def _weight_claims(sites: list[Site]) -> dict[str, ShardedWeight]:
@@ -147,8 +287,11 @@ def _weight_claims(sites: list[Site]) -> dict[str, ShardedWeight]:
 
 
 def _param_specs(
-    gm: fx.GraphModule, claims: dict[str, ShardedWeight], tp_size: int
+    gm: fx.GraphModule, claims: dict[str, ShardedWeight], mapping: Mapping,
+    roles: dict[str, str] | None = None,
 ) -> list[ParamSpec]:
+    tp_size, parts = mapping.tp_size, role_parts(mapping)
+    roles = roles or {}
     aliases = _alias_table(gm)
     specs = []
     for name, tensor in _named_tensors(gm):
@@ -156,7 +299,10 @@ def _param_specs(
         claim = claims.get(name)
         if claim is None:
             layout, dim, segments, full = "replicated", None, (), local
+            role, count = "", 1
         else:
+            role = roles.get(name, "")
+            count = parts.get(role, 1)
             segments = claim.segments or (local[claim.dim],)
             if sum(segments) != local[claim.dim]:
                 raise DetectError(
@@ -175,6 +321,8 @@ def _param_specs(
                 local_shape=local,
                 full_shape=full,
                 dtype=str(tensor.dtype).replace("torch.", ""),
+                role=role,
+                parts=count,
             )
         )
     return specs

@@ -13,6 +13,7 @@ Every invalid combination raises :class:`MappingError` naming the constraint and
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,18 +98,16 @@ class Mapping:
                 f"mlp_tp ({self.mlp_tp_size}) != tp ({self.tp_size}) needs "
                 "attention-DP: set attn_dp=1, or drop mlp_tp"
             )
-        if self.enable_attention_dp and self.attn_tp_size > 1:
-            raise NotSupportedYet(
-                f"attn_tp={self.attn_tp_size} (attention groups of several ranks) is not "
-                "supported yet; use attn_tp=1 (pure attention-DP)"
-            )
-        if self.enable_attention_dp and self.mlp_tp_size > 1:
-            raise NotSupportedYet(
-                f"mlp_tp={self.mlp_tp_size} (TP MLP under attention-DP, with token "
-                "all-gather / reduce-scatter) is not supported yet; use mlp_tp=1 (replicated MLP)"
-            )
 
     # ----------------------------------------------------------------- derived layout
+    @property
+    def lockstep_size(self) -> int:
+        """Consecutive ranks whose forward calls meet in a collective, so they must step
+        together (1: every rank steps alone, the replicated attention-DP mapping)."""
+        if not self.enable_attention_dp:
+            return self.tp_size
+        return math.lcm(self.attn_tp_size, self.mlp_tp_size)
+
     @property
     def dp_size(self) -> int:
         """Number of independent request sets (attention groups)."""

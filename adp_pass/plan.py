@@ -19,6 +19,11 @@ import torch.fx as fx
 from adp_pass.mapping import Mapping
 
 
+# node.meta key naming the group (by tag: "world", "attn", "mlp") a collective of a rewritten
+# graph runs over; the runtime binds each tag to the real group (adp_pass.runtime.groups).
+GROUP_TAG = "adp_group"
+
+
 @dataclass(frozen=True)
 class ShardedWeight:
     """How one weight of a site is split over the TP ranks."""
@@ -47,6 +52,14 @@ class Site:
     replacement: str
     rewire: tuple[tuple[str, int, str], ...] = ()
     weights: tuple[ShardedWeight, ...] = ()
+    block_input: str | None = None  # the tensor the block's column linears read (through views)
+    # What the mapping does with the site: "remove" it (the block's weights become full),
+    # "keep" it over the ranks of ``group_tag`` (a sub-group: weights regrouped to it), or
+    # "gather_scatter": all-gather ``block_input`` over the group along dim 0 (the batch) and
+    # reduce-scatter the block's partial output, the block staying sharded over the group.
+    action: str = "remove"
+    group_tag: str = ""  # "attn" | "mlp" | "world": the group a kept/inserted collective uses
+    group_size: int = 0
 
     def remove(self, graph: fx.Graph) -> None:
         nodes = {n.name: n for n in graph.nodes}
@@ -73,6 +86,34 @@ class ParamSpec:
     local_shape: tuple[int, ...]
     full_shape: tuple[int, ...]
     dtype: str
+    role: str = ""  # "attention" | "mlp" | "vocab": the site kind that shards it ("" replicated)
+    parts: int = 1  # ranks the rewritten job splits it over (1: each holds it whole)
+
+    @property
+    def held_shape(self) -> tuple[int, ...]:
+        """The shape one rank holds after the rewrite: the full shape split ``parts`` ways."""
+        if self.dim is None or self.parts == 1:
+            return self.full_shape
+        return tuple(s // self.parts if d == self.dim else s for d, s in enumerate(self.full_shape))
+
+    def held_ranges(self, rank: int) -> list[tuple[int, int]]:
+        """``(start, length)`` ranges of the full tensor's ``dim`` that rank ``rank`` holds after
+        the rewrite: part ``rank % parts`` of each fused segment (groups are consecutive ranks)."""
+        if self.dim is None or self.parts == 1:
+            return [(0, self.full_shape[self.dim] if self.dim is not None else 1)]
+        tp = self.full_shape[self.dim] // self.local_shape[self.dim]
+        scale, index = tp // self.parts, rank % self.parts
+        ranges, offset = [], 0
+        for local in self.segments:
+            ranges.append((offset + index * local * scale, local * scale))
+            offset += local * tp
+        return ranges
+
+    def held_part(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s tensor after the rewrite, cut from the full one."""
+        if self.dim is None or self.parts == 1:
+            return full
+        return torch.cat([full.narrow(self.dim, s, n) for s, n in self.held_ranges(rank)], self.dim)
 
     def shard_ranges(self, rank: int, tp_size: int) -> list[tuple[int, int]]:
         """``(start, length)`` ranges of the full tensor's ``dim`` that rank ``rank`` holds."""
@@ -169,6 +210,12 @@ class Plan:
     # graph_fingerprint() of the graph detect read: rewrite refuses any other graph.
     fingerprint: str = ""
 
+    @property
+    def replicated_only(self) -> bool:
+        """Every site removed and every weight whole: the graph keeps no collective."""
+        return all(s.action == "remove" for s in self.sites) and all(
+            p.parts == 1 for p in self.params)
+
     def counts(self) -> dict[str, int]:
         return dict(Counter(site.kind for site in self.sites))
 
@@ -192,23 +239,54 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        """The plan :meth:`to_dict` wrote (the fake values and layouts detect kept aside are not
+        part of the data; ``rewrite`` recomputes shapes without them)."""
+        def site(d: dict) -> Site:
+            d = dict(d, weights=tuple(ShardedWeight(**dict(w, segments=tuple(w["segments"])))
+                                      for w in d["weights"]),
+                     rewire=tuple(tuple(r) for r in d["rewire"]))
+            return Site(**d)
+
+        def param(d: dict) -> ParamSpec:
+            return ParamSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+        return cls(
+            mapping=Mapping.from_dict(data["mapping"]),
+            rank=data["rank"],
+            sites=[site(d) for d in data["sites"]],
+            params=[param(d) for d in data["params"]],
+            shape_fixes=[ShapeFix(**f) for f in data["shape_fixes"]],
+            views_to_copy=list(data["views_to_copy"]),
+            unclassified=list(data["unclassified"]),
+            fingerprint=data.get("fingerprint", ""),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
     def __str__(self) -> str:
         counts = self.counts()
         lines = [
             f"adp plan: rank {self.rank}, mapping {self.mapping}",
-            f"  sites removed: {len(self.sites)} "
-            + "(" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")",
+            f"  sites: {len(self.sites)} "
+            + "(" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "); "
+            + ", ".join(f"{a} {n}" for a, n in sorted(Counter(
+                f"{s.action}" + (f" over {s.group_tag} ({s.group_size})" if s.action != "remove"
+                                 else "") for s in self.sites).items())),
             f"  layers: {self.num_layers}, unclassified collectives: {len(self.unclassified)}",
             "",
-            f"  {'site':<16} {'collective':<28} {'group':<6} producer",
+            f"  {'site':<16} {'collective':<28} {'action':<15} producer",
         ]
         for site in self.sites:
             lines.append(
-                f"  {site.kind:<16} {site.collective:<28} {site.group:<6} {site.producer}"
+                f"  {site.kind:<16} {site.collective:<28} {site.action:<15} {site.producer}"
             )
         by_layout = Counter(p.layout for p in self.params)
         local = sum(math.prod(p.local_shape) for p in self.params)
-        full = sum(math.prod(p.full_shape) for p in self.params)
+        full = sum(math.prod(p.held_shape) for p in self.params)
         lines += [
             "",
             "  parameters: "
@@ -218,9 +296,10 @@ class Plan:
         for p in self.params:
             if p.layout != "replicated":
                 seg = f" segments {list(p.segments)}" if len(p.segments) > 1 else ""
+                split = f" (1/{p.parts} of {list(p.full_shape)})" if p.parts > 1 else ""
                 lines.append(
                     f"  {p.layout:<7} dim {p.dim} {str(list(p.local_shape)):<14} -> "
-                    f"{str(list(p.full_shape)):<14} {p.name}{seg}"
+                    f"{str(list(p.held_shape)):<14} {p.name}{seg}{split}"
                 )
         lines += ["", f"  shape constants fixed: {len(self.shape_fixes)}"]
         for fix in self.shape_fixes[:12]:

@@ -47,12 +47,12 @@ def summarize_graph(gm: fx.GraphModule) -> dict:
 
 
 def weight_bytes(plan: Plan) -> tuple[int, int]:
-    """Bytes of the parameters one rank holds: (TP shard, attention-DP full)."""
+    """Bytes of the parameters one rank holds: (TP shard, after the rewrite)."""
     def size(shape, dtype):
         return math.prod(shape) * getattr(torch, dtype).itemsize
 
     tp = sum(size(p.local_shape, p.dtype) for p in plan.params)
-    return tp, sum(size(p.full_shape, p.dtype) for p in plan.params)
+    return tp, sum(size(p.held_shape, p.dtype) for p in plan.params)
 
 
 def write_rewrite_outputs(
@@ -126,7 +126,7 @@ def plot_before_after(path: Path, plan: Plan, before: dict, after: dict) -> Path
     col_ax.set_ylabel("collectives")
     col_ax.set_ylim(0, max(bottom + [n_after, 1]) + 1)
     col_ax.set_title(f"collectives: {n_before} before, {n_after} after "
-                     f"({len(plan.sites)} removed)")
+                     f"({sum(s.action == 'remove' for s in plan.sites)} removed)")
     col_ax.legend(fontsize=8)
 
     # Middle: bytes a rank holds, by TP layout: the memory price of removing the collectives.
@@ -135,9 +135,9 @@ def plot_before_after(path: Path, plan: Plan, before: dict, after: dict) -> Path
     for layout in ("column", "row", "vocab", "replicated"):
         specs = [p for p in plan.params if p.layout == layout]
         local = sum(math.prod(p.local_shape) * getattr(torch, p.dtype).itemsize for p in specs)
-        full = sum(math.prod(p.full_shape) * getattr(torch, p.dtype).itemsize for p in specs)
+        full = sum(math.prod(p.held_shape) * getattr(torch, p.dtype).itemsize for p in specs)
         if local or full:
-            mem_ax.bar(["TP shard", "attention-DP"], [local / 1e6, full / 1e6], 0.5,
+            mem_ax.bar(["TP shard", "rewritten"], [local / 1e6, full / 1e6], 0.5,
                        bottom=stack, label=f"{layout} ({len(specs)})")
             stack = [stack[0] + local / 1e6, stack[1] + full / 1e6]
     mem_ax.set_ylabel("weights per rank (MB)")
@@ -148,12 +148,14 @@ def plot_before_after(path: Path, plan: Plan, before: dict, after: dict) -> Path
     # Right: what the rewrite removed, fixed or made full.
     multiplied = sum(1 for f in plan.shape_fixes if f.multiply)
     changes = {
-        "collectives removed": len(plan.sites),
-        "waits removed": sum(1 for s in plan.sites if s.wait),
+        "collectives removed": sum(s.action == "remove" for s in plan.sites),
+        "collectives kept (regrouped)": sum(s.action == "keep" for s in plan.sites),
+        "gather + scatter inserted": sum(s.action == "gather_scatter" for s in plan.sites),
         "shape constants replaced": len(plan.shape_fixes) - multiplied,
         "symbolic sizes multiplied": multiplied,
         "views made reshape": len(plan.views_to_copy),
-        "parameters made full": sum(1 for p in plan.params if p.layout != "replicated"),
+        "parameters regrouped": sum(1 for p in plan.params
+                                    if p.layout != "replicated" and p.held_shape != p.local_shape),
         "unclassified (kept)": len(plan.unclassified),
     }
     names = list(changes)[::-1]

@@ -20,7 +20,7 @@ import torch.fx as fx
 from adp_pass.attributes import owner_of, set_attr
 from adp_pass.errors import AdpError
 from adp_pass.patterns.structure import COLLECTIVE_OPS, WAIT_OPS, is_op
-from adp_pass.plan import Plan, graph_fingerprint
+from adp_pass.plan import GROUP_TAG, Plan, graph_fingerprint
 from adp_pass.shapes import propagate_shapes
 
 
@@ -65,13 +65,25 @@ def rewrite(
         _check_state_dict(plan, state_dict)
     check_text = "skipped (--no-self-check)" if not self_check else "shapes"
     if self_check and state_dict is not None:
-        check_text = check_numerics(gm, plan, state_dict).summary()
+        if plan.replicated_only:
+            check_text = check_numerics(gm, plan, state_dict).summary()
+        else:
+            check_text = ("shapes (the numeric self-check covers the replicated mapping; "
+                          "parity on ranks checks this one)")
 
     new = _copy_module(gm)
     graph = new.graph
     nodes_before = len(graph.nodes)
+    nodes = {n.name: n for n in graph.nodes}
     for site in plan.sites:
-        site.remove(graph)
+        if site.action == "remove":
+            site.remove(graph)
+        elif site.action == "keep":
+            nodes[site.collective].meta[GROUP_TAG] = site.group_tag
+        elif site.action == "gather_scatter":
+            _gather_scatter(graph, site)
+        else:
+            raise RewriteError(f"site {site.collective}: unknown action {site.action!r}")
     nodes = {n.name: n for n in graph.nodes}
     for fix in plan.shape_fixes:
         fix.apply(graph, nodes)
@@ -108,6 +120,57 @@ def rewrite(
         self_check=check_text,
     )
     return new
+
+
+_FUNCOL = torch.ops._c10d_functional
+
+
+def _gather_scatter(graph: fx.Graph, site) -> None:
+    """All-gather the block's input over the site's group along dim 0 (every rank of the group
+    steps with the same batch: the runtime pads), run the block on every rank's tokens with its
+    weights sharded over the group, and reduce-scatter the partial output back to this rank's
+    own rows, in place of the all-reduce."""
+    nodes = {n.name: n for n in graph.nodes}
+    start, collective = nodes[site.block_input], nodes[site.collective]
+    partial = collective.args[0]
+    done = nodes[site.wait] if site.wait is not None else collective
+    region = _between(start, partial)
+    group_name = str(collective.args[-1])
+    with graph.inserting_after(start):
+        gathered = graph.call_function(_FUNCOL.all_gather_into_tensor.default,
+                                       (start, site.group_size, group_name))
+    with graph.inserting_after(gathered):
+        gathered_wait = graph.call_function(_FUNCOL.wait_tensor.default, (gathered,))
+    for user in list(start.users):
+        if user in region:
+            user.replace_input_with(start, gathered_wait)
+    with graph.inserting_after(partial):
+        scattered = graph.call_function(_FUNCOL.reduce_scatter_tensor.default,
+                                        (partial, "sum", site.group_size, group_name))
+    with graph.inserting_after(scattered):
+        scattered_wait = graph.call_function(_FUNCOL.wait_tensor.default, (scattered,))
+    gathered.meta[GROUP_TAG] = scattered.meta[GROUP_TAG] = site.group_tag
+    done.replace_all_uses_with(scattered_wait)
+    for node in (done, collective):
+        if not node.users and node.graph is graph:
+            graph.erase_node(node)
+
+
+def _between(start: fx.Node, end: fx.Node) -> set[fx.Node]:
+    """Nodes on a path from ``start`` (exclusive) to ``end`` (inclusive)."""
+    below, stack = set(), list(start.users)
+    while stack:
+        node = stack.pop()
+        if node not in below:
+            below.add(node)
+            stack.extend(node.users)
+    above, stack = {end}, list(end.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node not in above:
+            above.add(node)
+            stack.extend(node.all_input_nodes)
+    return below & above
 
 
 def _check_plan_fits(gm: fx.GraphModule, plan: Plan) -> None:
@@ -192,11 +255,12 @@ def _swap_parameters(
     for spec in plan.params:
         local = gm.get_parameter(spec.name) if _is_param(gm, spec.name) else gm.get_buffer(spec.name)
         if state_dict is not None and spec.name in state_dict:
-            full = state_dict[spec.name].to(device=local.device, dtype=local.dtype)
-        elif spec.layout == "replicated":
+            full = spec.held_part(state_dict[spec.name], plan.rank).to(
+                device=local.device, dtype=local.dtype)
+        elif spec.layout == "replicated" or spec.held_shape == tuple(local.shape):
             continue
         else:
-            full = torch.empty(spec.full_shape, dtype=local.dtype, device=local.device)
+            full = torch.empty(spec.held_shape, dtype=local.dtype, device=local.device)
         new = torch.nn.Parameter(full, requires_grad=False) if isinstance(
             local, torch.nn.Parameter
         ) else full

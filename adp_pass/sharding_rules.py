@@ -37,7 +37,12 @@ from adp_pass.layouts import (
     _val,
     view_groups,
 )
-from adp_pass.patterns.structure import ATTENTION_CORE_OPS, COLLECTIVE_OPS, WAIT_OPS
+from adp_pass.patterns.structure import (
+    ALL_REDUCE_OPS,
+    ATTENTION_CORE_OPS,
+    COLLECTIVE_OPS,
+    WAIT_OPS,
+)
 
 aten = torch.ops.aten
 
@@ -470,8 +475,11 @@ def rule_sym_size(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> None:
 
 def rule_collective(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     layout = _tensor_layout(a, args[0])
-    if node.target in WAIT_OPS:
+    if node.target in WAIT_OPS or layout.replicated:
         return layout
+    if layout.partial and node.target in ALL_REDUCE_OPS and args[1] == "sum":
+        # A kept all-reduce (over the group the weights are regrouped to) completes the sum.
+        return Layout((), False, layout.deps)
     raise _Conflict(node, f"a collective that stays in the graph reads {args[0].name}, which "
                     f"is {layout.describe()}", layout.deps)
 

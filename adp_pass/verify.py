@@ -21,6 +21,7 @@ from transformers import Qwen3Config
 from adp_pass.capture import build_hf_qwen3, capture, parallelize_hf_qwen3
 from adp_pass.detect import detect, find_collectives
 from adp_pass.launch import init_rank, launch
+from adp_pass.mapping import Mapping
 from adp_pass.rewrite import rewrite
 
 # A source builds rank ``rank``'s TP model and the unsharded state dict the rewrite loads.
@@ -49,6 +50,7 @@ def default_splits(batch: int, world_size: int) -> list[int]:
 
 @dataclass
 class ParityReport:
+    mapping: str
     world_size: int
     splits: list[int]
     tp_max_abs_diff: float
@@ -63,12 +65,13 @@ class ParityReport:
 
     def __str__(self) -> str:
         return (
-            f"parity on {self.world_size} ranks (rows per rank {self.splits}):\n"
+            f"parity on {self.world_size} ranks, mapping {self.mapping} (rows per DP group "
+            f"{self.splits}):\n"
             f"  TP graph, all ranks on the whole batch   max |logits - transformers| = "
             f"{self.tp_max_abs_diff:.3e}\n"
-            f"  attention-DP graph, each rank its slice  max |logits - transformers| = "
+            f"  rewritten graph, each DP group its rows  max |logits - transformers| = "
             f"{self.adp_max_abs_diff:.3e}\n"
-            f"  sites removed {self.site_counts}, collectives left {self.collectives_left}\n"
+            f"  sites {self.site_counts}, collectives left {self.collectives_left}\n"
             f"  rewrite self-check (rank 0): {self.self_check}"
         ) + (
             f"\n  lowered to Triton ops {self.lower_counts}: max |lowered - rewritten| = "
@@ -86,39 +89,56 @@ def _rank_main(
     seed: int,
     lower_ops: bool,
     self_check: bool = True,
+    mapping_spec: str | None = None,
 ) -> dict:
+    from adp_pass.runtime.groups import bind_groups, create_groups
+
     rank, world_size, device = init_rank()
+    mapping = Mapping.load(mapping_spec or f"tp={world_size},attn_dp=1")
     tp_model, full_state = source(config, world_size, rank, seed)
     tp_model = tp_model.to(device)
     ids = ids.to(device)
     captured = capture(tp_model, [ids], rank=rank, world_size=world_size)
     with torch.no_grad():
         tp_logits = captured.gm(ids)[0]
-    plan = detect(captured.gm, f"tp={world_size},attn_dp=1")
+    plan = detect(captured.gm, mapping)
     plan_text = str(plan)
-    # The unsharded weights drive rewrite's numeric self-check of the first layer.
-    gm = rewrite(captured.gm, plan, state_dict=full_state if self_check else None,
-                 self_check=self_check)
-    gm.load_state_dict(full_state, strict=True)
-    start = sum(splits[:rank])
-    mine = ids[start : start + splits[rank]]
-    with torch.no_grad():
-        adp_logits = gm(mine)[0] if len(mine) else ids.new_zeros((0,))
+    # The unsharded weights drive rewrite's numeric self-check of the first layer; rewrite
+    # also cuts each weight to what this rank holds under the mapping.
+    gm = rewrite(captured.gm, plan, state_dict=full_state, self_check=self_check)
+    if plan.replicated_only:  # every tensor whole: the unsharded state dict loads as it is
+        gm.load_state_dict(full_state, strict=True)
+    bind_groups(gm, create_groups(mapping).names)
+    dp_rank = mapping.dp_rank(rank)
+    start = sum(splits[:dp_rank])
+    mine = ids[start : start + splits[dp_rank]]
+    # Ranks whose graphs meet in a collective step together on equal shapes: pad with rows of
+    # token 0 to the largest group's rows, and drop them after (the runtime does the same).
+    rows = max(splits) if mapping.lockstep_size > 1 else len(mine)
+    padded = torch.cat([mine, mine.new_zeros((rows - len(mine), mine.shape[1]))])
+
+    def run(module) -> torch.Tensor | None:
+        if not rows:
+            return None
+        with torch.no_grad():
+            return module(padded)[0][: len(mine)].cpu()
+
+    adp_logits = run(gm)
     lowered_logits, lower_counts = None, {}
     if lower_ops:
         from adp_pass.runtime.lower import lower
 
         lower(gm)  # in place: RMSNorm, residual + RMSNorm, SiLU*mul, q/k norm + rotary
         lower_counts = dict(gm.meta["adp_lower_counts"])
-        with torch.no_grad():
-            lowered_logits = gm(mine)[0].cpu() if len(mine) else None
+        lowered_logits = run(gm)
+    leader = rank == mapping.attn_group(rank)[0]
     return {
         "tp_logits": tp_logits.cpu(),
-        "adp_logits": adp_logits.cpu(),
+        "adp_logits": adp_logits if leader else None,
+        "lowered_logits": lowered_logits if leader else None,
         "counts": plan.counts(),
         "collectives_left": len(find_collectives(gm.graph)),
         "plan": plan_text,
-        "lowered_logits": lowered_logits,
         "lower_counts": lower_counts,
         "self_check": gm.meta["adp_report"].self_check,
     }
@@ -137,29 +157,38 @@ def verify(
     timeout_s: float = 300.0,
     log_dir: str | None = None,
     self_check: bool = True,
+    mapping: Mapping | str | None = None,
 ) -> ParityReport:
     """Run the parity check on ``world_size`` local ranks and return the measured differences.
+
+    ``mapping`` (default ``tp=world_size,attn_dp=1``) says what the TP graph is rewritten to;
+    ``splits`` gives each DP group (``mapping.dp_size`` of them) its rows of the batch.
     With ``log_dir``, the ranks' output goes to files there instead of the terminal."""
     start = time.perf_counter()
-    splits = list(splits) if splits is not None else default_splits(batch, world_size)
-    if len(splits) != world_size or sum(splits) != batch or min(splits) < 0:
-        raise ValueError(f"splits {splits} must give each of {world_size} ranks rows of {batch}")
+    mapping = Mapping.load(mapping or f"tp={world_size},attn_dp=1")
+    if mapping.world_size != world_size:
+        raise ValueError(f"mapping {mapping} is for {mapping.world_size} ranks, not {world_size}")
+    groups = mapping.dp_size
+    splits = list(splits) if splits is not None else default_splits(batch, groups)
+    if len(splits) != groups or sum(splits) != batch or min(splits) < 0:
+        raise ValueError(f"splits {splits} must give each of {groups} DP groups rows of {batch}")
     generator = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
     results = launch(
         _rank_main, world_size, config, source, ids, splits, seed, lower_ops, self_check,
-        timeout_s=timeout_s, log_dir=log_dir,
+        str(mapping), timeout_s=timeout_s, log_dir=log_dir,
     )
     reference = build_hf_qwen3(config, seed=seed)
     with torch.no_grad():
         want = reference(input_ids=ids, use_cache=False).logits
     tp_diff = max((r["tp_logits"] - want).abs().max().item() for r in results)
-    adp = torch.cat([r["adp_logits"] for r in results if r["adp_logits"].numel()])
+    adp = torch.cat([r["adp_logits"] for r in results if r["adp_logits"] is not None])
     lowered_diff = None
     if lower_ops:
         lowered = torch.cat([r["lowered_logits"] for r in results if r["lowered_logits"] is not None])
         lowered_diff = (lowered - adp).abs().max().item()
     return ParityReport(
+        mapping=str(mapping),
         world_size=world_size,
         splits=splits,
         tp_max_abs_diff=tp_diff,

@@ -19,6 +19,7 @@ from adp_pass.patterns.structure import (
     fused_segments,
     is_op,
     producer_matmul,
+    through_views,
     wait_of,
 )
 
@@ -43,6 +44,7 @@ def match_block_allreduce(
         if column.bias is not None:
             weights.append(ShardedWeight(column.bias.target, "column", 0, segments))
     wait = wait_of(collective)
+    inputs = {through_views(column.activation) for column in region.input_matmuls}
     return Site(
         kind=kind,
         collective=collective.name,
@@ -52,4 +54,5 @@ def match_block_allreduce(
         replaced=(wait or collective).name,
         replacement=collective.args[0].name,
         weights=tuple(weights),
+        block_input=inputs.pop().name if len(inputs) == 1 else None,
     )

@@ -8,6 +8,11 @@ holds no collective, so a rank steps on its own: it never waits for another rank
 Each step admits waiting requests whose KV blocks fit (prompts of equal length are prefilled
 together), then runs one decode step for every running sequence. On a GPU the decode step is
 replayed from CUDA graphs captured for a set of batch sizes.
+
+With a :class:`~adp_pass.runtime.lockstep.Lockstep` (mappings whose graph holds collectives:
+a sharded MLP, attention TP, the plain TP job), the ranks of a lockstep group agree on each
+step's shapes first and every rank makes the same calls, padded to the group's largest batch
+(``_lockstep_step``; docs/runtime.md, "Lockstep stepping").
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Hashable
 import torch
 
 from adp_pass.runtime.kv_cache import PagedKVCache
+from adp_pass.runtime.lockstep import Lockstep
 from adp_pass.runtime.sampling import SamplingParams, sample
 
 
@@ -45,6 +51,11 @@ class EngineStats:
     decode_steps: int = 0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    # Lockstep only: calls made with padding rows alone (another rank of the group had work),
+    # their time, and the time spent agreeing on each step's shapes.
+    idle_calls: int = 0
+    idle_s: float = 0.0
+    agree_s: float = 0.0
 
     @property
     def mean_decode_step_ms(self) -> float:
@@ -73,8 +84,11 @@ class RankEngine:
         max_seq_len: int | None = None,
         cuda_graph_sizes: tuple[int, ...] | None = None,
         seed: int = 0,
+        lockstep: Lockstep | None = None,
     ) -> None:
         self.model = model
+        self.lockstep = lockstep
+        self._group_done = False  # lockstep: the last step found no work on any rank
         self.cache = cache
         self.device = cache.device
         self.max_batch = max_batch
@@ -105,22 +119,84 @@ class RankEngine:
 
     @property
     def has_work(self) -> bool:
+        """This rank has requests waiting or running."""
         return bool(self.waiting or self.running)
 
+    @property
+    def active(self) -> bool:
+        """Keep calling :meth:`step`: while this rank has work, or with lockstep, until a step
+        found no work on any rank of the group (a rank without requests of its own must still
+        make the group's calls)."""
+        return not self._group_done if self.lockstep is not None else self.has_work
+
     def generate(self, requests: list[Request]) -> list[Result]:
+        """Serve ``requests`` to the end; results in request order. Collective with lockstep:
+        every rank of the group calls it (with its own requests, possibly none)."""
         for request in requests:
             self.add(request)
-        results: list[Result] = []
-        while self.has_work:
-            results += self.step()
+        results = self.run_until_done()
         order = {r.request_id: i for i, r in enumerate(requests)}
         return sorted(results, key=lambda r: order[r.request_id])
 
+    def run_until_done(self) -> list[Result]:
+        """Step until :attr:`active` is false; results in finishing order."""
+        self._group_done = False
+        results: list[Result] = []
+        while self.active:
+            results += self.step()
+        return results
+
     def step(self) -> list[Result]:
-        finished = self._admit()
+        if self.lockstep is not None:
+            return self._lockstep_step()
+        group = self._admit()
+        finished = self._prefill(group) if group else []
         if self.running:
             finished += self._decode()
         return finished
+
+    def _lockstep_step(self) -> list[Result]:
+        """One step of the lockstep group: agree on ``[prefill rows, prompt length, decode rows,
+        has work]`` (elementwise max), then every rank makes the same calls: one prefill of
+        ``[rows, length]`` if any rank admits a prompt, one decode of ``[rows, 1]`` if any rank
+        decodes, its own rows first and padding rows after."""
+        work = self.has_work
+        group = self._admit()
+        # Decode rows are bounded before the prefill samples: a prompt that finishes at its
+        # first token leaves a padding row instead.
+        decode_bound = len(self.running) + len(group)
+        start = time.perf_counter()
+        prefill_rows, length, decode_rows, any_work = self.lockstep.agree(
+            [len(group), len(group[0].prompt) if group else 0, decode_bound, int(work)]
+        )
+        self.stats.agree_s += time.perf_counter() - start
+        if not any_work:
+            self._group_done = True
+            return []
+        if not prefill_rows and not decode_rows:
+            raise RuntimeError("lockstep: a rank has work but no rank of the group can admit or "
+                               "decode anything (max_batch 0?)")
+        finished = self._prefill(group, prefill_rows, length) if prefill_rows else []
+        if decode_rows:
+            finished += self._decode(decode_rows)
+        return finished
+
+    def prefill_logits(self, prompt: list[int] | None) -> torch.Tensor | None:
+        """Next-token logits [V] of ``prompt`` from one prefill call that writes nothing to the
+        cache (every slot -1): a check of the model, not serving. Collective with lockstep:
+        every rank of the group calls it, ``None`` for a rank without a prompt."""
+        rows, length = (1, len(prompt)) if prompt else (0, 0)
+        if self.lockstep is not None:
+            rows, length = self.lockstep.agree([rows, length])
+        if not rows:
+            return None
+        prompts = [prompt] if prompt else []
+        slots = [[-1] * len(p) for p in prompts]
+        inputs, last = prefill_batch(prompts, slots, [[]] * len(prompts), rows, length,
+                                     self.device)
+        with torch.no_grad():
+            logits = self.model(*inputs)[0]
+        return logits[0, last[0]] if prompt else None
 
     # ------------------------------------------------------------------ scheduling
     def _blocks_still_needed(self) -> int:
@@ -132,7 +208,8 @@ class RankEngine:
             total += self.cache.blocks_for(final) - len(self.cache.block_table(seq.request.request_id))
         return total
 
-    def _admit(self) -> list[Result]:
+    def _admit(self) -> list[Request]:
+        """Waiting requests (taken off the queue) to prefill in this step's one call."""
         group: list[Request] = []
         budget = self.cache.num_free_blocks - self._blocks_still_needed()
         while self.waiting and len(self.running) + len(group) < self.max_batch:
@@ -146,21 +223,28 @@ class RankEngine:
                 break
             budget -= need
             group.append(self.waiting.popleft())
-        return self._prefill(group) if group else []
+        return group
 
-    def _prefill(self, group: list[Request]) -> list[Result]:
+    def _prefill(self, group: list[Request], rows: int | None = None,
+                 length: int | None = None) -> list[Result]:
+        """One prefill call for ``group`` (prompts of one length). Lockstep passes the agreed
+        ``[rows, length]``: prompts right-padded, padding rows after (``prefill_batch``)."""
         start = time.perf_counter()
-        length = len(group[0].prompt)
-        slots = []
-        for request in group:
-            slots += self.cache.allocate(request.request_id, length)
-        ids = torch.tensor([r.prompt for r in group], dtype=torch.long, device=self.device)
-        positions = torch.arange(length, device=self.device).expand(len(group), length)
-        inputs = self._metadata([r.request_id for r in group], slots)
+        rows = len(group) if rows is None else rows
+        length = len(group[0].prompt) if length is None else length
+        slots = [self.cache.allocate(r.request_id, len(r.prompt)) for r in group]
+        tables = [self.cache.block_table(r.request_id) for r in group]
+        inputs, last = prefill_batch([r.prompt for r in group], slots, tables, rows, length,
+                                     self.device)
         with torch.no_grad():
-            logits = self.model(ids, positions.contiguous(), *inputs)[0][:, -1]
+            logits = self.model(*inputs)[0]
+        if not group:  # padding rows only: the call was for the other ranks' prompts
+            self.stats.idle_calls += 1
+            self.stats.idle_s += time.perf_counter() - start
+            return []
+        logits = logits[torch.arange(len(group), device=self.device), last]
         tokens = sample(logits, [r.params for r in group], self.generator).tolist()
-        self.stats.prefill_tokens += len(group) * length
+        self.stats.prefill_tokens += sum(len(r.prompt) for r in group)
         self.stats.prefill_s += time.perf_counter() - start
         finished = []
         for request, token in zip(group, tokens):
@@ -169,21 +253,30 @@ class RankEngine:
             finished += self._accept(seq, token)
         return finished
 
-    def _decode(self) -> list[Result]:
+    def _decode(self, rows: int | None = None) -> list[Result]:
+        """One decode call for every running sequence; lockstep passes the agreed ``rows``
+        (padding rows after the sequences: slot -1, context_len 0)."""
         start = time.perf_counter()
         seqs = list(self.running.values())
         ids = [s.request.request_id for s in seqs]
+        rows = len(seqs) if rows is None else rows
         slots = [self.cache.append(i, 1)[0] for i in ids]
-        last = torch.tensor([[s.generated[-1]] for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor(
-            [[self.cache.context_len(i) - 1] for i in ids], dtype=torch.long, device=self.device
+        lens = [self.cache.context_len(i) for i in ids]
+        inputs = decode_batch(
+            [s.generated[-1] for s in seqs], [n - 1 for n in lens], slots,
+            [self.cache.block_table(i) for i in ids], lens, rows, self.device,
         )
-        inputs = self._metadata(ids, slots)
         with torch.no_grad():
-            if self._graphs is not None and self._graphs.fits(len(seqs)):
-                logits = self._graphs.run(last, positions, *inputs)
+            # Every rank of a lockstep group passes the same `rows`: the same graph bucket.
+            if self._graphs is not None and self._graphs.fits(rows):
+                logits = self._graphs.run(*inputs)
             else:
-                logits = self.model(last, positions, *inputs)[0][:, -1]
+                logits = self.model(*inputs)[0][:, -1]
+        if not seqs:  # padding rows only: the call was for the other ranks' sequences
+            self.stats.idle_calls += 1
+            self.stats.idle_s += time.perf_counter() - start
+            return []
+        logits = logits[: len(seqs)]
         tokens = sample(logits, [s.request.params for s in seqs], self.generator).tolist()
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(seqs)
@@ -192,13 +285,6 @@ class RankEngine:
         for seq, token in zip(seqs, tokens):
             finished += self._accept(seq, token)
         return finished
-
-    def _metadata(self, seq_ids: list[Hashable], slots: list[int]) -> tuple[torch.Tensor, ...]:
-        return (
-            self.cache.slot_mapping(slots),
-            self.cache.block_tables(seq_ids),
-            self.cache.context_lens(seq_ids),
-        )
 
     def _accept(self, seq: _Sequence, token: int) -> list[Result]:
         seq.generated.append(token)
@@ -218,6 +304,66 @@ class RankEngine:
         del self.running[request_id]
         self.cache.free(request_id)
         return [Result(request_id, len(seq.request.prompt), seq.generated, reason)]
+
+
+def _block_tables(tables: list[list[int]], rows: int, device: torch.device) -> torch.Tensor:
+    """int32 [rows, widest table (at least 1)]; short tables and padding rows hold block 0,
+    never read (attention stops at context_len)."""
+    width = max([len(t) for t in tables] + [1])
+    padded = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * (rows - len(tables))
+    return torch.tensor(padded, dtype=torch.int32).view(rows, width).to(device)
+
+
+def prefill_batch(
+    prompts: list[list[int]], slots: list[list[int]], tables: list[list[int]], rows: int,
+    length: int, device: torch.device,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The model inputs of one prefill call of shape ``[rows, length]``, and each prompt's last
+    position (where its next-token logits are).
+
+    Row ``i < len(prompts)`` holds prompt ``i`` right-padded to ``length``: pad tokens (id 0) get
+    slot -1, so they write nothing, and attention is causal, so the prompt's own tokens never see
+    them. Rows after the prompts are padding rows (another rank of the lockstep group prefills
+    more prompts): every token id 0, slot -1. ``context_lens`` is ``length`` for every row, as
+    ``adp.cached_attention`` checks for a prefill.
+    """
+    if rows < len(prompts) or any(len(p) > length for p in prompts):
+        raise ValueError(f"{len(prompts)} prompts (longest {max(map(len, prompts), default=0)}) "
+                         f"do not fit a prefill of [{rows}, {length}]")
+    pad = [[0] * length] * (rows - len(prompts))
+    ids = [p + [0] * (length - len(p)) for p in prompts] + pad
+    slot_mapping = []
+    for prompt, row in zip(prompts, slots):
+        slot_mapping += list(row) + [-1] * (length - len(prompt))
+    slot_mapping += [-1] * (length * (rows - len(prompts)))
+    inputs = (
+        torch.tensor(ids, dtype=torch.long).view(rows, length).to(device),
+        torch.arange(length, device=device).expand(rows, length).contiguous(),
+        torch.tensor(slot_mapping, dtype=torch.int64).to(device),
+        _block_tables(tables, rows, device),
+        torch.full((rows,), length, dtype=torch.int32).to(device),
+    )
+    last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long).to(device)
+    return inputs, last
+
+
+def decode_batch(
+    tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+    context_lens: list[int], rows: int, device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """The model inputs of one decode call of ``rows`` rows: the sequences first (their last
+    token at its position, its new slot, their block tables and context lengths), then padding
+    rows (token 0 at position 0, slot -1, context_len 0: they write nothing and read nothing)."""
+    if rows < len(tokens):
+        raise ValueError(f"{len(tokens)} sequences do not fit a decode of {rows} rows")
+    pad = rows - len(tokens)
+    return (
+        torch.tensor(list(tokens) + [0] * pad, dtype=torch.long).view(rows, 1).to(device),
+        torch.tensor(list(positions) + [0] * pad, dtype=torch.long).view(rows, 1).to(device),
+        torch.tensor(list(slots) + [-1] * pad, dtype=torch.int64).to(device),
+        _block_tables(tables, rows, device),
+        torch.tensor(list(context_lens) + [0] * pad, dtype=torch.int32).to(device),
+    )
 
 
 class _DecodeGraphs:

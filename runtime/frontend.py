@@ -1,8 +1,11 @@
-"""Front end: spread requests over the DP ranks by load, start the ranks with torchrun,
+"""Front end: spread requests over the DP groups by load, start the ranks with torchrun,
 collect what each served.
 
-Load is tokens in flight (prompt + tokens still to generate): each request goes to the rank
-that has the fewest, so long and short requests even out across ranks.
+Load is tokens in flight (prompt + tokens still to generate): each request goes to the DP group
+that has the fewest, so long and short requests even out across groups. A DP group is one rank
+under pure attention-DP (``tp=N,attn_dp=1``); the ranks of an attention group (``attn_tp``, or
+the whole job for ``attn_dp=0``) serve the same requests, and only its first rank, the leader,
+counts in the totals.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from adp_pass.runtime.sampling import SamplingParams
 
 
 def assign_by_load(requests: list[Request], dp_size: int) -> list[list[Request]]:
-    """Each request to the rank with the fewest tokens in flight (ties: lowest rank)."""
+    """Each request to the DP group (``Mapping.dp_size`` of them) with the fewest tokens in
+    flight (ties: lowest group)."""
     load = [0] * dp_size
     assigned: list[list[Request]] = [[] for _ in range(dp_size)]
     for request in requests:
@@ -53,19 +57,35 @@ class JobReport:
     log: str | None = None  # every rank's output
 
     @property
+    def leaders(self) -> list[dict]:
+        """One record per DP group: its first rank's (the others served the same requests)."""
+        return [r for r in self.ranks if r.get("leader", True)]
+
+    @property
+    def results(self) -> list[dict]:
+        """Every request's result, once (from the leaders)."""
+        return [result for r in self.leaders for result in r["results"]]
+
+    @property
     def total_decode_tokens_per_s(self) -> float:
-        return sum(r["decode_tokens_per_s"] for r in self.ranks)
+        return sum(r["decode_tokens_per_s"] for r in self.leaders)
 
     def __str__(self) -> str:
-        lines = [f"{'rank':>4} {'device':<24} {'requests':>8} {'decode tok/s':>13} "
+        lines = [f"{'rank':>4} {'dp':>3} {'device':<24} {'requests':>8} {'decode tok/s':>13} "
                  f"{'step ms':>8} {'wall s':>7}"]
         for r in self.ranks:
+            dp = f"{r.get('dp_rank', r['rank'])}{'' if r.get('leader', True) else '*'}"
             lines.append(
-                f"{r['rank']:>4} {r['device'][:24]:<24} {r['requests']:>8} "
+                f"{r['rank']:>4} {dp:>3} {r['device'][:24]:<24} {r['requests']:>8} "
                 f"{r['decode_tokens_per_s']:>13.1f} {r['mean_decode_step_ms']:>8.2f} "
                 f"{r['wall_s']:>7.2f}"
             )
-        lines.append(f"total decode tokens/s: {self.total_decode_tokens_per_s:.1f}")
+        total = f"total decode tokens/s: {self.total_decode_tokens_per_s:.1f}"
+        if len(self.leaders) < len(self.ranks):
+            groups = len(self.leaders)
+            total += (f" (over {groups} DP group{'s' * (groups != 1)}; * serves its group's "
+                      "requests again)")
+        lines.append(total)
         return "\n".join(lines)
 
 
@@ -153,5 +173,13 @@ def _rank_failure(out: Path, returncode: int, log: Path) -> RankFailed:
 
 
 def make_job(mapping: str, assignments: list[list[Request]], **settings) -> Job:
+    """A job serving ``assignments[g]`` on DP group ``g`` (at most ``dp_size`` lists)."""
+    from adp_pass.mapping import Mapping
+
+    dp_size = Mapping.load(mapping).dp_size
+    if len(assignments) > dp_size:
+        raise ValueError(f"{len(assignments)} request lists for mapping {mapping!r}, which has "
+                         f"{dp_size} DP groups: spread them with assign_by_load(requests, "
+                         f"{dp_size})")
     return Job(mapping=mapping, assignments=[[request_dict(r) for r in rank] for rank in assignments],
                **settings)

@@ -1,4 +1,4 @@
-"""A serving job as plain data: the model, the mapping, the cache, and each rank's requests.
+"""A serving job as plain data: the model, the mapping, the cache, and each DP group's requests.
 
 The front end writes it as JSON, every torchrun rank reads it.
 """
@@ -31,7 +31,8 @@ class Job:
     cuda_graph_sizes: list[int] = field(default_factory=list)
     seed: int = 0
     check_first_step: bool = False
-    # per rank: [{"request_id", "prompt", "max_new_tokens", "temperature", "top_p", "stop"}]
+    # per DP group (mapping.dp_size of them; every rank of an attention group serves its group's
+    # list): [{"request_id", "prompt", "max_new_tokens", "temperature", "top_p", "stop"}]
     assignments: list[list[dict]] = field(default_factory=list)
 
     @property
@@ -46,8 +47,9 @@ class Job:
             return config
         return qwen3_config(self.preset)
 
-    def requests_for(self, rank: int) -> list[Request]:
-        if rank >= len(self.assignments):
+    def requests_for(self, dp_rank: int) -> list[Request]:
+        """The requests of DP group ``dp_rank`` (``Mapping.dp_rank(rank)``)."""
+        if dp_rank >= len(self.assignments):
             return []
         return [
             Request(
@@ -60,7 +62,7 @@ class Job:
                     stop_token_ids=tuple(item.get("stop", ())),
                 ),
             )
-            for item in self.assignments[rank]
+            for item in self.assignments[dp_rank]
         ]
 
     def write(self, path: str | Path) -> None:

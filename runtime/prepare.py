@@ -70,14 +70,15 @@ def prepare_rank(
     )
     timings["capture_s"] = time.perf_counter() - start
     plan = detect(captured.gm, mapping)
+    # Before rewrite allocates the rank's weights: refused with the numbers and a mapping
+    # that fits. Each rank's cache holds its attention group's share of the kv heads.
+    kv_heads = config.num_key_value_heads // mapping.attn_tp_size
+    kv_bytes = kv_cache_bytes(config.num_hidden_layers, kv_heads, config.head_dim, num_blocks,
+                              block_size, dtype)
+    check_memory(plan, kv_cache_bytes=kv_bytes, device=device, dtype=dtype)
     gm = rewrite(captured.gm, plan)
     timings["rewrite_s"] = time.perf_counter() - start - timings["capture_s"]
 
-    kv_bytes = kv_cache_bytes(
-        config.num_hidden_layers, config.num_key_value_heads, config.head_dim, num_blocks,
-        block_size, dtype,
-    )
-    check_memory(plan, kv_cache_bytes=kv_bytes, device=device, dtype=dtype)
     mark = time.perf_counter()
     if checkpoint is not None:
         load_checkpoint(gm, plan, checkpoint, device=device, dtype=dtype)

@@ -163,7 +163,7 @@ def check_memory(
     free memory; raise :class:`InsufficientMemory` if not. ``dtype`` is the weights' dtype when it
     differs from the traced one; ``free_bytes`` overrides the device query (tests, planning)."""
     device = _resolve_device(device)
-    sizes = {p.name: math.prod(p.full_shape) * _itemsize(p, dtype) for p in plan.params}
+    sizes = {p.name: math.prod(p.held_shape) * _itemsize(p, dtype) for p in plan.params}
     estimate = MemoryEstimate(
         rank=plan.rank,
         device=str(device),
@@ -174,15 +174,46 @@ def check_memory(
     )
     if estimate.fits:
         return estimate
-    tp = plan.mapping.tp_size
-    # What keeping the MLP sharded would give back: (tp - 1) / tp of its replicated bytes.
-    mlp_saving = sum(n for name, n in sizes.items() if ".mlp." in name) * (tp - 1) // tp
+    fits = _mapping_that_fits(plan, sizes, kv_cache_bytes, estimate.usable_bytes)
     fixes = "lower max batch/context (a smaller KV cache)"
-    if mlp_saving:
-        fixes += f", or keep the MLP tensor-parallel (mlp_tp={tp}, saves {_gib(mlp_saving)})"
+    if fits is not None:
+        fixes += f", or use mapping {fits[0]} ({_gib(fits[1])} per rank)"
     raise InsufficientMemory(
-        f"{estimate}: by {_gib(estimate.total_bytes - estimate.usable_bytes)} too little; {fixes}"
+        f"{estimate} under mapping {plan.mapping}: by "
+        f"{_gib(estimate.total_bytes - estimate.usable_bytes)} too little; {fixes}"
     )
+
+
+def mapping_bytes(plan: Plan, mapping, sizes: dict[str, int]) -> int:
+    """Weight bytes per rank if ``plan``'s graph were rewritten to ``mapping`` instead, from
+    ``sizes``: each parameter's bytes as ``plan`` holds it."""
+    from adp_pass.detect import role_parts
+
+    parts = role_parts(mapping)
+    return sum(sizes[p.name] * p.parts // parts[p.role] if p.role else sizes[p.name]
+               for p in plan.params)
+
+
+def _mapping_that_fits(plan: Plan, sizes: dict[str, int], kv_bytes: int,
+                       usable: int) -> tuple[str, int] | None:
+    """The mapping with the fewest collectives whose weights + KV cache fit ``usable`` bytes;
+    the KV cache shrinks with attn_tp (each rank holds 1/attn_tp of the kv heads)."""
+    from adp_pass.mapping import Mapping, MappingError
+
+    tp = plan.mapping.tp_size
+    current_attn = plan.mapping.attn_tp_size
+    divisors = [d for d in range(1, tp + 1) if tp % d == 0]
+    for attn in divisors:
+        for mlp in divisors:
+            try:
+                candidate = Mapping(tp_size=tp, enable_attention_dp=True, attn_tp_size=attn,
+                                    mlp_tp_size=mlp)
+            except MappingError:
+                continue
+            total = mapping_bytes(plan, candidate, sizes) + kv_bytes * current_attn // attn
+            if total <= usable:
+                return str(candidate), total
+    return None
 
 
 def random_weights(
@@ -209,7 +240,7 @@ def random_weights(
         full = torch.empty(spec.full_shape, dtype=kind, device=target)
         full.normal_(1.0 if full.dim() == 1 else 0.0, std, generator=generator)
         if _wants_shard(spec, tuple(current.shape)):
-            full = spec.shard(full, plan.rank, plan.mapping.tp_size)
+            full = spec.held_part(full, plan.rank)
         _put(gm, spec, full, target, kind)
     _derive_buffers(gm, derived, config, device)
 
@@ -307,7 +338,7 @@ def _plan_reads(
             continue
         shard = _wants_shard(spec, tuple(_get(gm, spec.name).shape))
         bits = re.search(r"\d+", piece.get_dtype())  # "BF16" -> 16; "BOOL" has none: one byte
-        size = math.prod(spec.local_shape if shard else found)
+        size = math.prod(spec.held_shape if shard else found)
         nbytes = size * int(bits.group() if bits else 8) // 8
         reads.append(_Read(spec, key, where[key], shard, nbytes))
     if missing:
@@ -332,7 +363,7 @@ def _read(handle, job: _Read, plan: Plan) -> torch.Tensor:
         return handle.get_tensor(job.key)
     piece, spec = handle.get_slice(job.key), job.spec
     lead = (slice(None),) * spec.dim
-    ranges = spec.shard_ranges(plan.rank, plan.mapping.tp_size)
+    ranges = spec.held_ranges(plan.rank)
     return torch.cat([piece[lead + (slice(s, s + n),)] for s, n in ranges], dim=spec.dim)
 
 
@@ -391,14 +422,16 @@ def _put(gm: torch.nn.Module, spec: ParamSpec, value: torch.Tensor, device, dtyp
 
 
 def _wants_shard(spec: ParamSpec, shape: tuple[int, ...]) -> bool:
+    """Whether the module holds this rank's part of the tensor (a mapping that keeps it
+    sharded: TP, mlp_tp, attn_tp) rather than the whole."""
     if shape == spec.full_shape:
         return False
-    if spec.layout != "replicated" and shape == spec.local_shape:
+    if spec.layout != "replicated" and shape == spec.held_shape:
         return True
     raise CheckpointError(
         f"{spec.name} is {list(shape)} in the module, neither the plan's full shape "
-        f"{list(spec.full_shape)} nor this rank's shard {list(spec.local_shape)}: the plan was "
-        "made for another graph; run detect (and rewrite) on this one"
+        f"{list(spec.full_shape)} nor this rank's part {list(spec.held_shape)} under mapping: "
+        "the plan was made for another graph; run detect (and rewrite) on this one"
     )
 
 

@@ -2,8 +2,14 @@
 --nproc-per-node N -m adp_pass.runtime.worker JOB.json OUT_DIR``.
 
 The rank builds its own model first (tracing its graph on a fake group needs no peer), then
-joins the job's process group only to line up the start and the end: under attention-DP with a
-replicated MLP nothing is exchanged while it serves its requests.
+joins the job's process group, creates the groups the mapping needs and binds them into its
+graph (``runtime/groups.py``). Under attention-DP with a replicated MLP nothing is exchanged
+while it serves its requests; when the graph holds collectives (a sharded MLP, attention TP, the
+plain TP job) the ranks of a lockstep group step together (``runtime/lockstep.py``).
+
+A rank serves its DP group's requests (``job.assignments[mapping.dp_rank(rank)]``); the ranks
+of one attention group serve the same requests with the same sampling seed, and only the
+group's first rank (its *leader*) counts in the job's totals.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from adp_pass.launch import init_rank, rank_device
+from adp_pass.mapping import Mapping
 from adp_pass.runtime.job import Job
 
 
@@ -31,23 +38,39 @@ def main(job_path: str, out_dir: str) -> None:
     log(f"building the rank's model on {device} ({job.dtype})")
 
     from adp_pass.runtime.engine import RankEngine
+    from adp_pass.runtime.groups import bind_groups, create_groups
+    from adp_pass.runtime.lockstep import Lockstep
     from adp_pass.runtime.prepare import prepare_rank
 
+    mapping = Mapping.load(job.mapping)
+    dp_rank = mapping.dp_rank(rank)
+    leader = mapping.attn_group(rank)[0] == rank
     built = prepare_rank(
-        config, job.mapping, rank, device=device, dtype=job.torch_dtype,
+        config, mapping, rank, device=device, dtype=job.torch_dtype,
         checkpoint=job.checkpoint, num_blocks=job.num_blocks, block_size=job.block_size,
         max_position=job.max_position, seed=job.seed,
     )
     log(f"model ready: {built.counts} in {sum(built.timings.values()):.1f} s")
+
+    init_rank()
+    groups = create_groups(mapping)
+    # Before the model runs (and before CUDA graphs are captured): the graph's collectives
+    # must name this job's groups, not the fake ones it was traced on.
+    collectives = bind_groups(built.model, groups.names)
+    lockstep = Lockstep(groups.lockstep) if mapping.lockstep_size > 1 else None
+    if lockstep is not None:
+        log(f"{collectives} collectives; stepping with ranks {groups.lockstep_ranks}")
+    # Seeded per DP group: the ranks of one attention group sample the same tokens.
     engine = RankEngine(
         built.model, built.cache, max_batch=job.max_batch, max_position=job.max_position,
         max_seq_len=job.max_seq_len, cuda_graph_sizes=tuple(job.cuda_graph_sizes) or None,
-        seed=job.seed + rank,
+        seed=job.seed + dp_rank, lockstep=lockstep,
     )
-    requests = job.requests_for(rank)
-    check = _first_step_check(built, config, requests, device) if job.check_first_step else None
+    requests = job.requests_for(dp_rank)
+    check = None
+    if job.check_first_step:
+        check = _first_step_check(built, config, requests, device, engine)
 
-    init_rank()
     dist.barrier()  # start together, so per-rank throughput is measured over the same window
     start = time.perf_counter()
     results = _serve(engine, requests, log)
@@ -59,6 +82,9 @@ def main(job_path: str, out_dir: str) -> None:
     record = {
         "rank": rank,
         "world_size": world_size,
+        "mapping": str(mapping),
+        "dp_rank": dp_rank,
+        "leader": leader,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "requests": len(requests),
         "wall_s": wall,
@@ -69,6 +95,9 @@ def main(job_path: str, out_dir: str) -> None:
         "decode_s": stats.decode_s,
         "decode_tokens_per_s": stats.decode_tokens_per_s,
         "mean_decode_step_ms": stats.mean_decode_step_ms,
+        "idle_calls": stats.idle_calls,
+        "idle_s": stats.idle_s,
+        "agree_s": stats.agree_s,
         "timings": built.timings,
         "counts": built.counts,
         "first_step_check": check,
@@ -83,11 +112,12 @@ def main(job_path: str, out_dir: str) -> None:
 
 
 def _serve(engine, requests: list, log) -> list:
-    """``engine.generate`` with a progress line per quarter of the requests."""
+    """``engine.generate`` with a progress line per quarter of the requests. With lockstep
+    the loop runs until no rank of the group has work, not just this one."""
     for request in requests:
         engine.add(request)
     results, shown, every = [], 0, max(1, len(requests) // 4)
-    while engine.has_work:
+    while engine.active:
         results += engine.step()
         if len(results) - shown >= every:
             shown = len(results)
@@ -106,27 +136,28 @@ def _record_failure(out_dir: str, err: BaseException) -> None:
         Path(out_dir, f"rank{rank}.error.json").write_text(json.dumps(record))
 
 
-def _first_step_check(built, config, requests: list, device: torch.device) -> dict | None:
-    """Prefill logits of one prompt against transformers' Qwen3 holding the same tensors."""
-    if not requests:
-        return None
+def _first_step_check(built, config, requests: list, device: torch.device, engine) -> dict | None:
+    """Prefill logits of one prompt against transformers' Qwen3 holding the same tensors.
+
+    Collective: every rank calls it, with or without requests. Sharded weights (a sharded MLP,
+    attention TP, the plain TP job) are gathered from the peers for the reference, and the
+    model call goes through ``engine.prefill_logits``, padded to the lockstep group's shape."""
     from transformers import Qwen3ForCausalLM
 
     with torch.device("meta"):
         reference = Qwen3ForCausalLM(config).eval()
-    weights = {k: v for k, v in built.model.state_dict().items() if not k.startswith("kv_cache")}
+    weights, skipped = _full_weights(built.model, reference)
+    got = engine.prefill_logits(requests[0].prompt if requests else None)
+    if not requests or weights is None:
+        del reference
+        return {"skipped": skipped} if requests else None
     reference.load_state_dict(weights, strict=False, assign=True)  # shares the rank's tensors
     with torch.device(device):  # inv_freq is not in the state dict: build it for real
         reference.model.rotary_emb = type(reference.model.rotary_emb)(config)
     prompt = torch.tensor([requests[0].prompt], device=device)
-    n = prompt.shape[1]
     with torch.no_grad():
         want = reference(input_ids=prompt, use_cache=False).logits[0, -1].float()
-        got = built.model(
-            prompt, torch.arange(n, device=device)[None], torch.full((n,), -1, device=device),
-            torch.zeros(1, 1, dtype=torch.int32, device=device),
-            torch.tensor([n], dtype=torch.int32, device=device),
-        )[0][0, -1].float()
+        got = got.float()
         # The same weights in fp32: how far either bf16 path is from exact arithmetic.
         exact = reference.float()(input_ids=prompt, use_cache=False).logits[0, -1]
     del reference
@@ -137,6 +168,30 @@ def _first_step_check(built, config, requests: list, device: torch.device) -> di
         "ours_vs_fp32": (got - exact).abs().max().item(),
         "transformers_vs_fp32": (want - exact).abs().max().item(),
     }
+
+
+def _full_weights(model, reference) -> tuple[dict | None, str | None]:
+    """The rank's weights at the reference's full shapes: its own tensors where they are full,
+    else the shards of the ``full // local`` consecutive ranks around it, all-gathered over the
+    world and concatenated along the one sharded dim (shards are contiguous, in rank order).
+
+    Collective when a weight is sharded; every rank holds the same names and shapes, so all of
+    them gather the same tensors in the same order (or all skip)."""
+    full = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("kv_cache")}
+    for name, tensor in weights.items():
+        want = full.get(name)
+        if want is None or tuple(tensor.shape) == want:
+            continue
+        dims = [d for d, (a, b) in enumerate(zip(tensor.shape, want)) if a != b]
+        if len(tensor.shape) != len(want) or len(dims) != 1 or want[dims[0]] % tensor.shape[dims[0]]:
+            return None, f"{name} is {list(tensor.shape)}, not a shard of {list(want)}"
+        dim, parts = dims[0], want[dims[0]] // tensor.shape[dims[0]]
+        pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(pieces, tensor.contiguous())
+        first = dist.get_rank() // parts * parts
+        weights[name] = torch.cat(pieces[first:first + parts], dim=dim)
+    return weights, None
 
 
 def _logger(rank: int):

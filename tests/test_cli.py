@@ -12,7 +12,7 @@ def test_rewrite_writes_outputs(tmp_path, capsys):
                  "--out", str(tmp_path)])
     out, err = capsys.readouterr()
     assert code == 0
-    assert "4 sites removed" in out and "0 collectives left" in out
+    assert "4 sites (attention_out 2, mlp_out 2): 4 removed" in out and "0 collectives left" in out
     assert len(out.splitlines()) <= 6 and "adp plan:" not in out  # the listing is in the files
     assert "adp plan: rank 3" in (tmp_path / "report.txt").read_text()
     for stage in ("build and capture", "detect", "rewrite"):  # each stage: start and time
@@ -39,7 +39,7 @@ def test_bad_mapping_exits_2_with_the_reason(capsys):
 def test_verbose_prints_the_full_plan(capsys):
     assert main(["rewrite", "--preset", "tiny", "--mapping", "tp=2,attn_dp=1", "-v"]) == 0
     out = capsys.readouterr().out
-    assert "adp plan: rank 0" in out and "column" in out and "4 sites removed (" in out
+    assert "adp plan: rank 0" in out and "column" in out and "sites: 4 (attention_out 2, mlp_out 2); remove 4" in out
 
 
 @pytest.mark.multirank

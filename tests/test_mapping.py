@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adp_pass.mapping import Mapping, MappingError, NotSupportedYet
+from adp_pass.mapping import Mapping, MappingError
 
 
 def test_parse_compact_form_defaults_to_replicated_mlp():
@@ -63,10 +63,15 @@ def test_malformed_mappings_name_the_problem(spec, message):
         Mapping.parse(spec)
 
 
-@pytest.mark.parametrize("spec", ["tp=8,attn_dp=1,attn_tp=2", "tp=8,attn_dp=1,mlp_tp=8"])
-def test_valid_but_unimplemented_mappings_say_not_supported_yet(spec):
-    with pytest.raises(NotSupportedYet, match="not supported yet"):
-        Mapping.parse(spec)
+@pytest.mark.parametrize("spec, lockstep, dp", [
+    ("tp=8,attn_dp=1", 1, 8), ("tp=8,attn_dp=0", 8, 1), ("tp=8,attn_dp=1,mlp_tp=8", 8, 8),
+    ("tp=8,attn_dp=1,attn_tp=2", 2, 4), ("tp=8,attn_dp=1,attn_tp=2,mlp_tp=4", 4, 4),
+    ("tp=8,attn_dp=1,attn_tp=4,mlp_tp=2", 4, 2),
+])
+def test_every_mapping_is_valid_and_knows_its_lockstep_and_dp_groups(spec, lockstep, dp):
+    mapping = Mapping.parse(spec)
+    assert (mapping.lockstep_size, mapping.dp_size) == (lockstep, dp)
+    assert Mapping.parse(str(mapping)) == mapping
 
 
 @pytest.mark.parametrize(
@@ -87,15 +92,14 @@ def test_rank_outside_world_is_rejected():
 @settings(max_examples=60, deadline=None)
 @given(tp=st.sampled_from([1, 2, 3, 4, 6, 8, 16]), data=st.data())
 def test_groups_partition_the_world(tp, data):
-    attn_tp = data.draw(st.sampled_from([d for d in range(1, tp + 1) if tp % d == 0]))
-    if 1 < attn_tp < tp:  # attention groups of several ranks: valid, not built yet
-        with pytest.raises(NotSupportedYet):
-            Mapping(tp_size=tp, enable_attention_dp=True, attn_tp_size=attn_tp)
-        return
-    m = Mapping(tp_size=tp, enable_attention_dp=attn_tp == 1 and tp > 1, attn_tp_size=attn_tp)
-    groups = {tuple(m.attn_group(r)) for r in range(tp)}
-    assert sorted(r for g in groups for r in g) == list(range(tp))
-    assert all(len(g) == m.attn_tp_size for g in groups)
+    divisors = [d for d in range(1, tp + 1) if tp % d == 0]
+    attn_tp, mlp_tp = data.draw(st.sampled_from(divisors)), data.draw(st.sampled_from(divisors))
+    m = Mapping(tp_size=tp, enable_attention_dp=True, attn_tp_size=attn_tp, mlp_tp_size=mlp_tp)
+    for group_of, size in ((m.attn_group, attn_tp), (m.mlp_group, mlp_tp)):
+        groups = {tuple(group_of(r)) for r in range(tp)}
+        assert sorted(r for g in groups for r in g) == list(range(tp))
+        assert all(len(g) == size for g in groups)
+    assert tp % m.lockstep_size == 0 and m.lockstep_size % max(attn_tp, mlp_tp) == 0
     assert {m.dp_rank(r) for r in range(tp)} == set(range(m.dp_size))
     assert Mapping.parse(str(m)) == m
 

@@ -56,5 +56,5 @@ def test_cli_verify_default_job_on_two_ranks(capsys):
                  "--splits", "1,3"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "sites removed: 4 (attention_out 2, mlp_out 2)" in out
-    assert "rows per rank [1, 3]" in out and "PASS" in out
+    assert "sites: 4 (attention_out 2, mlp_out 2); remove 4" in out
+    assert "rows per DP group [1, 3]" in out and "PASS" in out

@@ -43,7 +43,7 @@ def test_qwen3_32b_tp8_rank0_all_64_layers_through_the_cli(capsys):
     out = capsys.readouterr().out
     print(out[-600:])  # stage timings, kept in the test log
     assert code == 0
-    assert "sites removed: 128 (attention_out 64, mlp_out 64)" in out
+    assert "sites: 128 (attention_out 64, mlp_out 64); remove 128" in out
     assert "0 collectives left" in out
     assert "[1024, 5120]   -> [8192, 5120]   model.layers.63.self_attn.q_proj.weight" in out
     assert "[5120, 1024]   -> [5120, 8192]   model.layers.0.self_attn.o_proj.weight" in out
