@@ -1,8 +1,10 @@
 """adp: rewrite tensor-parallel Qwen3 graphs into attention-data-parallel form.
 
 verify checks parity on real ranks, rewrite shows one rank's rewrite, run serves requests on
-attention-DP ranks. Inputs are checked before any expensive work; errors are a few lines that
-name the problem and the fix (exit 2: fix the command line, 1: a failure; --debug: traceback).
+attention-DP ranks; plan predicts every mapping's decode step and picks one, calibrate measures
+the machine's constants for it. Inputs are checked before any expensive work; errors are a few
+lines that name the problem and the fix (exit 2: fix the command line, 1: a failure; --debug:
+traceback).
 """
 
 from __future__ import annotations
@@ -182,6 +184,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode batch sizes captured as CUDA graphs (GPU only; empty: none)")
     p.add_argument("--log-dir", metavar="DIR", type=Path, default=None,
                    help="where the ranks' log goes; if not given, a file under the temp dir")
+
+    p = sub.add_parser("plan", parents=[common], formatter_class=fmt,
+                       help="predict each mapping's decode step for N GPUs (cost model); pick one",
+                       description="Predict one decode step per rank for every valid mapping of "
+                       "--gpus GPUs with a roofline cost model (weights and KV reads, GEMM rate, "
+                       "collectives, overhead; constants from --calibration) and pick the "
+                       "mapping with the most tokens/s per GPU that fits in memory. No model is "
+                       "built: answers at once on any machine. See docs/cost_model.md.")
+    p.add_argument("--preset", metavar="NAME", default=None, choices=sorted(PRESETS),
+                   help="model shape: %(choices)s; if not given, qwen3-8b (or the --checkpoint's)")
+    p.add_argument("--checkpoint", metavar="DIR", type=Path, default=None,
+                   help="Hugging Face Qwen3 checkpoint directory (only config.json is read)")
+    p.add_argument("--gpus", metavar="N", type=_positive, default=8,
+                   help="GPUs of the job (the TP degree of every mapping)")
+    p.add_argument("--batch-per-gpu", metavar="N", type=_positive, default=64,
+                   help="requests per GPU (a TP group of N GPUs serves N times as many)")
+    p.add_argument("--prompt", metavar="TOKENS", type=_positive, default=512,
+                   help="prompt tokens per request")
+    p.add_argument("--new-tokens", metavar="N", type=_positive, default=128,
+                   help="tokens generated per request")
+    p.add_argument("--calibration", metavar="FILE", type=Path, default=None,
+                   help="'adp calibrate' output; if not given, the packaged H200 estimate "
+                   "(adp_pass/data/h200.json)")
+    p.add_argument("--gpu-memory-gib", metavar="GIB", type=_float_in(0, low_open=True),
+                   default=None, help="memory per GPU; if not given, the calibration's")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weights and KV cache")
+    p.add_argument("--json", action="store_true",
+                   help="print the predictions and the pick as JSON instead of a table")
+
+    p = sub.add_parser("calibrate", parents=[common], formatter_class=fmt,
+                       help="measure this machine's constants for 'adp plan' (bandwidths, GEMM "
+                       "rate, collectives)",
+                       description="Measure the cost model's constants on this machine: copy "
+                       "bandwidth, bf16 GEMM rate at decode shapes, decode attention bandwidth, "
+                       "small-kernel time, and all-reduce / all-gather / reduce-scatter latency "
+                       "and bus bandwidth for every group size 2..--gpus (ranks started by "
+                       "torchrun: NCCL on GPUs, gloo ranks on a CPU-only machine, small sizes). "
+                       "Writes JSON for 'adp plan --calibration'.")
+    p.add_argument("--out", metavar="FILE", type=Path, required=True,
+                   help="the calibration JSON to write")
+    p.add_argument("--gpus", metavar="N", type=_positive, default=None,
+                   help="ranks for the collectives (one per GPU); if not given, every GPU, or 2 "
+                   "gloo ranks without a GPU")
+    p.add_argument("--timeout", metavar="S", type=_float_in(0, low_open=True), default=120.0,
+                   help="seconds any one collective may wait; a lost rank fails the job")
     return parser
 
 
@@ -434,6 +482,116 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
     return 0
 
 
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def cmd_plan(args: argparse.Namespace, stage: _Stages) -> int:
+    if args.checkpoint is not None and args.preset is not None:
+        raise UsageError("give --preset or --checkpoint, not both", flag="--checkpoint",
+                         hint="a checkpoint brings its own shape (config.json)")
+    from adp_pass.checks import read_checkpoint_config
+    from adp_pass.cost_model import (
+        GIB, NothingFits, format_table, load_calibration, pick, rank_mappings)
+
+    if args.checkpoint is not None:
+        config = read_checkpoint_config(args.checkpoint)
+        model = str(args.checkpoint)
+        max_position = config.get("max_position_embeddings")
+    else:
+        model = args.preset or "qwen3-8b"
+        config = PRESETS[model]
+        max_position = config.max_position_embeddings
+    if max_position and args.prompt + args.new_tokens > max_position:
+        raise UsageError(f"--prompt {args.prompt} + --new-tokens {args.new_tokens} is longer than "
+                         f"{model}'s {max_position} positions", flag="--prompt",
+                         hint=f"keep prompt + new tokens within {max_position}")
+    calibration = load_calibration(args.calibration)
+    memory = None if args.gpu_memory_gib is None else int(args.gpu_memory_gib * GIB)
+    dtype_bytes = _DTYPE_BYTES[args.dtype]
+    ranked = rank_mappings(config, args.gpus, batch_per_gpu=args.batch_per_gpu,
+                           prompt=args.prompt, new_tokens=args.new_tokens,
+                           calibration=calibration, gpu_memory_bytes=memory,
+                           dtype_bytes=dtype_bytes)
+    try:
+        chosen, failure = pick(config, args.gpus, batch_per_gpu=args.batch_per_gpu,
+                               prompt=args.prompt, new_tokens=args.new_tokens, ranked=ranked), None
+    except NothingFits as err:
+        chosen, failure = None, err
+    if args.json:
+        import json
+
+        print(json.dumps({
+            "model": model, "gpus": args.gpus, "batch_per_gpu": args.batch_per_gpu,
+            "prompt": args.prompt, "new_tokens": args.new_tokens, "dtype": args.dtype,
+            "calibration": calibration.where, "calibration_source": calibration.source,
+            "predictions": [p.as_dict() for _, p in ranked],
+            "pick": None if chosen is None else chosen.prediction.name,
+            "reason": str(failure) if chosen is None else chosen.reason,
+        }, indent=1))
+    else:
+        gib = (args.gpu_memory_gib if args.gpu_memory_gib is not None
+               else calibration["device_memory_gib"])
+        print(f"plan: {model} on {args.gpus} GPU{'s' * (args.gpus != 1)}, "
+              f"{args.batch_per_gpu} requests per GPU, prompt {args.prompt} + "
+              f"{args.new_tokens} new tokens, {args.dtype}")
+        print(f"calibration: {calibration.name} ({calibration.source}); {gib:g} GiB per GPU, "
+              f"{calibration['memory_reserve_gib']:g} GiB reserved")
+        print()
+        print(format_table(ranked, None if chosen is None else chosen.prediction))
+        notes = sorted({n for _, p in ranked for n in p.notes})
+        for note in notes:
+            print(f"note: {note}")
+        print()
+        if chosen is not None:
+            print(f"pick: {chosen}")
+    if failure is not None:
+        raise failure
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, stage: _Stages) -> int:
+    out = args.out
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name", flag="--out",
+                         hint=f"e.g. --out {out / 'calibration.json'}")
+    check_out_dir(out.parent if str(out.parent) else Path("."), "--out")
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        gpus = args.gpus or count
+        if gpus > count:
+            raise UsageError(f"--gpus {gpus} is more than the {count} GPUs of this machine",
+                             flag="--gpus", hint=f"use --gpus {count} or less")
+    else:
+        cores = os.cpu_count() or 1
+        gpus = args.gpus or min(2, cores)
+        if gpus > cores:
+            raise UsageError(f"--gpus {gpus} is more gloo ranks than this machine can run: it has "
+                             f"no GPU and {cores} CPU cores", flag="--gpus",
+                             hint=f"use --gpus {cores} or less")
+    from adp_pass.calibrate import calibrate, write_calibration
+
+    with stage(f"measure on {gpus} {'GPU' if torch.cuda.is_available() else 'CPU rank'}"
+               f"{'s' * (gpus != 1)}"):
+        data = calibrate(gpus, timeout_s=args.timeout)
+    write_calibration(data, out)
+    gemm = ", ".join(f"{t} tokens {r:g}" for t, r in data["gemm_tflops"].items())
+    print(f"calibrate: wrote {out} ({data['gpu']}, {gpus} rank{'s' * (gpus != 1)}, "
+          f"{data['seconds']:g} s)")
+    print(f"  copy {data['copy_bandwidth_gbps']:g} GB/s; GEMM (TFLOP/s) {gemm}; attention "
+          f"{data['attention_bandwidth_gbps']:g} GB/s ({data['attention_kernel']}); small "
+          f"kernel {data['kernel_launch_us']:g} us")
+    for op, words in (("allreduce", "all-reduce"), ("allgather", "all-gather"),
+                      ("reducescatter", "reduce-scatter")):
+        cells = [f"{g}: {e['latency_us']:g} us + {e['bus_bandwidth_gbps']:g} GB/s"
+                 for g, e in data[op].items()]
+        if cells:
+            print(f"  {words:<15}" + "; ".join(cells))
+    print(f"  use it: adp plan --calibration {out} --gpus {gpus} ...")
+    return 0
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -481,7 +639,8 @@ def _report(err: BaseException, command: str | None, debug: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    commands = {"verify": cmd_verify, "rewrite": cmd_rewrite, "run": cmd_run}
+    commands = {"verify": cmd_verify, "rewrite": cmd_rewrite, "run": cmd_run, "plan": cmd_plan,
+                "calibrate": cmd_calibrate}
     command = next((a for a in argv if a in commands), None)  # for the error prefix only
     try:
         args = parser.parse_args(argv)

@@ -56,6 +56,13 @@ class EngineStats:
     idle_calls: int = 0
     idle_s: float = 0.0
     agree_s: float = 0.0
+    # Time to first token: from add() to the first sampled token, summed over requests.
+    ttft_s_sum: float = 0.0
+    ttft_count: int = 0
+
+    @property
+    def mean_ttft_ms(self) -> float:
+        return 1e3 * self.ttft_s_sum / max(self.ttft_count, 1)
 
     @property
     def mean_decode_step_ms(self) -> float:
@@ -99,6 +106,7 @@ class RankEngine:
         self.waiting: deque[Request] = deque()
         self.running: dict[Hashable, _Sequence] = {}
         self.stats = EngineStats()
+        self._arrival: dict[Hashable, float] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._graphs = None
         if cuda_graph_sizes and self.device.type == "cuda":
@@ -115,6 +123,7 @@ class RankEngine:
             )
         if not request.prompt:
             raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        self._arrival[request.request_id] = time.perf_counter()
         self.waiting.append(request)
 
     @property
@@ -138,9 +147,15 @@ class RankEngine:
         order = {r.request_id: i for i, r in enumerate(requests)}
         return sorted(results, key=lambda r: order[r.request_id])
 
+    def begin(self) -> None:
+        """Start a round of serving: with lockstep, :attr:`active` stays true until a step
+        finds the whole group idle again (call it on every rank of the group, with or without
+        requests of its own)."""
+        self._group_done = False
+
     def run_until_done(self) -> list[Result]:
         """Step until :attr:`active` is false; results in finishing order."""
-        self._group_done = False
+        self.begin()
         results: list[Result] = []
         while self.active:
             results += self.step()
@@ -287,6 +302,11 @@ class RankEngine:
         return finished
 
     def _accept(self, seq: _Sequence, token: int) -> list[Result]:
+        if not seq.generated:
+            arrived = self._arrival.pop(seq.request.request_id, None)
+            if arrived is not None:
+                self.stats.ttft_s_sum += time.perf_counter() - arrived
+                self.stats.ttft_count += 1
         seq.generated.append(token)
         params = seq.request.params
         reason = None

@@ -34,6 +34,9 @@ class Job:
     # per DP group (mapping.dp_size of them; every rank of an attention group serves its group's
     # list): [{"request_id", "prompt", "max_new_tokens", "temperature", "top_p", "stop"}]
     assignments: list[list[dict]] = field(default_factory=list)
+    # More workloads served one after the other by the same built ranks (benchmarks): each a
+    # list like ``assignments``; each is measured on its own.
+    later_phases: list[list[list[dict]]] = field(default_factory=list)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -47,9 +50,11 @@ class Job:
             return config
         return qwen3_config(self.preset)
 
-    def requests_for(self, dp_rank: int) -> list[Request]:
-        """The requests of DP group ``dp_rank`` (``Mapping.dp_rank(rank)``)."""
-        if dp_rank >= len(self.assignments):
+    def requests_for(self, dp_rank: int, phase: int = 0) -> list[Request]:
+        """The requests of DP group ``dp_rank`` (``Mapping.dp_rank(rank)``) in workload
+        ``phase`` (0: ``assignments``)."""
+        assignments = self.assignments if phase == 0 else self.later_phases[phase - 1]
+        if dp_rank >= len(assignments):
             return []
         return [
             Request(
@@ -62,7 +67,7 @@ class Job:
                     stop_token_ids=tuple(item.get("stop", ())),
                 ),
             )
-            for item in self.assignments[dp_rank]
+            for item in assignments[dp_rank]
         ]
 
     def write(self, path: str | Path) -> None:

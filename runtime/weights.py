@@ -134,7 +134,7 @@ class MemoryEstimate:
     def __str__(self) -> str:
         return (
             f"rank {self.rank} needs {_gib(self.total_bytes)} (weights "
-            f"{_gib(self.weights_bytes)} replicated + KV cache {_gib(self.kv_cache_bytes)}); "
+            f"{_gib(self.weights_bytes)} + KV cache {_gib(self.kv_cache_bytes)}); "
             f"{self.device} has {_gib(self.free_bytes)} free, {_gib(self.usable_bytes)} usable "
             f"at headroom {self.headroom}"
         )

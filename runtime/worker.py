@@ -95,6 +95,9 @@ def main(job_path: str, out_dir: str) -> None:
         "decode_s": stats.decode_s,
         "decode_tokens_per_s": stats.decode_tokens_per_s,
         "mean_decode_step_ms": stats.mean_decode_step_ms,
+        "mean_ttft_ms": stats.mean_ttft_ms,
+        "memory_allocated_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                                 if device.type == "cuda" else None),
         "idle_calls": stats.idle_calls,
         "idle_s": stats.idle_s,
         "agree_s": stats.agree_s,
@@ -106,9 +109,42 @@ def main(job_path: str, out_dir: str) -> None:
             for r in results
         ],
     }
+    record["phases"] = [_phase_stats(stats, wall, len(requests))]
+    for phase in range(1, 1 + len(job.later_phases)):
+        engine.stats = type(stats)()
+        later = job.requests_for(dp_rank, phase)
+        dist.barrier()
+        start = time.perf_counter()
+        _serve(engine, later, log)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        record["phases"].append(_phase_stats(engine.stats, time.perf_counter() - start,
+                                             len(later)))
+        log(f"workload {phase + 1}: {len(later)} requests, "
+            f"{engine.stats.mean_decode_step_ms:.2f} ms per decode step")
+    if device.type == "cuda":
+        record["memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    log("record written; waiting for the other ranks")
     dist.barrier()
+    if device.type == "cuda" and mapping.lockstep_size > 1:
+        # NCCL's communicators are captured inside the decode CUDA graphs: tearing the group
+        # down while those graphs live can block forever. The record is written and every
+        # rank is past the barrier, so this rank's work is done: leave without the teardown.
+        log("done")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     dist.destroy_process_group()
+
+
+def _phase_stats(stats, wall: float, requests: int) -> dict:
+    return {"requests": requests, "wall_s": wall, "decode_steps": stats.decode_steps,
+            "decode_tokens": stats.decode_tokens, "decode_s": stats.decode_s,
+            "mean_decode_step_ms": stats.mean_decode_step_ms,
+            "decode_tokens_per_s": stats.decode_tokens_per_s, "mean_ttft_ms": stats.mean_ttft_ms,
+            "prefill_tokens": stats.prefill_tokens, "prefill_s": stats.prefill_s,
+            "idle_calls": stats.idle_calls}
 
 
 def _serve(engine, requests: list, log) -> list:
@@ -116,6 +152,7 @@ def _serve(engine, requests: list, log) -> list:
     the loop runs until no rank of the group has work, not just this one."""
     for request in requests:
         engine.add(request)
+    engine.begin()
     results, shown, every = [], 0, max(1, len(requests) // 4)
     while engine.active:
         results += engine.step()

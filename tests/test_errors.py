@@ -75,9 +75,10 @@ def test_mapping_world_size_differs_from_graph(tiny_tp2):
         detect(tiny_tp2.gm, "tp=4,attn_dp=1")
 
 
-def test_mapping_without_attention_dp(tiny_tp2):
-    with pytest.raises(MappingError, match="does not enable attention-DP"):
-        detect(tiny_tp2.gm, "tp=2")
+def test_mapping_without_attention_dp_keeps_every_site(tiny_tp2):
+    plan = detect(tiny_tp2.gm, "tp=2")  # the TP job served as it is
+    assert {(s.action, s.group_tag) for s in plan.sites} == {("keep", "world")}
+    assert plan.shape_fixes == [] and all(p.held_shape == p.local_shape for p in plan.params)
 
 
 def test_graph_without_collectives_for_a_tp_mapping():

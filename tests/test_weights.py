@@ -1,5 +1,6 @@
 """Tests for runtime/weights.py: checkpoint loading through the plan, memory check, random init."""
 
+import dataclasses
 import copy
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def test_sliced_read_of_a_sharded_parameter(tmp_path, rank, layout, dim):
     local = (8, 6) if dim == 0 else (6, 8)
     full_shape = tuple(s * 2 if d == dim else s for d, s in enumerate(local))
     spec = ParamSpec("qkv.weight", ("qkv.weight",), layout, dim, (4, 2, 2), local, full_shape,
-                     "float32")
+                     "float32", "attention", parts=2)
     plan = Plan(Mapping(tp_size=2), rank, [], [spec], [])
     module = torch.nn.Module()
     module.qkv = torch.nn.Module()
@@ -212,7 +213,8 @@ def test_check_memory(untied):
     message = str(err.value)
     assert "rank 0 needs 7.0 GiB" in message and "KV cache 7.0 GiB" in message
     assert "cpu has 6.0 GiB free" in message and "by 1.0 GiB too little" in message
-    assert "lower max batch/context" in message and "mlp_tp=2" in message
+    assert "lower max batch/context" in message
+    assert "use mapping tp=2,attn_dp=1,attn_tp=2,mlp_tp=1 (3.5 GiB per rank)" in message
 
 
 def test_random_weights_meta_graph_is_reproducible_across_ranks():
@@ -238,7 +240,7 @@ def test_random_weights_meta_graph_is_reproducible_across_ranks():
 
 
 def test_random_weights_sharded_target_is_the_full_tensors_shard():
-    spec = ParamSpec("w", ("w",), "column", 0, (2, 2), (4, 3), (8, 3), "float32")
+    spec = ParamSpec("w", ("w",), "column", 0, (2, 2), (4, 3), (8, 3), "float32", "mlp", parts=2)
     shards = []
     for rank in (0, 1):
         module = torch.nn.Module()
@@ -247,7 +249,8 @@ def test_random_weights_sharded_target_is_the_full_tensors_shard():
         shards.append(module.w.detach())
     full = torch.nn.Module()
     full.w = torch.nn.Parameter(torch.empty(8, 3), requires_grad=False)
-    random_weights(full, Plan(Mapping(tp_size=2), 0, [], [spec], []), seed=5)
+    whole = dataclasses.replace(spec, parts=1)
+    random_weights(full, Plan(Mapping(tp_size=2), 0, [], [whole], []), seed=5)
     assert torch.equal(spec.assemble(shards), full.w)
 
 

@@ -1,0 +1,362 @@
+"""The cost model (adp_pass/cost_model.py), `adp plan` and `adp calibrate`.
+
+The model's tests use their own calibration (CAL, below), so replacing the packaged H200 default
+with a measured one changes no expectation here. Everything is fast except the calibration on 2
+gloo ranks (a few seconds).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+
+from adp_pass import cli
+from adp_pass.checks import expected_tensors
+from adp_pass.cost_model import (
+    GB, GIB, REQUIRED_KEYS, Calibration, CalibrationError, Mapping, NothingFits, ModelShape,
+    load_calibration, pick, predict, rank_mappings, role_parts, short_name, valid_mappings)
+from adp_pass.presets import PRESETS
+
+
+def _table(latency, bandwidth, sizes=range(2, 9)):
+    return {str(g): {"latency_us": latency, "bus_bandwidth_gbps": bandwidth} for g in sizes}
+
+
+CAL = {  # H200-like round numbers, fixed for the tests
+    "gpu": "test GPU", "source": "tests", "device_memory_gib": 140.0, "memory_reserve_gib": 8.0,
+    "copy_bandwidth_gbps": 4000.0, "gemm_tflops": {"64": 250.0, "256": 600.0, "1024": 700.0},
+    "attention_bandwidth_gbps": 3000.0, "kernel_launch_us": 1.5, "kernels_per_layer": 14,
+    "step_overhead_us": 500.0, "allreduce": _table(15.0, 300.0),
+    "allgather": _table(12.0, 300.0), "reducescatter": _table(12.0, 300.0),
+}
+LOAD = {"batch_per_gpu": 64, "prompt": 512, "new_tokens": 128}
+
+
+def _config(name: str) -> dict:
+    """A preset as the config.json a checkpoint would hold."""
+    shape = PRESETS[name]
+    return {"model_type": "qwen3", "hidden_size": shape.hidden_size,
+            "num_hidden_layers": shape.num_hidden_layers,
+            "num_attention_heads": shape.num_attention_heads,
+            "num_key_value_heads": shape.num_key_value_heads,
+            "intermediate_size": shape.intermediate_size, "head_dim": shape.head_dim,
+            "vocab_size": shape.vocab_size, "tie_word_embeddings": shape.tie_word_embeddings}
+
+
+_ROLE_OF = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
+            "o_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+            "embed_tokens": "vocab", "lm_head": "vocab"}
+
+
+def _bytes_from_tensors(config: dict, parts: dict[str, int]) -> int:
+    """Weight bytes per rank counted tensor by tensor from the checkpoint's tensor list."""
+    total = 0
+    for name, shape in expected_tensors(config).items():
+        role = next((r for key, r in _ROLE_OF.items() if key in name), None)
+        total += math.prod(shape) * 2 // (parts[role] if role else 1)
+    return total
+
+
+# ----------------------------------------------------------------------------- weights
+@pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-0.6b"])  # untied and tied embeddings
+def test_weights_per_gpu_equal_the_count_from_the_config(name):
+    config = _config(name)
+    full = _bytes_from_tensors(config, {"attention": 1, "mlp": 1, "vocab": 1})
+    norms = sum(math.prod(shape) * 2 for name, shape in expected_tensors(config).items()
+                if "norm" in name)
+    mappings = valid_mappings(config, 8)
+    assert len(mappings) == 1 + 16 + 1  # TP, attn_tp x mlp_tp over {1,2,4,8}, tp=1
+    for mapping in mappings:
+        p = predict(config, mapping, calibration=CAL, **LOAD)
+        assert p.weights_bytes_per_gpu == _bytes_from_tensors(config, role_parts(mapping)), mapping
+    by_name = {short_name(m): predict(config, m, calibration=CAL, **LOAD) for m in mappings}
+    assert by_name["tp=8,attn_dp=1"].weights_bytes_per_gpu == full  # replicated: whole model
+    assert by_name["tp=1"].weights_bytes_per_gpu == full
+    # TP: everything but the norms split 8 ways
+    assert by_name["tp=8"].weights_bytes_per_gpu == (full - norms) // 8 + norms
+    # mlp_tp=M: only the MLP is split
+    shape = ModelShape.of(config)
+    mlp = shape.role_params()["mlp"] * 2
+    for m in (2, 4, 8):
+        assert by_name[f"tp=8,attn_dp=1,mlp_tp={m}"].weights_bytes_per_gpu == full - mlp + mlp // m
+
+
+def test_qwen3_8b_is_16_4_gb_and_the_config_forms_agree():
+    from adp_pass.presets import qwen3_config
+
+    shapes = [ModelShape.of(PRESETS["qwen3-8b"]), ModelShape.of(_config("qwen3-8b")),
+              ModelShape.of(qwen3_config("qwen3-8b"))]
+    assert shapes[0] == shapes[1] == shapes[2]
+    assert shapes[0].total_params * 2 / GB == pytest.approx(16.38, abs=0.01)
+
+
+def test_roles_and_sites_mirror_detect():
+    """The model's copy of role_parts/site_action (no torch import) equals detect's."""
+    import importlib
+
+    from adp_pass import cost_model
+
+    detect = importlib.import_module("adp_pass.detect")  # the package's name is the function
+    for mapping in valid_mappings(_config("qwen3-32b"), 8):
+        assert cost_model.role_parts(mapping) == detect.role_parts(mapping)
+        for kind in ("attention_out", "mlp_out", "embedding", "lm_head_gather"):
+            action, _, size = detect.site_action(kind, mapping)
+            assert cost_model.site_action(kind, mapping) == (action, size), (mapping, kind)
+        assert Mapping.parse(short_name(mapping)) == mapping
+
+
+# ----------------------------------------------------------------------------- step time
+def test_breakdown_adds_up_and_throughput_follows():
+    p = predict(_config("qwen3-8b"), "tp=8", calibration=CAL, **LOAD)
+    assert sum(p.breakdown.values()) == pytest.approx(p.step_ms)
+    assert p.tok_s_per_gpu == pytest.approx(64 / p.step_ms * 1e3)
+    assert set(p.breakdown) == {"weights_ms", "gemm_ms", "kv_ms", "collectives_ms", "overhead_ms"}
+
+
+def test_tp_pays_collectives_replicated_none():
+    config = _config("qwen3-8b")
+    tp = predict(config, "tp=8", calibration=CAL, **LOAD)
+    rep = predict(config, "tp=8,attn_dp=1", calibration=CAL, **LOAD)
+    assert rep.collective_ms == 0 and not rep.collectives
+    assert tp.collective_ms > 0
+    layers = PRESETS["qwen3-8b"].num_hidden_layers
+    # 2 all-reduces per layer + embedding all-reduce + logits all-gather, over 8, on 8 x 64 tokens
+    kinds = {(c.site, c.op): c for c in tp.collectives}
+    assert kinds["attention_out", "allreduce"].count == layers
+    assert kinds["mlp_out", "allreduce"].count == layers
+    assert kinds["attention_out", "allreduce"].nbytes == 8 * 64 * 4096 * 2
+    assert kinds["embedding", "allreduce"].count == kinds["lm_head_gather", "allgather"].count == 1
+    each = kinds["mlp_out", "allreduce"]
+    assert each.ms_each == pytest.approx((15e-6 + 2 * 7 / 8 * each.nbytes / 300e9) * 1e3)
+
+
+def test_mlp_tp_gathers_and_scatters_the_group_tokens():
+    p = predict(_config("qwen3-8b"), "tp=8,attn_dp=1,mlp_tp=4", calibration=CAL, **LOAD)
+    ops = {c.op: c for c in p.collectives}
+    assert set(ops) == {"allgather", "reducescatter"}
+    for c in ops.values():
+        assert c.group == 4 and c.count == 36 and c.nbytes == 4 * 64 * 4096 * 2
+        assert c.ms_each == pytest.approx((12e-6 + 3 / 4 * c.nbytes / 300e9) * 1e3)
+    assert p.tokens == {"attention": 64, "mlp": 256, "vocab": 64}
+
+
+def test_kv_bytes_and_capacity():
+    config = _config("qwen3-8b")
+    rep = predict(config, "tp=8,attn_dp=1", calibration=CAL, **LOAD)
+    per_token = 36 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head_dim x bf16
+    assert rep.kv_bytes_per_gpu == 64 * (512 + 64) * per_token
+    assert rep.kv_peak_bytes_per_gpu == 64 * 640 * per_token
+    usable = int(140 * GIB) - int(8 * GIB)
+    assert rep.kv_capacity_seqs == (usable - rep.weights_bytes_per_gpu) // (640 * per_token)
+    # attn_tp=2: a group of 2 serves 128 requests, each rank half of every kv head set
+    a2 = predict(config, "tp=8,attn_dp=1,attn_tp=2", calibration=CAL, **LOAD)
+    assert a2.seqs_per_group == 128
+    assert a2.kv_bytes_per_gpu == rep.kv_bytes_per_gpu  # the same KV per GPU
+    tp = predict(config, "tp=8", calibration=CAL, **LOAD)
+    assert tp.seqs_per_group == 512 and tp.kv_bytes_per_gpu == rep.kv_bytes_per_gpu
+
+
+def test_a_mapping_that_does_not_fit_says_why():
+    config = _config("qwen3-32b")
+    small = predict(config, "tp=8,attn_dp=1", calibration=CAL, gpu_memory_bytes=48 * GIB, **LOAD)
+    assert not small.fits and small.kv_capacity_seqs == 0
+    assert "weights 65.5 GB/GPU exceed" in small.reason and "reserved" in small.reason
+    kv = predict(config, "tp=8,attn_dp=1", calibration=CAL, gpu_memory_bytes=80 * GIB,
+                 batch_per_gpu=256, prompt=512, new_tokens=128)
+    assert not kv.fits and 0 < kv.kv_capacity_seqs < 256
+    assert f"hold {kv.kv_capacity_seqs} per GPU" in kv.reason and "256 sequences" in kv.reason
+    assert predict(config, "tp=8", calibration=CAL, **LOAD).fits
+
+
+# ----------------------------------------------------------------------------- the pick
+def test_pick_prefers_replicated_without_memory_pressure():
+    config = _config("qwen3-8b")
+    load = {"batch_per_gpu": 256, "prompt": 128, "new_tokens": 128}
+    chosen = pick(config, 8, calibration=CAL, **load)
+    assert short_name(chosen.mapping) == "tp=8,attn_dp=1", chosen
+    assert chosen.reason.startswith("replicated: no collectives")
+    assert "x tp=8" in chosen.reason and "leave KV room for" in chosen.reason
+    tp = predict(config, "tp=8", calibration=CAL, **load)
+    assert chosen.prediction.tok_s_per_gpu > tp.tok_s_per_gpu
+
+
+def test_pick_takes_an_mlp_hybrid_when_replicated_weights_crowd_out_the_kv():
+    config = _config("qwen3-8b")
+    load = {"batch_per_gpu": 128, "prompt": 512, "new_tokens": 128}
+    memory = 30 * GIB
+    ranked = rank_mappings(config, 8, calibration=CAL, gpu_memory_bytes=memory, **load)
+    by_name = {p.name: p for _, p in ranked}
+    assert not by_name["tp=8,attn_dp=1"].fits  # the replicated weights leave too little room
+    assert by_name["tp=8,attn_dp=1"].tok_s_per_gpu > by_name["tp=8"].tok_s_per_gpu
+    chosen = pick(config, 8, calibration=CAL, gpu_memory_bytes=memory, ranked=ranked, **load)
+    assert chosen.mapping.attn_tp_size == 1 and chosen.mapping.mlp_tp_size > 1, chosen
+    assert chosen.prediction.fits
+    assert "would be" in chosen.reason and "does not fit" in chosen.reason  # names what it gave up
+    # ranked: the fitting ones first, fastest first; tp=1 last
+    fits = [p.fits for _, p in ranked[:-1]]
+    assert fits == sorted(fits, reverse=True)
+    assert ranked[-1][1].name == "tp=1"
+
+
+def test_nothing_fits_names_the_batch_that_would():
+    with pytest.raises(NothingFits) as info:
+        pick(_config("qwen3-32b"), 8, calibration=CAL, gpu_memory_bytes=16 * GIB, **LOAD)
+    assert "lower --batch-per-gpu" in info.value.hint
+
+
+def test_collective_size_not_calibrated_uses_the_nearest_with_a_note():
+    cal = copy.deepcopy(CAL)
+    for op in ("allreduce", "allgather", "reducescatter"):
+        cal[op] = {"2": cal[op]["2"], "4": cal[op]["4"]}
+    p = predict(_config("qwen3-8b"), "tp=8", calibration=cal, **LOAD)
+    assert any("over 8 ranks uses the calibration's figures for 4" in n for n in p.notes)
+
+
+def test_gemm_rate_interpolates_and_scales_below_the_smallest_point():
+    cal = Calibration(CAL)
+    assert cal.gemm_tflops(64) == 250 and cal.gemm_tflops(4096) == 700
+    assert cal.gemm_tflops(32) == 125  # memory-bound: same time for half the rows
+    assert 250 < cal.gemm_tflops(128) < 600
+
+
+# ----------------------------------------------------------------------------- calibration
+def test_the_packaged_default_is_an_h200_estimate():
+    cal = load_calibration()
+    assert "estimated from the device notes" in cal.source and "H200" in cal.name
+    assert cal["copy_bandwidth_gbps"] == pytest.approx(4300)
+    for op in ("allreduce", "allgather", "reducescatter"):
+        assert {"2", "4", "8"} <= set(cal[op])
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d.pop("copy_bandwidth_gbps"), "lacks copy_bandwidth_gbps"),
+    (lambda d: d.update(copy_bandwidth_gbps=0), "copy_bandwidth_gbps must be a positive"),
+    (lambda d: d.update(gemm_tflops={"x": 1}), "gemm_tflops must map"),
+    (lambda d: d["allreduce"].update({"2": {"latency_us": 1}}), "allreduce['2']"),
+])
+def test_a_bad_calibration_is_named(change, words):
+    data = copy.deepcopy(CAL)
+    change(data)
+    with pytest.raises(CalibrationError) as info:
+        Calibration(data)
+    assert words in str(info.value) and info.value.exit_code == 2
+
+
+# ----------------------------------------------------------------------------- adp plan
+def _plan(capsys, *args):
+    code = cli.main(["plan", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_adp_plan_prints_every_mapping_and_a_pick(capsys):
+    code, out, err = _plan(capsys, "--preset", "qwen3-32b", "--gpus", "8", "--batch-per-gpu",
+                           "64", "--prompt", "512")
+    assert code == 0, err
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("tp=")]
+    expected = {short_name(m) for m in valid_mappings(_config("qwen3-32b"), 8)}
+    assert set(rows) == expected and len(rows) == len(expected) == 18
+    picks = [line for line in out.splitlines() if line.startswith("pick: ")]
+    assert len(picks) == 1 and " — " in picks[0]
+    assert sum("<- pick" in line for line in out.splitlines()) == 1
+
+
+def test_adp_plan_json_and_checkpoint_config(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_config("qwen3-8b")))
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps(CAL))
+    code, out, err = _plan(capsys, "--checkpoint", str(tmp_path), "--gpus", "4", "--json",
+                           "--calibration", str(cal), "--gpu-memory-gib", "80")
+    assert code == 0, err
+    data = json.loads(out)
+    assert len(data["predictions"]) == 1 + 9 + 1 and data["pick"] and data["reason"]
+    assert data["calibration_source"] == "tests"
+    assert all(p["usable_bytes_per_gpu"] == int(80 * GIB) - int(8 * GIB)
+               for p in data["predictions"])
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--preset", "qwen3-32b", "--gpus", "3"], 2, ["--gpus", "1, 2, 4, 8", "fix:"]),
+    (["--preset", "qwen3-32b", "--gpus", "16"], 2, ["kv heads (8)", "1, 2, 4, 8"]),
+    (["--batch-per-gpu", "0"], 2, ["--batch-per-gpu", "must be >= 1"]),
+    (["--preset", "qwen3-70b"], 2, ["invalid choice", "qwen3-32b", "qwen3-8b"]),
+    (["--prompt", "40900", "--preset", "qwen3-8b"], 2, ["--prompt", "40960 positions", "fix:"]),
+    (["--calibration", "/nonexistent/cal.json"], 2, ["does not exist", "adp calibrate --out"]),
+    (["--gpu-memory-gib", "0"], 2, ["--gpu-memory-gib"]),
+    (["--preset", "qwen3-32b", "--gpu-memory-gib", "16"], 1,
+     ["no mapping of 8 GPUs fits", "lower --batch-per-gpu"]),
+])
+def test_adp_plan_errors_name_the_fix(capsys, args, code, words):
+    got, out, err = _plan(capsys, *args)
+    assert got == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 6
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_adp_plan_rejects_a_calibration_without_a_key(capsys, tmp_path):
+    data = {k: v for k, v in CAL.items() if k != "allgather"}
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(data))
+    code, _, err = _plan(capsys, "--calibration", str(path))
+    assert code == 2 and "lacks allgather" in err and "adp calibrate" in err
+
+
+# ----------------------------------------------------------------------------- adp calibrate
+@pytest.mark.multirank
+def test_calibrate_on_two_gloo_ranks_writes_every_key(capfd, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path; on a GPU machine adp calibrate measures the GPUs")
+    out = tmp_path / "cal.json"
+    code = cli.main(["calibrate", "--out", str(out), "--gpus", "2"])
+    stdout, stderr = capfd.readouterr()  # rank 0's progress lines come from its own process
+    assert code == 0, stderr
+    data = json.loads(out.read_text())
+    for key in (*REQUIRED_KEYS, "gpu", "gpu_count", "date", "versions", "source"):
+        assert key in data, key
+    assert data["gpu_count"] == 2 and data["versions"]["torch"] == torch.__version__
+    assert set(data["gemm_tflops"]) == {"64", "256", "1024"}
+    for op in ("allreduce", "allgather", "reducescatter"):
+        entry = data[op]["2"]
+        assert entry["latency_us"] > 0 and entry["bus_bandwidth_gbps"] > 0
+    load_calibration(out)  # valid for the model
+    assert "allreduce over 2 ranks" in stderr and f"wrote {out}" in stdout
+    code, plan_out, err = _plan(capfd, "--preset", "small", "--gpus", "2", "--prompt", "64",
+                                "--new-tokens", "16", "--calibration", str(out))
+    assert code == 0 and "pick: " in plan_out, err
+
+
+def test_calibrate_out_must_be_a_file(capsys, tmp_path):
+    code = cli.main(["calibrate", "--out", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "is a directory" in err
+
+
+def test_paged_attention_inputs_fit_the_kernel():
+    """The GPU calibration's paged-kernel call, at a tiny size on the CPU interpreter."""
+    import torch
+
+    from adp_pass.calibrate import paged_attention_inputs
+    from adp_pass.runtime.kernels.paged_attention import paged_decode_attention
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = {"batch": 1, "q_heads": 2, "kv_heads": 1, "head_dim": 16, "context": 32}
+    q, k, v, tables, lens, scale = paged_attention_inputs(device, shape)
+    out = paged_decode_attention(q, k, v, tables, lens, scale)
+    keys, values = k.reshape(-1, 16).float(), v.reshape(-1, 16).float()
+    weights = torch.softmax(q[0].float() @ keys.T * scale, dim=-1)
+    torch.testing.assert_close(out[0].float(), weights @ values, atol=2e-2, rtol=2e-2)
+
+
+def test_fit_collective_recovers_latency_and_bandwidth():
+    from adp_pass.calibrate import fit_collective
+
+    points = [[b, 10 + 2 * (2 - 1) / 2 * b / 100e9 * 1e6] for b in (16 << 10, 1 << 20, 16 << 20)]
+    fit = fit_collective("allreduce", 2, points)
+    assert fit["latency_us"] == pytest.approx(10, rel=0.02)
+    assert fit["bus_bandwidth_gbps"] == pytest.approx(100, rel=0.05)
