@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import PretrainedConfig, PreTrainedModel
 
 from adp_pass.attributes import set_attr
 from adp_pass.errors import AdpError
+from adp_pass.families import family_of
 
 aten = torch.ops.aten
 
@@ -73,7 +74,7 @@ class _Logits(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.model, Qwen3ForCausalLM):
+        if isinstance(self.model, PreTrainedModel):  # transformers: no KV cache in the graph
             return self.model(input_ids=input_ids, use_cache=False).logits
         out = self.model(input_ids)
         return out.logits if hasattr(out, "logits") else out
@@ -253,21 +254,26 @@ def _replace_size_placeholder(graph: fx.Graph, node: fx.Node, user_nodes: list[f
 
 
 # ----------------------------------------------------------------------------- model sources
-def tp_plan_styles(config: Qwen3Config) -> dict:
-    """The model's own ``base_model_tp_plan`` as ``torch.distributed.tensor.parallel`` styles."""
+# transformers' models of every family in adp_pass/families, made TP with PyTorch's TP API and
+# the model's own ``base_model_tp_plan``. The ``*_qwen3`` names are those of earlier versions;
+# they take any supported family's config too.
+def tp_plan_styles(config: PretrainedConfig) -> dict:
+    """The model's own ``base_model_tp_plan`` as ``torch.distributed.tensor.parallel`` styles.
+
+    ColwiseParallel shards a projection's bias with its weight (Qwen2's q/k/v biases)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     styles = {}
-    for fqn, style in config.base_model_tp_plan.items():
+    for fqn, style in family_of(config).tp_plan(config).items():
         if style.startswith("colwise"):
             styles[fqn] = ColwiseParallel()
         elif style.startswith("rowwise"):
             styles[fqn] = RowwiseParallel()
-        # "replicated_with_grad_allreduce" (q/k norms) only matters for training.
+        # "replicated_with_grad_allreduce" (Qwen3's q/k norms) only matters for training.
     return styles
 
 
-def parallelize_hf_qwen3(model: Qwen3ForCausalLM, world_size: int) -> Qwen3ForCausalLM:
+def parallelize_hf(model: PreTrainedModel, world_size: int) -> PreTrainedModel:
     """Make ``model`` TP over the default group with PyTorch's TP API and the model's own plan."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -278,15 +284,17 @@ def parallelize_hf_qwen3(model: Qwen3ForCausalLM, world_size: int) -> Qwen3ForCa
     return model
 
 
-def build_hf_qwen3(
-    config: Qwen3Config,
+def build_hf(
+    config: PretrainedConfig,
+    seed: int = 0,
     *,
     meta: bool = False,
-    seed: int = 0,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-) -> Qwen3ForCausalLM:
-    """A transformers Qwen3ForCausalLM with random weights (or on the meta device)."""
+) -> PreTrainedModel:
+    """transformers' causal LM of ``config``'s family (``config.model_type``) with random weights
+    drawn after ``torch.manual_seed(seed)`` (or on the meta device)."""
+    family = family_of(config)
     previous = torch.get_default_dtype()
     # Parameters in ``dtype``; the rotary inv_freq buffer stays fp32 (transformers builds it
     # in fp32 explicitly), as from_pretrained(dtype=...) leaves it. model.to(dtype) would not.
@@ -294,13 +302,55 @@ def build_hf_qwen3(
     try:
         torch.manual_seed(seed)
         with torch.device("meta" if meta else device):
-            return Qwen3ForCausalLM(config).eval()
+            return family.build(config)
     finally:
         torch.set_default_dtype(previous)
 
 
+def capture_hf(
+    config: PretrainedConfig,
+    world_size: int,
+    rank: int,
+    *,
+    meta: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    batch: int = 2,
+    seq: int = 8,
+) -> CapturedGraph:
+    """Rank ``rank``'s graph of transformers' model of ``config``'s family made TP over a fake
+    ``world_size`` group. ``gm.meta["adp_model_type"]`` records the family."""
+    with fake_process_group(world_size, rank):
+        start = time.perf_counter()
+        model = build_hf(config, meta=meta, dtype=dtype, device=device)
+        model = parallelize_hf(model, world_size)
+        build_s = time.perf_counter() - start
+        ids = torch.zeros(batch, seq, dtype=torch.long, device="meta" if meta else device)
+        captured = capture(model, [ids], rank=rank, world_size=world_size)
+    captured.gm.meta["adp_model_type"] = config.model_type
+    captured.timings = {"build_s": build_s, **captured.timings}
+    return captured
+
+
+def parallelize_hf_qwen3(model: PreTrainedModel, world_size: int) -> PreTrainedModel:
+    """:func:`parallelize_hf` (the name of earlier versions)."""
+    return parallelize_hf(model, world_size)
+
+
+def build_hf_qwen3(
+    config: PretrainedConfig,
+    *,
+    meta: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """:func:`build_hf` (the name of earlier versions): Qwen3ForCausalLM for a Qwen3Config."""
+    return build_hf(config, seed, meta=meta, dtype=dtype, device=device)
+
+
 def capture_hf_qwen3(
-    config: Qwen3Config,
+    config: PretrainedConfig,
     *,
     world_size: int,
     rank: int,
@@ -310,13 +360,6 @@ def capture_hf_qwen3(
     batch: int = 2,
     seq: int = 8,
 ) -> CapturedGraph:
-    """Rank ``rank``'s graph of transformers' Qwen3 made TP over a fake ``world_size`` group."""
-    with fake_process_group(world_size, rank):
-        start = time.perf_counter()
-        model = build_hf_qwen3(config, meta=meta, dtype=dtype, device=device)
-        model = parallelize_hf_qwen3(model, world_size)
-        build_s = time.perf_counter() - start
-        ids = torch.zeros(batch, seq, dtype=torch.long, device="meta" if meta else device)
-        captured = capture(model, [ids], rank=rank, world_size=world_size)
-    captured.timings = {"build_s": build_s, **captured.timings}
-    return captured
+    """:func:`capture_hf` (the name of earlier versions)."""
+    return capture_hf(config, world_size, rank, meta=meta, dtype=dtype, device=device,
+                      batch=batch, seq=seq)

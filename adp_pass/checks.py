@@ -13,27 +13,15 @@ import struct
 from pathlib import Path
 
 from adp_pass.errors import AdpError, UsageError
+from adp_pass.families import FAMILIES, family_of, supported_text
 
-# Tensor names and shapes every Qwen3 dense checkpoint holds (biases are optional extras).
-_LAYER_TENSORS = {
-    "input_layernorm.weight": ("hidden",),
-    "post_attention_layernorm.weight": ("hidden",),
-    "self_attn.q_proj.weight": ("q", "hidden"),
-    "self_attn.k_proj.weight": ("kv", "hidden"),
-    "self_attn.v_proj.weight": ("kv", "hidden"),
-    "self_attn.o_proj.weight": ("hidden", "q"),
-    "self_attn.q_norm.weight": ("head_dim",),
-    "self_attn.k_norm.weight": ("head_dim",),
-    "mlp.gate_proj.weight": ("inter", "hidden"),
-    "mlp.up_proj.weight": ("inter", "hidden"),
-    "mlp.down_proj.weight": ("hidden", "inter"),
-}
 _CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size")
 
 
 class CheckpointInvalid(AdpError):
-    """The directory is a Qwen3 checkpoint, but a damaged or mismatched one (exit code 1)."""
+    """The directory is a checkpoint of a supported family, but a damaged or mismatched one
+    (exit code 1)."""
 
 
 def check_out_dir(path: Path, flag: str = "--out") -> None:
@@ -53,7 +41,8 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
 
 
 def read_checkpoint_config(root: Path, flag: str = "--checkpoint") -> dict:
-    """``config.json`` of a Qwen3 checkpoint directory, or a UsageError naming what it is."""
+    """``config.json`` of a checkpoint directory of a supported family (adp_pass/families:
+    qwen3, llama, qwen2), or a UsageError naming what it is."""
     if not root.exists():
         raise UsageError(f"{flag} {root} does not exist", flag=flag,
                          hint="give the directory that holds config.json and *.safetensors")
@@ -72,11 +61,11 @@ def read_checkpoint_config(root: Path, flag: str = "--checkpoint") -> dict:
     if not isinstance(config, dict):
         raise CheckpointInvalid(f"{path} does not hold a JSON object", flag=flag)
     model_type = config.get("model_type")
-    if model_type != "qwen3":
+    if model_type not in FAMILIES:
         what = f"a {model_type} checkpoint" if model_type else "a checkpoint without model_type"
-        raise UsageError(f"{flag} {root}: this is {what}; adp-pass supports qwen3 (dense models)",
-                         flag=flag,
-                         hint="give a Qwen3 checkpoint, or a --preset")
+        raise UsageError(f"{flag} {root}: this is {what}; adp-pass supports {supported_text()} "
+                         "(dense models)", flag=flag,
+                         hint="give a checkpoint of one of those families, or a --preset")
     absent = [k for k in _CONFIG_KEYS if not isinstance(config.get(k), int) or config[k] < 1]
     if absent:
         raise CheckpointInvalid(f"{path} lacks positive integers for {', '.join(absent)}",
@@ -85,23 +74,9 @@ def read_checkpoint_config(root: Path, flag: str = "--checkpoint") -> dict:
 
 
 def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor a Qwen3 checkpoint with this config must hold."""
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    size = {
-        "hidden": config["hidden_size"],
-        "q": config["num_attention_heads"] * head_dim,
-        "kv": config["num_key_value_heads"] * head_dim,
-        "inter": config["intermediate_size"],
-        "head_dim": head_dim,
-    }
-    vocab, hidden = config["vocab_size"], config["hidden_size"]
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    if not config.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for i in range(config["num_hidden_layers"]):
-        for name, dims in _LAYER_TENSORS.items():
-            shapes[f"model.layers.{i}.{name}"] = tuple(size[d] for d in dims)
-    return shapes
+    """Name -> shape of every tensor a checkpoint with this config must hold (the family's
+    tensors, ``Family.expected_tensors``; a config without ``model_type`` is taken as qwen3)."""
+    return family_of(config.get("model_type") or "qwen3").expected_tensors(config)
 
 
 def check_checkpoint(root: Path, flag: str = "--checkpoint") -> dict:

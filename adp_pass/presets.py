@@ -1,32 +1,22 @@
-"""Qwen3 dense shapes: the published checkpoints' configs and small test shapes.
+"""Presets: published checkpoints' shapes and small test shapes, of every model family.
 
-Published values are those of the Qwen3 model cards' ``config.json`` (head_dim 128, vocab
-151936, rope theta 1e6, RMSNorm eps 1e-6 throughout).
+The presets themselves live with their family (``adp_pass/families/<family>.py``); this module
+gathers them: ``PRESETS`` (name -> :class:`PresetShape`) and ``model_config(name)``, the family's
+transformers config. ``qwen3_config`` is the name earlier versions had (Qwen3 only); it is kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from adp_pass.errors import UsageError
+from adp_pass.families import PresetShape, all_presets, family_of
 
 if TYPE_CHECKING:  # transformers is imported on use: `adp --help` must not pay for it
-    from transformers import Qwen3Config
+    from transformers import PretrainedConfig, Qwen3Config
 
-
-@dataclass(frozen=True)
-class Qwen3Shape:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-    head_dim: int = 128
-    vocab_size: int = 151936
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 40960
-    rope_theta: float = 1_000_000.0
+# Earlier name of the shape class (every field as before; ``family`` defaults to "qwen3").
+Qwen3Shape = PresetShape
 
 
 class UnknownPreset(UsageError, KeyError):
@@ -36,43 +26,33 @@ class UnknownPreset(UsageError, KeyError):
         return self.args[0]
 
 
-PRESETS: dict[str, Qwen3Shape] = {
-    "qwen3-0.6b": Qwen3Shape(1024, 28, 16, 8, 3072, tie_word_embeddings=True),
-    "qwen3-1.7b": Qwen3Shape(2048, 28, 16, 8, 6144, tie_word_embeddings=True),
-    "qwen3-4b": Qwen3Shape(2560, 36, 32, 8, 9728, tie_word_embeddings=True),
-    "qwen3-8b": Qwen3Shape(4096, 36, 32, 8, 12288),
-    "qwen3-14b": Qwen3Shape(5120, 40, 40, 8, 17408),
-    "qwen3-32b": Qwen3Shape(5120, 64, 64, 8, 25600),
-    # Test shapes: heads divisible by 1, 2, 4 and 8 ("tiny"), or by 3 ("tiny-3").
-    "tiny": Qwen3Shape(64, 2, 8, 8, 128, head_dim=16, vocab_size=256,
-                       max_position_embeddings=512, rope_theta=10_000.0),
-    "tiny-3": Qwen3Shape(96, 2, 6, 3, 192, head_dim=16, vocab_size=384,
-                         max_position_embeddings=512, rope_theta=10_000.0),
-    # The README's default job: big enough to show the sites, small enough for a laptop CPU.
-    "small": Qwen3Shape(256, 4, 8, 4, 768, head_dim=32, vocab_size=1024,
-                        max_position_embeddings=2048, rope_theta=10_000.0),
-}
+PRESETS: dict[str, PresetShape] = all_presets()
 
 
-def qwen3_config(preset: str | Qwen3Shape, **overrides) -> "Qwen3Config":
-    """A transformers ``Qwen3Config`` for a preset name (or shape), with overrides applied."""
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise UnknownPreset(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}",
-                                flag="--preset")
-        preset = PRESETS[preset]
-    from transformers import Qwen3Config
+def _shape(preset: str | PresetShape) -> PresetShape:
+    if isinstance(preset, PresetShape):
+        return preset
+    if preset not in PRESETS:
+        raise UnknownPreset(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}",
+                            flag="--preset")
+    return PRESETS[preset]
 
-    fields = dict(preset.__dict__)
-    fields.update(overrides)
-    rope_theta = fields.pop("rope_theta")
-    config = Qwen3Config(
-        **fields,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        rms_norm_eps=1e-6,
-        attention_bias=False,
-        use_cache=False,
-    )
-    # Plain SDPA attention: the graph then has one attention core op per layer.
-    config._attn_implementation = "sdpa"
-    return config
+
+def model_config(preset: str | PresetShape, **overrides) -> "PretrainedConfig":
+    """The transformers config of a preset name (or shape) of any family, with overrides applied:
+    ``Qwen3Config`` for "tiny", ``LlamaConfig`` for "llama-tiny", ``Qwen2Config`` for
+    "qwen2-tiny", ... (default rope, no KV cache, SDPA attention)."""
+    shape = _shape(preset)
+    return family_of(shape).make_config(shape, **overrides)
+
+
+def qwen3_config(preset: str | PresetShape, **overrides) -> "Qwen3Config":
+    """A transformers ``Qwen3Config`` for a Qwen3 preset name (or shape), with overrides applied.
+
+    Kept for callers of earlier versions; a preset of another family gives that family's config
+    (as :func:`model_config` does), so a caller handed any preset name builds the right model."""
+    return model_config(preset, **overrides)
+
+
+__all__ = ["PRESETS", "PresetShape", "Qwen3Shape", "UnknownPreset", "model_config",
+           "qwen3_config"]

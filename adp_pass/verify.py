@@ -1,12 +1,13 @@
 """Parity on real ranks: the TP graph and its attention-DP rewrite against transformers.
 
 Each rank (started by torchrun's machinery, gloo on CPU / NCCL on GPU):
-1. builds the TP model from a *source* (transformers' Qwen3 + PyTorch TP by default),
+1. builds the TP model from a *source* (transformers' model of the config's family, Qwen3,
+   Llama or Qwen2, + PyTorch TP by default),
 2. captures its graph and runs it on the whole batch — real all-reduces across the ranks,
 3. detects and rewrites it, loads the unsharded state dict with ``strict=True``,
 4. runs the rewritten graph on its own (uneven) slice of the batch — no collective left.
 
-The parent compares (2) and the concatenation of (4) with ``Qwen3ForCausalLM`` on the batch.
+The parent compares (2) and the concatenation of (4) with transformers' model on the batch.
 """
 
 from __future__ import annotations
@@ -16,27 +17,28 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import Qwen3Config
+from transformers import PretrainedConfig
 
-from adp_pass.capture import build_hf_qwen3, capture, parallelize_hf_qwen3
+from adp_pass.capture import build_hf, capture, parallelize_hf
 from adp_pass.detect import detect, find_collectives
 from adp_pass.launch import init_rank, launch
 from adp_pass.mapping import Mapping
 from adp_pass.rewrite import rewrite
 
 # A source builds rank ``rank``'s TP model and the unsharded state dict the rewrite loads.
-TPSource = Callable[[Qwen3Config, int, int, int], tuple[torch.nn.Module, dict]]
+TPSource = Callable[[PretrainedConfig, int, int, int], tuple[torch.nn.Module, dict]]
 
 
 def hf_tp_source(
-    config: Qwen3Config, world_size: int, rank: int, seed: int
+    config: PretrainedConfig, world_size: int, rank: int, seed: int
 ) -> tuple[torch.nn.Module, dict]:
-    """transformers' Qwen3ForCausalLM made TP with its own ``base_model_tp_plan``."""
-    model = build_hf_qwen3(config, seed=seed)  # on the CPU: the same weights on every machine
+    """transformers' model of the config's family (adp_pass/families) made TP with its own
+    ``base_model_tp_plan``."""
+    model = build_hf(config, seed=seed)  # on the CPU: the same weights on every machine
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if torch.cuda.is_available():  # the device mesh follows the parameters' device
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
-    return parallelize_hf_qwen3(model, world_size), full_state
+    return parallelize_hf(model, world_size), full_state
 
 
 def default_splits(batch: int, world_size: int) -> list[int]:
@@ -82,7 +84,7 @@ class ParityReport:
 
 
 def _rank_main(
-    config: Qwen3Config,
+    config: PretrainedConfig,
     source: TPSource,
     ids: torch.Tensor,
     splits: list[int],
@@ -145,7 +147,7 @@ def _rank_main(
 
 
 def verify(
-    config: Qwen3Config,
+    config: PretrainedConfig,
     world_size: int,
     *,
     batch: int = 4,
@@ -178,7 +180,7 @@ def verify(
         _rank_main, world_size, config, source, ids, splits, seed, lower_ops, self_check,
         str(mapping), timeout_s=timeout_s, log_dir=log_dir,
     )
-    reference = build_hf_qwen3(config, seed=seed)
+    reference = build_hf(config, seed=seed)
     with torch.no_grad():
         want = reference(input_ids=ids, use_cache=False).logits
     tp_diff = max((r["tp_logits"] - want).abs().max().item() for r in results)

@@ -1,19 +1,25 @@
 """Build one rank's serving model: capture → detect → rewrite → weights → lower → KV cache.
 
 Runs inside a rank *before* it joins the job's process group: the rank traces its own graph of
-the TP job on a fake group (``capture_hf_qwen3``), so no peer is needed to build it.
+the TP job on a fake group (``capture_hf``), so no peer is needed to build it.
+
+With a build cache (``cache_dir=``, or one stored entry: ``artifact=``), the built graph (the
+rewritten, lowered, cache-inserted module without weights, and its plan) is loaded instead when
+its key matches, and stored after a fresh build; the weights are filled either way, through the
+plan (``runtime/build_cache.py``, docs/build_cache.md).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import Qwen3Config
 
-from adp_pass.capture import capture_hf_qwen3
+from adp_pass.capture import capture_hf
 from adp_pass.detect import detect
 from adp_pass.mapping import Mapping
 from adp_pass.plan import Plan
@@ -28,6 +34,24 @@ class RankModel:
     plan: Plan
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, dict] = field(default_factory=dict)
+    # Where the graph came from: "off" (no build cache), "hit" (loaded), "miss" (built, stored),
+    # "stale" / "corrupt" (an entry was found but not used: built, stored over it).
+    build_cache: str = "off"
+    build_cache_path: str | None = None
+    build_cache_note: str = ""  # why an entry was not used, or why a build was not stored
+
+    def describe(self) -> str:
+        """One line for a log: the build cache's outcome and each stage's seconds."""
+        stages = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in self.timings.items())
+        where = f" {self.build_cache_path}" if self.build_cache_path else ""
+        outcome = {
+            "off": "no build cache",
+            "hit": f"build cache hit{where}",
+            "miss": f"build cache miss, stored{where}",
+        }.get(self.build_cache, f"build cache {self.build_cache}, rebuilt{where}")
+        if self.build_cache_note:
+            outcome += f" ({self.build_cache_note})"
+        return f"{outcome}: {stages}"
 
 
 def prepare_rank(
@@ -43,50 +67,122 @@ def prepare_rank(
     max_position: int = 4096,
     lower_ops: bool = True,
     seed: int = 0,
+    cache_dir: str | Path | None = None,
+    artifact: str | Path | None = None,
 ) -> RankModel:
     """The rank's cache-inserted graph and its paged KV cache.
 
     Weights come from a Hugging Face ``checkpoint`` directory, or are random (seeded, equal on
     every rank) for demos and benchmarks.
-    """
-    from adp_pass.runtime.cache_insertion import insert_kv_cache
-    from adp_pass.runtime.lower import lower
-    from adp_pass.runtime.weights import (
-        check_memory,
-        kv_cache_bytes,
-        load_checkpoint,
-        random_weights,
-    )
 
+    ``cache_dir``: a build cache (``build_cache.default_cache_dir()`` is the usual one): the
+    rank's built graph is loaded from it when an entry for this config, mapping, rank, dtype,
+    device type and versions is there, else built and stored. ``artifact``: one entry directory
+    (``adp rewrite --out DIR`` writes ``DIR/cache/rank<r>-...``) to load; it is never written.
+    An entry that does not match or fails its checksums is not loaded: a
+    ``BuildCacheWarning`` says why and the graph is built. ``None`` for both: always built,
+    nothing written.
+    """
     mapping = Mapping.load(mapping)
     mapping.check_model(
         config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     )
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    # Traced on the target device (not meta): SDPA then stays one op per layer.
-    captured = capture_hf_qwen3(
-        config, world_size=mapping.tp_size, rank=rank, dtype=dtype, device=device
-    )
-    timings["capture_s"] = time.perf_counter() - start
-    plan = detect(captured.gm, mapping)
-    # Before rewrite allocates the rank's weights: refused with the numbers and a mapping
-    # that fits. Each rank's cache holds its attention group's share of the kv heads.
+    device = torch.device(device)
+    # Each rank's cache holds its attention group's share of the kv heads.
     kv_heads = config.num_key_value_heads // mapping.attn_tp_size
+    from adp_pass.runtime.weights import kv_cache_bytes
+
     kv_bytes = kv_cache_bytes(config.num_hidden_layers, kv_heads, config.head_dim, num_blocks,
                               block_size, dtype)
-    check_memory(plan, kv_cache_bytes=kv_bytes, device=device, dtype=dtype)
-    gm = rewrite(captured.gm, plan)
-    timings["rewrite_s"] = time.perf_counter() - start - timings["capture_s"]
+    geometry = dict(device=device, num_blocks=num_blocks, block_size=block_size,
+                    max_position=max_position)
+    timings: dict[str, float] = {}
+    status, note, path, loaded, key = "off", "", None, None, None
+    if cache_dir is not None or artifact is not None:
+        from adp_pass.runtime import build_cache
 
-    mark = time.perf_counter()
-    if checkpoint is not None:
-        load_checkpoint(gm, plan, checkpoint, device=device, dtype=dtype)
+        key = build_cache.build_key(config, mapping, rank, dtype=dtype, device=device,
+                                    lower_ops=lower_ops)
+        start = time.perf_counter()
+        if artifact is not None:
+            try:
+                loaded = build_cache.load_entry(artifact, key, **geometry)
+                status, path = "hit", str(artifact)
+            except build_cache.EntryError as err:
+                status, note = err.status, f"artifact {artifact}: {err}"
+                warnings.warn(f"build cache: {note}; building the rank instead",
+                              build_cache.BuildCacheWarning, stacklevel=2)
+        if loaded is None and cache_dir is not None:
+            found = build_cache.lookup(cache_dir, key, **geometry)
+            loaded, path = found.built, str(found.path)
+            if found.status != "miss" or not note:
+                status, note = found.status, found.reason or note
+        if loaded is not None:
+            timings["load_s"] = time.perf_counter() - start
+
+    if loaded is not None:
+        gm, plan, counts = loaded.model, loaded.plan, loaded.counts
+        _check_memory(plan, kv_bytes, device, dtype)
+        mark = time.perf_counter()
+        _fill_weights(gm, plan, config, checkpoint, device, dtype, seed)
+        timings["weights_s"] = time.perf_counter() - mark
     else:
-        random_weights(gm, plan, seed=seed, device=device, dtype=dtype, config=config)
-    timings["weights_s"] = time.perf_counter() - mark
+        start = time.perf_counter()
+        # Traced on the target device (not meta): SDPA then stays one op per layer.
+        captured = capture_hf(config, mapping.tp_size, rank, dtype=dtype, device=device)
+        timings["capture_s"] = time.perf_counter() - start
+        plan = detect(captured.gm, mapping)
+        # Before rewrite allocates the rank's weights: refused with the numbers and a mapping
+        # that fits.
+        _check_memory(plan, kv_bytes, device, dtype)
+        gm = rewrite(captured.gm, plan)
+        del captured
+        timings["rewrite_s"] = time.perf_counter() - start - timings["capture_s"]
 
-    mark = time.perf_counter()
+        mark = time.perf_counter()
+        _fill_weights(gm, plan, config, checkpoint, device, dtype, seed)
+        timings["weights_s"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        gm, counts = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=num_blocks,
+                                  block_size=block_size, max_position=max_position,
+                                  lower_ops=lower_ops)
+        timings["lower_s"] = time.perf_counter() - mark
+        if cache_dir is not None:
+            mark = time.perf_counter()
+            try:
+                path = str(build_cache.store(cache_dir, key, gm, plan, timings=timings))
+            except (build_cache.NotCacheable, OSError) as err:
+                path = None
+                note = f"{note}; " if note else ""
+                note += f"not stored: {err}"
+                warnings.warn(f"build cache: rank {rank}'s build not stored in {cache_dir}: "
+                              f"{err}", build_cache.BuildCacheWarning, stacklevel=2)
+            timings["store_s"] = time.perf_counter() - mark
+    layers = range(config.num_hidden_layers)
+    cache = PagedKVCache.over(
+        [gm.get_buffer(f"kv_cache_{i}_k") for i in layers],
+        [gm.get_buffer(f"kv_cache_{i}_v") for i in layers],
+    )
+    return RankModel(gm, cache, plan, timings, counts, status, path, note)
+
+
+def finish_graph(
+    gm: torch.fx.GraphModule,
+    plan: Plan,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_blocks: int = 256,
+    block_size: int = 16,
+    max_position: int = 4096,
+    lower_ops: bool = True,
+) -> tuple[torch.fx.GraphModule, dict[str, dict]]:
+    """Lower a rewritten graph to the Triton ops and insert its paged KV cache (in place); the
+    module and its counts (sites, lowering matches, cache sites)."""
+    from adp_pass.runtime.cache_insertion import insert_kv_cache
+    from adp_pass.runtime.lower import lower
+
     counts: dict[str, dict] = {"sites": plan.counts()}
     if lower_ops:
         gm = lower(gm, max_position=max_position)
@@ -94,11 +190,19 @@ def prepare_rank(
     gm = insert_kv_cache(gm, num_blocks=num_blocks, block_size=block_size, device=device,
                          dtype=dtype)
     counts["cache"] = dict(gm.meta.get("adp_cache_counts", {}))
-    timings["lower_s"] = time.perf_counter() - mark
-    layers = range(config.num_hidden_layers)
-    cache = PagedKVCache.over(
-        [gm.get_buffer(f"kv_cache_{i}_k") for i in layers],
-        [gm.get_buffer(f"kv_cache_{i}_v") for i in layers],
-    )
-    return RankModel(gm, cache, plan, timings, counts)
+    return gm, counts
 
+
+def _check_memory(plan: Plan, kv_bytes: int, device: torch.device, dtype: torch.dtype) -> None:
+    from adp_pass.runtime.weights import check_memory
+
+    check_memory(plan, kv_cache_bytes=kv_bytes, device=device, dtype=dtype)
+
+
+def _fill_weights(gm, plan: Plan, config, checkpoint, device, dtype, seed: int) -> None:
+    from adp_pass.runtime.weights import load_checkpoint, random_weights
+
+    if checkpoint is not None:
+        load_checkpoint(gm, plan, checkpoint, device=device, dtype=dtype)
+    else:
+        random_weights(gm, plan, seed=seed, device=device, dtype=dtype, config=config)

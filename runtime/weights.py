@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from adp_pass.plan import ParamSpec, Plan
 from adp_pass.attributes import owner_of
@@ -390,7 +389,9 @@ def _derive_buffers(
                     "holds it; give the model config (config.json / config=) to recompute rotary "
                     "inv_freq, or capture without meta=True"
                 )
-            value = Qwen3RotaryEmbedding(config).inv_freq
+            from adp_pass.families import family_of
+
+            value = family_of(config).rotary_inv_freq(config)  # the family's rotary class
             if tuple(value.shape) != spec.full_shape:
                 raise CheckpointError(
                     f"{spec.name}: the config gives {list(value.shape)}, the graph holds "
