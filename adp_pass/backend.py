@@ -60,6 +60,13 @@ def adp_backend(
         raise BackendError(
             f"mapping {mapping} is for {mapping.world_size} ranks but the job has {world}"
         )
+    if mapping.lockstep_size > 1:
+        # Each rank runs its own rows here, unpadded: a mapping that keeps collectives needs
+        # the ranks to step together on equal shapes, which the serving engine does.
+        raise BackendError(
+            f"backend='adp' serves the replicated mapping (tp={world},attn_dp=1); mapping "
+            f"{mapping} keeps collectives between ranks: serve it with adp run / prepare_rank"
+        )
     names_by_id: dict[int, list[str]] = {}
     user_inputs: list[torch.Tensor] = []
     batch_sizes = []  # dim 0 of each input as dynamo traced it (SymInt when dynamic)

@@ -43,3 +43,12 @@ def test_static_batch_is_refused_with_the_fix():
         with pytest.raises(Exception, match=r"mark_dynamic\(input_ids, 0\)"):
             compiled(input_ids=torch.zeros(2, 4, dtype=torch.long), use_cache=False)
     torch._dynamo.reset()
+
+
+def test_a_mapping_that_keeps_collectives_is_refused_with_the_fix():
+    from adp_pass.backend import BackendError, adp_backend
+    from adp_pass.capture import fake_process_group
+
+    with fake_process_group(2, 0), pytest.raises(BackendError, match="serve it with adp run"):
+        adp_backend(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), [],
+                    {"mapping": "tp=2,attn_dp=1,mlp_tp=2"})
