@@ -141,8 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", action="store_true",
                    help="trace on meta weights (no memory needed for big presets)")
     p.add_argument("--out", metavar="DIR", type=Path, default=None,
-                   help="directory for plan.json, report.txt, summary.json, both graphs and "
-                   "before_after.png")
+                   help="directory for plan.json, report.txt, summary.json, both graphs, "
+                   "before_after.png and the rank's serving artifact (cache/: adp run --cache-dir "
+                   "DIR/cache loads it; docs/build_cache.md)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the serving artifact --out writes")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="device type of the serving artifact --out writes (it is built there)")
     p.add_argument("--no-strict", action="store_true",
                    help="list collectives no pattern explains instead of failing")
     p.add_argument("--no-self-check", action="store_true",
@@ -184,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode batch sizes captured as CUDA graphs (GPU only; empty: none)")
     p.add_argument("--log-dir", metavar="DIR", type=Path, default=None,
                    help="where the ranks' log goes; if not given, a file under the temp dir")
+    p.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
+                   help="build cache: each rank loads its built graph from here, or builds and "
+                   "stores it (docs/build_cache.md); if not given, $XDG_CACHE_HOME/adp-pass or "
+                   "~/.cache/adp-pass")
+    p.add_argument("--no-cache", action="store_true",
+                   help="build every rank's graph; read and write no build cache")
 
     p = sub.add_parser("plan", parents=[common], formatter_class=fmt,
                        help="predict each mapping's decode step for N GPUs (cost model); pick one",
@@ -365,6 +376,7 @@ def cmd_rewrite(args: argparse.Namespace, stage: _Stages) -> int:
         from adp_pass.presets import qwen3_config
         from adp_pass.report import summarize_graph, weight_bytes, write_rewrite_outputs
         from adp_pass.rewrite import rewrite
+    _check_artifact_device(args)
 
     print(f"rewrite: preset {args.preset}, mapping {mapping}, rank {args.rank}", flush=True)
     with stage(f"build and capture rank {args.rank}'s TP graph"):
@@ -398,9 +410,44 @@ def cmd_rewrite(args: argparse.Namespace, stage: _Stages) -> int:
             paths = write_rewrite_outputs(args.out, plan, before, summarize_graph(gm),
                                           before_code, gm.code, timings)
         print(f"  wrote {len(paths)} files to {args.out}: " + ", ".join(p.name for p in paths))
+        _write_serving_artifact(args, mapping, gm, plan, stage)
     elif not args.verbose:
         print("  (-v prints the full plan; --out DIR writes it, both graphs and a picture)")
     return 0
+
+
+def _check_artifact_device(args: argparse.Namespace) -> None:
+    """Before the trace: the serving artifact of ``adp rewrite --out`` is built on --device."""
+    import torch
+
+    if args.out is not None and not args.meta and args.device == "cuda" and \
+            not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device here", flag="--device",
+                         hint="build the artifact on a machine of the serving device type")
+
+
+def _write_serving_artifact(args: argparse.Namespace, mapping: Mapping, gm, plan,
+                            stage: _Stages) -> None:
+    """``adp rewrite --out``: the rank's built graph (lowered, KV cache inserted, no weights) as a
+    build-cache entry under ``OUT/cache``, what ``prepare_rank`` would build for this preset,
+    mapping, rank, dtype and device type. The rewrite's own graph is used when it is that graph
+    (float32 on cpu, traced for real, every collective explained); else the rank is built."""
+    if args.meta:
+        print("  no serving artifact: a --meta trace cannot take the KV cache (run without --meta)")
+        return
+    import torch
+
+    from adp_pass.presets import qwen3_config
+    from adp_pass.runtime.prepare import build_artifact
+
+    reuse = (args.dtype == "float32" and args.device == "cpu" and not plan.unclassified)
+    cache = args.out / "cache"
+    with stage(f"lower, insert the KV cache, store the serving artifact in {cache}"):
+        entry = build_artifact(qwen3_config(args.preset), mapping, args.rank, cache,
+                               device=torch.device(args.device), dtype=getattr(torch, args.dtype),
+                               rewritten=(gm, plan) if reuse else None)
+    print(f"  serving artifact ({args.dtype} on {args.device}): {entry} (adp run --cache-dir "
+          f"{cache})")
 
 
 def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
@@ -441,13 +488,19 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
                    num_blocks=args.num_blocks, block_size=BLOCK_SIZE)
     if args.log_dir is not None:
         check_out_dir(args.log_dir, "--log-dir")
+    if args.no_cache and args.cache_dir is not None:
+        raise UsageError("give --cache-dir or --no-cache, not both", flag="--no-cache")
+    if args.cache_dir is not None:
+        check_out_dir(args.cache_dir, "--cache-dir")
     _check_ranks_fit_machine(world_size)
 
+    from adp_pass.runtime.build_cache import default_cache_dir
     from adp_pass.runtime.engine import Request
     from adp_pass.runtime.frontend import (
         assign_by_load, default_log_path, make_job, run_job, synthetic_requests)
     from adp_pass.runtime.sampling import SamplingParams
 
+    cache_dir = None if args.no_cache else str(args.cache_dir or default_cache_dir())
     params = SamplingParams(args.new_tokens, args.temperature, args.top_p)
     if tokenizer is not None:
         requests = [Request(f"prompt-{i}", ids, params) for i, ids in enumerate(prompts)]
@@ -460,6 +513,7 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
         num_blocks=args.num_blocks, block_size=BLOCK_SIZE,
         max_position=min(longest + 16, max_position), max_seq_len=longest,
         cuda_graph_sizes=args.cuda_graphs,  # argparse parses a string default with its type
+        cache_dir=cache_dir,
     )
     log = (args.log_dir / Path(default_log_path()).name) if args.log_dir else default_log_path()
     groups = (f" in {mapping.dp_size} DP group{'s' * (mapping.dp_size != 1)} ({mapping})"

@@ -44,7 +44,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -57,11 +57,12 @@ FORMAT_VERSION = 1
 MANIFEST, GRAPH, PLAN, TENSORS = "manifest.json", "graph.json", "plan.json", "tensors.safetensors"
 # Node meta a later stage reads (everything else in node.meta is tracing bookkeeping).
 NODE_META_KEYS = (GROUP_TAG,)
-# Config fields that name or date a model but do not shape its graph. The serving dtype is a
-# key field of its own (a checkpoint's torch_dtype only says how it was saved).
+# Config fields that name or date a model but do not shape its graph (save_pretrained sets
+# architectures and dtype; the graph is built from model_type). The serving dtype is a key field
+# of its own (a checkpoint's dtype only says how it was saved); use_cache is off in every capture.
 IGNORED_CONFIG_FIELDS = frozenset(
-    {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "torch_dtype",
-     "dtype", "use_cache"}
+    {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "architectures",
+     "torch_dtype", "dtype", "use_cache"}
 )
 _CALL_MODULES = ("operator", "_operator", "math")  # plus torch and torch.*
 _BUILD_DEVICE = "@build"  # a torch.device literal equal to the build device: the load device
@@ -209,7 +210,8 @@ class Lookup:
 
 
 def lookup(cache_dir: str | Path, key: BuildKey, *, device: torch.device | str, num_blocks: int,
-           block_size: int, max_position: int) -> Lookup:
+           block_size: int, max_position: int, check: Callable[[Plan], None] | None = None
+           ) -> Lookup:
     """The entry for ``key`` under ``cache_dir``, loaded; a stale or corrupt one is reported
     with a :class:`BuildCacheWarning` and not loaded (the caller rebuilds and stores over it)."""
     path = Path(cache_dir) / key.entry_name
@@ -217,7 +219,7 @@ def lookup(cache_dir: str | Path, key: BuildKey, *, device: torch.device | str, 
         return Lookup("miss", path)
     try:
         built = load_entry(path, key, device=device, num_blocks=num_blocks,
-                           block_size=block_size, max_position=max_position)
+                           block_size=block_size, max_position=max_position, check=check)
     except EntryError as err:
         warnings.warn(f"build cache: {err.status} entry {path}: {err}; rebuilding it",
                       BuildCacheWarning, stacklevel=2)
@@ -290,10 +292,12 @@ def _write_dir(final: Path, files: dict[str, bytes]) -> None:
 
 # ------------------------------------------------------------------------------------- loading
 def load_entry(path: str | Path, key: BuildKey | None, *, device: torch.device | str,
-               num_blocks: int, block_size: int, max_position: int) -> CachedBuild:
+               num_blocks: int, block_size: int, max_position: int,
+               check: Callable[[Plan], None] | None = None) -> CachedBuild:
     """Rebuild the module of the entry at ``path``; raises :class:`StaleEntry` if it was written
     for another key (``key=None``: any key of this format), :class:`CorruptEntry` if it cannot
-    be trusted. Checksums are verified before anything is parsed."""
+    be trusted. Checksums are verified before anything is parsed. ``check(plan)`` runs before
+    anything is allocated (the memory check: its error propagates)."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -306,8 +310,10 @@ def load_entry(path: str | Path, key: BuildKey | None, *, device: torch.device |
     if manifest.get("format_version") != FORMAT_VERSION:
         raise StaleEntry(f"format version {manifest.get('format_version')} (this adp-pass reads "
                          f"{FORMAT_VERSION})")
+    if not isinstance(manifest.get("key"), dict):
+        raise CorruptEntry(f"{MANIFEST} holds no key")
     if key is not None:
-        differences = _key_differences(manifest.get("key", {}), key.fields)
+        differences = _key_differences(manifest["key"], key.fields)
         if differences:
             raise StaleEntry("built for " + "; ".join(differences))
     data = {}
@@ -315,18 +321,25 @@ def load_entry(path: str | Path, key: BuildKey | None, *, device: torch.device |
     if not isinstance(files, dict) or GRAPH not in files or PLAN not in files:
         raise CorruptEntry(f"{MANIFEST} lists no graph or plan")
     for name, want in files.items():
+        if name not in (GRAPH, PLAN, TENSORS) or not isinstance(want, dict):
+            raise CorruptEntry(f"{MANIFEST} lists {name!r}, which is not a file of an entry")
         try:
             blob = (path / name).read_bytes()
         except OSError as err:
             raise CorruptEntry(f"{name} unreadable ({err.strerror or err})") from None
         if len(blob) != want.get("bytes"):
-            raise CorruptEntry(f"{name} is {len(blob)} bytes, the manifest says {want.get('bytes')} "
-                               "(truncated or edited)")
+            raise CorruptEntry(f"{name} is {len(blob)} bytes, the manifest says "
+                               f"{want.get('bytes')} (truncated or edited)")
         if hashlib.sha256(blob).hexdigest() != want.get("sha256"):
             raise CorruptEntry(f"{name} does not match its checksum (edited or damaged)")
         data[name] = blob
     try:
         plan = Plan.from_json(data[PLAN].decode())
+    except Exception as err:  # noqa: BLE001
+        raise CorruptEntry(f"{PLAN} unreadable: {type(err).__name__}: {err}") from err
+    if check is not None:
+        check(plan)
+    try:
         tensors = {}
         if TENSORS in data:
             import safetensors.torch
@@ -385,9 +398,9 @@ def serialize(gm: fx.GraphModule, plan: Plan) -> tuple[dict, dict[str, torch.Ten
         }
         if node.type is not None:
             raise NotCacheable(f"node {node.name} has a type annotation")
-        meta = {k: node.meta[k] for k in NODE_META_KEYS if k in node.meta}
+        meta = {k: _encode(node.meta[k], build_device) for k in NODE_META_KEYS if k in node.meta}
         if meta:
-            record["meta"] = _encode(meta, build_device)
+            record["meta"] = meta
         nodes.append(record)
 
     weights = {name for spec in plan.params for name in (spec.name, *spec.aliases)}
@@ -410,6 +423,9 @@ def serialize(gm: fx.GraphModule, plan: Plan) -> tuple[dict, dict[str, torch.Ten
             elif name in weights and persistent:
                 entry["kind"] = "weight"
             else:
+                if tensor.device.type == "meta":
+                    raise NotCacheable(f"{name} is on the meta device (store a graph built for "
+                                       "real, as prepare_rank builds it)")
                 entry["kind"] = "stored"
                 stored[name] = tensor.detach().to("cpu", copy=True).contiguous()
                 if name in rope:  # a table no recipe reproduces: only good for its max_position
@@ -434,6 +450,8 @@ def serialize(gm: fx.GraphModule, plan: Plan) -> tuple[dict, dict[str, torch.Ten
     rebuilt = _graph_from(doc["nodes"], build_device)
     if rebuilt.python_code(root_module="self").src != gm.code:
         raise NotCacheable("the graph does not rebuild to the same code")
+    if _node_tags(rebuilt) != _node_tags(gm.graph):
+        raise NotCacheable("the graph does not rebuild with the same node tags")
     return doc, stored
 
 
@@ -448,12 +466,6 @@ def deserialize(doc: dict, tensors: dict[str, torch.Tensor], *, device: torch.de
     device = _resolve(device)
     build_device = doc.get("build_device")
     graph = _graph_from(doc["nodes"], device if build_device is not None else None)
-    # The code is checked where it can be: a graph with device literals that were the build
-    # device's names the load device instead (a build on cuda:0 served on cuda:1).
-    if build_device is None or torch.device(build_device) == device:
-        code = graph.python_code(root_module="self").src
-        if hashlib.sha256(code.encode()).hexdigest() != doc["code_sha256"]:
-            raise CorruptEntry("the graph does not rebuild to the code it was stored with")
     meta = {k: _decode(v, {}, device) for k, v in doc["meta"].items()}
     gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
     made: dict[str, torch.Tensor] = {}
@@ -504,6 +516,11 @@ def deserialize(doc: dict, tensors: dict[str, torch.Tensor], *, device: torch.de
     gm.meta.update(meta)
     gm.train(doc.get("training", True))
     gm.graph = graph  # recompiles
+    # The code is checked where it can be: a graph with device literals that were the build
+    # device's names the load device instead (a build on cuda:0 served on cuda:1).
+    if build_device is None or torch.device(build_device) == device:
+        if hashlib.sha256(gm.code.encode()).hexdigest() != doc["code_sha256"]:
+            raise CorruptEntry("the graph does not rebuild to the code it was stored with")
     return gm
 
 
@@ -521,9 +538,13 @@ def _graph_from(records: list[dict], device: torch.device | None) -> fx.Graph:
         if node.name != name:
             raise CorruptEntry(f"node {name} came back as {node.name}")
         for k, v in record.get("meta", {}).items():
-            node.meta[k] = v
+            node.meta[k] = _decode(v, made, device)
         made[name] = node
     return graph
+
+
+def _node_tags(graph: fx.Graph) -> list:
+    return [(n.name, {k: n.meta[k] for k in NODE_META_KEYS if k in n.meta}) for n in graph.nodes]
 
 
 def _tensor_attributes(gm: torch.nn.Module):
@@ -596,7 +617,8 @@ def _rope_table(recipe: dict, made: dict, entry: dict, max_position: int,
                 device: torch.device) -> torch.Tensor:
     inv_freq = made.get(recipe.get("inv_freq"))
     if inv_freq is None or inv_freq.device.type == "meta":
-        raise CorruptEntry(f"{entry['name']}: its inv_freq buffer {recipe.get('inv_freq')} is missing")
+        raise CorruptEntry(f"{entry['name']}: its inv_freq buffer {recipe.get('inv_freq')} is "
+                           "missing")
     return _make_table(recipe, inv_freq, max_position, entry["shape"][1], _dtype(entry["dtype"]),
                        device)
 

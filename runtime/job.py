@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Qwen3Config
+from transformers import AutoConfig, PretrainedConfig
 
 from adp_pass.presets import qwen3_config
 from adp_pass.runtime.engine import Request
@@ -31,6 +31,9 @@ class Job:
     cuda_graph_sizes: list[int] = field(default_factory=list)
     seed: int = 0
     check_first_step: bool = False
+    # Build cache of the ranks' built graphs (runtime/build_cache.py, docs/build_cache.md): a
+    # rank loads its entry from here, or builds and stores it; None: build, store nothing.
+    cache_dir: str | None = None
     # per DP group (mapping.dp_size of them; every rank of an attention group serves its group's
     # list): [{"request_id", "prompt", "max_new_tokens", "temperature", "top_p", "stop"}]
     assignments: list[list[dict]] = field(default_factory=list)
@@ -42,9 +45,9 @@ class Job:
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
-    def config(self) -> Qwen3Config:
+    def config(self) -> PretrainedConfig:
         if self.checkpoint is not None:
-            config = Qwen3Config.from_pretrained(self.checkpoint)
+            config = AutoConfig.from_pretrained(self.checkpoint)
             config._attn_implementation = "sdpa"
             config.use_cache = False
             return config

@@ -94,8 +94,10 @@ def prepare_rank(
 
     kv_bytes = kv_cache_bytes(config.num_hidden_layers, kv_heads, config.head_dim, num_blocks,
                               block_size, dtype)
+    # A loaded entry is checked before its KV cache is allocated, as a build before rewrite.
     geometry = dict(device=device, num_blocks=num_blocks, block_size=block_size,
-                    max_position=max_position)
+                    max_position=max_position,
+                    check=lambda plan: _check_memory(plan, kv_bytes, device, dtype))
     timings: dict[str, float] = {}
     status, note, path, loaded, key = "off", "", None, None, None
     if cache_dir is not None or artifact is not None:
@@ -122,23 +124,11 @@ def prepare_rank(
 
     if loaded is not None:
         gm, plan, counts = loaded.model, loaded.plan, loaded.counts
-        _check_memory(plan, kv_bytes, device, dtype)
         mark = time.perf_counter()
         _fill_weights(gm, plan, config, checkpoint, device, dtype, seed)
         timings["weights_s"] = time.perf_counter() - mark
     else:
-        start = time.perf_counter()
-        # Traced on the target device (not meta): SDPA then stays one op per layer.
-        captured = capture_hf(config, mapping.tp_size, rank, dtype=dtype, device=device)
-        timings["capture_s"] = time.perf_counter() - start
-        plan = detect(captured.gm, mapping)
-        # Before rewrite allocates the rank's weights: refused with the numbers and a mapping
-        # that fits.
-        _check_memory(plan, kv_bytes, device, dtype)
-        gm = rewrite(captured.gm, plan)
-        del captured
-        timings["rewrite_s"] = time.perf_counter() - start - timings["capture_s"]
-
+        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, kv_bytes, timings)
         mark = time.perf_counter()
         _fill_weights(gm, plan, config, checkpoint, device, dtype, seed)
         timings["weights_s"] = time.perf_counter() - mark
@@ -152,7 +142,7 @@ def prepare_rank(
             mark = time.perf_counter()
             try:
                 path = str(build_cache.store(cache_dir, key, gm, plan, timings=timings))
-            except (build_cache.NotCacheable, OSError) as err:
+            except Exception as err:  # noqa: BLE001 - a cache that fails never fails the rank
                 path = None
                 note = f"{note}; " if note else ""
                 note += f"not stored: {err}"
@@ -165,6 +155,59 @@ def prepare_rank(
         [gm.get_buffer(f"kv_cache_{i}_v") for i in layers],
     )
     return RankModel(gm, cache, plan, timings, counts, status, path, note)
+
+
+def _capture_and_rewrite(config, mapping: Mapping, rank: int, device: torch.device,
+                         dtype: torch.dtype, kv_bytes: int | None,
+                         timings: dict[str, float]) -> tuple[torch.fx.GraphModule, Plan]:
+    start = time.perf_counter()
+    # Traced on the target device (not meta): SDPA then stays one op per layer.
+    captured = capture_hf(config, mapping.tp_size, rank, dtype=dtype, device=device)
+    timings["capture_s"] = time.perf_counter() - start
+    plan = detect(captured.gm, mapping)
+    # Before rewrite allocates the rank's weights: refused with the numbers and a mapping that
+    # fits.
+    if kv_bytes is not None:
+        _check_memory(plan, kv_bytes, device, dtype)
+    gm = rewrite(captured.gm, plan)
+    timings["rewrite_s"] = time.perf_counter() - start - timings["capture_s"]
+    return gm, plan
+
+
+def build_artifact(
+    config: Qwen3Config,
+    mapping: Mapping | str,
+    rank: int,
+    cache_dir: str | Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_position: int = 4096,
+    lower_ops: bool = True,
+    rewritten: tuple[torch.fx.GraphModule, Plan] | None = None,
+) -> Path:
+    """Build rank ``rank``'s graph as :func:`prepare_rank` does (no weights, no KV cache worth
+    the name) and store it as the build-cache entry under ``cache_dir`` that ``prepare_rank(...,
+    cache_dir=cache_dir)`` loads, or ``artifact=<the returned path>``. ``rewritten``: ``(gm,
+    plan)`` of a rewrite of exactly that capture (same config, tp, rank, dtype, device), to
+    skip the capture; ``gm`` is lowered in place."""
+    from adp_pass.runtime import build_cache
+
+    mapping = Mapping.load(mapping)
+    device = torch.device(device)
+    timings: dict[str, float] = {}
+    if rewritten is None:
+        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, None, timings)
+    else:
+        gm, plan = rewritten
+    mark = time.perf_counter()
+    # The KV-cache geometry is not part of the graph: a loaded entry gets the caller's.
+    gm, _ = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=2, block_size=16,
+                         max_position=max_position, lower_ops=lower_ops)
+    timings["lower_s"] = time.perf_counter() - mark
+    key = build_cache.build_key(config, mapping, rank, dtype=dtype, device=device,
+                                lower_ops=lower_ops)
+    return build_cache.store(cache_dir, key, gm, plan, timings=timings)
 
 
 def finish_graph(

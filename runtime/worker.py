@@ -48,9 +48,9 @@ def main(job_path: str, out_dir: str) -> None:
     built = prepare_rank(
         config, mapping, rank, device=device, dtype=job.torch_dtype,
         checkpoint=job.checkpoint, num_blocks=job.num_blocks, block_size=job.block_size,
-        max_position=job.max_position, seed=job.seed,
+        max_position=job.max_position, seed=job.seed, cache_dir=job.cache_dir,
     )
-    log(f"model ready: {built.counts} in {sum(built.timings.values()):.1f} s")
+    log(f"model ready: {built.counts} in {sum(built.timings.values()):.1f} s; {built.describe()}")
 
     init_rank()
     groups = create_groups(mapping)
@@ -179,10 +179,10 @@ def _first_step_check(built, config, requests: list, device: torch.device, engin
     Collective: every rank calls it, with or without requests. Sharded weights (a sharded MLP,
     attention TP, the plain TP job) are gathered from the peers for the reference, and the
     model call goes through ``engine.prefill_logits``, padded to the lockstep group's shape."""
-    from transformers import Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        reference = Qwen3ForCausalLM(config).eval()
+        reference = AutoModelForCausalLM.from_config(config).eval()
     weights, skipped = _full_weights(built.model, reference)
     got = engine.prefill_logits(requests[0].prompt if requests else None)
     if not requests or weights is None:

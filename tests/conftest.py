@@ -8,3 +8,9 @@ import torch
 # when a kernel module is first imported: set it before anything imports the kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# adp run keeps built ranks in the user's cache dir; the tests keep theirs in one fresh
+# directory per session (never the user's), shared by the tests, whose jobs may hit it.
+import tempfile  # noqa: E402
+
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adp-test-cache-")

@@ -67,7 +67,7 @@ def ckpt(tmp_path_factory) -> dict[str, Path]:
     dirs = {
         "good": _checkpoint(base / "good"),
         "no_config": _checkpoint(base / "no_config", config=None),
-        "llama": _checkpoint(base / "llama", config=dict(TINY, model_type="llama")),
+        "mistral": _checkpoint(base / "llama", config=dict(TINY, model_type="mistral")),
         "no_type": _checkpoint(base / "no_type", config={k: v for k, v in TINY.items()
                                                          if k != "model_type"}),
         "bad_json": _checkpoint(base / "bad_json", config_text="{not json"),
@@ -205,7 +205,7 @@ CASES = [
     (["run", "--checkpoint", "{absent}"], 2, ["--checkpoint", "does not exist"]),
     (["run", "--checkpoint", "{file}"], 2, ["--checkpoint", "is a file"]),
     (["run", "--checkpoint", "{no_config}"], 2, ["no config.json", "save_pretrained"]),
-    (["run", "--checkpoint", "{llama}"], 2, ["this is a llama checkpoint", "supports qwen3"]),
+    (["run", "--checkpoint", "{mistral}"], 2, ["this is a mistral checkpoint", "supports qwen3"]),
     (["run", "--checkpoint", "{no_type}"], 2, ["without model_type", "qwen3"]),
     (["run", "--checkpoint", "{bad_json}"], 1, ["config.json", "not valid json"]),
     (["run", "--checkpoint", "{no_hidden}"], 1, ["hidden_size"]),

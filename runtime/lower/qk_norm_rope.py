@@ -101,14 +101,19 @@ def run(gm: fx.GraphModule, ctx) -> int:
     graph = gm.graph
     order = positions(graph)
     sites = {}  # rotated tensor (the rope's add) -> _Rope, in graph order
+    plain = []  # rotary embeddings of tensors no q/k RMSNorm produced (Llama, Qwen2)
     adds = graph.find_nodes(op="call_function", target=aten.add.Tensor)
     for add in sorted(adds, key=order.__getitem__):
         try:
-            rope = _match_rope(add)
+            rope = _match_rope(add, plain)
         except (KeyError, AttributeError, IndexError, TypeError):  # e.g. a node without a value
             rope = None
         if rope is not None:
             sites[add] = rope
+    if plain:
+        names = ", ".join(n.name for n in plain[:4]) + (", ..." if len(plain) > 4 else "")
+        ctx.note(NAME, f"{len(plain)} rotary embedding(s) of q/k without a q/k RMSNorm ({names}) "
+                 "left as ATen ops: no rope-only kernel")
     pairs, paired = [], set()
     # q and k of one attention op; then, for attention in a form we do not know (e.g. SDPA
     # decomposed to bmm/softmax on the meta device), consecutive sites sharing cos/sin. The op
@@ -194,18 +199,22 @@ def _slice_args(node: fx.Node):
     return t, (0 if dim is None else dim), (0 if start is None else start), end
 
 
-def _match_rope(end) -> _Rope | None:
+def _match_rope(end, plain: list | None = None) -> _Rope | None:
     pair = _tensor_args(end, aten.add.Tensor) if isinstance(end, fx.Node) else None
     if pair is None:
         return None
     for mul_c, mul_s in (pair, pair[::-1]):
-        found = _match_rope_muls(end, mul_c, mul_s)
+        found = _match_rope_muls(end, mul_c, mul_s, plain)
         if found is not None:
             return found
     return None
 
 
-def _match_rope_muls(end: fx.Node, mul_c: fx.Node, mul_s: fx.Node) -> _Rope | None:
+def _match_rope_muls(
+    end: fx.Node, mul_c: fx.Node, mul_s: fx.Node, plain: list | None = None
+) -> _Rope | None:
+    """The rotary site ending in ``end``; a rotary embedding whose input is not an
+    ``adp.rms_norm`` (no q/k norm) is appended to ``plain`` instead."""
     c_args, s_args = _tensor_args(mul_c, aten.mul.Tensor), _tensor_args(mul_s, aten.mul.Tensor)
     if c_args is None or s_args is None:
         return None
@@ -230,6 +239,8 @@ def _match_rope_muls(end: fx.Node, mul_c: fx.Node, mul_s: fx.Node) -> _Rope | No
             continue
         norm = t.args[0]
         if not is_op(norm, {adp.rms_norm.default}):
+            if plain is not None and end not in plain:
+                plain.append(end)
             continue
         x, weight, eps = norm.args
         if x.meta["val"].dim() != 4 or not isinstance(weight, fx.Node):
