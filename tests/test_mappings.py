@@ -145,9 +145,11 @@ def test_memory_check_names_a_mapping_that_fits(captured):
 def test_mapping_parity_on_two_gloo_ranks(tiny, spec, world, splits):
     from adp_pass.verify import verify
 
-    report = verify(tiny, world, batch=3, seq=5, splits=splits, mapping=spec, timeout_s=180)
+    report = verify(tiny, world, batch=3, seq=5, splits=splits, mapping=spec, timeout_s=180,
+                    lower_ops=True)
     assert report.tp_max_abs_diff <= TOLERANCE
     assert report.adp_max_abs_diff <= TOLERANCE, report
+    assert report.lowered_vs_rewritten_max_abs_diff <= TOLERANCE  # the Triton ops on ranks
 
 
 @pytest.mark.multirank

@@ -43,7 +43,7 @@ def configs(draw):
 
 
 @pytest.mark.slow
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=configs(), seq=st.integers(2, 7))
 def test_rewrite_matches_transformers_on_every_split(case, seq):
     config, world, rank, splits, source = case
