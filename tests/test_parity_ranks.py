@@ -18,7 +18,7 @@ pytestmark = pytest.mark.multirank
 @pytest.mark.parametrize(
     "source, preset, world_size, splits",
     [
-        ("hf", "tiny-3", 3, [1, 2, 2]),
+        pytest.param("hf", "tiny-3", 3, [1, 2, 2], marks=pytest.mark.full),
         ("engine", "tiny", 2, [3, 1]),
         pytest.param("engine", "tiny-3", 3, [2, 1, 2], marks=pytest.mark.full),
     ],

@@ -43,6 +43,7 @@ def configs(draw):
 
 
 @pytest.mark.slow
+@pytest.mark.full  # superseded in CI by tests/test_source_styles.py (more source styles)
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=configs(), seq=st.integers(2, 7))
 def test_rewrite_matches_transformers_on_every_split(case, seq):

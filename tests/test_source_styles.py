@@ -247,7 +247,7 @@ def _styles():
 
 
 # CI runs a fixed set; ADP_STYLE_EXAMPLES=N runs N fresh random ones (see docs/design.md).
-STYLE_EXAMPLES = int(os.environ.get("ADP_STYLE_EXAMPLES", 8))
+STYLE_EXAMPLES = int(os.environ.get("ADP_STYLE_EXAMPLES", 6))
 
 
 @pytest.mark.slow
