@@ -21,9 +21,8 @@ For a Qwen3 dense model, a mapping and a load (requests per GPU, prompt and gene
 * ``overhead`` = step_overhead_us (host work per step: scheduling, sampling, graph launch) +
   layers * kernels_per_layer * kernel_launch_us (the ramp and tail of each small kernel).
 
-Which collectives a mapping keeps or inserts follows ``adp_pass.detect.site_action`` and its
-weights per rank ``adp_pass.detect.role_parts`` (mirrored here without importing torch; a test
-pins them equal). Every constant comes from the calibration (``adp calibrate``; the packaged
+Which collectives a mapping keeps or inserts, and its weights per rank, come from the rewrite's
+own rules: ``adp_pass.mapping.site_action`` and ``role_parts`` (torch-free). Every constant comes from the calibration (``adp calibrate``; the packaged
 default ``adp_pass/data/h200.json``). docs/cost_model.md has the formulas, the assumptions and
 what the model ignores.
 
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from adp_pass.errors import AdpError, UsageError
-from adp_pass.mapping import Mapping
+from adp_pass.mapping import Mapping, role_parts, site_action
 
 BLOCK_SIZE = 16  # the runtime's KV-cache block (tokens); a sequence takes whole blocks
 DEFAULT_CALIBRATION = "h200.json"
@@ -265,28 +264,6 @@ def load_calibration(source: "str | Path | dict | Calibration | None" = None) ->
 
 
 # ----------------------------------------------------------------------------- mappings
-def role_parts(mapping: Mapping) -> dict[str, int]:
-    """Over how many ranks each role's weights are split (``adp_pass.detect.role_parts``)."""
-    if not mapping.enable_attention_dp:
-        return dict.fromkeys(("attention", "mlp", "vocab"), mapping.tp_size)
-    return {"attention": mapping.attn_tp_size, "mlp": mapping.mlp_tp_size, "vocab": 1}
-
-
-def site_action(kind: str, mapping: Mapping) -> tuple[str, int]:
-    """(action, group size) of a site (``adp_pass.detect.site_action`` without the tag)."""
-    if not mapping.enable_attention_dp:
-        return "keep", mapping.tp_size
-    role = {"attention_out": "attention", "mlp_out": "mlp"}.get(kind, "vocab")
-    attn, mlp = mapping.attn_tp_size, mapping.mlp_tp_size
-    if role == "vocab" or (role == "attention" and attn == 1) or (role == "mlp" and mlp == 1):
-        return "remove", 0
-    if role == "attention":
-        return "keep", attn
-    if mlp == attn:
-        return "keep", mlp
-    return "gather_scatter", mlp
-
-
 def short_name(mapping: Mapping) -> str:
     """The shortest mapping string that parses back to ``mapping``."""
     if not mapping.enable_attention_dp:
@@ -441,8 +418,8 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
 
     # Tokens each rank runs per step: its attention group's requests, one token each.
     seqs = attn_group * batch_per_gpu
-    mlp_action, mlp_group = site_action("mlp_out", mapping)
-    attn_action, attn_size = site_action("attention_out", mapping)
+    mlp_action, _, mlp_group = site_action("mlp_out", mapping)
+    attn_action, _, attn_size = site_action("attention_out", mapping)
     tokens = {"attention": seqs, "mlp": seqs * (mlp_group if mlp_action == "gather_scatter" else 1),
               "vocab": seqs}
 

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from adp_pass.errors import AdpError
-from adp_pass.mapping import Mapping, MappingError
+from adp_pass.mapping import ROLE_OF_KIND, Mapping, MappingError, role_parts, site_action
 from adp_pass.patterns import SITE_PATTERNS
 from adp_pass.patterns.structure import (
     ALL_GATHER_OPS,
@@ -128,32 +128,6 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
     )
     gm.meta["adp_detect_s"] = time.perf_counter() - start
     return plan
-
-
-# Which weights a site's kind shards; a mapping splits each role over its own group size.
-ROLE_OF_KIND = {"attention_out": "attention", "mlp_out": "mlp", "embedding": "vocab",
-                "lm_head_gather": "vocab"}
-
-
-def role_parts(mapping: Mapping) -> dict[str, int]:
-    """Over how many ranks the rewritten job splits each role's weights."""
-    if not mapping.enable_attention_dp:
-        return dict.fromkeys(("attention", "mlp", "vocab"), mapping.tp_size)
-    return {"attention": mapping.attn_tp_size, "mlp": mapping.mlp_tp_size, "vocab": 1}
-
-
-def site_action(kind: str, mapping: Mapping) -> tuple[str, str, int]:
-    """(action, group tag, group size) for a site of ``kind`` under ``mapping``."""
-    if not mapping.enable_attention_dp:
-        return "keep", "world", mapping.tp_size
-    role, attn, mlp = ROLE_OF_KIND[kind], mapping.attn_tp_size, mapping.mlp_tp_size
-    if role == "vocab" or (role == "attention" and attn == 1) or (role == "mlp" and mlp == 1):
-        return "remove", "", 0
-    if role == "attention":
-        return "keep", "attn", attn
-    if mlp == attn:  # the MLP group is the attention group: its ranks hold the same tokens
-        return "keep", "mlp", mlp
-    return "gather_scatter", "mlp", mlp
 
 
 def _with_action(site: Site, mapping: Mapping) -> Site:

@@ -251,6 +251,33 @@ class Mapping:
         )
 
 
+# Which weights a collective site's kind shards; a mapping splits each role over its own group.
+ROLE_OF_KIND = {"attention_out": "attention", "mlp_out": "mlp", "embedding": "vocab",
+                "lm_head_gather": "vocab"}
+
+
+def role_parts(mapping: Mapping) -> dict[str, int]:
+    """Over how many ranks the rewritten job splits each role's weights."""
+    if not mapping.enable_attention_dp:
+        return dict.fromkeys(("attention", "mlp", "vocab"), mapping.tp_size)
+    return {"attention": mapping.attn_tp_size, "mlp": mapping.mlp_tp_size, "vocab": 1}
+
+
+def site_action(kind: str, mapping: Mapping) -> tuple[str, str, int]:
+    """(action, group tag, group size) for a collective site of ``kind`` under ``mapping``:
+    ``remove`` it, ``keep`` it over the tagged group, or ``gather_scatter`` (docs/mappings.md)."""
+    if not mapping.enable_attention_dp:
+        return "keep", "world", mapping.tp_size
+    role, attn, mlp = ROLE_OF_KIND[kind], mapping.attn_tp_size, mapping.mlp_tp_size
+    if role == "vocab" or (role == "attention" and attn == 1) or (role == "mlp" and mlp == 1):
+        return "remove", "", 0
+    if role == "attention":
+        return "keep", "attn", attn
+    if mlp == attn:  # the MLP group is the attention group: its ranks hold the same tokens
+        return "keep", "mlp", mlp
+    return "gather_scatter", "mlp", mlp
+
+
 _WANTS = {
     "enable_attention_dp": "0/1 or true/false",
     "world_size": "an integer >= 1",

@@ -186,7 +186,7 @@ def check_memory(
 def mapping_bytes(plan: Plan, mapping, sizes: dict[str, int]) -> int:
     """Weight bytes per rank if ``plan``'s graph were rewritten to ``mapping`` instead, from
     ``sizes``: each parameter's bytes as ``plan`` holds it."""
-    from adp_pass.detect import role_parts
+    from adp_pass.mapping import role_parts
 
     parts = role_parts(mapping)
     return sum(sizes[p.name] * p.parts // parts[p.role] if p.role else sizes[p.name]

@@ -17,8 +17,9 @@ from adp_pass import cli
 from adp_pass.checks import expected_tensors
 from adp_pass.cost_model import (
     GB, GIB, REQUIRED_KEYS, Calibration, CalibrationError, Mapping, NothingFits, ModelShape,
-    load_calibration, pick, predict, rank_mappings, role_parts, short_name, valid_mappings)
+    load_calibration, pick, predict, rank_mappings, short_name, valid_mappings)
 from adp_pass.presets import PRESETS
+from adp_pass.mapping import role_parts
 
 
 def _table(latency, bandwidth, sizes=range(2, 9)):
@@ -92,23 +93,6 @@ def test_qwen3_8b_is_16_4_gb_and_the_config_forms_agree():
     assert shapes[0] == shapes[1] == shapes[2]
     assert shapes[0].total_params * 2 / GB == pytest.approx(16.38, abs=0.01)
 
-
-def test_roles_and_sites_mirror_detect():
-    """The model's copy of role_parts/site_action (no torch import) equals detect's."""
-    import importlib
-
-    from adp_pass import cost_model
-
-    detect = importlib.import_module("adp_pass.detect")  # the package's name is the function
-    for mapping in valid_mappings(_config("qwen3-32b"), 8):
-        assert cost_model.role_parts(mapping) == detect.role_parts(mapping)
-        for kind in ("attention_out", "mlp_out", "embedding", "lm_head_gather"):
-            action, _, size = detect.site_action(kind, mapping)
-            assert cost_model.site_action(kind, mapping) == (action, size), (mapping, kind)
-        assert Mapping.parse(short_name(mapping)) == mapping
-
-
-# ----------------------------------------------------------------------------- step time
 def test_breakdown_adds_up_and_throughput_follows():
     p = predict(_config("qwen3-8b"), "tp=8", calibration=CAL, **LOAD)
     assert sum(p.breakdown.values()) == pytest.approx(p.step_ms)
