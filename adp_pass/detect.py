@@ -23,7 +23,9 @@ from adp_pass.patterns.structure import (
     ALL_GATHER_OPS,
     COLLECTIVE_OPS,
     annotate_positions,
+    descendants,
     is_op,
+    nodes_between,
 )
 from adp_pass.plan import ParamSpec, Plan, ShapeFix, ShardedWeight, Site, graph_fingerprint
 from adp_pass.shapes import ShapeFixError, plan_shape_fixes
@@ -199,8 +201,8 @@ def token_gather_fixes(gm: fx.GraphModule, site: Site) -> list[ShapeFix]:
             "cannot be sized; capture with dynamic shapes (the default)"
         )
     symbol, size = batch.node.expr, site.group_size
-    below = _descendants(start)
-    region = below & _ancestors(collective.args[0]) | {collective.args[0]}
+    below = descendants(start)
+    region = nodes_between(start, collective.args[0])
     fixes = []
     for node in region:
         for arg_index, arg in enumerate(node.args):
@@ -220,26 +222,6 @@ def token_gather_fixes(gm: fx.GraphModule, site: Site) -> list[ShapeFix]:
                 fixes.append(ShapeFix(node.name, _target_text(node), arg_index, index, 1, size,
                                       multiply=True))
     return fixes
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), list(node.users)
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.users)
-    return seen
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), list(node.all_input_nodes)
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return seen
 
 
 def _target_text(node: fx.Node) -> str:

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from adp_pass.attributes import owner_of, set_attr
 from adp_pass.errors import AdpError
-from adp_pass.patterns.structure import COLLECTIVE_OPS, WAIT_OPS, is_op
+from adp_pass.patterns.structure import COLLECTIVE_OPS, WAIT_OPS, is_op, nodes_between
 from adp_pass.plan import GROUP_TAG, Plan, graph_fingerprint
 from adp_pass.shapes import propagate_shapes
 
@@ -134,7 +134,7 @@ def _gather_scatter(graph: fx.Graph, site) -> None:
     start, collective = nodes[site.block_input], nodes[site.collective]
     partial = collective.args[0]
     done = nodes[site.wait] if site.wait is not None else collective
-    region = _between(start, partial)
+    region = nodes_between(start, partial)
     group_name = str(collective.args[-1])
     with graph.inserting_after(start):
         gathered = graph.call_function(_FUNCOL.all_gather_into_tensor.default,
@@ -154,23 +154,6 @@ def _gather_scatter(graph: fx.Graph, site) -> None:
     for node in (done, collective):
         if not node.users and node.graph is graph:
             graph.erase_node(node)
-
-
-def _between(start: fx.Node, end: fx.Node) -> set[fx.Node]:
-    """Nodes on a path from ``start`` (exclusive) to ``end`` (inclusive)."""
-    below, stack = set(), list(start.users)
-    while stack:
-        node = stack.pop()
-        if node not in below:
-            below.add(node)
-            stack.extend(node.users)
-    above, stack = {end}, list(end.all_input_nodes)
-    while stack:
-        node = stack.pop()
-        if node not in above:
-            above.add(node)
-            stack.extend(node.all_input_nodes)
-    return below & above
 
 
 def _check_plan_fits(gm: fx.GraphModule, plan: Plan) -> None:

@@ -182,6 +182,33 @@ def annotate_positions(graph: fx.Graph) -> None:
         node.meta["_adp_pos"] = index
 
 
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node that reads ``node``, directly or not."""
+    seen, stack = set(), list(node.users)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.users)
+    return seen
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node ``node`` reads, directly or not."""
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def nodes_between(start: fx.Node, end: fx.Node) -> set[fx.Node]:
+    """Nodes on a path from ``start`` (exclusive) to ``end`` (inclusive)."""
+    return descendants(start) & (ancestors(end) | {end})
+
+
 def wait_of(collective: fx.Node) -> fx.Node | None:
     """The ``wait_tensor`` consuming a functional collective's result, if any."""
     waits = [u for u in collective.users if is_op(u, WAIT_OPS)]
