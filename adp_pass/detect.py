@@ -9,7 +9,6 @@ others would leave a graph that still waits on its peers.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import sympy
 
@@ -17,16 +16,10 @@ import torch
 import torch.fx as fx
 
 from adp_pass.errors import AdpError
+from adp_pass.fx_vocab import ALL_GATHER_OPS, COLLECTIVE_OPS, descendants, is_op, nodes_between
 from adp_pass.mapping import ROLE_OF_KIND, Mapping, MappingError, role_parts, site_action
 from adp_pass.patterns import SITE_PATTERNS
-from adp_pass.patterns.structure import (
-    ALL_GATHER_OPS,
-    COLLECTIVE_OPS,
-    annotate_positions,
-    descendants,
-    is_op,
-    nodes_between,
-)
+from adp_pass.patterns.structure import annotate_positions
 from adp_pass.plan import ParamSpec, Plan, ShapeFix, ShardedWeight, Site, graph_fingerprint
 from adp_pass.shapes import ShapeFixError, plan_shape_fixes
 
@@ -60,7 +53,6 @@ def graph_world_size(gm: fx.GraphModule, collectives: list[fx.Node]) -> int | No
 
 def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -> Plan:
     """Plan the attention-DP rewrite of ``gm`` under ``mapping``."""
-    start = time.perf_counter()
     mapping = Mapping.load(mapping)
     if gm.meta.get("adp_rewritten"):
         raise DetectError(
@@ -128,7 +120,6 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
         node_layouts=layouts,
         fingerprint=graph_fingerprint(gm),
     )
-    gm.meta["adp_detect_s"] = time.perf_counter() - start
     return plan
 
 

@@ -20,10 +20,6 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 
-VIEW_SIZE_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default}
-SLICE_OPS = {aten.slice.Tensor, aten.narrow.default}
-SIZED_OPS = VIEW_SIZE_OPS | SPLIT_OPS | SLICE_OPS | {aten.expand.default}
 INT_MAX = 2**62
 
 

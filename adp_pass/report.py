@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from adp_pass.patterns.structure import (
+from adp_pass.fx_vocab import (
     ATTENTION_CORE_OPS,
     COLLECTIVE_OPS,
     MATMUL_OPS,

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from adp_pass.attributes import owner_of, set_attr
 from adp_pass.errors import AdpError
-from adp_pass.patterns.structure import COLLECTIVE_OPS, WAIT_OPS, is_op, nodes_between
+from adp_pass.fx_vocab import COLLECTIVE_OPS, is_impure_except_collectives, is_op, nodes_between
 from adp_pass.plan import GROUP_TAG, Plan, graph_fingerprint
 from adp_pass.shapes import propagate_shapes
 
@@ -55,8 +55,22 @@ def rewrite(
     are uninitialised tensors of the full shape on the local shard's device (use
     ``load_state_dict`` afterwards). With ``self_check`` (the default), a given state dict also
     drives a numeric check of the first layer (see :mod:`adp_pass.self_check`), and the result's
-    output shapes are checked. The report is ``result.meta["adp_report"]``.
+    output shapes are checked. The report is ``result.meta["adp_report"]`` (the pipeline gets
+    it from :func:`rewrite_and_report` instead).
     """
+    new, report = rewrite_and_report(gm, plan, state_dict, self_check=self_check)
+    new.meta["adp_report"] = report
+    return new
+
+
+def rewrite_and_report(
+    gm: fx.GraphModule,
+    plan: Plan,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    self_check: bool = True,
+) -> tuple[fx.GraphModule, RewriteReport]:
+    """:func:`rewrite`, with its report returned rather than kept on the module."""
     from adp_pass.self_check import check_numerics
 
     start = time.perf_counter()
@@ -90,7 +104,7 @@ def rewrite(
     for name in plan.views_to_copy:
         nodes[name].target = torch.ops.aten.reshape.default
     replaced = _swap_parameters(new, plan, state_dict)
-    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.eliminate_dead_code(is_impure_node=is_impure_except_collectives)
     graph.lint()
     new.recompile()
     _drop_unused_attributes(new)
@@ -109,8 +123,9 @@ def rewrite(
         if self_check:
             _check_outputs(gm, new)
     left = sum(is_op(n, COLLECTIVE_OPS) for n in graph.nodes)
+    # Kept with the graph: detect and rewrite refuse a graph that is already rewritten.
     new.meta["adp_rewritten"] = plan.fingerprint or True
-    new.meta["adp_report"] = RewriteReport(
+    return new, RewriteReport(
         sites_removed=len(plan.sites),
         shape_constants_fixed=len(plan.shape_fixes),
         params_replaced=replaced,
@@ -119,7 +134,6 @@ def rewrite(
         seconds=time.perf_counter() - start,
         self_check=check_text,
     )
-    return new
 
 
 _FUNCOL = torch.ops._c10d_functional
@@ -264,14 +278,6 @@ def _is_param(gm: fx.GraphModule, name: str) -> bool:
 
 def _meta_val(node: fx.Node):
     return node.meta["val"]
-
-
-def _is_impure(node: fx.Node) -> bool:
-    # DCE keeps wait_tensor (it looks side-effecting); a wait whose result nobody reads, and the
-    # collective it waits on, are exactly what the rewrite leaves behind to be dropped.
-    if is_op(node, WAIT_OPS) or is_op(node, COLLECTIVE_OPS):
-        return False
-    return node.is_impure()
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from adp_pass.fx_vocab import NO_COPY_RESHAPE_OPS
 from adp_pass.plan import Plan
 from adp_pass.rewrite import RewriteError
 from adp_pass.layouts import Layout, expected_shape, local_part
@@ -95,7 +96,7 @@ def check_numerics(
             args = fx.node.map_arg(node.args, local_input)
             kwargs = fx.node.map_arg(node.kwargs, local_input)
             # Rank parts are strided slices: a view the TP graph could take may need a copy.
-            target = _RESHAPE if node.target in _VIEWS else node.target
+            target = _RESHAPE if node.target in NO_COPY_RESHAPE_OPS else node.target
             outputs[q] = target(*args, **kwargs)
         if partial:
             for q in ranks:
@@ -118,7 +119,6 @@ def check_numerics(
 
 
 _RESHAPE = torch.ops.aten.reshape.default
-_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
 
 
 def _symbol_values(order: list[fx.Node]) -> dict:

@@ -20,15 +20,9 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from adp_pass.fx_vocab import RESHAPE_OPS, SLICE_OPS, SPLIT_OPS, dim_arg
 from adp_pass.plan import ShapeFix, ShardedWeight, Site
-from adp_pass.layouts import (
-    INT_MAX,
-    SLICE_OPS,
-    SPLIT_OPS,
-    VIEW_SIZE_OPS,
-    Layout,
-    expected_shape,
-)
+from adp_pass.layouts import INT_MAX, Layout, expected_shape
 from adp_pass.sharding import ShapeFixError, ShardingAnalysis
 
 aten = torch.ops.aten
@@ -52,7 +46,7 @@ def fixed_args(
                               1 if multiply else int(old), new, multiply))
         return new_value
 
-    if target in VIEW_SIZE_OPS or target is aten.expand.default:
+    if target in RESHAPE_OPS or target is aten.expand.default:
         sizes = list(args[1])
         for dim, _ in layout.dims:
             entry = node.args[1][dim]
@@ -66,8 +60,7 @@ def fixed_args(
     elif target in SPLIT_OPS or target in SLICE_OPS:
         source = node.args[0]
         rank = len(source.meta["val"].shape)
-        dim_index = 2 if target in SPLIT_OPS else 1
-        dim = args[dim_index] if len(args) > dim_index else node.kwargs.get("dim", 0)
+        dim = dim_arg(node, 2 if target in SPLIT_OPS else 1)
         if layouts[source.name].at(dim % rank) is None:
             return args, fixes
         if target in SPLIT_OPS and isinstance(args[1], (list, tuple)):

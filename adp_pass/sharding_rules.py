@@ -17,12 +17,20 @@ import sympy
 import torch
 import torch.fx as fx
 
+from adp_pass.fx_vocab import (
+    ALL_REDUCE_OPS,
+    ATTENTION_CORE_OPS,
+    COLLECTIVE_OPS,
+    COPY_OPS,
+    RESHAPE_OPS,
+    SLICE_OPS,
+    SPLIT_OPS,
+    WAIT_OPS,
+    dim_arg,
+)
 from adp_pass.layouts import (
     INT_MAX,
     REPLICATED,
-    SLICE_OPS,
-    SPLIT_OPS,
-    VIEW_SIZE_OPS,
     DimLayout,
     Layout,
     Segment,
@@ -37,23 +45,14 @@ from adp_pass.layouts import (
     _val,
     view_groups,
 )
-from adp_pass.patterns.structure import (
-    ALL_REDUCE_OPS,
-    ATTENTION_CORE_OPS,
-    COLLECTIVE_OPS,
-    WAIT_OPS,
-)
 
 aten = torch.ops.aten
 
 
-_PASS_THROUGH = {
-    aten._to_copy.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
-    aten.detach.default, aten.lift_fresh_copy.default,
-}
 # A partial sum may be copied or cast on its way to the all-reduce (engines cast to fp32).
-_PARTIAL_OK = {aten.clone.default, aten.alias.default, aten.contiguous.default,
-               aten.detach.default, aten._to_copy.default}
+_PARTIAL_OK = COPY_OPS | {aten.detach.default}
+# Same values as the input; a lifted constant's copy is never sharded, so it is never partial.
+_PASS_THROUGH = _PARTIAL_OK | {aten.lift_fresh_copy.default}
 
 
 def _is_pointwise(target: Any) -> bool:
@@ -255,7 +254,7 @@ def _split_layout(node: fx.Node, layout: Layout, dim: int, sizes: list) -> list[
 def rule_split(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> tuple:
     layout = _tensor_layout(a, args[0])
     _refuse_partial(node, [layout])
-    dim = _norm_dim(_dim_arg(node, args, 2), len(_shape(args[0])))
+    dim = _norm_dim(dim_arg(node, 2), len(_shape(args[0])))
     sizes = [piece.shape[dim] for piece in node.meta["val"]]
     return tuple(_split_layout(node, layout, dim, sizes))
 
@@ -264,7 +263,7 @@ def rule_slice(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     layout = _tensor_layout(a, args[0])
     _refuse_partial(node, [layout])
     old = _shape(args[0])
-    dim = _norm_dim(_dim_arg(node, args, 1), len(old))
+    dim = _norm_dim(dim_arg(node, 1), len(old))
     if layout.at(dim) is None:
         return layout
     if node.target is aten.narrow.default:
@@ -287,7 +286,7 @@ def rule_cat(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     deps = _deps_of(layouts)
     _refuse_partial(node, layouts)
     rank = len(_shape(node))
-    dim = _norm_dim(_dim_arg(node, args, 1), rank)
+    dim = _norm_dim(dim_arg(node, 1), rank)
     others = [{d: s for d, s in l.dims if d != dim} for l in layouts]
     if any(o != others[0] for o in others):
         raise _Conflict(node, "its inputs are sharded differently", deps)
@@ -484,12 +483,6 @@ def rule_collective(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
                     f"is {layout.describe()}", layout.deps)
 
 
-def _dim_arg(node: fx.Node, args: tuple, index: int) -> int:
-    if len(args) > index:
-        return args[index]
-    return node.kwargs.get("dim", 0)
-
-
 _ALONG_DIM_OPS = {aten._softmax.default, aten._log_softmax.default, aten.cumsum.default}
 for _name, _overload in (("softmax", "int"), ("log_softmax", "int"), ("_safe_softmax", "default")):
     if hasattr(aten, _name):
@@ -507,7 +500,7 @@ _LIKE_OPS = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.de
              aten.full_like.default, aten.rand_like.default, aten.randn_like.default}
 
 _RULES: dict[Any, Callable] = {
-    **{op: rule_view for op in VIEW_SIZE_OPS},
+    **{op: rule_view for op in RESHAPE_OPS},
     aten.transpose.int: rule_permute, aten.permute.default: rule_permute,
     aten.t.default: rule_permute,
     aten.unsqueeze.default: rule_unsqueeze,

@@ -11,17 +11,9 @@ from typing import Callable
 
 import torch.fx as fx
 
+from adp_pass.fx_vocab import ALL_REDUCE_OPS, is_op, through_views, wait_of
 from adp_pass.plan import ShardedWeight, Site
-from adp_pass.patterns.structure import (
-    ALL_REDUCE_OPS,
-    BlockRegion,
-    block_region,
-    fused_segments,
-    is_op,
-    producer_matmul,
-    through_views,
-    wait_of,
-)
+from adp_pass.patterns.structure import BlockRegion, block_region, fused_segments, producer_matmul
 
 
 def match_block_allreduce(

@@ -10,15 +10,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from adp_pass.fx_vocab import ALL_REDUCE_OPS, EMBEDDING_OPS, attr_source, is_op, wait_of
 from adp_pass.plan import ShardedWeight, Site
-from adp_pass.patterns.structure import (
-    ALL_REDUCE_OPS,
-    EMBEDDING_OPS,
-    attr_source,
-    block_region,
-    is_op,
-    wait_of,
-)
+from adp_pass.patterns.structure import block_region
 
 KIND = "embedding"
 

@@ -12,18 +12,22 @@ import operator
 import torch
 import torch.fx as fx
 
-from adp_pass.plan import ShardedWeight, Site
-from adp_pass.patterns.structure import (
+from adp_pass.fx_vocab import (
     ALL_GATHER_OPS,
+    SPLIT_OPS,
     VIEW_OPS,
+    dim_arg,
+    is_last_dim,
     is_op,
-    producer_matmul,
     wait_of,
 )
+from adp_pass.plan import ShardedWeight, Site
+from adp_pass.patterns.structure import producer_matmul
 
 KIND = "lm_head_gather"
 aten = torch.ops.aten
-_REARRANGE_OPS = VIEW_OPS | {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+# How the gathered rank blocks are cut apart on their way to the joining cat.
+_REARRANGE_OPS = VIEW_OPS | SPLIT_OPS | {aten.chunk.default}
 
 
 def _joining_cat(start: fx.Node) -> fx.Node | None:
@@ -35,8 +39,7 @@ def _joining_cat(start: fx.Node) -> fx.Node | None:
             continue
         seen.add(node)
         if is_op(node, {aten.cat.default}):
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            return node if dim in (-1, node.meta["val"].dim() - 1) else None
+            return node if is_last_dim(dim_arg(node, 1), node.meta["val"].dim()) else None
         if is_op(node, _REARRANGE_OPS | {operator.getitem}):
             stack.extend(node.users)
     return None

@@ -11,14 +11,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from adp_pass.fx_vocab import ATTENTION_CORE_OPS, GATED_ACTIVATION_OPS, SOFTMAX_OPS
 from adp_pass.plan import Site
 from adp_pass.patterns.block_allreduce import match_block_allreduce
-from adp_pass.patterns.structure import (
-    ATTENTION_CORE_OPS,
-    GATED_ACTIVATION_OPS,
-    SOFTMAX_OPS,
-    BlockRegion,
-)
+from adp_pass.patterns.structure import BlockRegion
 
 KIND = "mlp_out"
 aten = torch.ops.aten

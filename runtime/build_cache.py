@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -161,17 +162,14 @@ def versions() -> dict:
 def source_hash() -> str:
     """sha256 over every ``.py`` file of adp_pass, adp_pass.patterns and adp_pass.runtime (with
     its kernels and lowering passes): any code change makes every entry stale."""
-    import adp_pass
-    import adp_pass.patterns
-    import adp_pass.runtime
-
     digest = hashlib.sha256()
-    for package in (adp_pass, adp_pass.patterns, adp_pass.runtime):
-        root = Path(package.__file__).parent
+    # Found, not imported: the runtime hashes the passes' code but does not depend on it.
+    for package in ("adp_pass", "adp_pass.patterns", "adp_pass.runtime"):
+        root = Path(importlib.util.find_spec(package).origin).parent
         for path in sorted(root.rglob("*.py")):
             if "__pycache__" in path.parts:
                 continue
-            digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
             digest.update(path.read_bytes())
             digest.update(b"\0")
     return digest.hexdigest()

@@ -12,7 +12,7 @@
 
 Only the SDPA node, its q/k/v inputs and the position-ids node are relied on, so the pass runs
 the same before or after the lowering passes (``adp.qk_norm_rope`` reads the position ids too).
-Node walks in the style of ``patterns/structure.py``. See docs/cache_insertion.md.
+Node walks over the op sets of ``adp_pass/fx_vocab.py``. See docs/cache_insertion.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext, statically_known_true
 
-from adp_pass.patterns.structure import ATTENTION_CORE_OPS, SOFTMAX_OPS, is_op
+from adp_pass.fx_vocab import ATTENTION_CORE_OPS, REPEAT_KV_OPS, SOFTMAX_OPS, is_op
 from adp_pass.runtime.kernels import cached_attention as _cached_attention  # noqa: F401  (registers the op)
 from adp_pass.runtime.lower.graph_utils import call, fake_value, same_size
 from adp_pass.errors import AdpError
@@ -37,20 +37,6 @@ NEW_INPUTS = ("positions", "slot_mapping", "block_tables", "context_lens")
 _OPEN_END = 2**62
 
 _ARANGE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
-# What lies between an attention k/v input and the [B, Hkv, S, D] tensor: GQA's repeat_kv
-# (unsqueeze, expand, reshape), repeat_interleave, contiguity copies and full slices.
-_REPEAT_KV_OPS = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten.expand.default,
-    aten.unsqueeze.default,
-    aten.slice.Tensor,
-    aten.repeat_interleave.self_int,
-}
 
 
 class CacheInsertionError(AdpError, ValueError):
@@ -244,7 +230,8 @@ def _before_repeat_kv(node: fx.Node, q_val: torch.Tensor) -> fx.Node:
         if isinstance(val, torch.Tensor) and val.dim() == 4 and _same_dims(val.shape, q_val.shape, (0, 2, 3)):
             best = node
         partial_slice = is_op(node, {aten.slice.Tensor}) and not _full_slice(node)
-        if not is_op(node, _REPEAT_KV_OPS) or partial_slice:
+        # Only full slices are crossed: a cut one makes another tensor.
+        if not is_op(node, REPEAT_KV_OPS) or partial_slice:
             break
         node = node.args[0]
     if best is None:

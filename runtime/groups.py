@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from adp_pass.mapping import Mapping
-from adp_pass.patterns.structure import COLLECTIVE_OPS, is_op
+from adp_pass.fx_vocab import COLLECTIVE_OPS, is_op
 
 from adp_pass.plan import GROUP_TAG
 

@@ -22,7 +22,7 @@ from transformers import Qwen3ForCausalLM  # noqa: E402
 
 from adp_pass.capture import capture_hf_qwen3  # noqa: E402
 from adp_pass.detect import detect  # noqa: E402
-from adp_pass.patterns.structure import ATTENTION_CORE_OPS, SOFTMAX_OPS, is_op  # noqa: E402
+from adp_pass.fx_vocab import ATTENTION_CORE_OPS, SOFTMAX_OPS, is_op  # noqa: E402
 from adp_pass.presets import qwen3_config  # noqa: E402
 from adp_pass.rewrite import rewrite  # noqa: E402
 from adp_pass.runtime.cache_insertion import (  # noqa: E402

@@ -33,7 +33,7 @@ from adp_pass.capture import (  # noqa: E402
     parallelize_hf_qwen3,
 )
 from adp_pass.detect import detect  # noqa: E402
-from adp_pass.patterns.structure import ATTENTION_CORE_OPS  # noqa: E402
+from adp_pass.fx_vocab import ATTENTION_CORE_OPS  # noqa: E402
 from adp_pass.presets import qwen3_config  # noqa: E402
 from adp_pass.rewrite import rewrite  # noqa: E402
 from adp_pass.runtime.lower import PASS_NAMES, lower  # noqa: E402

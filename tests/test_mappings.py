@@ -11,7 +11,7 @@ import torch
 
 from adp_pass.capture import capture_hf_qwen3
 from adp_pass.detect import detect
-from adp_pass.patterns.structure import COLLECTIVE_OPS, is_op
+from adp_pass.fx_vocab import COLLECTIVE_OPS, is_op
 from adp_pass.plan import GROUP_TAG, Plan
 from adp_pass.presets import qwen3_config
 from adp_pass.rewrite import rewrite

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from adp_pass.patterns.structure import COLLECTIVE_OPS, WAIT_OPS, is_op
+from adp_pass.fx_vocab import is_impure_except_collectives
 from adp_pass.runtime import kernels as _kernels  # noqa: F401  (registers torch.ops.adp.*)
 
 aten = torch.ops.aten
@@ -202,15 +202,8 @@ def op_census(graph: fx.Graph) -> dict[str, int]:
     return counts
 
 
-def _is_impure(node: fx.Node) -> bool:
-    # Same rule as adp_pass.rewrite: dangling collectives/waits may go, everything else as fx says.
-    if is_op(node, WAIT_OPS) or is_op(node, COLLECTIVE_OPS):
-        return False
-    return node.is_impure()
-
-
 def eliminate_dead_code(graph: fx.Graph) -> None:
-    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.eliminate_dead_code(is_impure_node=is_impure_except_collectives)
 
 
 def getitem(graph: fx.Graph, node: fx.Node, index: int) -> fx.Node:

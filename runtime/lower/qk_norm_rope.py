@@ -48,7 +48,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from adp_pass.patterns.structure import ATTENTION_CORE_OPS, is_op
+from adp_pass.fx_vocab import (
+    ATTENTION_CORE_OPS,
+    RESHAPE_OPS,
+    REPEAT_KV_OPS,
+    SPLIT_OPS,
+    dim_arg,
+    is_last_dim,
+    is_op,
+)
 from adp_pass.runtime.kernels import build_cos_sin_cache
 
 from .graph_utils import adp, aten, call, first_body_node, getitem, positions, same_size, size_arg
@@ -58,20 +66,6 @@ REQUIRES: tuple[str, ...] = ("rms_norm",)
 
 CACHE_MODULE, CACHE_BUFFER = "adp_rope", "cos_sin_cache"
 CACHE_ATTR = f"{CACHE_MODULE}.{CACHE_BUFFER}"  # the first cache's attribute path
-
-# Walked from an attention input back to the rotated tensor (GQA repeat_kv, contiguity copies).
-_LAYOUT_OPS = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.expand.default,
-    aten.unsqueeze.default,
-    aten.alias.default,
-    aten.slice.Tensor,
-}
-
 
 @dataclass
 class _Rope:
@@ -149,7 +143,8 @@ def run(gm: fx.GraphModule, ctx) -> int:
 
 # ----------------------------------------------------------------------------- matching
 def _through_layout(node):
-    while isinstance(node, fx.Node) and is_op(node, _LAYOUT_OPS):
+    """From an attention input back to the rotated tensor (GQA repeat_kv, contiguity copies)."""
+    while isinstance(node, fx.Node) and is_op(node, REPEAT_KV_OPS):
         node = node.args[0]
     return node
 
@@ -161,10 +156,6 @@ def _tensor_args(node: fx.Node, target) -> tuple[fx.Node, fx.Node] | None:
     return (a, b) if isinstance(a, fx.Node) and isinstance(b, fx.Node) else None
 
 
-def _last_dim(dim, rank: int) -> bool:
-    return dim in (-1, rank - 1)
-
-
 def _halves(x1: fx.Node, x2: fx.Node, head_dim: int) -> tuple[fx.Node, list[fx.Node]] | None:
     """``(t, internal nodes)`` when x1/x2 are ``t[..., :D/2]`` and ``t[..., D/2:]``."""
     half = head_dim // 2
@@ -173,7 +164,7 @@ def _halves(x1: fx.Node, x2: fx.Node, head_dim: int) -> tuple[fx.Node, list[fx.N
         if t1 is not t2 or not isinstance(t1, fx.Node):
             return None
         rank = t1.meta["val"].dim()
-        if not (_last_dim(d1, rank) and _last_dim(d2, rank)):
+        if not (is_last_dim(d1, rank) and is_last_dim(d2, rank)):
             return None
         if s1 == 0 and e1 == half and s2 == half and (e2 is None or e2 >= head_dim):
             return t1, [x1, x2]
@@ -182,11 +173,10 @@ def _halves(x1: fx.Node, x2: fx.Node, head_dim: int) -> tuple[fx.Node, list[fx.N
         split = x1.args[0]
         if split is not x2.args[0] or x1.args[1] != 0 or x2.args[1] != 1 or len(split.users) != 2:
             return None
-        if not is_op(split, {aten.split.Tensor, aten.split_with_sizes.default}):
+        if not is_op(split, SPLIT_OPS):
             return None
         t, sizes = split.args[0], split.args[1]
-        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-        if not _last_dim(dim, t.meta["val"].dim()):
+        if not is_last_dim(dim_arg(split, 2), t.meta["val"].dim()):
             return None
         ok = sizes == half if split.target is aten.split.Tensor else list(sizes) == [half, half]
         return (t, [x1, x2, split]) if ok else None
@@ -222,8 +212,8 @@ def _match_rope_muls(
         if not is_op(cat, {aten.cat.default}) or len(cat.args[0]) != 2:
             continue
         neg, x1 = cat.args[0]
-        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-        if not is_op(neg, {aten.neg.default}) or not _last_dim(dim, cat.meta["val"].dim()):
+        if not is_op(neg, {aten.neg.default}) or not is_last_dim(dim_arg(cat, 1),
+                                                                 cat.meta["val"].dim()):
             continue
         head_dim = cat.meta["val"].shape[-1]
         if not isinstance(head_dim, int) or head_dim % 2:
@@ -303,8 +293,7 @@ def _match_freqs(cos: fx.Node, head_dim: int) -> _Freqs | None:
     if not is_op(cat, {aten.cat.default}) or len(cat.args[0]) != 2:
         return None
     first, second = cat.args[0]
-    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-    if first is not second or not _last_dim(dim, cat.meta["val"].dim()):
+    if first is not second or not is_last_dim(dim_arg(cat, 1), cat.meta["val"].dim()):
         return None
     half = head_dim // 2
     return _freqs_from_mul(first, half) or _freqs_from_bmm(first, half)
@@ -333,16 +322,13 @@ def _freqs_from_mul(node: fx.Node, half: int) -> _Freqs | None:
     return None
 
 
-_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-
-
 def _freqs_from_bmm(node: fx.Node, half: int) -> _Freqs | None:
     if not is_op(node, {aten.transpose.int}) or node.meta["val"].dim() != 3:
         return None
     if sorted(d % 3 for d in node.args[1:]) != [1, 2]:
         return None
     product = node.args[0]
-    while is_op(product, _RESHAPES):
+    while is_op(product, RESHAPE_OPS):
         product = product.args[0]
     if not is_op(product, {aten.bmm.default}):
         return None
@@ -352,7 +338,7 @@ def _freqs_from_bmm(node: fx.Node, half: int) -> _Freqs | None:
     if attr is None or inv_val.shape[-2] != half or inv_val.shape[-1] != 1:
         return None
     # Back through broadcasts/reshapes that keep the [X, 1, S] layout, to the float positions.
-    while is_op(pos, _RESHAPES | {aten.expand.default}) and _x1s(pos.args[0]):
+    while is_op(pos, RESHAPE_OPS | {aten.expand.default}) and _x1s(pos.args[0]):
         pos = pos.args[0]
     if not _x1s(pos) or _through_to_attr(pos) is not None:
         return None
