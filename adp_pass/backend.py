@@ -18,11 +18,10 @@ import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from adp_pass.capture import _params_as_attributes
-from adp_pass.detect import detect
+from adp_pass.capture import CapturedGraph, _params_as_attributes
 from adp_pass.mapping import Mapping
+from adp_pass.pipeline import Pipeline
 from adp_pass.plan import Plan
-from adp_pass.rewrite import rewrite
 from adp_pass.errors import AdpError
 
 _KEY = re.compile(r"\['([^']+)'\]")
@@ -92,14 +91,22 @@ def adp_backend(
             return _build(aot_gm)
 
     def _build(aot_gm: fx.GraphModule) -> Callable:
-        module = _params_as_attributes(
-            aot_gm, example_inputs, names_by_id, {n for v in names_by_id.values() for n in v},
-            user_inputs,
-        )
-        module.meta["adp_world_size"], module.meta["adp_rank"] = world, rank
+        pipeline = Pipeline()
+
+        def lift_parameters() -> CapturedGraph:
+            module = _params_as_attributes(
+                aot_gm, example_inputs, names_by_id, {n for v in names_by_id.values() for n in v},
+                user_inputs,
+            )
+            # What capture() records for detect: the traced job's TP degree and this rank.
+            module.meta["adp_world_size"], module.meta["adp_rank"] = world, rank
+            return CapturedGraph(module, rank, world)
+
+        module = pipeline.capture(lift_parameters).gm
         positions = module.meta["adp_user_input_positions"]
-        plan = detect(module, mapping)
-        module = rewrite(module, plan, state_dict=_gather_full_weights(module, plan, world))
+        plan = pipeline.detect(module, mapping)
+        module = pipeline.rewrite(module, plan,
+                                  state_dict=_gather_full_weights(module, plan, world))
         return make_boxed_func(_RowShare(module, positions, mapping.dp_rank(rank), mapping.dp_size))
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=compile_forward)

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the rewrite's numeric self-check on the first layer (not advised)")
     p.add_argument("--log-dir", metavar="DIR", type=Path, default=None,
                    help="where the ranks' logs go; if not given, a new directory under the temp dir")
+    p.add_argument("--dump-dir", metavar="DIR", type=Path, default=None,
+                   help="write each stage's graph as text to DIR/rank<r>/ (01-capture.txt, "
+                   "02-detect.txt: the plan, 03-rewrite.txt, ...); if not given, none")
 
     p = sub.add_parser("rewrite", parents=[common], formatter_class=fmt,
                        help="capture, detect and rewrite one rank's graph; print a summary",
@@ -153,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-self-check", action="store_true",
                    help="skip the check of the rewritten graph's shapes (not advised)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the full plan listing")
+    p.add_argument("--dump-dir", metavar="DIR", type=Path, default=None,
+                   help="write each stage's graph as text to DIR (01-capture.txt, 02-detect.txt: "
+                   "the plan, 03-rewrite.txt; with --out also lower and cache); if not given, none")
 
     p = sub.add_parser("run", parents=[common], formatter_class=fmt,
                        help="serve requests on attention-DP ranks started by torchrun",
@@ -195,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.cache/adp-pass")
     p.add_argument("--no-cache", action="store_true",
                    help="build every rank's graph; read and write no build cache")
+    p.add_argument("--dump-dir", metavar="DIR", type=Path, default=None,
+                   help="write each stage's graph as text to DIR/rank<r>/ (01-capture.txt ... "
+                   "06-cache.txt; a rank loaded from the build cache: 01-load.txt); if not given, "
+                   "none")
 
     p = sub.add_parser("plan", parents=[common], formatter_class=fmt,
                        help="predict each mapping's decode step for N GPUs (cost model); pick one",
@@ -333,6 +343,8 @@ def cmd_verify(args: argparse.Namespace, stage: _Stages) -> int:
     log_dir = args.log_dir
     if log_dir is not None:
         check_out_dir(log_dir, "--log-dir")
+    if args.dump_dir is not None:
+        check_out_dir(args.dump_dir, "--dump-dir")
     _check_ranks_fit_machine(args.world_size)
 
     from adp_pass.presets import qwen3_config
@@ -345,7 +357,8 @@ def cmd_verify(args: argparse.Namespace, stage: _Stages) -> int:
     with stage(f"parity on {args.world_size} ranks (rank logs: {log_dir})"):
         report = verify(qwen3_config(args.preset), args.world_size, batch=args.batch,
                         seq=args.seq, splits=args.splits, seed=args.seed, lower_ops=args.lower,
-                        log_dir=log_dir, self_check=not args.no_self_check, mapping=mapping)
+                        log_dir=log_dir, self_check=not args.no_self_check, mapping=mapping,
+                        dump_dir=args.dump_dir)
     print(report.plan_text)
     print()
     print(report)
@@ -369,29 +382,30 @@ def cmd_rewrite(args: argparse.Namespace, stage: _Stages) -> int:
                          f"(ranks 0..{mapping.tp_size - 1})", flag="--rank")
     if args.out is not None:
         check_out_dir(args.out)
+    if args.dump_dir is not None:
+        check_out_dir(args.dump_dir, "--dump-dir")
 
     with stage("import torch and transformers"):
         from adp_pass.capture import capture_hf_qwen3
-        from adp_pass.detect import detect
+        from adp_pass.pipeline import Pipeline
         from adp_pass.presets import qwen3_config
         from adp_pass.report import summarize_graph, weight_bytes, write_rewrite_outputs
-        from adp_pass.rewrite import rewrite
     _check_artifact_device(args)
 
     print(f"rewrite: preset {args.preset}, mapping {mapping}, rank {args.rank}", flush=True)
+    pipeline = Pipeline(args.dump_dir)
     with stage(f"build and capture rank {args.rank}'s TP graph"):
-        captured = capture_hf_qwen3(qwen3_config(args.preset), world_size=mapping.tp_size,
-                                    rank=args.rank, meta=args.meta)
+        captured = pipeline.capture(lambda: capture_hf_qwen3(
+            qwen3_config(args.preset), world_size=mapping.tp_size, rank=args.rank,
+            meta=args.meta))
     before, before_code = summarize_graph(captured.gm), captured.gm.code
     with stage("detect"):
-        start = time.perf_counter()
-        plan = detect(captured.gm, mapping, strict=not args.no_strict)
-        detect_s = time.perf_counter() - start
+        plan = pipeline.detect(captured.gm, mapping, strict=not args.no_strict)
     with stage("rewrite"):
-        gm = rewrite(captured.gm, plan, self_check=not args.no_self_check)
-    report = gm.meta["adp_report"]
+        gm = pipeline.rewrite(captured.gm, plan, self_check=not args.no_self_check)
+    report = pipeline.rewrite_report
     timings = {"build_s": captured.timings["build_s"], "capture_s": captured.timings["capture_s"],
-               "detect_s": detect_s, "rewrite_s": report.seconds}
+               "detect_s": pipeline.seconds("detect"), "rewrite_s": report.seconds}
     if args.verbose:
         print(plan)
         print()
@@ -410,7 +424,7 @@ def cmd_rewrite(args: argparse.Namespace, stage: _Stages) -> int:
             paths = write_rewrite_outputs(args.out, plan, before, summarize_graph(gm),
                                           before_code, gm.code, timings)
         print(f"  wrote {len(paths)} files to {args.out}: " + ", ".join(p.name for p in paths))
-        _write_serving_artifact(args, mapping, gm, plan, stage)
+        _write_serving_artifact(args, mapping, gm, plan, stage, pipeline)
     elif not args.verbose:
         print("  (-v prints the full plan; --out DIR writes it, both graphs and a picture)")
     return 0
@@ -427,25 +441,30 @@ def _check_artifact_device(args: argparse.Namespace) -> None:
 
 
 def _write_serving_artifact(args: argparse.Namespace, mapping: Mapping, gm, plan,
-                            stage: _Stages) -> None:
+                            stage: _Stages, pipeline) -> None:
     """``adp rewrite --out``: the rank's built graph (lowered, KV cache inserted, no weights) as a
     build-cache entry under ``OUT/cache``, what ``prepare_rank`` would build for this preset,
     mapping, rank, dtype and device type. The rewrite's own graph is used when it is that graph
-    (float32 on cpu, traced for real, every collective explained); else the rank is built."""
+    (float32 on cpu, traced for real, every collective explained), its ``pipeline`` going on
+    with the lowering; else the rank is built by a pipeline of its own (dumps under
+    ``--dump-dir``/artifact)."""
     if args.meta:
         print("  no serving artifact: a --meta trace cannot take the KV cache (run without --meta)")
         return
     import torch
 
+    from adp_pass.pipeline import Pipeline
     from adp_pass.presets import qwen3_config
     from adp_pass.runtime.prepare import build_artifact
 
     reuse = (args.dtype == "float32" and args.device == "cpu" and not plan.unclassified)
+    if not reuse:
+        pipeline = Pipeline(args.dump_dir / "artifact" if args.dump_dir is not None else None)
     cache = args.out / "cache"
     with stage(f"lower, insert the KV cache, store the serving artifact in {cache}"):
         entry = build_artifact(qwen3_config(args.preset), mapping, args.rank, cache,
                                device=torch.device(args.device), dtype=getattr(torch, args.dtype),
-                               rewritten=(gm, plan) if reuse else None)
+                               rewritten=(gm, plan) if reuse else None, pipeline=pipeline)
     print(f"  serving artifact ({args.dtype} on {args.device}): {entry} (adp run --cache-dir "
           f"{cache})")
 
@@ -492,6 +511,8 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
         raise UsageError("give --cache-dir or --no-cache, not both", flag="--no-cache")
     if args.cache_dir is not None:
         check_out_dir(args.cache_dir, "--cache-dir")
+    if args.dump_dir is not None:
+        check_out_dir(args.dump_dir, "--dump-dir")
     _check_ranks_fit_machine(world_size)
 
     from adp_pass.runtime.build_cache import default_cache_dir
@@ -513,7 +534,7 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
         num_blocks=args.num_blocks, block_size=BLOCK_SIZE,
         max_position=min(longest + 16, max_position), max_seq_len=longest,
         cuda_graph_sizes=args.cuda_graphs,  # argparse parses a string default with its type
-        cache_dir=cache_dir,
+        cache_dir=cache_dir, dump_dir=str(args.dump_dir) if args.dump_dir is not None else None,
     )
     log = (args.log_dir / Path(default_log_path()).name) if args.log_dir else default_log_path()
     groups = (f" in {mapping.dp_size} DP group{'s' * (mapping.dp_size != 1)} ({mapping})"

@@ -4,7 +4,8 @@ Each rank (started by torchrun's machinery, gloo on CPU / NCCL on GPU):
 1. builds the TP model from a *source* (transformers' model of the config's family, Qwen3,
    Llama or Qwen2, + PyTorch TP by default),
 2. captures its graph and runs it on the whole batch — real all-reduces across the ranks,
-3. detects and rewrites it, loads the unsharded state dict with ``strict=True``,
+3. detects and rewrites it (the stages through :class:`~adp_pass.pipeline.Pipeline`), loads
+   the unsharded state dict with ``strict=True``,
 4. runs the rewritten graph on its own (uneven) slice of the batch — no collective left.
 
 The parent compares (2) and the concatenation of (4) with transformers' model on the batch.
@@ -14,16 +15,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from transformers import PretrainedConfig
 
 from adp_pass.capture import build_hf, capture, parallelize_hf
-from adp_pass.detect import detect, find_collectives
+from adp_pass.detect import find_collectives
 from adp_pass.launch import init_rank, launch
 from adp_pass.mapping import Mapping
-from adp_pass.rewrite import rewrite
+from adp_pass.pipeline import Pipeline
 
 # A source builds rank ``rank``'s TP model and the unsharded state dict the rewrite loads.
 TPSource = Callable[[PretrainedConfig, int, int, int], tuple[torch.nn.Module, dict]]
@@ -92,22 +94,25 @@ def _rank_main(
     lower_ops: bool,
     self_check: bool = True,
     mapping_spec: str | None = None,
+    dump_dir: str | None = None,
 ) -> dict:
     from adp_pass.runtime.groups import bind_groups, create_groups
 
     rank, world_size, device = init_rank()
     mapping = Mapping.load(mapping_spec or f"tp={world_size},attn_dp=1")
+    pipeline = Pipeline(f"{dump_dir}/rank{rank}" if dump_dir is not None else None)
     tp_model, full_state = source(config, world_size, rank, seed)
     tp_model = tp_model.to(device)
     ids = ids.to(device)
-    captured = capture(tp_model, [ids], rank=rank, world_size=world_size)
+    captured = pipeline.capture(
+        lambda: capture(tp_model, [ids], rank=rank, world_size=world_size))
     with torch.no_grad():
         tp_logits = captured.gm(ids)[0]
-    plan = detect(captured.gm, mapping)
+    plan = pipeline.detect(captured.gm, mapping)
     plan_text = str(plan)
     # The unsharded weights drive rewrite's numeric self-check of the first layer; rewrite
     # also cuts each weight to what this rank holds under the mapping.
-    gm = rewrite(captured.gm, plan, state_dict=full_state, self_check=self_check)
+    gm = pipeline.rewrite(captured.gm, plan, state_dict=full_state, self_check=self_check)
     if plan.replicated_only:  # every tensor whole: the unsharded state dict loads as it is
         gm.load_state_dict(full_state, strict=True)
     bind_groups(gm, create_groups(mapping).names)
@@ -128,10 +133,9 @@ def _rank_main(
     adp_logits = run(gm)
     lowered_logits, lower_counts = None, {}
     if lower_ops:
-        from adp_pass.runtime.lower import lower
-
-        lower(gm)  # in place: RMSNorm, residual + RMSNorm, SiLU*mul, q/k norm + rotary
-        lower_counts = dict(gm.meta["adp_lower_counts"])
+        # In place: RMSNorm, residual + RMSNorm, SiLU*mul, q/k norm + rotary.
+        gm = pipeline.lower(gm)
+        lower_counts = dict(pipeline.reports["lower"].counts)
         lowered_logits = run(gm)
     leader = rank == mapping.attn_group(rank)[0]
     return {
@@ -142,7 +146,7 @@ def _rank_main(
         "collectives_left": len(find_collectives(gm.graph)),
         "plan": plan_text,
         "lower_counts": lower_counts,
-        "self_check": gm.meta["adp_report"].self_check,
+        "self_check": pipeline.rewrite_report.self_check,
     }
 
 
@@ -160,12 +164,14 @@ def verify(
     log_dir: str | None = None,
     self_check: bool = True,
     mapping: Mapping | str | None = None,
+    dump_dir: str | Path | None = None,
 ) -> ParityReport:
     """Run the parity check on ``world_size`` local ranks and return the measured differences.
 
     ``mapping`` (default ``tp=world_size,attn_dp=1``) says what the TP graph is rewritten to;
     ``splits`` gives each DP group (``mapping.dp_size`` of them) its rows of the batch.
-    With ``log_dir``, the ranks' output goes to files there instead of the terminal."""
+    With ``log_dir``, the ranks' output goes to files there instead of the terminal; with
+    ``dump_dir``, each rank writes its stages' graphs to ``dump_dir/rank<r>/``."""
     start = time.perf_counter()
     mapping = Mapping.load(mapping or f"tp={world_size},attn_dp=1")
     if mapping.world_size != world_size:
@@ -178,7 +184,8 @@ def verify(
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
     results = launch(
         _rank_main, world_size, config, source, ids, splits, seed, lower_ops, self_check,
-        str(mapping), timeout_s=timeout_s, log_dir=log_dir,
+        str(mapping), str(dump_dir) if dump_dir is not None else None, timeout_s=timeout_s,
+        log_dir=log_dir,
     )
     reference = build_hf(config, seed=seed)
     with torch.no_grad():

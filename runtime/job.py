@@ -34,6 +34,9 @@ class Job:
     # Build cache of the ranks' built graphs (runtime/build_cache.py, docs/build_cache.md): a
     # rank loads its entry from here, or builds and stores it; None: build, store nothing.
     cache_dir: str | None = None
+    # Each rank writes its build stages' graphs as text to <dump_dir>/rank<r>/ (adp run
+    # --dump-dir); None: nothing written.
+    dump_dir: str | None = None
     # per DP group (mapping.dp_size of them; every rank of an attention group serves its group's
     # list): [{"request_id", "prompt", "max_new_tokens", "temperature", "top_p", "stop"}]
     assignments: list[list[dict]] = field(default_factory=list)

@@ -1,6 +1,7 @@
 """Build one rank's serving model: capture → detect → rewrite → weights → lower → KV cache.
 
-Runs inside a rank *before* it joins the job's process group: the rank traces its own graph of
+The stages run through one :class:`~adp_pass.pipeline.Pipeline` (their reports in
+``RankModel.reports``; with ``dump_dir``, each stage's graph as text). Runs inside a rank *before* it joins the job's process group: the rank traces its own graph of
 the TP job on a fake group (``capture_hf``), so no peer is needed to build it.
 
 With a build cache (``cache_dir=``, or one stored entry: ``artifact=``), the built graph (the
@@ -20,10 +21,9 @@ import torch
 from transformers import Qwen3Config
 
 from adp_pass.capture import capture_hf
-from adp_pass.detect import detect
 from adp_pass.mapping import Mapping
+from adp_pass.pipeline import Pipeline, StageReport
 from adp_pass.plan import Plan
-from adp_pass.rewrite import rewrite
 from adp_pass.runtime.kv_cache import PagedKVCache
 
 
@@ -39,6 +39,8 @@ class RankModel:
     build_cache: str = "off"
     build_cache_path: str | None = None
     build_cache_note: str = ""  # why an entry was not used, or why a build was not stored
+    # Every stage that ran, in order (``timings`` sums them into the keys benchmarks read).
+    reports: dict[str, StageReport] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for a log: the build cache's outcome and each stage's seconds."""
@@ -69,6 +71,7 @@ def prepare_rank(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     artifact: str | Path | None = None,
+    dump_dir: str | Path | None = None,
 ) -> RankModel:
     """The rank's cache-inserted graph and its paged KV cache.
 
@@ -82,6 +85,9 @@ def prepare_rank(
     An entry that does not match or fails its checksums is not loaded: a
     ``BuildCacheWarning`` says why and the graph is built. ``None`` for both: always built,
     nothing written.
+
+    ``dump_dir``: each stage's graph is written there as text (``01-capture.txt``, ...); a graph
+    loaded from the build cache is written as ``01-load.txt``.
     """
     mapping = Mapping.load(mapping)
     mapping.check_model(
@@ -99,6 +105,7 @@ def prepare_rank(
                     max_position=max_position,
                     check=lambda plan: _check_memory(plan, kv_bytes, device, dtype))
     timings: dict[str, float] = {}
+    pipeline = Pipeline(dump_dir)
     status, note, path, loaded, key = "off", "", None, None, None
     if cache_dir is not None or artifact is not None:
         from adp_pass.runtime import build_cache
@@ -121,23 +128,21 @@ def prepare_rank(
                 status, note = found.status, found.reason or note
         if loaded is not None:
             timings["load_s"] = time.perf_counter() - start
+            pipeline.loaded(loaded.model, timings["load_s"])
 
     if loaded is not None:
         gm, plan, counts = loaded.model, loaded.plan, loaded.counts
-        mark = time.perf_counter()
-        _fill_weights(gm, plan, config, checkpoint, device, dtype, seed)
-        timings["weights_s"] = time.perf_counter() - mark
     else:
-        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, kv_bytes, timings)
-        mark = time.perf_counter()
-        _fill_weights(gm, plan, config, checkpoint, device, dtype, seed)
-        timings["weights_s"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
+        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, kv_bytes, timings,
+                                        pipeline=pipeline)
+    pipeline.weights(gm, lambda module: _fill_weights(module, plan, config, checkpoint, device,
+                                                      dtype, seed))
+    timings["weights_s"] = pipeline.seconds("weights")
+    if loaded is None:
         gm, counts = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=num_blocks,
                                   block_size=block_size, max_position=max_position,
-                                  lower_ops=lower_ops)
-        timings["lower_s"] = time.perf_counter() - mark
+                                  lower_ops=lower_ops, pipeline=pipeline)
+        timings["lower_s"] = pipeline.seconds("lower", "cache")
         if cache_dir is not None:
             mark = time.perf_counter()
             try:
@@ -154,23 +159,25 @@ def prepare_rank(
         [gm.get_buffer(f"kv_cache_{i}_k") for i in layers],
         [gm.get_buffer(f"kv_cache_{i}_v") for i in layers],
     )
-    return RankModel(gm, cache, plan, timings, counts, status, path, note)
+    return RankModel(gm, cache, plan, timings, counts, status, path, note, pipeline.reports)
 
 
 def _capture_and_rewrite(config, mapping: Mapping, rank: int, device: torch.device,
                          dtype: torch.dtype, kv_bytes: int | None,
-                         timings: dict[str, float]) -> tuple[torch.fx.GraphModule, Plan]:
-    start = time.perf_counter()
+                         timings: dict[str, float], *, pipeline: Pipeline | None = None,
+                         ) -> tuple[torch.fx.GraphModule, Plan]:
+    pipeline = pipeline or Pipeline()
     # Traced on the target device (not meta): SDPA then stays one op per layer.
-    captured = capture_hf(config, mapping.tp_size, rank, dtype=dtype, device=device)
-    timings["capture_s"] = time.perf_counter() - start
-    plan = detect(captured.gm, mapping)
+    captured = pipeline.capture(
+        lambda: capture_hf(config, mapping.tp_size, rank, dtype=dtype, device=device))
+    timings["capture_s"] = pipeline.seconds("capture")
+    plan = pipeline.detect(captured.gm, mapping)
     # Before rewrite allocates the rank's weights: refused with the numbers and a mapping that
     # fits.
     if kv_bytes is not None:
         _check_memory(plan, kv_bytes, device, dtype)
-    gm = rewrite(captured.gm, plan)
-    timings["rewrite_s"] = time.perf_counter() - start - timings["capture_s"]
+    gm = pipeline.rewrite(captured.gm, plan)
+    timings["rewrite_s"] = pipeline.seconds("detect", "rewrite")
     return gm, plan
 
 
@@ -185,26 +192,29 @@ def build_artifact(
     max_position: int = 4096,
     lower_ops: bool = True,
     rewritten: tuple[torch.fx.GraphModule, Plan] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> Path:
     """Build rank ``rank``'s graph as :func:`prepare_rank` does (no weights, no KV cache worth
     the name) and store it as the build-cache entry under ``cache_dir`` that ``prepare_rank(...,
     cache_dir=cache_dir)`` loads, or ``artifact=<the returned path>``. ``rewritten``: ``(gm,
     plan)`` of a rewrite of exactly that capture (same config, tp, rank, dtype, device), to
-    skip the capture; ``gm`` is lowered in place."""
+    skip the capture; ``gm`` is lowered in place. ``pipeline``: the runner whose stages led to
+    ``rewritten`` (its reports and dumps continue); a new one if not given."""
     from adp_pass.runtime import build_cache
 
     mapping = Mapping.load(mapping)
     device = torch.device(device)
     timings: dict[str, float] = {}
+    pipeline = pipeline or Pipeline()
     if rewritten is None:
-        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, None, timings)
+        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, None, timings,
+                                        pipeline=pipeline)
     else:
         gm, plan = rewritten
-    mark = time.perf_counter()
     # The KV-cache geometry is not part of the graph: a loaded entry gets the caller's.
     gm, _ = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=2, block_size=16,
-                         max_position=max_position, lower_ops=lower_ops)
-    timings["lower_s"] = time.perf_counter() - mark
+                         max_position=max_position, lower_ops=lower_ops, pipeline=pipeline)
+    timings["lower_s"] = pipeline.seconds("lower", "cache")
     key = build_cache.build_key(config, mapping, rank, dtype=dtype, device=device,
                                 lower_ops=lower_ops)
     return build_cache.store(cache_dir, key, gm, plan, timings=timings)
@@ -220,19 +230,19 @@ def finish_graph(
     block_size: int = 16,
     max_position: int = 4096,
     lower_ops: bool = True,
+    pipeline: Pipeline | None = None,
 ) -> tuple[torch.fx.GraphModule, dict[str, dict]]:
     """Lower a rewritten graph to the Triton ops and insert its paged KV cache (in place); the
-    module and its counts (sites, lowering matches, cache sites)."""
-    from adp_pass.runtime.cache_insertion import insert_kv_cache
-    from adp_pass.runtime.lower import lower
-
+    module and its counts (sites, lowering matches, cache sites). ``pipeline`` records both
+    stages (a new one if not given)."""
+    pipeline = pipeline or Pipeline()
     counts: dict[str, dict] = {"sites": plan.counts()}
     if lower_ops:
-        gm = lower(gm, max_position=max_position)
-        counts["lower"] = dict(gm.meta.get("adp_lower_counts", {}))
-    gm = insert_kv_cache(gm, num_blocks=num_blocks, block_size=block_size, device=device,
-                         dtype=dtype)
-    counts["cache"] = dict(gm.meta.get("adp_cache_counts", {}))
+        gm = pipeline.lower(gm, max_position=max_position)
+        counts["lower"] = dict(pipeline.reports["lower"].counts)
+    gm = pipeline.insert_cache(gm, num_blocks=num_blocks, block_size=block_size, device=device,
+                               dtype=dtype)
+    counts["cache"] = dict(pipeline.reports["cache"].counts)
     return gm, counts
 
 

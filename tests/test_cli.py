@@ -9,7 +9,7 @@ from adp_pass.cli import main
 
 def test_rewrite_writes_outputs(tmp_path, capsys):
     code = main(["rewrite", "--preset", "tiny", "--mapping", "tp=4,attn_dp=1", "--rank", "3",
-                 "--out", str(tmp_path)])
+                 "--out", str(tmp_path), "--dump-dir", str(tmp_path / "dumps")])
     out, err = capsys.readouterr()
     assert code == 0
     assert "4 sites (attention_out 2, mlp_out 2): 4 removed" in out and "0 collectives left" in out
@@ -27,6 +27,15 @@ def test_rewrite_writes_outputs(tmp_path, capsys):
     assert "all_reduce" in (tmp_path / "graph_before.py").read_text()
     assert "all_reduce" not in (tmp_path / "graph_after.py").read_text()
     assert (tmp_path / "before_after.png").read_bytes()[:4] == b"\x89PNG"
+    # One readable file per pipeline stage, in the order they ran, each headed by its report.
+    dumps = sorted(p.name for p in (tmp_path / "dumps").iterdir())
+    assert dumps == ["01-capture.txt", "02-detect.txt", "03-rewrite.txt", "04-lower.txt",
+                     "05-cache.txt"]
+    rewritten = (tmp_path / "dumps" / "03-rewrite.txt").read_text()
+    assert rewritten.startswith("# rewrite ") and "sites_removed 4" in rewritten.splitlines()[0]
+    assert "all_reduce" not in rewritten and "all_reduce" in (
+        tmp_path / "dumps" / "01-capture.txt").read_text()
+    assert "adp plan: rank 3" in (tmp_path / "dumps" / "02-detect.txt").read_text()
 
 
 def test_bad_mapping_exits_2_with_the_reason(capsys):

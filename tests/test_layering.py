@@ -129,7 +129,8 @@ def test_every_import_goes_to_an_allowed_layer():
             target_layer = layer_of(target)
             if target_layer != layer and target_layer not in MAY_IMPORT[layer]:
                 wrong.append(f"{module} ({layer}) imports {target} ({target_layer})")
-    assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+    assert not wrong, ("imports against the layering (a new module is an entry point until "
+                       "LAYERS places it):\n" + "\n".join(wrong))
 
 
 def test_no_private_names_across_layers():
