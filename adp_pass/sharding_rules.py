@@ -25,6 +25,7 @@ from adp_pass.fx_vocab import (
     RESHAPE_OPS,
     SLICE_OPS,
     SPLIT_OPS,
+    TRANSPOSE_OPS,
     WAIT_OPS,
     dim_arg,
 )
@@ -501,8 +502,7 @@ _LIKE_OPS = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.de
 
 _RULES: dict[Any, Callable] = {
     **{op: rule_view for op in RESHAPE_OPS},
-    aten.transpose.int: rule_permute, aten.permute.default: rule_permute,
-    aten.t.default: rule_permute,
+    **{op: rule_permute for op in TRANSPOSE_OPS},
     aten.unsqueeze.default: rule_unsqueeze,
     aten.squeeze.dim: rule_squeeze, aten.squeeze.default: rule_squeeze,
     aten.expand.default: rule_expand,
@@ -549,7 +549,7 @@ def _broadcast_source(node: fx.Node, dim: int) -> tuple[str, int] | None:
             if len(growing) != 1:
                 return None
             node = growing[0]
-        elif node.target in (aten.slice.Tensor, aten.narrow.default):
+        elif node.target in SLICE_OPS:
             if _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node))) == dim:
                 return None
             node = node.args[0]
@@ -558,7 +558,7 @@ def _broadcast_source(node: fx.Node, dim: int) -> tuple[str, int] | None:
             if at == dim:
                 return None
             node, dim = node.args[0], dim - (at < dim)
-        elif node.target in (aten.transpose.int, aten.permute.default, aten.t.default):
+        elif node.target in TRANSPOSE_OPS:
             node, dim = node.args[0], _permutation(node)[dim]
         else:
             return None

@@ -32,13 +32,21 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def replicated(tmp_path_factory, config):
+def dumps(tmp_path_factory):
+    """Where the replicated builds write their stages' graphs."""
+    return tmp_path_factory.mktemp("dumps")
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory, config, dumps):
     """(cache dir, the fresh build that stored the entry, the build loaded from it)."""
     cache = tmp_path_factory.mktemp("cache")
     with warnings.catch_warnings():
         warnings.simplefilter("error", BuildCacheWarning)  # a clean miss warns about nothing
-        cold = prepare_rank(config, REPLICATED, 0, cache_dir=cache, **GEOMETRY)
-        warm = prepare_rank(config, REPLICATED, 0, cache_dir=cache, **GEOMETRY)
+        cold = prepare_rank(config, REPLICATED, 0, cache_dir=cache, dump_dir=dumps / "cold",
+                            **GEOMETRY)
+        warm = prepare_rank(config, REPLICATED, 0, cache_dir=cache, dump_dir=dumps / "warm",
+                            **GEOMETRY)
     return cache, cold, warm
 
 
@@ -78,6 +86,17 @@ def test_hit_is_the_fresh_build_bit_for_bit(replicated):
     tokens_cold, logits_cold = _tokens(cold, prompts)
     tokens_warm, logits_warm = _tokens(warm, prompts)
     assert torch.equal(logits_warm, logits_cold) and tokens_warm == tokens_cold
+
+
+def test_each_stage_is_reported_and_dumped(replicated, dumps):
+    _, cold, warm = replicated
+    assert list(cold.reports) == ["capture", "detect", "rewrite", "weights", "lower", "cache"]
+    assert list(warm.reports) == ["load", "weights"]
+    assert cold.reports["lower"].counts == cold.counts["lower"]
+    assert sorted(p.name for p in (dumps / "cold").iterdir()) == [
+        "01-capture.txt", "02-detect.txt", "03-rewrite.txt", "04-lower.txt", "05-cache.txt"]
+    assert [p.name for p in (dumps / "warm").iterdir()] == ["01-load.txt"]
+    assert "cached_attention" in (dumps / "warm" / "01-load.txt").read_text()
 
 
 def test_collective_graph_and_its_group_tags_survive(tmp_path, config):
@@ -286,6 +305,9 @@ def test_no_cache_writes_nothing(tmp_path, monkeypatch, config):
     assert [j.cache_dir for j in jobs] == [None, str(tmp_path / "xdg" / "adp-pass"),
                                            str(tmp_path / "c")]
     assert main(["run", "--preset", "tiny", "--no-cache", "--cache-dir", "x"]) == 2
+    assert main(["run", "--preset", "tiny", "--requests", "1", "--no-cache",
+                 "--dump-dir", str(tmp_path / "dumps")]) == 0
+    assert jobs[-1].dump_dir == str(tmp_path / "dumps")  # each rank writes under it
     assert not (tmp_path / "xdg").exists() and not (tmp_path / "c").exists()
 
 
