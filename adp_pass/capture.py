@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -24,7 +25,7 @@ import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from transformers import PretrainedConfig, PreTrainedModel
 
-from adp_pass.attributes import set_attr
+from adp_pass.attributes import owner_of, set_attr
 from adp_pass.errors import AdpError
 from adp_pass.families import family_of
 
@@ -39,6 +40,8 @@ class CapturedGraph:
     rank: int
     world_size: int
     timings: dict[str, float] = field(default_factory=dict)
+    # Decoder layers dynamo traced; the others were stamped from them (adp_pass/stamp.py).
+    traced_layers: int | None = None
 
 
 class CaptureError(AdpError, RuntimeError):
@@ -317,18 +320,74 @@ def capture_hf(
     device: str | torch.device = "cpu",
     batch: int = 2,
     seq: int = 8,
+    stamp: bool = True,
 ) -> CapturedGraph:
     """Rank ``rank``'s graph of transformers' model of ``config``'s family made TP over a fake
-    ``world_size`` group. ``gm.meta["adp_model_type"]`` records the family."""
+    ``world_size`` group. ``gm.meta["adp_model_type"]`` records the family.
+
+    ``stamp``: trace two decoder layers and copy the second for the others (adp_pass/stamp.py),
+    when every layer is of one type; the module holds every layer's (rank-local) weights either
+    way. If the two traced layers do not line up, every layer is traced.
+    """
     with fake_process_group(world_size, rank):
         start = time.perf_counter()
         model = build_hf(config, meta=meta, dtype=dtype, device=device)
         model = parallelize_hf(model, world_size)
         build_s = time.perf_counter() - start
         ids = torch.zeros(batch, seq, dtype=torch.long, device="meta" if meta else device)
-        captured = capture(model, [ids], rank=rank, world_size=world_size)
+        captured = None
+        if stamp and _stampable(config):
+            captured = _capture_stamped(model, ids, rank, world_size, config.num_hidden_layers)
+        if captured is None:
+            captured = capture(model, [ids], rank=rank, world_size=world_size)
+            captured.traced_layers = config.num_hidden_layers
     captured.gm.meta["adp_model_type"] = config.model_type
     captured.timings = {"build_s": build_s, **captured.timings}
+    return captured
+
+
+# Where transformers' causal LMs of every family here keep their decoder layers.
+_DECODER_LAYERS = "model.layers"
+
+
+def _stampable(config: PretrainedConfig) -> bool:
+    """More than two layers, all of one type (no sliding-window layers among full ones)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    return config.num_hidden_layers > 2 and len(set(layer_types)) <= 1
+
+
+def _capture_stamped(model: PreTrainedModel, ids: torch.Tensor, rank: int, world_size: int,
+                     num_layers: int) -> CapturedGraph | None:
+    """Trace the model with its first two decoder layers, then stamp the rest (None if the
+    two traced layers do not line up: the caller traces every layer)."""
+    from adp_pass.stamp import NotStampable, layer_tensors, stamp_layers
+
+    owner, attr = owner_of(model, _DECODER_LAYERS)
+    layers = getattr(owner, attr)
+    setattr(owner, attr, torch.nn.ModuleList(list(layers)[:2]))
+    try:
+        captured = capture(model, [ids], rank=rank, world_size=world_size)
+    finally:
+        setattr(owner, attr, layers)
+
+    def layer_params(k: int) -> dict[str, tuple[torch.Tensor, bool]]:
+        out = {}
+        for name, (tensor, persistent) in layer_tensors(layers[k]).items():
+            local = _local(tensor)
+            if isinstance(tensor, torch.nn.Parameter):
+                local = torch.nn.Parameter(local, requires_grad=False)
+            out[name] = (local, persistent)
+        return out
+
+    start = time.perf_counter()
+    try:
+        stamp_layers(captured.gm, num_layers, layer_params, prefix=_DECODER_LAYERS)
+    except NotStampable as err:
+        warnings.warn(f"layer stamping refused ({err}); tracing all {num_layers} layers",
+                      stacklevel=3)
+        return None
+    captured.timings["stamp_s"] = time.perf_counter() - start
+    captured.traced_layers = 2
     return captured
 
 

@@ -11,6 +11,8 @@ the layouts; this module is the algebra they share with the shape fixes and the 
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -116,7 +118,13 @@ def _expr(size: Any) -> sympy.Expr:
 
 def _divides(small: Any, big: Any) -> bool:
     """Whether ``small`` provably divides ``big`` (symbols are positive integers)."""
-    quotient = sympy.simplify(_expr(big) / _expr(small))
+    return _expr_divides(_expr(small), _expr(big))
+
+
+@functools.lru_cache(maxsize=4096)
+def _expr_divides(small: sympy.Expr, big: sympy.Expr) -> bool:
+    # Cached: every decoder layer asks the same questions, and sympy.simplify is slow.
+    quotient = sympy.simplify(big / small)
     return bool(quotient.is_integer) and bool(quotient.is_positive)
 
 

@@ -85,6 +85,7 @@ class _Walk:
         self.fixes: list[ShapeFix] = []
         self.copies: list[str] = []
         self.env: dict[str, Any] = {}
+        self.calls = FakeCalls()
 
     def run(self) -> dict[str, Any]:
         order = self.analysis.live_nodes()
@@ -117,7 +118,7 @@ class _Walk:
         args, fixes = fixed_args(node, args, self.layouts, self.growth)
         self.fixes += fixes
         try:
-            return node.target(*args, **kwargs)
+            return self.calls(node.target, args, kwargs)
         except Exception as err:
             if node.target is aten.view.default:
                 # A per-rank size of 1 (one local kv head) made an expanded tensor viewable;
@@ -174,6 +175,7 @@ def propagate_shapes(gm: fx.GraphModule) -> dict[str, Any]:
     if fake_mode is None:
         raise ShapeFixError("graph nodes carry no fake-tensor metadata (meta['val'])")
     env: dict[str, Any] = {}
+    calls = FakeCalls()
     with fake_mode:
         for node in gm.graph.nodes:
             if node.op == "placeholder":
@@ -186,13 +188,60 @@ def propagate_shapes(gm: fx.GraphModule) -> dict[str, Any]:
                 args = fx.node.map_arg(node.args, lambda n: env[n.name])
                 kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
                 try:
-                    env[node.name] = node.target(*args, **kwargs)
+                    env[node.name] = calls(node.target, args, kwargs)
                 except Exception as err:
                     raise ShapeFixError(
                         f"node {node.name} ({node.target}) fails on the module's parameters: "
                         f"{err}"
                     ) from err
     return env
+
+
+class FakeCalls:
+    """Runs ops on fake tensors, once per distinct call.
+
+    A call is known by its op and its arguments' metadata (dtype, device, sizes and strides as
+    sympy expressions, constants). The decoder layers of a model repeat the same calls, and
+    each one costs milliseconds of symbolic-shape work; only the output's metadata matters to
+    the walks here, so a repeated call gets the first one's output.
+    """
+
+    def __init__(self) -> None:
+        self.results: dict[tuple, Any] = {}
+
+    def __call__(self, target: Any, args: Any, kwargs: dict) -> Any:
+        try:
+            key = (target, _metadata_key(args), _metadata_key(kwargs))
+            hash(key)
+        except _Uncacheable:
+            return target(*args, **kwargs)
+        if key not in self.results:
+            self.results[key] = target(*args, **kwargs)
+        return self.results[key]
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _size_key(size: Any) -> Any:
+    return size.node.expr if isinstance(size, torch.SymInt) else size
+
+
+def _metadata_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, value.device, tuple(map(_size_key, value.shape)),
+                tuple(map(_size_key, value.stride())), _size_key(value.storage_offset()))
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", value.node.expr)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *map(_metadata_key, value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _metadata_key(v)) for k, v in sorted(value.items())))
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device,
+                                           torch.layout, torch.memory_format)):
+        return (type(value).__name__, value)
+    raise _Uncacheable
 
 
 def _target_name(node: fx.Node) -> str:
