@@ -1,7 +1,7 @@
 """adp-pass: turn tensor-parallel Qwen3 graphs into attention-data-parallel form.
 
 capture (TP graph) -> detect (plain-data plan) -> rewrite (execute the plan) -> lower (Triton
-ops) -> execute per rank. See docs/design.md.
+ops) -> execute per rank, sequenced by ``Pipeline`` (adp_pass/pipeline.py). See docs/design.md.
 """
 
 import importlib
@@ -55,6 +55,8 @@ _LAZY = {
     "Mapping": "adp_pass.mapping",
     "MappingError": "adp_pass.mapping",
     "NotSupportedYet": "adp_pass.mapping",
+    "Pipeline": "adp_pass.pipeline",
+    "StageReport": "adp_pass.pipeline",
     "ParamSpec": "adp_pass.plan",
     "Plan": "adp_pass.plan",
     "ShapeFix": "adp_pass.plan",
