@@ -108,6 +108,8 @@ class RankEngine:
         self.stats = EngineStats()
         self._arrival: dict[Hashable, float] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Requests with a seed of their own (SamplingParams.seed) sample from their own generator.
+        self._generators: dict[Hashable, torch.Generator] = {}
         self._graphs = None
         if cuda_graph_sizes and self.device.type == "cuda":
             self._graphs = _DecodeGraphs(self, sorted(cuda_graph_sizes))
@@ -124,7 +126,31 @@ class RankEngine:
         if not request.prompt:
             raise ValueError(f"request {request.request_id!r} has an empty prompt")
         self._arrival[request.request_id] = time.perf_counter()
+        if request.params.seed is not None:
+            self._generators[request.request_id] = torch.Generator(
+                device=self.device).manual_seed(request.params.seed)
         self.waiting.append(request)
+
+    def cancel(self, request_id: Hashable) -> bool:
+        """Drop a waiting or running request and free its KV blocks (a client that went away);
+        False if it is not here (already finished). Safe between steps; with lockstep, every
+        rank of the group must cancel at the same step (the online server broadcasts it)."""
+        self._arrival.pop(request_id, None)
+        self._generators.pop(request_id, None)
+        if request_id in self.running:
+            del self.running[request_id]
+            self.cache.free(request_id)
+            return True
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return True
+        return False
+
+    def partial_tokens(self) -> dict[Hashable, list[int]]:
+        """The tokens each running request has generated so far (streaming reads them after
+        every step; finished requests come back from :meth:`step` as results)."""
+        return {rid: seq.generated for rid, seq in self.running.items()}
 
     @property
     def has_work(self) -> bool:
@@ -258,7 +284,8 @@ class RankEngine:
             self.stats.idle_s += time.perf_counter() - start
             return []
         logits = logits[torch.arange(len(group), device=self.device), last]
-        tokens = sample(logits, [r.params for r in group], self.generator).tolist()
+        tokens = sample(logits, [r.params for r in group], self.generator,
+                        [self._generators.get(r.request_id) for r in group]).tolist()
         self.stats.prefill_tokens += sum(len(r.prompt) for r in group)
         self.stats.prefill_s += time.perf_counter() - start
         finished = []
@@ -292,7 +319,8 @@ class RankEngine:
             self.stats.idle_s += time.perf_counter() - start
             return []
         logits = logits[: len(seqs)]
-        tokens = sample(logits, [s.request.params for s in seqs], self.generator).tolist()
+        tokens = sample(logits, [s.request.params for s in seqs], self.generator,
+                        [self._generators.get(i) for i in ids]).tolist()
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(seqs)
         self.stats.decode_s += time.perf_counter() - start
@@ -323,6 +351,7 @@ class RankEngine:
         request_id = seq.request.request_id
         del self.running[request_id]
         self.cache.free(request_id)
+        self._generators.pop(request_id, None)
         return [Result(request_id, len(seq.request.prompt), seq.generated, reason)]
 
 

@@ -71,6 +71,7 @@ class Job:
                     temperature=item.get("temperature", 0.0),
                     top_p=item.get("top_p", 1.0),
                     stop_token_ids=tuple(item.get("stop", ())),
+                    seed=item.get("seed"),
                 ),
             )
             for item in assignments[dp_rank]
@@ -93,4 +94,5 @@ def request_dict(request: Request) -> dict:
         "temperature": p.temperature,
         "top_p": p.top_p,
         "stop": list(p.stop_token_ids),
+        "seed": p.seed,
     }

@@ -15,6 +15,9 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # A request's own sampling seed (the OpenAI ``seed``): its tokens then depend on neither the
+    # rank nor the batch it shares; None draws from the engine's generator.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -26,10 +29,12 @@ class SamplingParams:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None
+    logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None,
+    row_generators: list[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """One token per row of ``logits`` [B, V]; greedy rows take the argmax (first on ties, as
-    transformers does), the others sample from the temperature-scaled top-p distribution."""
+    transformers does), the others sample from the temperature-scaled top-p distribution, from
+    ``row_generators[i]`` where given (a seeded request), else from ``generator``."""
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
@@ -42,6 +47,11 @@ def sample(
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     keep = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p[:, None]
     sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs, 1, generator=generator).squeeze(-1)
+    own = [row_generators[i] if row_generators else None for i in sampled]
+    if not any(g is not None for g in own):
+        choice = torch.multinomial(sorted_probs, 1, generator=generator).squeeze(-1)
+    else:  # one draw per row: a seeded row must not consume the shared generator's state
+        choice = torch.cat([torch.multinomial(sorted_probs[j:j + 1], 1, generator=g or generator)
+                            .view(1) for j, g in enumerate(own)])
     tokens[rows] = order.gather(-1, choice[:, None]).squeeze(-1)
     return tokens
