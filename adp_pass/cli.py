@@ -251,7 +251,90 @@ def build_parser() -> argparse.ArgumentParser:
                    "gloo ranks without a GPU")
     p.add_argument("--timeout", metavar="S", type=_float_in(0, low_open=True), default=120.0,
                    help="seconds any one collective may wait; a lost rank fails the job")
+    _add_serve_parsers(sub, common, fmt)
     return parser
+
+
+def _add_serve_parsers(sub, common, fmt) -> None:
+    """``adp serve`` and ``adp bench-serve`` (docs/serving.md)."""
+    p = sub.add_parser("serve", parents=[common], formatter_class=fmt,
+                       help="serve the OpenAI API (completions, chat) over persistent ranks",
+                       description="Start the ranks once (torchrun) and serve /v1/completions, "
+                       "/v1/chat/completions, /v1/models, /health and /metrics over HTTP until "
+                       "SIGTERM or Ctrl-C. Each request goes to the DP group with the fewest "
+                       "tokens in flight. See docs/serving.md.")
+    p.add_argument("--preset", metavar="NAME", default=None, choices=sorted(PRESETS),
+                   help="model shape with random weights: %(choices)s; if not given, tiny (or the "
+                   "--checkpoint's)")
+    p.add_argument("--checkpoint", metavar="DIR", type=Path, default=None,
+                   help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--world-size", metavar="N", type=_positive, default=None,
+                   help="ranks; if not given, 2 (or the --mapping's tp)")
+    p.add_argument("--mapping", metavar="SPEC", default=None,
+                   help='"tp=2,attn_dp=1,mlp_tp=2" form or a .json/.toml file; if not given: '
+                   "tp=--world-size,attn_dp=1 (replicated: a rank that dies fails only its own "
+                   "requests)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", metavar="N", type=_int_at_least(1), default=8000, help="HTTP port")
+    p.add_argument("--served-model-name", metavar="NAME", default=None,
+                   help="the model name clients send; if not given, the preset name or the "
+                   "--checkpoint path as typed")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations")
+    p.add_argument("--num-blocks", metavar="N", type=_positive, default=256,
+                   help=f"KV-cache blocks per rank ({BLOCK_SIZE} tokens each); a request needs "
+                   "prompt + max_tokens of them, reserved when it starts")
+    p.add_argument("--max-model-len", metavar="N", type=_positive, default=None,
+                   help="longest prompt + completion; if not given, the model's positions, "
+                   "capped to one rank's KV cache")
+    p.add_argument("--max-batch", metavar="N", type=_positive, default=64,
+                   help="requests a rank decodes together; more wait in its queue")
+    p.add_argument("--max-queue", metavar="N", type=_positive, default=256,
+                   help="requests waiting per DP group before new ones get 429 + Retry-After")
+    p.add_argument("--cuda-graphs", metavar="SIZES", type=_int_list(1, allow_empty=True),
+                   default="1,2,4,8,16,32,64",
+                   help="decode batch sizes captured as CUDA graphs (GPU only; empty: none)")
+    p.add_argument("--seed", metavar="N", type=_int_at_least(0), default=0,
+                   help="weights seed (presets) and the ranks' sampling seed")
+    p.add_argument("--nnodes", metavar="N", type=_positive, default=1,
+                   help="torchrun agents (one per node) meeting at a c10d rendezvous, all on "
+                   "this host; collective mappings only (docs/serving.md, multi-node)")
+    p.add_argument("--start-timeout", metavar="S", type=_float_in(0, low_open=True),
+                   default=1800.0, help="seconds the ranks may take to build and load")
+    p.add_argument("--shutdown-timeout", metavar="S", type=_float_in(0), default=30.0,
+                   help="on SIGTERM, seconds the requests in flight may take to finish before "
+                   "they get an error")
+    p.add_argument("--log-dir", metavar="DIR", type=Path, default=None,
+                   help="where the ranks' log goes; if not given, a file under the temp dir")
+    p.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
+                   help="build cache of the ranks' graphs (docs/build_cache.md); if not given, "
+                   "$XDG_CACHE_HOME/adp-pass or ~/.cache/adp-pass")
+    p.add_argument("--no-cache", action="store_true", help="build every rank's graph; no cache")
+
+    p = sub.add_parser("bench-serve", parents=[common], formatter_class=fmt,
+                       help="benchmark a running 'adp serve' (or any OpenAI server): Poisson "
+                       "arrivals, throughput, TTFT / TPOT / ITL",
+                       description="Send --num-prompts streaming completions of --input-len "
+                       "random token ids to --url, arriving as a Poisson process of --rate "
+                       "requests/s, each generating exactly --output-len tokens (ignore_eos); "
+                       "report throughput and TTFT, TPOT, ITL and latency mean/p50/p99.")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument("--model", default=None, help="model name; if not given, the server's first")
+    p.add_argument("--rate", metavar="R", type=_float_in(0, low_open=True), default=math.inf,
+                   help="requests per second (Poisson); inf: all at once")
+    p.add_argument("--num-prompts", metavar="N", type=_positive, default=100, help="requests")
+    p.add_argument("--input-len", metavar="N", type=_positive, default=512,
+                   help="prompt tokens per request")
+    p.add_argument("--output-len", metavar="N", type=_positive, default=128,
+                   help="tokens generated per request")
+    p.add_argument("--max-concurrency", metavar="N", type=_positive, default=None,
+                   help="requests in flight at most; if not given, no limit")
+    p.add_argument("--seed", metavar="N", type=_int_at_least(0), default=0,
+                   help="prompts and arrival times")
+    p.add_argument("--timeout", metavar="S", type=_float_in(0, low_open=True), default=600.0,
+                   help="seconds one request may take")
+    p.add_argument("--out", metavar="FILE", type=Path, default=None,
+                   help="also write the results (and every request's figures) as JSON")
 
 
 # ----------------------------------------------------------------------------- progress
@@ -557,6 +640,112 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
+    if args.checkpoint is not None and args.preset is not None:
+        raise UsageError("give --preset or --checkpoint, not both", flag="--checkpoint",
+                         hint="a checkpoint brings its own shape (config.json)")
+    preset = args.preset or "tiny"
+    if args.checkpoint is not None:
+        config = check_checkpoint(args.checkpoint)
+        heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        inter, vocab = config["intermediate_size"], config["vocab_size"]
+        positions = config.get("max_position_embeddings") or 4096
+    else:
+        shape = PRESETS[preset]
+        heads, kv_heads, inter = (shape.num_attention_heads, shape.num_key_value_heads,
+                                  shape.intermediate_size)
+        vocab, positions = shape.vocab_size, shape.max_position_embeddings
+    if args.mapping is not None:
+        mapping = _mapping(args.mapping)
+        if args.world_size is not None and args.world_size != mapping.world_size:
+            raise UsageError(f"--world-size {args.world_size} is not the --mapping's tp "
+                             f"({mapping.tp_size}): the mapping regroups the ranks of one TP job",
+                             flag="--world-size", hint="drop --world-size, or make them equal")
+        _check_tp_fits_model(mapping, heads, kv_heads, inter, "--mapping")
+    else:
+        mapping = _mapping(f"tp={args.world_size or 2},attn_dp=1", "--world-size")
+        _check_tp_fits_model(mapping, heads, kv_heads, inter, "--world-size")
+    kv_tokens = args.num_blocks * BLOCK_SIZE
+    if args.max_model_len is not None and args.max_model_len > positions:
+        raise UsageError(f"--max-model-len {args.max_model_len} is longer than the model's "
+                         f"{positions} positions", flag="--max-model-len",
+                         hint=f"use --max-model-len {positions} or less")
+    if args.max_model_len is not None and args.max_model_len > kv_tokens:
+        raise UsageError(f"--max-model-len {args.max_model_len} does not fit one rank's KV cache "
+                         f"(--num-blocks {args.num_blocks} x {BLOCK_SIZE} = {kv_tokens} tokens)",
+                         flag="--max-model-len",
+                         hint=f"raise --num-blocks to {-(-args.max_model_len // BLOCK_SIZE)} or "
+                         f"lower --max-model-len to {kv_tokens}")
+    max_model_len = args.max_model_len or min(positions, kv_tokens)
+    if args.nnodes > 1:
+        if mapping.lockstep_size == 1:
+            raise UsageError(f"--nnodes {args.nnodes}: mapping {mapping} is replicated, and "
+                             "its ranks are started one torchrun job each already", flag="--nnodes",
+                             hint="drop --nnodes, or serve a mapping with collectives")
+        if mapping.world_size % args.nnodes:
+            raise UsageError(f"--nnodes {args.nnodes} does not divide the {mapping.world_size} "
+                             "ranks", flag="--nnodes", hint="give a divisor of the world size")
+    if args.log_dir is not None:
+        check_out_dir(args.log_dir, "--log-dir")
+    if args.no_cache and args.cache_dir is not None:
+        raise UsageError("give --cache-dir or --no-cache, not both", flag="--no-cache")
+    if args.cache_dir is not None:
+        check_out_dir(args.cache_dir, "--cache-dir")
+    _check_port_free(args.host, args.port)
+    if args.checkpoint is not None:
+        from adp_pass.tokenizer import load_tokenizer
+
+        load_tokenizer(args.checkpoint)  # a checkpoint without a tokenizer fails here, at once
+    _check_ranks_fit_machine(mapping.world_size)
+
+    from adp_pass.runtime.build_cache import default_cache_dir
+    from adp_pass.runtime.frontend import default_log_path
+    from adp_pass.serving.server import ServeOptions, serve
+
+    log = (args.log_dir / Path(default_log_path("serve")).name if args.log_dir
+           else default_log_path("serve"))
+    return serve(ServeOptions(
+        mapping=mapping, model_name=args.served_model_name or (
+            str(args.checkpoint) if args.checkpoint else preset),
+        vocab_size=vocab, max_model_len=max_model_len, preset=preset,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None, host=args.host,
+        port=args.port, dtype=args.dtype, num_blocks=args.num_blocks, block_size=BLOCK_SIZE,
+        max_batch=args.max_batch, max_queue=args.max_queue,
+        cuda_graph_sizes=tuple(args.cuda_graphs), seed=args.seed,
+        cache_dir=None if args.no_cache else str(args.cache_dir or default_cache_dir()),
+        log_path=log, start_timeout_s=args.start_timeout,
+        shutdown_timeout_s=args.shutdown_timeout, nnodes=args.nnodes))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Before the ranks start: a port in use would only show after minutes of building."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UsageError(f"--port {port} on {host} cannot be used: {err.strerror}",
+                             flag="--port", hint="stop what listens there, or pick another "
+                             "--port") from None
+
+
+def cmd_bench_serve(args: argparse.Namespace, stage: _Stages) -> int:
+    if args.out is not None:
+        if args.out.exists() and args.out.is_dir():
+            raise UsageError(f"--out {args.out} is a directory; give a file name", flag="--out")
+        check_out_dir(args.out.parent if str(args.out.parent) else Path("."), "--out")
+    from adp_pass.serving.bench import bench_serve, format_report
+
+    report = bench_serve(args.url, model=args.model, rate=args.rate,
+                         num_prompts=args.num_prompts, input_len=args.input_len,
+                         output_len=args.output_len, max_concurrency=args.max_concurrency,
+                         seed=args.seed, timeout_s=args.timeout, out=args.out)
+    print(format_report(report))
+    return 0 if report["completed"] == args.num_prompts else 1
+
+
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -715,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     commands = {"verify": cmd_verify, "rewrite": cmd_rewrite, "run": cmd_run, "plan": cmd_plan,
-                "calibrate": cmd_calibrate}
+                "calibrate": cmd_calibrate, "serve": cmd_serve, "bench-serve": cmd_bench_serve}
     command = next((a for a in argv if a in commands), None)  # for the error prefix only
     try:
         args = parser.parse_args(argv)

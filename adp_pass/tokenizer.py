@@ -29,6 +29,14 @@ class ByteTokenizer:
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    eos_token_ids: tuple[int, ...] = ()  # random weights: no end-of-text token
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """A compact role-tagged prompt (the presets have no chat template of their own; every
+        byte is a token, so shorter is cheaper)."""
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+        return self.encode(text + "<|assistant|>")
+
 
 class HFTokenizer:
     """The checkpoint's tokenizer through transformers' ``AutoTokenizer``."""
@@ -60,6 +68,22 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = self._tok.eos_token_id
+        return () if eos is None else (eos,)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The checkpoint's own chat template (tokenizer_config.json), with the assistant turn
+        opened; a ChatML-style prompt when the checkpoint has no template."""
+        if getattr(self._tok, "chat_template", None):
+            ids = self._tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer versions
+                ids = ids["input_ids"]
+            return list(ids)
+        return ByteTokenizer.chat_prompt(self, messages)  # type: ignore[arg-type]
 
 
 def load_tokenizer(checkpoint: str | Path | None) -> ByteTokenizer | HFTokenizer:

@@ -1,0 +1,253 @@
+"""The persistent ranks behind ``adp serve``: started once with torchrun, reached over TCP.
+
+The front end listens on a TCP port; each rank (``runtime/serve_worker.py``) connects, says
+hello with a shared secret, then sends a JSON line per engine step (new tokens, queue and KV
+use) and takes ``add`` / ``cancel`` / ``stop`` lines.
+
+How the ranks are started depends on what a rank's death may take with it:
+
+* **replicated** mapping (``Mapping.lockstep_size == 1``: no collective in any rank's graph):
+  every rank is its own one-process torchrun job. torchrun stops every worker of a job when one
+  fails; here a job is one rank, so a rank that dies takes only its own requests.
+* **collective** mappings: one torchrun job of ``world_size`` ranks (``nnodes`` agents with a
+  c10d rendezvous when asked, as on several machines): a rank that dies stops the whole group
+  (torchrun), and the server fails every request and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from adp_pass.launch import RankFailed
+from adp_pass.mapping import Mapping
+
+
+@dataclass
+class RankInfo:
+    rank: int
+    state: str = "starting"  # starting | ready | dead | stopped
+    dp_rank: int | None = None
+    reports: bool = False  # sends its DP group's tokens (the attention group's first rank)
+    lockstep_leader: int | None = None
+    pid: int | None = None
+    host: str | None = None
+    writer: asyncio.StreamWriter | None = None
+    stats: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+class RankSet:
+    """Start, reach and stop the ranks of one serving job."""
+
+    def __init__(self, mapping: Mapping, job_dir: Path, log_path: Path, *, nnodes: int = 1,
+                 bind_host: str = "127.0.0.1", echo: bool = True,
+                 on_step: Callable[[RankInfo, dict], None] | None = None,
+                 on_lost: Callable[[RankInfo, str], None] | None = None) -> None:
+        self.mapping, self.job_dir, self.log_path = mapping, job_dir, log_path
+        self.nnodes, self.bind_host, self.echo = nnodes, bind_host, echo
+        self.isolated = mapping.lockstep_size == 1
+        self.ranks = {r: RankInfo(r) for r in range(mapping.world_size)}
+        self.token = secrets.token_hex(16)
+        self.on_step, self.on_lost = on_step, on_lost
+        self.processes: list[tuple[list[int], subprocess.Popen]] = []  # (ranks, torchrun)
+        self.stopping = False
+        self._server: asyncio.AbstractServer | None = None
+        self._ready = asyncio.Event()
+        self._log_lock = threading.Lock()
+        self._monitor: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connection, self.bind_host, 0,
+                                                  limit=1 << 24)
+        port = self._server.sockets[0].getsockname()[1]
+        host = self.bind_host if self.bind_host not in ("0.0.0.0", "") else socket.gethostname()
+        env = dict(os.environ, ADP_SERVE_ADDR=f"{host}:{port}", ADP_SERVE_TOKEN=self.token,
+                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        env.pop("ADP_SERVE_RANK", None)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("")
+        job, out = str(self.job_dir / "job.json"), str(self.job_dir)
+        worker = ["-m", "adp_pass.runtime.serve_worker", job, out]
+        run = [sys.executable, "-m", "torch.distributed.run"]
+        world = self.mapping.world_size
+        if self.isolated:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            devices = visible.split(",") if visible else [str(r) for r in range(world)]
+            for r in range(world):
+                # Each its own job, so torchrun never takes a healthy rank down with a dead one.
+                rank_env = dict(env, ADP_SERVE_RANK=str(r),
+                                CUDA_VISIBLE_DEVICES=devices[r % len(devices)])
+                self._spawn([r], run + ["--standalone", "--nproc-per-node=1"] + worker, rank_env)
+        elif self.nnodes == 1:
+            self._spawn(list(range(world)), run + ["--standalone", f"--nproc-per-node={world}",
+                                                   "--monitor-interval=0.2"] + worker, env)
+        else:
+            per_node = world // self.nnodes
+            rdzv, run_id = f"127.0.0.1:{_free_port()}", f"adp-serve-{uuid.uuid4().hex[:8]}"
+            for node in range(self.nnodes):  # one agent per "node", met at one rendezvous
+                self._spawn(list(range(node * per_node, (node + 1) * per_node)), run + [
+                    f"--nnodes={self.nnodes}", f"--nproc-per-node={per_node}",
+                    "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv}",
+                    f"--rdzv-id={run_id}", "--max-restarts=0",
+                    "--monitor-interval=0.2"] + worker, env)
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_processes())
+
+    def _spawn(self, ranks: list[int], command: list[str], env: dict) -> None:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        threading.Thread(target=self._pump, args=(process,), daemon=True).start()
+        self.processes.append((ranks, process))
+
+    def _pump(self, process: subprocess.Popen) -> None:
+        """Every line into the log; the ranks' own progress lines also on stderr."""
+        with self.log_path.open("a") as sink:
+            for line in process.stdout:
+                with self._log_lock:
+                    sink.write(line)
+                    sink.flush()
+                if self.echo and line.startswith("[rank "):
+                    print(line, end="", file=sys.stderr, flush=True)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until every rank has said hello; a rank that fails first raises its own error."""
+        deadline = time.monotonic() + timeout_s
+        while not all(info.state == "ready" for info in self.ranks.values()):
+            for ranks, process in self.processes:
+                if process.poll() is not None:
+                    raise self._failure(process.returncode)
+            if time.monotonic() > deadline:
+                waiting = [r for r, i in self.ranks.items() if i.state != "ready"]
+                raise RankFailed(f"ranks {waiting} were not ready within {timeout_s:.0f} s",
+                                 log=str(self.log_path),
+                                 hint=f"their output is in {self.log_path}; raise "
+                                 "--start-timeout for a big model")
+            await asyncio.sleep(0.1)
+
+    def _failure(self, returncode: int) -> RankFailed:
+        from adp_pass.runtime.frontend import _rank_failure
+
+        return _rank_failure(self.job_dir, returncode, self.log_path)
+
+    def rank_error(self, rank: int) -> str | None:
+        """A rank's own error record, if it left one."""
+        path = self.job_dir / f"rank{rank}.error.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            record = json.loads(path.read_text())
+            return f"{record['type']}: {record['message']}"
+        return None
+
+    # ------------------------------------------------------------------ connections
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        info = None
+        try:
+            hello = json.loads(await asyncio.wait_for(reader.readline(), 30))
+            if hello.get("type") != "hello" or hello.get("token") != self.token:
+                writer.close()
+                return
+            info = self.ranks[int(hello["rank"])]
+            info.dp_rank, info.reports = hello["dp_rank"], hello["reports"]
+            info.lockstep_leader, info.pid, info.host = (hello["lockstep_leader"], hello["pid"],
+                                                         hello["host"])
+            info.writer, info.state = writer, "ready"
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                message = json.loads(line)
+                if message.get("type") == "step":
+                    info.stats = message["stats"]
+                    if self.on_step is not None:
+                        self.on_step(info, message)
+                elif message.get("type") == "bye":
+                    info.state = "stopped"
+        except (asyncio.TimeoutError, ConnectionError, ValueError, KeyError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+            if info is not None and info.state == "ready":
+                await asyncio.sleep(0.3)  # let the process exit, so its error record is there
+                self._lost(info, "its connection closed")
+
+    def _lost(self, info: RankInfo, why: str) -> None:
+        if info.state in ("dead", "stopped") or self.stopping:
+            info.state = "stopped" if self.stopping else info.state
+            return
+        info.state = "dead"
+        own = self.rank_error(info.rank)
+        info.error = f"rank {info.rank} died ({why})" + (f": {own}" if own else "")
+        if self.on_lost is not None:
+            self.on_lost(info, info.error)
+
+    async def _watch_processes(self) -> None:
+        while not self.stopping:
+            for ranks, process in self.processes:
+                code = process.poll()
+                if code is None:
+                    continue
+                for r in ranks:
+                    self._lost(self.ranks[r], f"its torchrun job exited with code {code}")
+            await asyncio.sleep(0.2)
+
+    # ------------------------------------------------------------------ messages
+    def leader_of(self, group: int) -> RankInfo:
+        """The rank that reads the front end for DP group ``group``: the first rank of its
+        lockstep group."""
+        member = next(i for i in self.ranks.values() if i.dp_rank == group)
+        return self.ranks[member.lockstep_leader]
+
+    def send(self, group: int, message: dict) -> bool:
+        info = self.leader_of(group)
+        if info.state != "ready" or info.writer is None:
+            return False
+        info.writer.write(json.dumps(message).encode() + b"\n")
+        return True
+
+    def groups(self) -> int:
+        return self.mapping.dp_size
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Ask every rank to stop, wait for the torchrun jobs, kill what is left."""
+        self.stopping = True
+        for info in self.ranks.values():
+            if info.writer is not None and info.state == "ready":
+                with contextlib.suppress(Exception):
+                    info.writer.write(json.dumps({"type": "stop", "reason": "server shutdown"})
+                                      .encode() + b"\n")
+                    await info.writer.drain()
+        deadline = time.monotonic() + timeout_s
+        while any(p.poll() is None for _, p in self.processes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        self.kill()
+        if self._server is not None:
+            self._server.close()
+        if self._monitor is not None:
+            self._monitor.cancel()
+
+    def kill(self) -> None:
+        for _, process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

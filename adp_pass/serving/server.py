@@ -1,0 +1,136 @@
+"""``adp serve``: start the ranks once, then serve the OpenAI API over them with uvicorn until
+SIGTERM / Ctrl-C (graceful) or a fatal rank failure (exit code 1)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from adp_pass.mapping import Mapping
+
+
+@dataclass
+class ServeOptions:
+    mapping: Mapping
+    model_name: str
+    vocab_size: int
+    max_model_len: int
+    preset: str = "tiny"
+    checkpoint: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "float32"
+    num_blocks: int = 256
+    block_size: int = 16
+    max_batch: int = 64
+    max_queue: int = 256
+    cuda_graph_sizes: tuple[int, ...] = ()
+    seed: int = 0
+    cache_dir: str | None = None
+    log_path: Path | None = None
+    start_timeout_s: float = 1800.0
+    shutdown_timeout_s: float = 30.0
+    nnodes: int = 1
+
+
+def _http_server(config):
+    """uvicorn's server without its own signal handling: SIGTERM drains the requests first
+    (``ServingState.drain``), and the process decides its exit code itself (uvicorn re-raises
+    the signal it caught, which would end the process before the ranks are stopped)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    return Server(config)
+
+
+def serve(options: ServeOptions) -> int:
+    return asyncio.run(_serve(options))
+
+
+async def _serve(o: ServeOptions) -> int:
+    import uvicorn
+
+    from adp_pass.runtime.frontend import default_log_path
+    from adp_pass.runtime.job import Job
+    from adp_pass.serving.app import build_app
+    from adp_pass.serving.protocol import ModelLimits
+    from adp_pass.serving.ranks import RankSet
+    from adp_pass.serving.state import ServingState
+    from adp_pass.tokenizer import load_tokenizer
+
+    job_dir = Path(tempfile.mkdtemp(prefix="adp-serve-"))
+    Job(mapping=str(o.mapping), preset=o.preset, checkpoint=o.checkpoint, dtype=o.dtype,
+        num_blocks=o.num_blocks, block_size=o.block_size, max_position=o.max_model_len,
+        max_seq_len=o.max_model_len, max_batch=o.max_batch,
+        cuda_graph_sizes=list(o.cuda_graph_sizes), seed=o.seed,
+        cache_dir=o.cache_dir).write(job_dir / "job.json")
+    log_path = o.log_path or default_log_path("serve")
+    ranks = RankSet(o.mapping, job_dir, log_path, nnodes=o.nnodes)
+    tokenizer = load_tokenizer(o.checkpoint)
+    limits = ModelLimits(o.model_name, o.vocab_size, o.max_model_len, o.num_blocks * o.block_size)
+    state = ServingState(ranks, limits, tokenizer, max_queue=o.max_queue,
+                         shutdown_timeout_s=o.shutdown_timeout_s)
+    loop = asyncio.get_running_loop()
+    print(f"adp serve: starting {o.mapping.world_size} ranks (mapping {o.mapping}; rank log "
+          f"{log_path})", file=sys.stderr, flush=True)
+    stop_signals = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_signals.set)
+    await ranks.start()
+    try:
+        ready = asyncio.ensure_future(ranks.wait_ready(o.start_timeout_s))
+        signalled = asyncio.ensure_future(stop_signals.wait())
+        await asyncio.wait({ready, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            print("adp serve: interrupted while the ranks started", file=sys.stderr)
+            await ranks.stop(timeout_s=5)
+            return 130
+        ready.result()  # a rank's start failure raises its own error (RankFailed)
+    except BaseException:
+        ranks.kill()
+        raise
+    config = uvicorn.Config(build_app(state), host=o.host, port=o.port, log_level="warning",
+                            access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                            timeout_keep_alive=5)
+    server = _http_server(config)
+    http = asyncio.ensure_future(server.serve())
+    while not server.started and not http.done():
+        await asyncio.sleep(0.05)
+    if http.done():  # could not bind the port (uvicorn logged why)
+        await ranks.stop(timeout_s=10)
+        exc = http.exception() if not http.cancelled() else None
+        raise OSError(f"the HTTP server on {o.host}:{o.port} did not start"
+                      f"{f' ({exc})' if exc else ''}; is the port in use?")
+    print(f"adp serve: ready on http://{o.host}:{o.port}/v1 (model '{o.model_name}', "
+          f"{o.mapping.world_size} ranks, {o.mapping.dp_size} DP groups)", flush=True)
+
+    async def on_signal():
+        await stop_signals.wait()
+        print("adp serve: shutting down: finishing the requests in flight", file=sys.stderr,
+              flush=True)
+        await state.drain()
+
+    draining = asyncio.ensure_future(on_signal())
+    done = asyncio.ensure_future(state.stop_event.wait())
+    await asyncio.wait({done, http}, return_when=asyncio.FIRST_COMPLETED)
+    draining.cancel()
+    server.should_exit = True
+    with contextlib.suppress(asyncio.TimeoutError, Exception):
+        await asyncio.wait_for(http, 15)
+    await ranks.stop(timeout_s=5 if state.failed else 30)
+    if state.failed:
+        print(f"adp serve: error: {state.failed}", file=sys.stderr, flush=True)
+        print(f"  rank logs: {log_path}", file=sys.stderr, flush=True)
+    else:
+        print("adp serve: stopped", file=sys.stderr, flush=True)
+    return state.exit_code

@@ -1,0 +1,336 @@
+"""adp serve as users run it: a real server process (two gloo ranks, preset tiny) and the real
+``openai`` client and raw HTTP against it. One server for the module (its start is most of the
+cost); the tests that damage it (a rank killed, SIGTERM) come last, in file order.
+
+The server runs with a small KV cache (16 blocks of 16 tokens per rank) so that two long
+requests fill a rank and the next one waits in its queue (backpressure)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.multirank
+
+START_TIMEOUT_S = 240  # two tiny ranks built from scratch on 2 shared cores
+REQUEST_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "adp_pass.cli", "serve", "--port", str(self.port), *args],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"adp serve exited with {self.process.returncode}:\n"
+                                     f"{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"adp serve not ready in {START_TIMEOUT_S} s:\n"
+                                     f"{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0,
+                                    timeout=REQUEST_TIMEOUT_S)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+    def metric(self, name: str, **labels) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        key = f"{name}{{{want}}}" if want else name
+        for line in text.splitlines():
+            if line.split(" ")[0] == key:
+                return float(line.split(" ")[1])
+        raise KeyError(f"{key} not in /metrics")
+
+    def post(self, path: str, body, **kw) -> httpx.Response:
+        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return httpx.post(f"{self.url}{path}", content=content, timeout=REQUEST_TIMEOUT_S,
+                          headers={"content-type": "application/json"}, **kw)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    srv = Server("--preset", "tiny", "--world-size", "2", "--num-blocks", "16",
+                 "--max-queue", "1", "--shutdown-timeout", "20", log=log)
+    yield srv
+    srv.stop()
+
+
+def wait_for(condition, timeout_s=20.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout_s} s")
+
+
+# ----------------------------------------------------------------------------- the API
+def test_models_health_and_greedy_completions_agree_across_ranks(server):
+    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+    health = server.health()
+    assert health["status"] == "ok" and [r["state"] for r in health["ranks"]] == ["ready"] * 2
+    # Two requests one after the other go to the two ranks (the router's tie rule); greedy
+    # decoding of the same prompt on both gives the same text: the ranks hold the same model.
+    before = [server.metric("adp_routed_requests_total", dp_rank=g) for g in (0, 1)]
+    outs = [server.client.completions.create(model="tiny", prompt="Hello", max_tokens=3,
+                                             temperature=0) for _ in range(2)]
+    after = [server.metric("adp_routed_requests_total", dp_rank=g) for g in (0, 1)]
+    assert [a - b for a, b in zip(after, before)] == [1, 1]
+    assert outs[0].choices[0].text == outs[1].choices[0].text
+    assert outs[0].choices[0].finish_reason == "length"
+    assert outs[0].usage.prompt_tokens == 5 and outs[0].usage.completion_tokens == 3
+
+
+def test_chat_stream_with_usage(server):
+    chunks = list(server.client.chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "be brief"},
+                                {"role": "user", "content": "hi"}],
+        max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = server.client.chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "be brief"},
+                                {"role": "user", "content": "hi"}], max_tokens=3, temperature=1,
+        top_p=0.9, seed=11)
+    assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens == 3
+    assert isinstance(streamed, str)
+
+
+def test_seed_makes_sampling_reproducible_on_any_rank(server):
+    def sample(seed):
+        out = server.client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4,
+                                               temperature=1.0, seed=seed)
+        return out.choices[0].text
+
+    first, second = sample(7), sample(7)  # routed to the two ranks in turn
+    assert first == second
+    assert sample(8) != first
+
+
+def test_n_choices_and_stop_string(server):
+    out = server.client.completions.create(model="tiny", prompt=[9, 10, 11], max_tokens=6,
+                                           temperature=0, n=2)
+    texts = [c.text for c in out.choices]
+    assert len(texts) == 2 and texts[0] == texts[1] and out.usage.completion_tokens == 12
+    text = texts[0]
+    cut = next(i for i in range(1, len(text)) if text[i] != "\ufffd" and text[i] not in text[:i])
+    stopped = server.client.completions.create(model="tiny", prompt=[9, 10, 11], max_tokens=6,
+                                               temperature=0, stop=[text[cut]])
+    assert stopped.choices[0].text == text[:cut]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_bench_serve_reports_latencies(server, tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "adp_pass.cli", "bench-serve", "--url", server.url,
+                          "--rate", "5", "--num-prompts", "3", "--input-len", "6",
+                          "--output-len", "3", "--max-concurrency", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    assert report["completed"] == 3 and report["total_output_tokens"] == 9
+    for key in ("ttft", "tpot", "itl", "e2e_latency"):
+        assert 0 < report[key]["p50_ms"] <= report[key]["p99_ms"], key
+    assert "TTFT" in run.stdout and "output token throughput" in run.stdout
+
+
+# ----------------------------------------------------------------------------- bad requests
+LONG = [1] * 300  # longer than the context (16 blocks x 16 tokens = 256)
+CHAT = [{"role": "user", "content": "hi"}]
+BAD = [
+    ("malformed json", "/v1/completions", b'{"prompt": "a",', 400, "not valid JSON"),
+    ("body is an array", "/v1/completions", [1, 2], 400, "JSON object"),
+    ("empty body", "/v1/completions", b"", 400, "not valid JSON"),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "a"}, 404, "does not exist"),
+    ("model not a string", "/v1/completions", {"model": 3, "prompt": "a"}, 400, "'model'"),
+    ("missing prompt", "/v1/completions", {"max_tokens": 2}, 400, "'prompt' is required"),
+    ("prompt a number", "/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
+    ("empty prompt", "/v1/completions", {"prompt": ""}, 400, "empty"),
+    ("empty prompt list", "/v1/completions", {"prompt": []}, 400, "empty"),
+    ("token id out of vocab", "/v1/completions", {"prompt": [1, 256]}, 400, "outside the vocab"),
+    ("negative token id", "/v1/completions", {"prompt": [-1, 2]}, 400, "outside the vocab"),
+    ("token id a float", "/v1/completions", {"prompt": [1, 2.5]}, 400, "must be integers"),
+    ("prompt longer than context", "/v1/completions", {"prompt": LONG}, 400, "context"),
+    ("negative max_tokens", "/v1/completions", {"prompt": "a", "max_tokens": -1}, 400, ">= 1"),
+    ("zero max_tokens", "/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, ">= 1"),
+    ("huge max_tokens", "/v1/completions", {"prompt": "a", "max_tokens": 10**9}, 400, "at most"),
+    ("max_tokens a string", "/v1/completions", {"prompt": "a", "max_tokens": "5"}, 400, "integer"),
+    ("max_tokens a bool", "/v1/completions", {"prompt": "a", "max_tokens": True}, 400, "integer"),
+    ("max_tokens a float", "/v1/completions", {"prompt": "a", "max_tokens": 2.5}, 400, "integer"),
+    ("temperature < 0", "/v1/completions", {"prompt": "a", "temperature": -0.1}, 400, "[0, 2]"),
+    ("temperature > 2", "/v1/completions", {"prompt": "a", "temperature": 3}, 400, "[0, 2]"),
+    ("temperature NaN", "/v1/completions", b'{"prompt": "a", "temperature": NaN}', 400, "[0, 2]"),
+    ("temperature a string", "/v1/completions", {"prompt": "a", "temperature": "hot"}, 400,
+     "number"),
+    ("top_p zero", "/v1/completions", {"prompt": "a", "top_p": 0}, 400, "(0, 1]"),
+    ("top_p above 1", "/v1/completions", {"prompt": "a", "top_p": 1.5}, 400, "(0, 1]"),
+    ("too many stop strings", "/v1/completions", {"prompt": "a", "stop": list("abcde")}, 400,
+     "at most 4"),
+    ("stop not a string", "/v1/completions", {"prompt": "a", "stop": 7}, 400, "'stop'"),
+    ("empty stop string", "/v1/completions", {"prompt": "a", "stop": [""]}, 400, "empty"),
+    ("seed a string", "/v1/completions", {"prompt": "a", "seed": "x"}, 400, "'seed'"),
+    ("stream not a bool", "/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "'stream'"),
+    ("stream_options without stream", "/v1/completions",
+     {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "only allowed"),
+    ("n zero", "/v1/completions", {"prompt": "a", "n": 0}, 400, "'n'"),
+    ("n too big", "/v1/completions", {"prompt": "a", "n": 1000}, 400, "'n'"),
+    ("logprobs asked", "/v1/completions", {"prompt": "a", "logprobs": 3}, 400, "not supported"),
+    ("penalty asked", "/v1/completions", {"prompt": "a", "presence_penalty": 1}, 400,
+     "not supported"),
+    ("chat without messages", "/v1/chat/completions", {"model": "tiny"}, 400, "'messages'"),
+    ("chat messages empty", "/v1/chat/completions", {"messages": []}, 400, "empty"),
+    ("chat messages not a list", "/v1/chat/completions", {"messages": "hi"}, 400, "array"),
+    ("chat unknown role", "/v1/chat/completions",
+     {"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("chat content a number", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    ("chat image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "text only"),
+    ("chat huge max_completion_tokens", "/v1/chat/completions",
+     {"messages": CHAT, "max_completion_tokens": 10**6}, 400, "at most"),
+    ("chat tools", "/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]},
+     400, "not supported"),
+    ("unknown route", "/v1/embeddings", {"input": "a"}, 404, "no route"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_request_gets_openai_error(server, path, body, status, words):
+    response = server.post(path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"], error
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_bad_requests_through_the_openai_client_and_server_stays_up(server):
+    assert len(BAD) >= 30
+    with pytest.raises(openai.BadRequestError) as err:
+        server.client.completions.create(model="tiny", prompt="a", max_tokens=-3)
+    assert err.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="nope", prompt="a", max_tokens=1)
+    response = httpx.get(f"{server.url}/v1/completions", timeout=10)
+    assert response.status_code == 405 and "not allowed" in response.json()["error"]["message"]
+    assert server.health()["status"] == "ok"
+    assert server.client.completions.create(model="tiny", prompt="a", max_tokens=1).choices
+
+
+# ----------------------------------------------------------------------------- load and failures
+class Stream:
+    """A streaming completion read on a thread: its chunks and how it ended."""
+
+    def __init__(self, server, max_tokens, prompt=(1, 2, 3)):
+        self.chunks, self.error, self.finish = [], None, None
+        self.stream = server.client.completions.create(
+            model="tiny", prompt=list(prompt), max_tokens=max_tokens, stream=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            for chunk in self.stream:
+                self.chunks.append(chunk)
+                self.finish = chunk.choices[0].finish_reason or self.finish
+        except Exception as err:  # noqa: BLE001 - the test looks at it
+            self.error = err
+
+    def close(self):
+        self.stream.close()
+        self.thread.join(10)
+
+
+def test_full_cache_queues_then_429_and_disconnect_frees_kv(server):
+    # Each request reserves 3 + 200 tokens = 13 of a rank's 16 blocks: one runs per rank, the
+    # next waits in a rank's queue (max 1), the one after that is refused.
+    running = [Stream(server, 200), Stream(server, 200)]
+    wait_for(lambda: all(s.chunks for s in running), what="both ranks generating")
+    assert all(server.metric("adp_kv_blocks_used", rank=r, dp_rank=r) >= 1 for r in (0, 1))
+    queued = [Stream(server, 200), Stream(server, 200)]
+    wait_for(lambda: server.metric("adp_queue_depth", rank=0, dp_rank=0)
+             + server.metric("adp_queue_depth", rank=1, dp_rank=1) == 2, what="two queued")
+    refused = server.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 200})
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"
+    for stream in running + queued:  # the clients go away
+        stream.close()
+    wait_for(lambda: server.metric("adp_requests_in_flight") == 0
+             and server.metric("adp_kv_blocks_used", rank=0, dp_rank=0) == 0
+             and server.metric("adp_kv_blocks_used", rank=1, dp_rank=1) == 0
+             and server.metric("adp_queue_depth", rank=0, dp_rank=0) == 0, what="KV freed")
+    assert server.metric("adp_requests_total", outcome="cancelled") >= 4
+    assert server.metric("adp_load_imbalance_ratio") == 1.0
+
+
+def test_dead_rank_fails_only_its_requests(server):
+    streams = [Stream(server, 60), Stream(server, 60)]
+    wait_for(lambda: all(s.chunks for s in streams), what="both ranks generating")
+    victim = server.health()["ranks"][1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: streams[1].error is not None or streams[0].error is not None,
+             what="the dead rank's request failing")
+    # Which stream went to rank 1 follows the router; exactly one fails, with the rank named.
+    failed = [s for s in streams if s.error is not None]
+    alive = [s for s in streams if s.error is None]
+    assert len(failed) == 1 and "rank 1" in str(failed[0].error)
+    seen = len(alive[0].chunks)
+    wait_for(lambda: len(alive[0].chunks) > seen + 1, what="the other rank still generating")
+    alive[0].close()
+    health = server.health()
+    assert health["status"] == "degraded" and health["live_dp_groups"] == [0]
+    assert server.metric("adp_rank_up", rank=1) == 0
+    for _ in range(2):  # new requests all go to the live rank
+        assert server.client.completions.create(model="tiny", prompt="ok", max_tokens=1).choices
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(server):
+    stream = Stream(server, 6)
+    wait_for(lambda: stream.chunks, what="generating")
+    server.process.send_signal(signal.SIGTERM)
+    def refused():
+        try:
+            return server.post("/v1/completions", {"prompt": "a"}).status_code == 503
+        except httpx.HTTPError:  # already closed: refused too
+            return True
+
+    wait_for(refused, timeout_s=10, what="new requests refused")
+    stream.thread.join(REQUEST_TIMEOUT_S)
+    assert stream.error is None and stream.finish == "length"
+    assert server.process.wait(30) == 0
+    assert "adp serve: stopped" in server.log.read_text()

@@ -1,0 +1,142 @@
+"""adp serve's parts that need no server: the router, stop strings in streamed text, the request
+checks, the engine's cancel and per-request seeds."""
+
+import random
+
+import pytest
+import torch
+
+from adp_pass.serving.app import TextStream
+from adp_pass.serving.protocol import APIError, ModelLimits, parse_chat, parse_completion
+from adp_pass.serving.router import Overloaded, Router
+from adp_pass.tokenizer import ByteTokenizer
+
+LIMITS = ModelLimits("tiny", vocab_size=256, max_model_len=512, kv_tokens=1024)
+
+
+def _simulate(pick, groups=4, steps=2000, seed=0):
+    """Requests arrive one per step, long (2000 tokens) or short (20) at random; every group
+    generates one token per running request per step. Returns the worst imbalance seen after
+    warm-up (largest over mean tokens in flight)."""
+    rng = random.Random(seed)
+    router = Router(groups, max_queue=10**9)
+    live: list[tuple[int, str, int]] = []  # (group, id, tokens left)
+    worst = 1.0
+    for step in range(steps):
+        length = rng.choice([2000, 20, 20, 20])
+        group = pick(router, step, length)
+        router.add(group, f"r{step}", 16, length)
+        live.append((group, f"r{step}", length))
+        nxt = []
+        for g, rid, left in live:
+            router.progress(g, rid, 1)
+            if left > 1:
+                nxt.append((g, rid, left - 1))
+            else:
+                router.remove(g, rid)
+        live = nxt
+        if step > 500:
+            worst = max(worst, router.imbalance())
+    return worst
+
+
+def test_router_keeps_long_short_mix_balanced():
+    by_load = _simulate(lambda r, step, n: r.pick(16, n))
+    round_robin = _simulate(lambda r, step, n: step % r.groups)
+    # Round robin lets long requests pile up on some ranks; the load rule keeps them even.
+    assert by_load < 1.05, by_load
+    assert round_robin > 1.15, round_robin
+
+
+def test_router_queue_limit_dead_groups_and_ties():
+    router = Router(2, max_queue=1)
+    assert [router.pick(4, 4) for _ in range(1)] == [0]
+    router.add(0, "a", 4, 4)
+    assert router.pick(4, 4) == 1
+    router.add(1, "b", 4, 4)
+    with pytest.raises(Overloaded):  # both queues hold one request without a token yet
+        router.pick(4, 4)
+    router.progress(0, "a", 1)  # a runs: group 0 has room again
+    assert router.pick(4, 4) == 0
+    assert router.mark_dead(1) == ["b"]
+    assert router.pick(1, 1) == 0 and router.imbalance() == 1.0
+    idle = Router(3, max_queue=8)
+    picks = []
+    for i in range(6):  # one at a time, each finishing before the next: still spread
+        g = idle.pick(8, 8)
+        idle.add(g, str(i), 8, 8)
+        idle.remove(g, str(i))
+        picks.append(g)
+    assert picks == [0, 1, 2, 0, 1, 2]
+
+
+def test_text_stream_holds_back_stop_strings():
+    tok = ByteTokenizer()
+    stream = TextStream(tok, ["END"])
+    out = [stream.push(tok.encode(piece)) for piece in ["hello E", "N", "D tail"]]
+    assert "".join(out) == "hello " and stream.stopped
+    plain = TextStream(tok, [])
+    assert plain.push([0xC3]) == ""  # half of "é": held until the rest comes
+    assert plain.push([0xA9], final=True) == "é"
+    longest = TextStream(tok, ["xy", "abc"])
+    assert longest.push(tok.encode("12ab")) == "12"  # "ab" may still become "abc"
+    assert longest.push(tok.encode("z"), final=True) == "abz"
+
+
+def test_request_checks_defaults_and_batches():
+    tok = ByteTokenizer()
+    gen = parse_completion({"prompt": "hi"}, LIMITS, tok)
+    assert gen.prompts == [[104, 105]] and gen.max_tokens == 16 and gen.n == 1
+    gen = parse_completion({"prompt": [[1, 2], "ab"], "n": 2, "stop": "x", "seed": 3}, LIMITS, tok)
+    assert gen.prompts == [[1, 2], [97, 98]] and gen.n == 2 and gen.stop == ["x"]
+    chat = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}],
+                       "max_completion_tokens": 5}, LIMITS, tok)
+    assert chat.max_tokens == 5 and tok.decode(chat.prompts[0]).endswith("<|assistant|>")
+    # Chat without a length: up to the context, as vLLM.
+    assert parse_chat({"messages": [{"role": "user", "content": "q"}]}, LIMITS, tok).max_tokens \
+        == LIMITS.max_model_len - len(chat.prompts[0])
+    with pytest.raises(APIError) as err:
+        parse_completion({"prompt": "hi", "max_tokens": 600}, LIMITS, tok)
+    assert err.value.param == "max_tokens" and "at most 510" in err.value.message
+
+
+def _tiny_engine(max_batch=4):
+    from adp_pass.runtime.engine import RankEngine
+    from adp_pass.runtime.kv_cache import PagedKVCache
+
+    vocab = 32
+
+    class Echo(torch.nn.Module):  # logits from the input ids only: a model needing no weights
+        def forward(self, ids, positions, slots, tables, lens):
+            return (torch.nn.functional.one_hot((ids * 7 + positions) % vocab, vocab).float(),)
+
+    cache = PagedKVCache(1, 8, 16, 1, 8, dtype=torch.float32, device="cpu")
+    return RankEngine(Echo(), cache, max_batch=max_batch)
+
+
+def test_engine_cancel_frees_blocks_and_seeds_are_per_request():
+    from adp_pass.runtime.engine import Request
+    from adp_pass.runtime.sampling import SamplingParams, sample
+
+    engine = _tiny_engine()
+    engine.add(Request("a", [1, 2, 3], SamplingParams(8)))
+    engine.add(Request("b", [4, 5, 6], SamplingParams(8)))
+    engine.step()
+    assert engine.partial_tokens().keys() == {"a", "b"}
+    used = engine.cache.num_blocks - engine.cache.num_free_blocks
+    assert used > 0 and engine.cancel("a") and not engine.cancel("a")
+    assert engine.cache.num_blocks - engine.cache.num_free_blocks < used
+    engine.add(Request("c", [1], SamplingParams(2)))
+    assert engine.cancel("c")  # still waiting: taken off the queue
+    assert engine.cancel("b") and engine.cache.num_free_blocks == engine.cache.num_blocks
+    assert not engine.has_work
+    # A seeded row draws the same token whatever shares its batch; others are not disturbed.
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=1.0, seed=5)] * 3
+
+    def seeded():
+        return torch.Generator().manual_seed(5)
+
+    alone = sample(logits[:1], params[:1], torch.Generator().manual_seed(0), [seeded()])
+    batch = sample(logits, params, torch.Generator().manual_seed(1), [seeded(), None, None])
+    assert alone[0] == batch[0]
