@@ -704,7 +704,8 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
 
     log = (args.log_dir / Path(default_log_path("serve")).name if args.log_dir
            else default_log_path("serve"))
-    return serve(ServeOptions(
+    with stage(f"serve on {mapping.world_size} ranks, http://{args.host}:{args.port}"):
+        return _serve(serve, ServeOptions(
         mapping=mapping, model_name=args.served_model_name or (
             str(args.checkpoint) if args.checkpoint else preset),
         vocab_size=vocab, max_model_len=max_model_len, preset=preset,
@@ -715,6 +716,13 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
         cache_dir=None if args.no_cache else str(args.cache_dir or default_cache_dir()),
         log_path=log, start_timeout_s=args.start_timeout,
         shutdown_timeout_s=args.shutdown_timeout, nnodes=args.nnodes))
+
+
+def _serve(serve, options) -> int:
+    code = serve(options)
+    if code:  # the server already said why (a rank died under a collective mapping)
+        raise SystemExit(code)
+    return code
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -119,8 +119,20 @@ def files(tmp_path_factory) -> dict[str, Path]:
 CASES = [
     # top level
     ([], 2, ["required", "COMMAND"]),
-    (["serve"], 2, ["invalid choice", "serve"]),
+    (["launch"], 2, ["invalid choice", "launch"]),
     (["rewrite", "--bogus"], 2, ["unrecognized", "--bogus", "see 'adp rewrite --help'"]),
+    # serve / bench-serve flags (a valid serve would start a server: every case must fail first)
+    (["serve", "--port", "0"], 2, ["--port", ">= 1"]),
+    (["serve", "--preset", "tiny", "--checkpoint", "{good}"], 2, ["--preset or --checkpoint"]),
+    (["serve", "--world-size", "3"], 2, ["--world-size 3"]),
+    (["serve", "--max-model-len", "100000"], 2, ["--max-model-len 100000", "positions"]),
+    (["serve", "--num-blocks", "2", "--max-model-len", "64"], 2, ["--max-model-len 64",
+                                                                   "--num-blocks"]),
+    (["serve", "--nnodes", "2"], 2, ["--nnodes 2", "replicated"]),
+    (["serve", "--mapping", "tp=2,attn_dp=0", "--nnodes", "3"], 2, ["--nnodes 3", "divide"]),
+    (["serve", "--shutdown-timeout", "-1"], 2, ["--shutdown-timeout"]),
+    (["bench-serve", "--rate", "0"], 2, ["--rate", "(0, inf)"]),
+    (["bench-serve", "--num-prompts", "0"], 2, ["--num-prompts", ">= 1"]),
     # verify flags
     (["verify", "--world-size", "0"], 2, ["--world-size", ">= 1"]),
     (["verify", "--world-size", "-1"], 2, ["--world-size"]),
