@@ -1,6 +1,8 @@
 """adp serve as users run it: a real server process (two gloo ranks, preset tiny) and the real
 ``openai`` client and raw HTTP against it. One server for the module (its start is most of the
-cost); the tests that damage it (a rank killed, SIGTERM) come last, in file order.
+cost); the tests that damage it (a rank killed, SIGTERM) come last, in file order. The
+collective mapping (two torchrun agents as two nodes, fail-fast) has a server of its own and is
+opt-in (-m full).
 
 The server runs with a small KV cache (16 blocks of 16 tokens per rank) so that two long
 requests fill a rank and the next one waits in its queue (backpressure)."""
@@ -168,6 +170,32 @@ def test_bench_serve_reports_latencies(server, tmp_path):
     for key in ("ttft", "tpot", "itl", "e2e_latency"):
         assert 0 < report[key]["p50_ms"] <= report[key]["p99_ms"], key
     assert "TTFT" in run.stdout and "output token throughput" in run.stdout
+
+
+@pytest.mark.full  # its own server and build: ~25 s on 2 cores, over CI's budget (-m full)
+def test_collective_mapping_on_two_nodes_matches_then_fails_fast(server, tmp_path):
+    """A mapping with collectives (MLP sharded over both ranks), its ranks started by two
+    torchrun agents meeting at a c10d rendezvous (two "nodes" on this host): the same greedy
+    text as the replicated server; then one rank dies and every client gets an error and the
+    server exits non-zero within 60 s."""
+    nodes = Server("--preset", "tiny", "--mapping", "tp=2,attn_dp=1,mlp_tp=2", "--nnodes", "2",
+                   "--num-blocks", "16", log=tmp_path / "collective.log")
+    try:
+        prompt = dict(model="tiny", prompt=[5, 6, 7, 8], max_tokens=4, temperature=0)
+        assert nodes.client.completions.create(**prompt).choices[0].text == \
+            server.client.completions.create(**prompt).choices[0].text
+        streams = [Stream(nodes, 100), Stream(nodes, 100)]
+        wait_for(lambda: all(s.chunks for s in streams), what="both ranks generating")
+        killed = time.monotonic()
+        os.kill(nodes.health()["ranks"][1]["pid"], signal.SIGKILL)
+        assert nodes.process.wait(60) == 1
+        assert time.monotonic() - killed < 60
+        for stream in streams:
+            stream.thread.join(10)
+            assert "rank 1 died" in str(stream.error), stream.error
+        assert "keeps collectives" in nodes.log.read_text()
+    finally:
+        nodes.stop()
 
 
 # ----------------------------------------------------------------------------- bad requests
