@@ -115,6 +115,11 @@ def test_models_health_and_greedy_completions_agree_across_ranks(server):
     assert outs[0].choices[0].text == outs[1].choices[0].text
     assert outs[0].choices[0].finish_reason == "length"
     assert outs[0].usage.prompt_tokens == 5 and outs[0].usage.completion_tokens == 3
+    for histogram in ("adp_time_to_first_token_seconds", "adp_time_per_output_token_seconds",
+                      "adp_e2e_request_latency_seconds"):
+        assert server.metric(f"{histogram}_count") >= 2, histogram
+    assert server.metric("adp_generation_tokens_total") >= 6
+    assert server.metric("adp_requests_total", outcome="ok") >= 2
 
 
 def test_chat_stream_with_usage(server):
@@ -324,6 +329,15 @@ def test_full_cache_queues_then_429_and_disconnect_frees_kv(server):
              and server.metric("adp_queue_depth", rank=0, dp_rank=0) == 0, what="KV freed")
     assert server.metric("adp_requests_total", outcome="cancelled") >= 4
     assert server.metric("adp_load_imbalance_ratio") == 1.0
+
+
+def test_non_streamed_request_is_cancelled_when_the_client_leaves(server):
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{server.url}/v1/completions", json={"prompt": [4, 5], "max_tokens": 200},
+                   timeout=1.5)
+    wait_for(lambda: server.metric("adp_requests_in_flight") == 0
+             and server.metric("adp_kv_blocks_used", rank=0, dp_rank=0) == 0
+             and server.metric("adp_kv_blocks_used", rank=1, dp_rank=1) == 0, what="KV freed")
 
 
 def test_dead_rank_fails_only_its_requests(server):

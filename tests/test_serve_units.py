@@ -140,3 +140,27 @@ def test_engine_cancel_frees_blocks_and_seeds_are_per_request():
     alone = sample(logits[:1], params[:1], torch.Generator().manual_seed(0), [seeded()])
     batch = sample(logits, params, torch.Generator().manual_seed(1), [seeded(), None, None])
     assert alone[0] == batch[0]
+
+
+def test_checkpoint_chat_template_and_end_of_text(tmp_path):
+    """A checkpoint's tokenizer brings its chat template and end-of-text id (HFTokenizer, the
+    path --checkpoint serving takes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from adp_pass.tokenizer import HFTokenizer
+
+    vocab = {"[UNK]": 0, "<eos>": 1, "user": 2, "assistant": 3, "hi": 4, ":": 5}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="<eos>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
+                          "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
+    fast.save_pretrained(tmp_path)
+    tok = HFTokenizer(tmp_path)
+    assert tok.eos_token_ids == (1,)
+    assert tok.chat_prompt([{"role": "user", "content": "hi"}]) == [2, 5, 4, 3, 5]
+    limits = ModelLimits("ckpt", vocab_size=len(vocab), max_model_len=64, kv_tokens=64)
+    gen = parse_chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, limits,
+                     tok)
+    assert gen.prompts == [[2, 5, 4, 3, 5]] and gen.max_tokens == 2

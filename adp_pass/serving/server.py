@@ -112,7 +112,8 @@ async def _serve(o: ServeOptions) -> int:
         raise OSError(f"the HTTP server on {o.host}:{o.port} did not start"
                       f"{f' ({exc})' if exc else ''}; is the port in use?")
     print(f"adp serve: ready on http://{o.host}:{o.port}/v1 (model '{o.model_name}', "
-          f"{o.mapping.world_size} ranks, {o.mapping.dp_size} DP groups)", flush=True)
+          f"{o.mapping.world_size} ranks, {o.mapping.dp_size} DP group"
+          f"{'s' * (o.mapping.dp_size != 1)})", flush=True)
 
     async def on_signal():
         await stop_signals.wait()
