@@ -14,6 +14,7 @@ model, and takes only the user inputs: symbolic sizes are read off the inputs in
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from transformers import PretrainedConfig, PreTrainedModel
 
-from adp_pass.attributes import owner_of, set_attr
+from adp_pass.attributes import set_attr
 from adp_pass.errors import AdpError
 from adp_pass.families import family_of
 
@@ -325,20 +326,29 @@ def capture_hf(
     """Rank ``rank``'s graph of transformers' model of ``config``'s family made TP over a fake
     ``world_size`` group. ``gm.meta["adp_model_type"]`` records the family.
 
-    ``stamp``: trace two decoder layers and copy the second for the others (adp_pass/stamp.py),
-    when every layer is of one type; the module holds every layer's (rank-local) weights either
-    way. If the two traced layers do not line up, every layer is traced.
+    ``stamp``: build and trace two decoder layers and copy the second for the others
+    (adp_pass/stamp.py), when every layer is of one type; if the two do not line up, every
+    layer is built and traced. Either way the module has every layer's parameters with the
+    rank's shard shapes, and their values are not the model's: a fake group scatters no data,
+    so the caller fills them (the plan's weight loading, or ``load_state_dict``).
     """
+    stamped = stamp and _stampable(config)
     with fake_process_group(world_size, rank):
         start = time.perf_counter()
-        model = build_hf(config, meta=meta, dtype=dtype, device=device)
+        # Stamping: only the two traced layers are built; the others are shapes until the
+        # caller fills them (a fake group moves no data, so no capture holds real shards).
+        model = build_hf(_two_layers(config) if stamped else config, meta=meta, dtype=dtype,
+                         device=device)
         model = parallelize_hf(model, world_size)
         build_s = time.perf_counter() - start
         ids = torch.zeros(batch, seq, dtype=torch.long, device="meta" if meta else device)
         captured = None
-        if stamp and _stampable(config):
+        if stamped:
             captured = _capture_stamped(model, ids, rank, world_size, config.num_hidden_layers)
         if captured is None:
+            if stamped:  # the two layers did not line up: build and trace every layer
+                model = parallelize_hf(build_hf(config, meta=meta, dtype=dtype, device=device),
+                                       world_size)
             captured = capture(model, [ids], rank=rank, world_size=world_size)
             captured.traced_layers = config.num_hidden_layers
     captured.gm.meta["adp_model_type"] = config.model_type
@@ -356,27 +366,33 @@ def _stampable(config: PretrainedConfig) -> bool:
     return config.num_hidden_layers > 2 and len(set(layer_types)) <= 1
 
 
+def _two_layers(config: PretrainedConfig) -> PretrainedConfig:
+    short = copy.deepcopy(config)
+    short.num_hidden_layers = 2
+    if getattr(short, "layer_types", None):
+        short.layer_types = list(short.layer_types[:2])
+    return short
+
+
 def _capture_stamped(model: PreTrainedModel, ids: torch.Tensor, rank: int, world_size: int,
                      num_layers: int) -> CapturedGraph | None:
-    """Trace the model with its first two decoder layers, then stamp the rest (None if the
-    two traced layers do not line up: the caller traces every layer)."""
+    """Trace the two-layer model, then stamp layers 2.. (None if its two layers do not line
+    up: the caller traces every layer). Stamped layers hold uninitialised tensors shaped as
+    layer 1's shards."""
     from adp_pass.stamp import NotStampable, layer_tensors, stamp_layers
 
-    owner, attr = owner_of(model, _DECODER_LAYERS)
-    layers = getattr(owner, attr)
-    setattr(owner, attr, torch.nn.ModuleList(list(layers)[:2]))
-    try:
-        captured = capture(model, [ids], rank=rank, world_size=world_size)
-    finally:
-        setattr(owner, attr, layers)
+    captured = capture(model, [ids], rank=rank, world_size=world_size)
+    template = {}
+    layer_one = model.get_submodule(f"{_DECODER_LAYERS}.1")
+    for name, (tensor, persistent) in layer_tensors(layer_one).items():
+        template[name] = (_local(tensor), isinstance(tensor, torch.nn.Parameter), persistent)
 
-    def layer_params(k: int) -> dict[str, tuple[torch.Tensor, bool]]:
+    def layer_params(_layer: int) -> dict[str, tuple[torch.Tensor, bool]]:
         out = {}
-        for name, (tensor, persistent) in layer_tensors(layers[k]).items():
-            local = _local(tensor)
-            if isinstance(tensor, torch.nn.Parameter):
-                local = torch.nn.Parameter(local, requires_grad=False)
-            out[name] = (local, persistent)
+        for name, (local, is_param, persistent) in template.items():
+            fresh = torch.empty_like(local)
+            out[name] = (torch.nn.Parameter(fresh, requires_grad=False) if is_param else fresh,
+                         persistent)
         return out
 
     start = time.perf_counter()

@@ -211,7 +211,7 @@ class FakeCalls:
 
     def __call__(self, target: Any, args: Any, kwargs: dict) -> Any:
         try:
-            key = (target, _metadata_key(args), _metadata_key(kwargs))
+            key = (target, metadata_key(args), metadata_key(kwargs))
             hash(key)
         except _Uncacheable:
             return target(*args, **kwargs)
@@ -220,24 +220,26 @@ class FakeCalls:
         return self.results[key]
 
 
-class _Uncacheable(Exception):
-    pass
+class _Uncacheable(ValueError):
+    """A value with no plain metadata description (an opaque object)."""
 
 
 def _size_key(size: Any) -> Any:
     return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
-def _metadata_key(value: Any) -> Any:
+def metadata_key(value: Any) -> Any:
+    """A hashable description of a fake value's metadata (tensors: dtype, device, sizes,
+    strides, offset; symbolic sizes: their sympy expressions; constants: themselves)."""
     if isinstance(value, torch.Tensor):
         return ("tensor", value.dtype, value.device, tuple(map(_size_key, value.shape)),
                 tuple(map(_size_key, value.stride())), _size_key(value.storage_offset()))
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return ("sym", value.node.expr)
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *map(_metadata_key, value))
+        return (type(value).__name__, *map(metadata_key, value))
     if isinstance(value, dict):
-        return ("dict", *((k, _metadata_key(v)) for k, v in sorted(value.items())))
+        return ("dict", *((k, metadata_key(v)) for k, v in sorted(value.items())))
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device,
                                            torch.layout, torch.memory_format)):
         return (type(value).__name__, value)

@@ -14,19 +14,24 @@ group's first rank (its *leader*) counts in the job's totals.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import sys
 import time
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# Start of this rank's process (before torch is imported): the log's "+s" clock, so a start-up
+# reads as a timeline (imports, build, group, CUDA graphs, first token).
+_PROCESS_START = time.perf_counter()
+
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from adp_pass.launch import init_rank, rank_device
-from adp_pass.mapping import Mapping
-from adp_pass.runtime.job import Job
+from adp_pass.mapping import Mapping  # noqa: E402
+from adp_pass.runtime.job import Job  # noqa: E402
 
 
 def main(job_path: str, out_dir: str) -> None:
@@ -61,12 +66,17 @@ def main(job_path: str, out_dir: str) -> None:
     lockstep = Lockstep(groups.lockstep) if mapping.lockstep_size > 1 else None
     if lockstep is not None:
         log(f"{collectives} collectives; stepping with ranks {groups.lockstep_ranks}")
+    log("joined the job's process group")
     # Seeded per DP group: the ranks of one attention group sample the same tokens.
+    mark = time.perf_counter()
     engine = RankEngine(
         built.model, built.cache, max_batch=job.max_batch, max_position=job.max_position,
         max_seq_len=job.max_seq_len, cuda_graph_sizes=tuple(job.cuda_graph_sizes) or None,
         seed=job.seed + dp_rank, lockstep=lockstep,
     )
+    if engine._graphs is not None:
+        log(f"decode CUDA graphs for batch {list(job.cuda_graph_sizes)} captured in "
+            f"{time.perf_counter() - mark:.1f} s")
     requests = job.requests_for(dp_rank)
     check = None
     if job.check_first_step:
@@ -234,7 +244,8 @@ def _full_weights(model, reference) -> tuple[dict | None, str | None]:
 
 def _logger(rank: int):
     def log(message: str) -> None:
-        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - _PROCESS_START
+        print(f"[rank {rank} +{elapsed:.1f}s] {message}", file=sys.stderr, flush=True)
 
     return log
 

@@ -1,6 +1,7 @@
 """``adp rewrite`` writes the plan, report, both graphs and a picture."""
 
 import json
+import re
 
 import pytest
 
@@ -61,6 +62,8 @@ def test_run_prompts_show_text_progress_and_keep_the_log(tmp_path, capsys):
     assert "prompt-0: 'hello' -> '" in out and "prompt-1: 'hé' -> '" in out
     assert out.count("ids [") == 2
     (log,) = tmp_path.glob("run-*.log")
-    assert "[rank 1] served 1/1 requests" in log.read_text()
-    assert "[rank 0] served 1/1 requests" in err and f"rank logs: {log}" in err
+    # Rank lines carry the seconds since the rank's process started: "[rank 1 +12.3s] ...".
+    assert re.search(r"\[rank 1 \+\d+\.\ds\] served 1/1 requests", log.read_text())
+    assert re.search(r"\[rank 0 \+\d+\.\ds\] served 1/1 requests", err)
+    assert f"rank logs: {log}" in err
     assert "torch.distributed" not in err  # torchrun's own lines stay in the log

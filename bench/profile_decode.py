@@ -1,0 +1,169 @@
+"""Where a decode step's time goes, on one GPU: engine step vs graph replay vs roofline, and
+each kernel's share of an eager (profiled) decode step.
+
+Builds one rank of ``tp=1,attn_dp=1`` in this process (random weights), prefills
+``--batch`` prompts of ``--prompt-len`` tokens, then measures:
+
+- ``engine_step_ms``: ``RankEngine.step()`` in steady decode (CUDA graph replay + host work:
+  input tensors, sampling, bookkeeping);
+- ``replay_ms``: the captured decode graph alone;
+- ``roofline_ms``: weight bytes + KV bytes read per step over the measured copy bandwidth;
+- ``kernels``: CUDA time per step of each kernel (torch.profiler, eager model, no graphs).
+
+    python bench/profile_decode.py --preset qwen3-8b --batch 64 --prompt-len 512 --out F.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="qwen3-8b")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--trace", type=Path, default=None, help="chrome trace of the profile")
+    args = parser.parse_args()
+
+    from adp_pass.presets import model_config
+    from adp_pass.runtime.engine import RankEngine, Request, decode_batch
+    from adp_pass.runtime.prepare import prepare_rank
+    from adp_pass.runtime.sampling import SamplingParams
+
+    device = torch.device("cuda", 0)
+    dtype = getattr(torch, args.dtype)
+    config = model_config(args.preset)
+    new_tokens = args.steps + args.profile_steps + 16
+    seq_len = args.prompt_len + new_tokens
+    blocks = -(-seq_len // 16) * args.batch + 8
+    start = time.perf_counter()
+    built = prepare_rank(config, "tp=1,attn_dp=1", 0, device=device, dtype=dtype,
+                         num_blocks=blocks, max_position=seq_len + 16)
+    print(f"built in {time.perf_counter() - start:.1f} s: {built.describe()}", flush=True)
+    engine = RankEngine(built.model, built.cache, max_batch=args.batch, max_seq_len=seq_len,
+                        max_position=seq_len + 16, cuda_graph_sizes=(args.batch,))
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len),
+                            generator=generator)
+    for i in range(args.batch):
+        engine.add(Request(i, prompts[i].tolist(), SamplingParams(max_new_tokens=new_tokens)))
+    while engine.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+
+    # Engine steps (graph replay + host work), wall clock.
+    mark = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    engine_step_ms = (time.perf_counter() - mark) / args.steps * 1e3
+
+    # The graph alone.
+    graph = engine._graphs.graphs[args.batch]
+    start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+    start_event.record()
+    for _ in range(args.steps):
+        graph.replay()
+    end_event.record()
+    torch.cuda.synchronize()
+    replay_ms = start_event.elapsed_time(end_event) / args.steps
+
+    # Roofline: every weight once, plus each sequence's K and V so far, per step.
+    weight_bytes = sum(p.numel() * p.element_size() for p in built.model.parameters())
+    context = args.prompt_len + args.steps
+    kv_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                * context * args.batch * torch.finfo(dtype).bits // 8)
+    bandwidth = copy_bandwidth(device)
+    roofline_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+
+    # Eager decode calls under the profiler: per-kernel CUDA time.
+    seqs = list(engine.running.values())
+    ids = [s.request.request_id for s in seqs]
+    inputs = decode_batch([s.generated[-1] for s in seqs],
+                          [engine.cache.context_len(i) for i in ids],
+                          [-1] * len(ids),  # write nothing: the same call can repeat
+                          [engine.cache.block_table(i) for i in ids],
+                          [engine.cache.context_len(i) for i in ids], len(ids), device)
+    with torch.no_grad():
+        for _ in range(2):
+            built.model(*inputs)
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.profile_steps):
+                built.model(*inputs)
+            torch.cuda.synchronize()
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+    per_kernel: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name] += event.device_time_total / 1e3 / args.profile_steps
+            calls[event.name] += 1
+    kernels = sorted(({"kernel": k[:120], "ms_per_step": round(v, 4),
+                       "calls_per_step": calls[k] // args.profile_steps}
+                      for k, v in per_kernel.items()), key=lambda r: -r["ms_per_step"])
+    cpu_ops = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    eager_ms = sum(r["ms_per_step"] for r in kernels)
+
+    print(f"engine step {engine_step_ms:.2f} ms, graph replay {replay_ms:.2f} ms, roofline "
+          f"{roofline_ms:.2f} ms (weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.2f} "
+          f"GB at {bandwidth / 1e12:.2f} TB/s): replay at {roofline_ms / replay_ms:.0%} of it")
+    print(f"eager kernels {eager_ms:.2f} ms per step:")
+    for row in kernels[:25]:
+        print(f"  {row['ms_per_step']:8.3f} ms  x{row['calls_per_step']:<4} {row['kernel']}")
+    print(cpu_ops)
+    import transformers
+    import triton
+    result = {
+        "preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len,
+        "dtype": args.dtype, "gpu": torch.cuda.get_device_name(0),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "triton": triton.__version__, "python": platform.python_version()},
+        "command": " ".join(sys.argv),
+        "engine_step_ms": round(engine_step_ms, 3), "replay_ms": round(replay_ms, 3),
+        "roofline_ms": round(roofline_ms, 3), "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
+        "weight_gb": round(weight_bytes / 1e9, 3), "kv_gb": round(kv_bytes / 1e9, 3),
+        "eager_kernel_ms": round(eager_ms, 3), "kernels": kernels,
+        "build": built.describe(),
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
