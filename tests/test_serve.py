@@ -122,6 +122,32 @@ def test_models_health_and_greedy_completions_agree_across_ranks(server):
     assert server.metric("adp_requests_total", outcome="ok") >= 2
 
 
+def test_served_text_is_the_engines_own_greedy_output(server):
+    """What comes over HTTP (streamed and whole) is what rank 1's engine generates in this
+    process from the same build (loaded from the session's build cache the server filled)."""
+    import torch
+
+    from adp_pass.presets import qwen3_config
+    from adp_pass.runtime.build_cache import default_cache_dir
+    from adp_pass.runtime.engine import RankEngine, Request
+    from adp_pass.runtime.prepare import prepare_rank
+    from adp_pass.runtime.sampling import SamplingParams
+    from adp_pass.tokenizer import ByteTokenizer
+
+    built = prepare_rank(qwen3_config("tiny"), "tp=2,attn_dp=1", 1, device=torch.device("cpu"),
+                         num_blocks=16, max_position=256, cache_dir=default_cache_dir())
+    assert built.build_cache == "hit"
+    engine = RankEngine(built.model, built.cache, max_position=256)
+    prompt = [72, 105, 33, 200]
+    want = ByteTokenizer().decode(engine.generate([Request("r", prompt, SamplingParams(4))])[0]
+                                  .tokens)
+    got = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=4,
+                                           temperature=0).choices[0].text
+    streamed = "".join(c.choices[0].text for c in server.client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=4, temperature=0, stream=True))
+    assert got == want == streamed
+
+
 def test_chat_stream_with_usage(server):
     chunks = list(server.client.chat.completions.create(
         model="tiny", messages=[{"role": "system", "content": "be brief"},
@@ -362,7 +388,7 @@ def test_dead_rank_fails_only_its_requests(server):
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits(server):
-    stream = Stream(server, 6)
+    stream = Stream(server, 4)
     wait_for(lambda: stream.chunks, what="generating")
     server.process.send_signal(signal.SIGTERM)
     def refused():

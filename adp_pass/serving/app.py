@@ -158,20 +158,23 @@ async def _whole(request: Request, state: ServingState, gen: Generation, flights
             texts[i].append(delta)
         return emit
 
-    work = asyncio.gather(*(_run_choice(state, f, s, collector(i))
-                            for i, (f, s) in enumerate(zip(flights, streams))))
+    runs = [asyncio.ensure_future(_run_choice(state, f, s, collector(i)))
+            for i, (f, s) in enumerate(zip(flights, streams))]
+    work = asyncio.gather(*runs)
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, even when unread
     try:
         while True:  # a client that leaves cancels its request
             done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
             if done:
                 break
             if await request.is_disconnected():
-                work.cancel()
-                return JSONResponse({}, status_code=499)
+                return JSONResponse({}, status_code=499)  # nobody reads it; finally cancels
         finishes = work.result()
     except RankLost as err:
         raise _lost(err) from None
     finally:
+        for run in runs:  # one choice failed, or the client left: the others end too
+            run.cancel()
         for flight in flights:
             state.cancel(flight)
     created = int(time.time())
