@@ -229,6 +229,45 @@ def test_collective_mapping_on_two_nodes_matches_then_fails_fast(server, tmp_pat
         nodes.stop()
 
 
+@pytest.mark.full  # its own server and build (-m full)
+def test_checkpoint_is_served_with_its_tokenizer_and_matches_transformers(tmp_path):
+    """--checkpoint: weights, tokenizer and chat template from the directory; greedy tokens over
+    HTTP equal transformers' generate on the same checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
+
+    from adp_pass.presets import qwen3_config
+
+    root = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(qwen3_config("tiny")).eval()
+    model.save_pretrained(root)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", eos_token="w1")
+    fast.chat_template = ("{% for m in messages %}w2 {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}w3{% endif %}")
+    fast.save_pretrained(root)
+    ckpt = Server("--checkpoint", str(root), "--world-size", "2", "--num-blocks", "16",
+                  log=tmp_path / "checkpoint.log")
+    try:
+        prompt = [5, 9, 17, 33, 65]
+        out = ckpt.client.completions.create(model=str(root), prompt=prompt, max_tokens=6,
+                                             temperature=0, extra_body={"ignore_eos": True})
+        got = [int(w[1:]) for w in out.choices[0].text.split()]
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            want = model.generate(ids, do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                                  attention_mask=torch.ones_like(ids))[0, len(prompt):].tolist()
+        assert got == want
+        chat = ckpt.client.chat.completions.create(
+            model=str(root), messages=[{"role": "user", "content": "w7 w8"}], max_tokens=3)
+        assert chat.usage.prompt_tokens == 4  # w2 w7 w8 w3: the checkpoint's template
+    finally:
+        ckpt.stop()
+
+
 # ----------------------------------------------------------------------------- bad requests
 LONG = [1] * 300  # longer than the context (16 blocks x 16 tokens = 256)
 CHAT = [{"role": "user", "content": "hi"}]
