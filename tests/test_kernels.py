@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Must precede the first triton import; tests/conftest.py belongs to someone else.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# The interpreter only for CPU tensors: with a GPU the kernels compile and the tests use CUDA
+# tensors (the interpreter cannot take them). Must precede the first triton import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import transformers.models.qwen3.modeling_qwen3 as hf_qwen3  # noqa: E402
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 from transformers import Qwen3Config  # noqa: E402
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # kernel_reference, whatever pyt
 import kernel_reference as ref  # noqa: E402
 from adp_pass.runtime import kernels as K  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (atol, rtol): about one ulp of the output dtype at |x| ~ 1-2 (bf16 ulp 2^-7, fp16 2^-10);
 # fp32 differs from eager only by reduction order and rsqrt/exp implementations.
@@ -67,19 +71,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -
 
 
 def make(
-    shape: tuple[int, ...], dtype: torch.dtype, strided: bool = False, seed: int = 0
+    shape: tuple[int, ...], dtype: torch.dtype, strided: bool = False, seed: int = 0, device: str = DEVICE
 ) -> torch.Tensor:
     """Random input; ``strided`` returns a column slice (offset 5) of a wider buffer."""
     g = torch.Generator().manual_seed(seed)
     if not strided:
-        return (torch.randn(shape, generator=g) * 2).to(dtype)
-    buf = (torch.randn((*shape[:-1], shape[-1] + 13), generator=g) * 2).to(dtype)
+        return (torch.randn(shape, generator=g) * 2).to(device=device, dtype=dtype)
+    buf = (torch.randn((*shape[:-1], shape[-1] + 13), generator=g) * 2).to(device=device, dtype=dtype)
     return buf[..., 5 : 5 + shape[-1]]
 
 
-def norm_weight(n: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+def norm_weight(n: int, dtype: torch.dtype, seed: int = 1, device: str = DEVICE) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (1 + 0.3 * torch.randn(n, generator=g)).to(dtype)
+    return (1 + 0.3 * torch.randn(n, generator=g)).to(device=device, dtype=dtype)
 
 
 @pytest.mark.parametrize("strided", [False, True])
@@ -154,10 +158,10 @@ def test_qk_norm_rope(
     n_q, n_kv = heads
     q, k = qkv_views(tokens, n_q, n_kv, head_dim, dtype, fused)
     qw, kw = norm_weight(head_dim, dtype, 8), norm_weight(head_dim, dtype, 9)
-    cache = K.build_cos_sin_cache(4096, head_dim, 1e6, dtype, "cpu")
+    cache = K.build_cos_sin_cache(4096, head_dim, 1e6, dtype, DEVICE)
     g = torch.Generator().manual_seed(tokens)
     # Random positions, read through a stride-2 view.
-    positions = torch.randint(0, 4096, (2 * tokens,), generator=g)[::2]
+    positions = torch.randint(0, 4096, (2 * tokens,), generator=g).to(DEVICE)[::2]
     q_out, k_out = K.qk_norm_rope(q, k, qw, kw, cache, positions, EPS)
     q_ref, k_ref = ref.qk_norm_rope_ref(q, k, qw, kw, cache, positions, EPS)
     assert_close(q_out, q_ref, "qk_norm_rope q")
@@ -167,7 +171,7 @@ def test_qk_norm_rope(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_references_match_transformers(dtype: torch.dtype) -> None:
     head_dim, theta = 64, 1e6
-    x, w = make((3, 4, head_dim), dtype), norm_weight(head_dim, dtype)
+    x, w = make((3, 4, head_dim), dtype, device="cpu"), norm_weight(head_dim, dtype, device="cpu")
     norm = hf_qwen3.Qwen3RMSNorm(head_dim, eps=EPS).to(dtype)
     norm.weight.data.copy_(w)
     assert torch.equal(norm(x), ref.rms_norm_ref(x, w, EPS))
@@ -180,7 +184,7 @@ def test_references_match_transformers(dtype: torch.dtype) -> None:
         hidden_act="silu",
         rope_parameters={"rope_type": "default", "rope_theta": theta},
     )
-    gate, up = make((3, 40), dtype, seed=1), make((3, 40), dtype, seed=2)
+    gate, up = make((3, 40), dtype, seed=1, device="cpu"), make((3, 40), dtype, seed=2, device="cpu")
     act = hf_qwen3.Qwen3MLP(config).act_fn
     assert torch.equal(act(gate) * up, ref.silu_mul_ref(gate, up))
 
@@ -192,7 +196,8 @@ def test_references_match_transformers(dtype: torch.dtype) -> None:
     half = head_dim // 2
     assert torch.equal(cache[:, :half], cos[:, :half]) and torch.equal(cache[:, half:], sin[:, :half])
 
-    q, k = make((1, 4, 4, head_dim), dtype, seed=3), make((1, 2, 4, head_dim), dtype, seed=4)
+    q = make((1, 4, 4, head_dim), dtype, seed=3, device="cpu")
+    k = make((1, 2, 4, head_dim), dtype, seed=4, device="cpu")
     ours = ref.apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
     for got, want in zip(ours, hf_qwen3.apply_rotary_pos_emb(q, k, hf_cos, hf_sin)):
         assert torch.equal(got, want)
@@ -208,9 +213,9 @@ def test_input_validation() -> None:
         K.silu_mul_fused(make((2, 7), torch.float32))
     q, k = qkv_views(2, 4, 2, 64, torch.bfloat16, fused=False)
     w = norm_weight(64, torch.bfloat16)
-    cache = K.build_cos_sin_cache(16, 64, 1e6, torch.float32, "cpu")
+    cache = K.build_cos_sin_cache(16, 64, 1e6, torch.float32, DEVICE)
     with pytest.raises(ValueError, match="one dtype"):
-        K.qk_norm_rope(q, k, w, w, cache, torch.arange(2), EPS)
+        K.qk_norm_rope(q, k, w, w, cache, torch.arange(2, device=DEVICE), EPS)
 
 
 def _op_samples() -> list[tuple[object, tuple]]:
@@ -218,13 +223,13 @@ def _op_samples() -> list[tuple[object, tuple]]:
     x, r, w = make((3, 96), dt, True), make((3, 96), dt, seed=2), norm_weight(96, dt)
     q, k = qkv_views(3, 4, 2, 64, dt, fused=True)
     qw = norm_weight(64, dt)
-    cache = K.build_cos_sin_cache(64, 64, 1e6, dt, "cpu")
+    cache = K.build_cos_sin_cache(64, 64, 1e6, dt, DEVICE)
     return [
         (torch.ops.adp.rms_norm.default, (x, w, EPS)),
         (torch.ops.adp.add_rms_norm.default, (x, r, w, EPS)),
         (torch.ops.adp.silu_mul.default, (x, r)),
         (torch.ops.adp.silu_mul_fused.default, (make((3, 192), dt),)),
-        (torch.ops.adp.qk_norm_rope.default, (q, k, qw, qw, cache, torch.tensor([5, 0, 63]), EPS)),
+        (torch.ops.adp.qk_norm_rope.default, (q, k, qw, qw, cache, torch.tensor([5, 0, 63], device=DEVICE), EPS)),
     ]
 
 
@@ -242,8 +247,8 @@ def test_torch_compile_fullgraph() -> None:
     w = norm_weight(hidden, dt)
     qkv = make((tokens, (n_q + 2 * n_kv) * head_dim), dt, seed=3)
     gate_up = make((tokens, 2 * hidden), dt, seed=4)
-    qw, positions = norm_weight(head_dim, dt), torch.arange(tokens)
-    cache = K.build_cos_sin_cache(32, head_dim, 1e6, dt, "cpu")
+    qw, positions = norm_weight(head_dim, dt), torch.arange(tokens, device=DEVICE)
+    cache = K.build_cos_sin_cache(32, head_dim, 1e6, dt, DEVICE)
 
     def layer_piece(x, residual, qkv, gate_up, positions):
         h, res = torch.ops.adp.add_rms_norm(x, residual, w, EPS)

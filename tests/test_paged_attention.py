@@ -5,13 +5,17 @@ On CPU the Triton kernels run under the interpreter, which is slow: shapes are s
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+import torch
+
+# The interpreter only for CPU tensors: with a GPU the kernels must compile (the interpreter
+# cannot take CUDA tensors). Must precede the first triton import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 
-import adp_pass.runtime.kernels.paged_attention  # noqa: E402, F401 -- registers torch.ops.adp.*
+import adp_pass.runtime.kernels.paged_attention as pa  # noqa: E402 -- registers torch.ops.adp.*
 from adp_pass.runtime.kv_cache import PagedKVCache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,12 +98,19 @@ def make_decode_case(context_lens, block_size, num_q_heads, num_kv_heads, head_d
     return [t.to(DEVICE) for t in (q, k_cache, v_cache, block_tables, context_lens_t)]
 
 
-def check_decode(context_lens, block_size, num_q_heads, num_kv_heads, head_dim, dtype, num_splits=0):
+def check_decode(context_lens, block_size, num_q_heads, num_kv_heads, head_dim, dtype, num_splits=0, config=None,
+                 extra_columns=0):
+    """The op (or, with ``config``, the kernel launched with that config) against the reference."""
     q, k_cache, v_cache, block_tables, context_lens_t = make_decode_case(
         context_lens, block_size, num_q_heads, num_kv_heads, head_dim, dtype
     )
+    if extra_columns:  # a table much wider than any context, as under CUDA graphs
+        block_tables = torch.cat([block_tables, block_tables.new_zeros(len(context_lens), extra_columns)], 1)
     scale = head_dim**-0.5
-    out = torch.ops.adp.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens_t, scale, num_splits)
+    if config is None:
+        out = torch.ops.adp.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens_t, scale, num_splits)
+    else:
+        out = pa.paged_decode(q, k_cache, v_cache, block_tables, context_lens_t, scale, **config)
     assert out.shape == q.shape and out.dtype == dtype
     ref = ref_single_query_cached_kv_attention(q, k_cache, v_cache, block_tables, context_lens_t, scale)
     atol, rtol = TOLERANCES[dtype]
@@ -133,6 +144,55 @@ def test_decode_split_k(num_splits):
 
 def test_decode_split_k_bf16():
     check_decode([100, 3], 16, 4, 2, 64, torch.bfloat16, num_splits=4)
+
+
+def _config(tokens=32, num_warps=4, num_stages=2, native_dot=True, num_splits=1):
+    return dict(tokens=tokens, num_warps=num_warps, num_stages=num_stages, native_dot=native_dot, num_splits=num_splits)
+
+
+# Tiles of several blocks, of exactly one block, and of part of a block (tokens < block_size);
+# pipelined or not; contexts that end mid-tile and mid-block.
+@pytest.mark.parametrize("tokens,block_size", [(64, 16), (16, 16), (16, 32), (128, 32)])
+@pytest.mark.parametrize("num_stages", [1, 3])
+def test_decode_tile_configs(tokens, block_size, num_stages):
+    check_decode(CONTEXT_LENS, block_size, 4, 2, 64, torch.float32,
+                 config=_config(tokens=tokens, num_stages=num_stages))  # fmt: skip
+
+
+@pytest.mark.parametrize("native_dot", [True, False])
+def test_decode_fp16_dot_modes(native_dot):
+    # fp16 runs the native 16-bit dot under the interpreter too (bf16 cannot: see paged_decode).
+    check_decode(CONTEXT_LENS, 16, 8, 2, 128, torch.float16, config=_config(tokens=64, native_dot=native_dot))
+
+
+@pytest.mark.parametrize("tokens,num_splits", [(16, 3), (32, 5), (64, 2)])
+def test_decode_split_k_configs(tokens, num_splits):
+    # Splits cut each sequence's own context (not the table width) into whole tiles.
+    check_decode(CONTEXT_LENS, 16, 4, 2, 64, torch.float32, config=_config(tokens=tokens, num_splits=num_splits))
+
+
+def test_decode_split_k_wide_table():
+    # A table 40 blocks wider than any context (CUDA graphs size it for the longest sequence):
+    # every split must still get its share of the real context, and padding is never read.
+    check_decode([100, 3, 40], 16, 4, 2, 64, torch.float32, config=_config(tokens=16, num_splits=4),
+                 extra_columns=40)  # fmt: skip
+    check_decode([100, 3, 40], 16, 4, 2, 64, torch.float32, num_splits=4, extra_columns=40)
+
+
+def test_decode_int64_cache_offsets(monkeypatch):
+    # Caches past 2^31 elements switch the gathered row offsets to int64; same results.
+    monkeypatch.setattr(pa, "_cache_needs_int64", lambda k_cache: True)
+    check_decode(CONTEXT_LENS, 16, 4, 2, 64, torch.float32, config=_config(tokens=32, num_splits=2))
+
+
+def test_decode_config_table_covers_head_dims():
+    q = torch.zeros(2, 4, 128, dtype=torch.bfloat16)
+    for head_dim, dtype in [(64, torch.bfloat16), (96, torch.float16), (128, torch.float32), (512, torch.bfloat16)]:
+        cache = torch.zeros(1, 16, 2, head_dim, dtype=dtype)
+        cfg = pa.decode_config(q, cache, max_blocks=8)
+        assert set(cfg) == {"tokens", "num_warps", "num_stages", "native_dot", "num_splits"}
+        assert cfg["tokens"] >= 16 and cfg["num_splits"] == 1  # no split-K heuristic off CUDA
+    assert pa.decode_config(q, cache, max_blocks=8, num_splits=3)["num_splits"] == 3
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])

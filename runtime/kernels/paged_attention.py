@@ -2,8 +2,8 @@
 
 Registered as ``torch.ops.adp.reshape_and_cache`` and
 ``torch.ops.adp.paged_decode_attention`` on import. Cache layout (vLLM "flash" layout):
-``[num_blocks, block_size, num_kv_heads, head_dim]``; see docs/kv_cache.md.
-On CPU the kernels only run under ``TRITON_INTERPRET=1``.
+``[num_blocks, block_size, num_kv_heads, head_dim]``; see docs/kv_cache.md and, for the
+decode kernel's design, docs/kernels.md. On CPU the kernels only run under ``TRITON_INTERPRET=1``.
 """
 
 import contextlib
@@ -14,14 +14,33 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+# --- decode launch configuration (edit from bench/tune_paged_attention.py on the target GPU) ---
+# Chosen per shape in Python, never autotuned at run time: the op runs inside CUDA graphs and its
+# first call must not benchmark. Keyed by head_dim rounded up to a power of two; the config is for
+# 16-bit caches (fp32 caches halve `tokens`: twice the bytes per token).
+#   tokens      KV tokens per loop iteration (any power of two >= 16; need not match block_size:
+#               block ids are gathered per token), i.e. the bytes each program has in flight
+#   num_warps   Triton num_warps of the decode kernel
+#   num_stages  software-pipelining depth of the KV loop (tl.range num_stages; 1 = no pipelining)
+#   native_dot  16-bit caches: dots on the cache dtype (P rounded to it, like FlashAttention)
+#               instead of tf32 dots on fp32 copies (exact operands, P keeps 10 bits)
+DECODE_CONFIGS = {
+    64: dict(tokens=128, num_warps=4, num_stages=3, native_dot=True),
+    128: dict(tokens=64, num_warps=4, num_stages=3, native_dot=True),
+    256: dict(tokens=32, num_warps=8, num_stages=2, native_dot=True),
+}
+# Split-K (flash-decoding) when the (sequence, kv head) programs are few:
+#   programs_per_sm   split until batch * kv_heads * splits reaches this many programs per SM
+#   min_split_tokens  a split covers at least this many tokens of the block table's capacity
+#                     (below that the partial write + combine launch cost more than they buy)
+#   max_splits        upper bound on splits
+SPLIT_K = dict(programs_per_sm=2, min_split_tokens=256, max_splits=32)
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tl.dot needs every dimension >= 16 on GPU, so the q-head group is padded to 16 rows.
 _MIN_DOT_DIM = 16
-# Split-K heuristic: a split should cover at least this many blocks, else the
-# combine pass and partial buffers cost more than the extra parallelism buys.
-_MIN_BLOCKS_PER_SPLIT = 8
-_MAX_SPLITS = 32
+_INT32_MAX = 2**31 - 1
 _LOG2E = 1.4426950408889634
 
 
@@ -60,53 +79,83 @@ def _paged_decode_kernel(
     stride_btb, stride_btn, stride_cl,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
-    qk_scale_log2, head_dim, max_blocks, blocks_per_split,
+    qk_scale_log2, max_tokens, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TOKENS: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
+    # int32 index math throughout (the wrapper checks every extent fits); only the cache
+    # offset may need int64 (IDX64, decided from the cache's extent on the host).
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
 
-    ctx = tl.load(context_lens_ptr + seq * stride_cl).to(tl.int64)
-    first = split * blocks_per_split
-    # Clamp to the table width so a context_len beyond it cannot read out of bounds.
-    num_blocks = tl.minimum(tl.cdiv(ctx, BLOCK_SIZE), max_blocks)
-    last = tl.minimum(first + blocks_per_split, num_blocks)
+    # Clamp to the table's capacity so a context_len beyond it cannot read out of bounds.
+    ctx = tl.load(context_lens_ptr + seq * stride_cl)
+    ctx = tl.maximum(tl.minimum(ctx, max_tokens), 0).to(tl.int32)
+    if SPLIT:
+        # Splits cut this sequence's own context, not the table width: under CUDA graphs the
+        # table is as wide as the longest sequence served, and cutting that would leave all
+        # the work in the first splits. Chunks are whole tiles, so only the last tile masks.
+        per = tl.cdiv(tl.cdiv(ctx, num_splits), TOKENS) * TOKENS
+        lo = split * per
+        hi = tl.minimum(lo + per, ctx)
+    else:
+        lo = 0
+        hi = ctx
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
-    t = tl.arange(0, BLOCK_SIZE)
+    t = tl.arange(0, TOKENS)
     g_mask = g < GROUP
-    d_mask = d < head_dim
+    d_mask = d < HEAD_DIM
     heads = kvh * GROUP + g  # HF repeat_kv order: kv head i serves q heads i*GROUP ..
 
-    # All dots take fp32 operands: fp16/bf16 values are exact in tf32, P keeps 10
-    # mantissa bits instead of 7, and the Triton interpreter multiplies bf16 dot
-    # operands as raw uint16 bits. Decode is bandwidth-bound, so the cost is nil.
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
         mask=g_mask[:, None] & d_mask[None, :], other=0.0,
-    ).to(tl.float32)
+    )
+    if not NATIVE_DOT:
+        q = q.to(tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
 
-    for j in range(first, last):
-        phys = tl.load(block_tables_ptr + seq * stride_btb + j * stride_btn).to(tl.int64)
-        valid = (j * BLOCK_SIZE + t) < ctx
-        kv_off = phys * stride_cb + t[:, None] * stride_cs + kvh * stride_ch + d[None, :] * stride_cd
+    table = block_tables_ptr + seq * stride_btb
+    head_off = kvh * stride_ch
+    # One iteration reads TOKENS tokens (several KV blocks): the block id of every token is
+    # gathered from the table (repeats hit L1), so tiles need not align with blocks. The
+    # pipeliner prefetches the table entries and the K/V tiles NUM_STAGES - 1 iterations ahead.
+    for start in tl.range(lo, hi, TOKENS, num_stages=NUM_STAGES):
+        tok = start + t
+        valid = tok < hi
+        phys = tl.load(table + (tok // BLOCK_SIZE) * stride_btn, mask=valid, other=0)
+        if IDX64:
+            phys = phys.to(tl.int64)
+        else:
+            phys = phys.to(tl.int32)
+        row = phys * stride_cb + (tok % BLOCK_SIZE) * stride_cs + head_off
+        kv_off = row[:, None] + d[None, :] * stride_cd
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        # Every visited block holds >= 1 valid token, so m_new is finite here.
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        if NATIVE_DOT:
+            # bf16/fp16 products are exact in the fp32 accumulator: same QK as the fp32 path.
+            s = tl.dot(q, tl.trans(k))
+        else:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
+        s = tl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
+        # Every visited tile holds >= 1 valid token, so m_new is finite here.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        if NATIVE_DOT:
+            pv = tl.dot(p.to(v.dtype), v)
+        else:
+            pv = tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     # Empty range (context_len 0, or a split past the end): emit zeros, not NaN.
@@ -217,19 +266,120 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _auto_num_splits(q: torch.Tensor, num_kv_heads: int, max_blocks: int) -> int:
-    """Split-K only when (sequence, kv head) programs cannot fill the GPU.
+def _auto_num_splits(q: torch.Tensor, num_kv_heads: int, max_tokens: int) -> int:
+    """Split-K only when (sequence, kv head) programs cannot fill the GPU (SPLIT_K).
 
-    Decided from static shapes (block table width), never from context_lens, so no
-    host sync and the choice is stable under CUDA graph capture.
+    Decided from static shapes (batch, heads, block-table capacity), never from context_lens,
+    so no host sync and the choice is stable under CUDA graph capture; the kernel then cuts
+    each sequence's actual context into that many chunks.
     """
     if not q.is_cuda:
         return 1
     programs = q.shape[0] * num_kv_heads
     sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    if programs >= sms:
+    target = SPLIT_K["programs_per_sm"] * sms
+    if programs >= target:
         return 1
-    return max(1, min(triton.cdiv(sms, programs), max_blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS))
+    by_length = max(1, max_tokens // SPLIT_K["min_split_tokens"])
+    return max(1, min(triton.cdiv(target, programs), by_length, SPLIT_K["max_splits"]))
+
+
+def decode_config(q: torch.Tensor, k_cache: torch.Tensor, max_blocks: int, num_splits: int = 0) -> dict:
+    """The launch config the op uses for these shapes: DECODE_CONFIGS by head_dim, plus splits."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    cfg = dict(DECODE_CONFIGS.get(head_dim_pad) or DECODE_CONFIGS[max(DECODE_CONFIGS)])
+    if k_cache.dtype == torch.float32:
+        cfg["tokens"] = max(_MIN_DOT_DIM, cfg["tokens"] // 2)
+    cfg["num_splits"] = num_splits or _auto_num_splits(q, num_kv_heads, max_blocks * block_size)
+    return cfg
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """Largest element offset (from the data pointer) that indexing ``t`` can produce."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+def _cache_needs_int64(k_cache: torch.Tensor) -> bool:
+    # int64 multiplies cost issue slots on every gathered row; only caches past 2^31 elements need them.
+    return _max_offset(k_cache) > _INT32_MAX
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    tokens: int,
+    num_warps: int,
+    num_stages: int,
+    native_dot: bool,
+    num_splits: int,
+) -> torch.Tensor:
+    """Launch the decode kernel with an explicit config (the op passes ``decode_config``'s).
+
+    Inputs are checked by the op; tests and bench/tune_paged_attention.py call this directly.
+    """
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    batch, num_q_heads, _ = q.shape
+    assert tokens >= _MIN_DOT_DIM and tokens & (tokens - 1) == 0, f"tokens must be a power of two >= 16, got {tokens}"
+    out = q.new_empty(q.shape)
+    if batch == 0:
+        return out
+    max_blocks = block_tables.shape[1]
+    max_tokens = max_blocks * block_size
+    # More splits than tiles of the longest possible context would only add empty programs.
+    splits = max(1, min(num_splits, triton.cdiv(max_tokens, tokens)))
+    group = num_q_heads // num_kv_heads
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    # The interpreter multiplies bf16 dot operands as raw uint16 bits (triton 3.x), so there
+    # bf16 always takes the fp32 path; fp16 exercises the native path on CPU.
+    native = native_dot and q.dtype != torch.float32 and not (_INTERPRETED and q.dtype == torch.bfloat16)
+    part_numel = batch * num_q_heads * splits * head_dim
+    for t in (q, block_tables, context_lens):
+        assert _max_offset(t) <= _INT32_MAX, f"tensor of shape {tuple(t.shape)} too large for int32 indexing"
+    assert part_numel <= _INT32_MAX and max_tokens <= _INT32_MAX, "batch or block table too large for int32 indexing"
+    meta = dict(
+        GROUP=group,
+        GROUP_PAD=max(_MIN_DOT_DIM, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        TOKENS=tokens,
+        NUM_STAGES=num_stages,
+        SPLIT=splits > 1,
+        NATIVE_DOT=native,
+        # fp32 caches need ieee dots to stay exact; 16-bit inputs are exact in tf32.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        IDX64=_cache_needs_int64(k_cache),
+        num_warps=num_warps,
+    )
+    common = (*q.stride(), *k_cache.stride(), *block_tables.stride(), context_lens.stride(0))
+    scale_log2 = scale * _LOG2E
+    with _device_guard(q):
+        if splits == 1:
+            _paged_decode_kernel[(batch, num_kv_heads, 1)](
+                q, k_cache, v_cache, block_tables, context_lens, out, out,
+                *common, out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, 0,
+                scale_log2, max_tokens, 1, **meta,
+            )
+            return out
+        part = q.new_empty((batch, num_q_heads, splits, head_dim), dtype=torch.float32)
+        lse = q.new_empty((batch, num_q_heads, splits), dtype=torch.float32)
+        _paged_decode_kernel[(batch, num_kv_heads, splits)](
+            q, k_cache, v_cache, block_tables, context_lens, part, lse,
+            *common, *part.stride(), *lse.stride(),
+            scale_log2, max_tokens, splits, **meta,
+        )
+        _combine_splits_kernel[(batch, num_q_heads)](
+            part, lse, out, *part.stride(), *lse.stride(), *out.stride(),
+            splits, head_dim,
+            SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM_PAD=head_dim_pad,
+        )
+    return out
 
 
 @torch.library.custom_op("adp::paged_decode_attention", mutates_args=())
@@ -262,50 +412,10 @@ def paged_decode_attention(
     )
     assert q.device == k_cache.device == block_tables.device == context_lens.device, "tensors on different devices"
     assert num_splits >= 0, f"num_splits must be >= 0, got {num_splits}"
-
-    out = q.new_empty(q.shape)
-    if batch == 0:
-        return out
-    max_blocks = block_tables.shape[1]
-    splits = num_splits or _auto_num_splits(q, num_kv_heads, max_blocks)
-    splits = max(1, min(splits, max_blocks))
-    group = num_q_heads // num_kv_heads
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    meta = dict(
-        GROUP=group,
-        GROUP_PAD=max(_MIN_DOT_DIM, triton.next_power_of_2(group)),
-        BLOCK_SIZE=block_size,
-        HEAD_DIM_PAD=head_dim_pad,
-        SPLIT=splits > 1,
-        # fp32 caches need ieee dots to stay exact; 16-bit inputs are exact in tf32.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    common = (*q.stride(), *k_cache.stride(), *block_tables.stride(), context_lens.stride(0))
-    scale_log2 = scale * _LOG2E
-    with _device_guard(q):
-        if splits == 1:
-            _paged_decode_kernel[(batch, num_kv_heads, 1)](
-                q, k_cache, v_cache, block_tables, context_lens, out, out,
-                *common, out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, 0,
-                scale_log2, head_dim, max_blocks, max_blocks, **meta,
-            )
-            return out
-        part = q.new_empty((batch, num_q_heads, splits, head_dim), dtype=torch.float32)
-        lse = q.new_empty((batch, num_q_heads, splits), dtype=torch.float32)
-        _paged_decode_kernel[(batch, num_kv_heads, splits)](
-            q, k_cache, v_cache, block_tables, context_lens, part, lse,
-            *common, *part.stride(), *lse.stride(),
-            scale_log2, head_dim, max_blocks, triton.cdiv(max_blocks, splits), **meta,
-        )
-        _combine_splits_kernel[(batch, num_q_heads)](
-            part, lse, out, *part.stride(), *lse.stride(), *out.stride(),
-            splits, head_dim,
-            SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM_PAD=head_dim_pad,
-        )
-    return out
+    cfg = decode_config(q, k_cache, block_tables.shape[1], num_splits)
+    return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, **cfg)
 
 
 @paged_decode_attention.register_fake
 def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=0) -> torch.Tensor:
     return q.new_empty(q.shape)
-
