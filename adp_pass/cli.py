@@ -297,8 +297,17 @@ def _add_serve_parsers(sub, common, fmt) -> None:
     p.add_argument("--seed", metavar="N", type=_int_at_least(0), default=0,
                    help="weights seed (presets) and the ranks' sampling seed")
     p.add_argument("--nnodes", metavar="N", type=_positive, default=1,
-                   help="torchrun agents (one per node) meeting at a c10d rendezvous, all on "
-                   "this host; collective mappings only (docs/serving.md, multi-node)")
+                   help="torchrun agents (one per node) meeting at a c10d rendezvous; collective "
+                   "mappings only. Without --node-rank all of them run on this host "
+                   "(docs/serving.md, multi-node)")
+    p.add_argument("--node-rank", metavar="N", type=_int_at_least(0), default=None,
+                   help="with --nnodes: start only this machine's agent; node 0 also serves HTTP, "
+                   "the others join it (same arguments, ADP_SERVE_TOKEN set alike on all)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", default=None,
+                   help="with --node-rank: the c10d rendezvous, on node 0's address")
+    p.add_argument("--link-port", metavar="N", type=_int_at_least(1), default=None,
+                   help="with --node-rank: the port on node 0 where every rank connects to the "
+                   "front end (at the --rdzv-endpoint host)")
     p.add_argument("--start-timeout", metavar="S", type=_float_in(0, low_open=True),
                    default=1800.0, help="seconds the ranks may take to build and load")
     p.add_argument("--shutdown-timeout", metavar="S", type=_float_in(0), default=30.0,
@@ -685,18 +694,22 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
         if mapping.world_size % args.nnodes:
             raise UsageError(f"--nnodes {args.nnodes} does not divide the {mapping.world_size} "
                              "ranks", flag="--nnodes", hint="give a divisor of the world size")
+    node = _node_spec(args)
     if args.log_dir is not None:
         check_out_dir(args.log_dir, "--log-dir")
     if args.no_cache and args.cache_dir is not None:
         raise UsageError("give --cache-dir or --no-cache, not both", flag="--no-cache")
     if args.cache_dir is not None:
         check_out_dir(args.cache_dir, "--cache-dir")
-    _check_port_free(args.host, args.port)
+    if node is None or node.node_rank == 0:
+        _check_port_free(args.host, args.port)
+    if node is not None and node.node_rank == 0:
+        _check_port_free("0.0.0.0", node.link_port, "--link-port")
     if args.checkpoint is not None:
         from adp_pass.tokenizer import load_tokenizer
 
         load_tokenizer(args.checkpoint)  # a checkpoint without a tokenizer fails here, at once
-    _check_ranks_fit_machine(mapping.world_size)
+    _check_ranks_fit_machine(mapping.world_size // (args.nnodes if node else 1))
 
     from adp_pass.runtime.build_cache import default_cache_dir
     from adp_pass.runtime.frontend import default_log_path
@@ -704,7 +717,10 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
 
     log = (args.log_dir / Path(default_log_path("serve")).name if args.log_dir
            else default_log_path("serve"))
-    with stage(f"serve on {mapping.world_size} ranks, http://{args.host}:{args.port}"):
+    what = (f"node {node.node_rank}: {mapping.world_size // args.nnodes} ranks joining the front "
+            f"end at {node.front_end}" if node and node.node_rank else
+            f"serve on {mapping.world_size} ranks, http://{args.host}:{args.port}")
+    with stage(what):
         return _serve(serve, ServeOptions(
         mapping=mapping, model_name=args.served_model_name or (
             str(args.checkpoint) if args.checkpoint else preset),
@@ -715,7 +731,43 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
         cuda_graph_sizes=tuple(args.cuda_graphs), seed=args.seed,
         cache_dir=None if args.no_cache else str(args.cache_dir or default_cache_dir()),
         log_path=log, start_timeout_s=args.start_timeout,
-        shutdown_timeout_s=args.shutdown_timeout, nnodes=args.nnodes))
+        shutdown_timeout_s=args.shutdown_timeout, nnodes=args.nnodes, node=node))
+
+
+def _node_spec(args: argparse.Namespace):
+    """``--node-rank``: this machine's part of a job over several (None: every rank here)."""
+    if args.node_rank is None:
+        for flag, value in (("--rdzv-endpoint", args.rdzv_endpoint),
+                            ("--link-port", args.link_port)):
+            if value is not None:
+                raise UsageError(f"{flag} is for a job over several machines: give --node-rank "
+                                 "(and --nnodes) with it", flag=flag,
+                                 hint="drop it, or add --nnodes N --node-rank R")
+        return None
+    if args.nnodes < 2 or args.node_rank >= args.nnodes:
+        raise UsageError(f"--node-rank {args.node_rank} needs --nnodes above it (got --nnodes "
+                         f"{args.nnodes})", flag="--node-rank",
+                         hint="number the machines 0 .. --nnodes - 1; node 0 serves HTTP")
+    missing = [f for f, v in (("--rdzv-endpoint", args.rdzv_endpoint),
+                              ("--link-port", args.link_port)) if v is None]
+    if missing:
+        raise UsageError(f"--node-rank needs {' and '.join(missing)}", flag="--node-rank",
+                         hint="e.g. --rdzv-endpoint NODE0:29400 --link-port 29401, the same on "
+                         "every node")
+    host, _, port = args.rdzv_endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--rdzv-endpoint {args.rdzv_endpoint!r} is not HOST:PORT",
+                         flag="--rdzv-endpoint", hint="e.g. --rdzv-endpoint 10.0.0.1:29400")
+    token = os.environ.get("ADP_SERVE_TOKEN", "")
+    if len(token) < 16:
+        raise UsageError("--node-rank: ADP_SERVE_TOKEN is not set (or shorter than 16 "
+                         "characters); the ranks of every node prove they belong to this job "
+                         "with it", flag="--node-rank",
+                         hint="export ADP_SERVE_TOKEN=$(openssl rand -hex 16) with the same "
+                         "value on every node")
+    from adp_pass.serving.ranks import NodeSpec
+
+    return NodeSpec(args.node_rank, args.rdzv_endpoint, args.link_port, token)
 
 
 def _serve(serve, options) -> int:
@@ -725,7 +777,7 @@ def _serve(serve, options) -> int:
     return code
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, flag: str = "--port") -> None:
     """Before the ranks start: a port in use would only show after minutes of building."""
     import socket
 
@@ -734,9 +786,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise UsageError(f"--port {port} on {host} cannot be used: {err.strerror}",
-                             flag="--port", hint="stop what listens there, or pick another "
-                             "--port") from None
+            raise UsageError(f"{flag} {port} on {host} cannot be used: {err.strerror}",
+                             flag=flag, hint=f"stop what listens there, or pick another "
+                             f"{flag}") from None
 
 
 def cmd_bench_serve(args: argparse.Namespace, stage: _Stages) -> int:

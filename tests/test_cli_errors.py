@@ -132,6 +132,13 @@ CASES = [
     (["serve", "--mapping", "tp=2,attn_dp=0", "--nnodes", "3"], 2, ["--nnodes 3", "divide"]),
     (["serve", "--shutdown-timeout", "-1"], 2, ["--shutdown-timeout"]),
     (["bench-serve", "--rate", "0"], 2, ["--rate", "(0, inf)"]),
+    (["serve", "--link-port", "29401"], 2, ["--link-port", "--node-rank"]),
+    (["serve", "--mapping", "tp=2,attn_dp=0", "--nnodes", "2", "--node-rank", "2"], 2,
+     ["--node-rank 2", "--nnodes"]),
+    (["serve", "--mapping", "tp=2,attn_dp=0", "--nnodes", "2", "--node-rank", "1"], 2,
+     ["--node-rank needs --rdzv-endpoint and --link-port"]),
+    (["serve", "--mapping", "tp=2,attn_dp=0", "--nnodes", "2", "--node-rank", "1",
+      "--rdzv-endpoint", "nohost", "--link-port", "29401"], 2, ["not HOST:PORT"]),
     (["bench-serve", "--num-prompts", "0"], 2, ["--num-prompts", ">= 1"]),
     # verify flags
     (["verify", "--world-size", "0"], 2, ["--world-size", ">= 1"]),

@@ -204,14 +204,22 @@ def test_bench_serve_reports_latencies(server, tmp_path):
 
 
 @pytest.mark.full  # its own server and build: ~25 s on 2 cores, over CI's budget (-m full)
-def test_collective_mapping_on_two_nodes_matches_then_fails_fast(server, tmp_path):
-    """A mapping with collectives (MLP sharded over both ranks), its ranks started by two
-    torchrun agents meeting at a c10d rendezvous (two "nodes" on this host): the same greedy
-    text as the replicated server; then one rank dies and every client gets an error and the
-    server exits non-zero within 60 s."""
-    nodes = Server("--preset", "tiny", "--mapping", "tp=2,attn_dp=1,mlp_tp=2", "--nnodes", "2",
-                   "--num-blocks", "16", log=tmp_path / "collective.log")
+def test_collective_mapping_on_two_nodes_matches_then_fails_fast(server, tmp_path, monkeypatch):
+    """Multi-node the standard way, on one host: two `adp serve` processes (node 0 with the
+    front end, node 1 joining), each one torchrun agent, meeting at a c10d rendezvous endpoint;
+    a mapping with collectives (the MLP sharded over both nodes' ranks). The same greedy text as
+    the replicated server; then one rank dies: every client gets an error and both nodes exit
+    within 60 s, node 0 with code 1."""
+    monkeypatch.setenv("ADP_SERVE_TOKEN", "test-token-0123456789")
+    common = ["--preset", "tiny", "--mapping", "tp=2,attn_dp=1,mlp_tp=2", "--nnodes", "2",
+              "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--link-port", str(free_port()),
+              "--num-blocks", "16"]
+    log1 = tmp_path / "node1.log"
+    node1 = subprocess.Popen([sys.executable, "-m", "adp_pass.cli", "serve", *common,
+                              "--node-rank", "1"], stdout=log1.open("w"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        nodes = Server(*common, "--node-rank", "0", log=tmp_path / "node0.log")
         prompt = dict(model="tiny", prompt=[5, 6, 7, 8], max_tokens=4, temperature=0)
         assert nodes.client.completions.create(**prompt).choices[0].text == \
             server.client.completions.create(**prompt).choices[0].text
@@ -220,13 +228,17 @@ def test_collective_mapping_on_two_nodes_matches_then_fails_fast(server, tmp_pat
         killed = time.monotonic()
         os.kill(nodes.health()["ranks"][1]["pid"], signal.SIGKILL)
         assert nodes.process.wait(60) == 1
+        node1.wait(max(1.0, 60 - (time.monotonic() - killed)))
         assert time.monotonic() - killed < 60
         for stream in streams:
             stream.thread.join(10)
             assert "rank 1 died" in str(stream.error), stream.error
         assert "keeps collectives" in nodes.log.read_text()
     finally:
-        nodes.stop()
+        if node1.poll() is None:
+            os.killpg(node1.pid, signal.SIGKILL)
+        if "nodes" in locals():
+            nodes.stop()
 
 
 @pytest.mark.full  # its own server and build (-m full)

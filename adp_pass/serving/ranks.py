@@ -36,6 +36,42 @@ from adp_pass.launch import RankFailed
 from adp_pass.mapping import Mapping
 
 
+@dataclass(frozen=True)
+class NodeSpec:
+    """This machine's part of a job over several machines (``adp serve --node-rank``): its
+    torchrun agent meets the others at ``rdzv_endpoint`` (c10d); node 0 runs the front end,
+    whose rank link listens on ``link_port`` of every interface, authenticated by ``token``
+    (``ADP_SERVE_TOKEN``, the same on every node)."""
+
+    node_rank: int
+    rdzv_endpoint: str
+    link_port: int
+    token: str
+
+    @property
+    def front_end(self) -> str:
+        """Where node 0's rank link listens, as the other nodes reach it."""
+        return f"{self.rdzv_endpoint.rsplit(':', 1)[0]}:{self.link_port}"
+
+
+def agent_command(job_dir: Path, world: int, nnodes: int, rdzv_endpoint: str,
+                  run_id: str) -> list[str]:
+    """One torchrun agent of ``world // nnodes`` serving ranks, meeting the others at a c10d
+    rendezvous (torchrun hands out the ranks in the order the agents join)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+            f"--nproc-per-node={world // nnodes}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={run_id}", "--max-restarts=0",
+            "--monitor-interval=0.2", "-m", "adp_pass.runtime.serve_worker",
+            str(job_dir / "job.json"), str(job_dir)]
+
+
+def run_id_for(token: str) -> str:
+    """The rendezvous id every node derives alike from the shared token."""
+    import hashlib
+
+    return "adp-serve-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
 @dataclass
 class RankInfo:
     rank: int
@@ -54,14 +90,15 @@ class RankSet:
     """Start, reach and stop the ranks of one serving job."""
 
     def __init__(self, mapping: Mapping, job_dir: Path, log_path: Path, *, nnodes: int = 1,
-                 bind_host: str = "127.0.0.1", echo: bool = True,
+                 node: NodeSpec | None = None, bind_host: str = "127.0.0.1", echo: bool = True,
                  on_step: Callable[[RankInfo, dict], None] | None = None,
                  on_lost: Callable[[RankInfo, str], None] | None = None) -> None:
         self.mapping, self.job_dir, self.log_path = mapping, job_dir, log_path
         self.nnodes, self.bind_host, self.echo = nnodes, bind_host, echo
         self.isolated = mapping.lockstep_size == 1
         self.ranks = {r: RankInfo(r) for r in range(mapping.world_size)}
-        self.token = secrets.token_hex(16)
+        self.node = node
+        self.token = node.token if node is not None else secrets.token_hex(16)
         self.on_step, self.on_lost = on_step, on_lost
         self.processes: list[tuple[list[int], subprocess.Popen]] = []  # (ranks, torchrun)
         self.stopping = False
@@ -72,17 +109,18 @@ class RankSet:
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.bind_host, 0,
-                                                  limit=1 << 24)
+        # Ranks on other machines reach node 0's link on every interface, at a known port.
+        bind, port = ("0.0.0.0", self.node.link_port) if self.node else (self.bind_host, 0)
+        self._server = await asyncio.start_server(self._connection, bind, port, limit=1 << 24)
         port = self._server.sockets[0].getsockname()[1]
-        host = self.bind_host if self.bind_host not in ("0.0.0.0", "") else socket.gethostname()
+        host = "127.0.0.1" if self.node else self.bind_host
         env = dict(os.environ, ADP_SERVE_ADDR=f"{host}:{port}", ADP_SERVE_TOKEN=self.token,
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         env.pop("ADP_SERVE_RANK", None)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_text("")
-        job, out = str(self.job_dir / "job.json"), str(self.job_dir)
-        worker = ["-m", "adp_pass.runtime.serve_worker", job, out]
+        worker = ["-m", "adp_pass.runtime.serve_worker", str(self.job_dir / "job.json"),
+                  str(self.job_dir)]
         run = [sys.executable, "-m", "torch.distributed.run"]
         world = self.mapping.world_size
         if self.isolated:
@@ -93,18 +131,18 @@ class RankSet:
                 rank_env = dict(env, ADP_SERVE_RANK=str(r),
                                 CUDA_VISIBLE_DEVICES=devices[r % len(devices)])
                 self._spawn([r], run + ["--standalone", "--nproc-per-node=1"] + worker, rank_env)
+        elif self.node is not None:  # this machine's agent; the others start theirs
+            self._spawn(list(range(world)), agent_command(
+                self.job_dir, world, self.nnodes, self.node.rdzv_endpoint,
+                run_id_for(self.token)), env)
         elif self.nnodes == 1:
             self._spawn(list(range(world)), run + ["--standalone", f"--nproc-per-node={world}",
                                                    "--monitor-interval=0.2"] + worker, env)
         else:
-            per_node = world // self.nnodes
             rdzv, run_id = f"127.0.0.1:{_free_port()}", f"adp-serve-{uuid.uuid4().hex[:8]}"
-            for node in range(self.nnodes):  # one agent per "node", met at one rendezvous
-                self._spawn(list(range(node * per_node, (node + 1) * per_node)), run + [
-                    f"--nnodes={self.nnodes}", f"--nproc-per-node={per_node}",
-                    "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv}",
-                    f"--rdzv-id={run_id}", "--max-restarts=0",
-                    "--monitor-interval=0.2"] + worker, env)
+            for _ in range(self.nnodes):  # one agent per "node", met at one rendezvous
+                self._spawn(list(range(world)), agent_command(self.job_dir, world, self.nnodes,
+                                                              rdzv, run_id), env)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_processes())
 
     def _spawn(self, ranks: list[int], command: list[str], env: dict) -> None:
@@ -200,8 +238,13 @@ class RankSet:
                 code = process.poll()
                 if code is None:
                     continue
+                # Collective mappings: an agent's ranks are whichever the rendezvous gave it,
+                # and any loss stops the group: blame the first rank still counted as serving.
                 for r in ranks:
-                    self._lost(self.ranks[r], f"its torchrun job exited with code {code}")
+                    if self.ranks[r].state in ("starting", "ready"):
+                        self._lost(self.ranks[r], f"its torchrun job exited with code {code}")
+                        if not self.isolated:
+                            break
             await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------------ messages

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adp_pass.mapping import Mapping
+from adp_pass.serving.ranks import NodeSpec
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ServeOptions:
     start_timeout_s: float = 1800.0
     shutdown_timeout_s: float = 30.0
     nnodes: int = 1
+    node: NodeSpec | None = None  # one machine of several (--node-rank); None: all here
 
 
 def _http_server(config):
@@ -53,19 +55,13 @@ def _http_server(config):
 
 
 def serve(options: ServeOptions) -> int:
+    if options.node is not None and options.node.node_rank > 0:
+        return _serve_node(options)
     return asyncio.run(_serve(options))
 
 
-async def _serve(o: ServeOptions) -> int:
-    import uvicorn
-
-    from adp_pass.runtime.frontend import default_log_path
+def _write_job(o: ServeOptions) -> Path:
     from adp_pass.runtime.job import Job
-    from adp_pass.serving.app import build_app
-    from adp_pass.serving.protocol import ModelLimits
-    from adp_pass.serving.ranks import RankSet
-    from adp_pass.serving.state import ServingState
-    from adp_pass.tokenizer import load_tokenizer
 
     job_dir = Path(tempfile.mkdtemp(prefix="adp-serve-"))
     Job(mapping=str(o.mapping), preset=o.preset, checkpoint=o.checkpoint, dtype=o.dtype,
@@ -73,8 +69,54 @@ async def _serve(o: ServeOptions) -> int:
         max_seq_len=o.max_model_len, max_batch=o.max_batch,
         cuda_graph_sizes=list(o.cuda_graph_sizes), seed=o.seed,
         cache_dir=o.cache_dir).write(job_dir / "job.json")
+    return job_dir
+
+
+def _serve_node(o: ServeOptions) -> int:
+    """A machine other than node 0: start its torchrun agent, whose ranks join the rendezvous
+    and connect to node 0's front end; return when they stop (node 0 says so, or fails)."""
+    import os
+    import subprocess
+
+    from adp_pass.serving.ranks import agent_command, run_id_for
+
+    node = o.node
+    job_dir = _write_job(o)
+    env = dict(os.environ, ADP_SERVE_ADDR=node.front_end, ADP_SERVE_TOKEN=node.token,
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env.pop("ADP_SERVE_RANK", None)
+    command = agent_command(job_dir, o.mapping.world_size, o.nnodes, node.rdzv_endpoint,
+                            run_id_for(node.token))
+    print(f"adp serve: node {node.node_rank}: starting {o.mapping.world_size // o.nnodes} ranks "
+          f"(rendezvous {node.rdzv_endpoint}, front end {node.front_end})", file=sys.stderr,
+          flush=True)
+    agent = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def forward(sig, frame):  # the agent stops its ranks; they tell the front end
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = agent.wait()
+    print(f"adp serve: node {node.node_rank}: ranks stopped (code {code})", file=sys.stderr,
+          flush=True)
+    return 0 if code == 0 else 1
+
+
+async def _serve(o: ServeOptions) -> int:
+    import uvicorn
+
+    from adp_pass.runtime.frontend import default_log_path
+    from adp_pass.serving.app import build_app
+    from adp_pass.serving.protocol import ModelLimits
+    from adp_pass.serving.ranks import RankSet
+    from adp_pass.serving.state import ServingState
+    from adp_pass.tokenizer import load_tokenizer
+
+    job_dir = _write_job(o)
     log_path = o.log_path or default_log_path("serve")
-    ranks = RankSet(o.mapping, job_dir, log_path, nnodes=o.nnodes)
+    ranks = RankSet(o.mapping, job_dir, log_path, nnodes=o.nnodes, node=o.node)
     tokenizer = load_tokenizer(o.checkpoint)
     limits = ModelLimits(o.model_name, o.vocab_size, o.max_model_len, o.num_blocks * o.block_size)
     state = ServingState(ranks, limits, tokenizer, max_queue=o.max_queue,
