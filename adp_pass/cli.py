@@ -310,6 +310,10 @@ def _add_serve_parsers(sub, common, fmt) -> None:
                    "front end (at the --rdzv-endpoint host)")
     p.add_argument("--start-timeout", metavar="S", type=_float_in(0, low_open=True),
                    default=1800.0, help="seconds the ranks may take to build and load")
+    p.add_argument("--rank-timeout", metavar="S", type=_float_in(0, low_open=True),
+                   default=600.0, help="a rank that sends nothing for this long is taken as hung "
+                   "and killed (it reports every step, and every 0.5 s when idle); allow for the "
+                   "first step's kernel compilation")
     p.add_argument("--shutdown-timeout", metavar="S", type=_float_in(0), default=30.0,
                    help="on SIGTERM, seconds the requests in flight may take to finish before "
                    "they get an error")
@@ -731,7 +735,8 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
         cuda_graph_sizes=tuple(args.cuda_graphs), seed=args.seed,
         cache_dir=None if args.no_cache else str(args.cache_dir or default_cache_dir()),
         log_path=log, start_timeout_s=args.start_timeout,
-        shutdown_timeout_s=args.shutdown_timeout, nnodes=args.nnodes, node=node))
+        shutdown_timeout_s=args.shutdown_timeout, rank_timeout_s=args.rank_timeout,
+        nnodes=args.nnodes, node=node))
 
 
 def _node_spec(args: argparse.Namespace):

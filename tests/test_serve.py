@@ -280,6 +280,29 @@ def test_checkpoint_is_served_with_its_tokenizer_and_matches_transformers(tmp_pa
         ckpt.stop()
 
 
+@pytest.mark.full  # its own server and build (-m full)
+def test_hung_rank_is_killed_and_only_its_requests_fail(tmp_path):
+    """A rank that stops answering (SIGSTOP: a stuck kernel, say) is taken as dead after
+    --rank-timeout: its request fails, the other rank keeps serving."""
+    hung = Server("--preset", "tiny", "--world-size", "2", "--num-blocks", "16",
+                  "--rank-timeout", "4", log=tmp_path / "hung.log")
+    streams = []
+    try:
+        streams += [Stream(hung, 100), Stream(hung, 100)]
+        wait_for(lambda: all(s.chunks for s in streams), what="both ranks generating")
+        os.kill(hung.health()["ranks"][1]["pid"], signal.SIGSTOP)
+        wait_for(lambda: any(s.error is not None for s in streams), timeout_s=30,
+                 what="the hung rank's request failing")
+        failed = [s for s in streams if s.error is not None]
+        assert len(failed) == 1 and "hung" in str(failed[0].error)
+        assert hung.health()["live_dp_groups"] == [0]
+        assert hung.client.completions.create(model="tiny", prompt="x", max_tokens=1).choices
+    finally:
+        for stream in streams:
+            stream.close()
+        hung.stop()
+
+
 # ----------------------------------------------------------------------------- bad requests
 LONG = [1] * 300  # longer than the context (16 blocks x 16 tokens = 256)
 CHAT = [{"role": "user", "content": "hi"}]

@@ -164,3 +164,22 @@ def test_checkpoint_chat_template_and_end_of_text(tmp_path):
     gen = parse_chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, limits,
                      tok)
     assert gen.prompts == [[2, 5, 4, 3, 5]] and gen.max_tokens == 2
+
+
+def test_text_stream_is_incremental_and_agrees_with_one_decode():
+    """Token by token, the deltas add up to the decode of all ids (invalid bytes, ids past the
+    byte range and split characters included), decoding only a short window each time."""
+    tok = ByteTokenizer()
+    rng = random.Random(3)
+    ids = list("naïve café — ünïcödé ".encode()) + [rng.randrange(300) for _ in range(200)]
+    calls = []
+
+    class Counting(ByteTokenizer):
+        def decode(self, part):
+            calls.append(len(part))
+            return super().decode(part)
+
+    stream = TextStream(Counting(), [])
+    out = [stream.push([t], final=i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert "".join(out) == tok.decode(ids)
+    assert max(calls) < len(ids) // 4  # a window, never the whole output

@@ -24,27 +24,38 @@ DISCONNECT_POLL_S = 0.2
 
 class TextStream:
     """Token ids -> text deltas, with the OpenAI ``stop`` strings applied: text that could still
-    turn out to start a stop string is held back, and the text ends before the stop string."""
+    turn out to start a stop string is held back, and the text ends before the stop string.
+
+    Decoding is incremental (as vLLM does): only a window of ids is decoded per token, the ids
+    since ``prefix``, so a long completion costs linear, not quadratic, time. The window starts
+    one chunk back, so tokenizers whose text depends on the previous token (leading spaces) see
+    it; text ending in U+FFFD (half a UTF-8 character) waits for the next token."""
 
     def __init__(self, tokenizer, stop: list[str]) -> None:
         self.tokenizer, self.stop = tokenizer, stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
+        self.text = ""  # decoded so far (what ids[:read] make)
+        self.prefix = self.read = 0  # ids[prefix:read] decode to the end of self.text
         self.emitted = 0
         self.stopped = False
 
+    def _decode(self, final: bool) -> None:
+        seen = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        window = self.tokenizer.decode(self.ids[self.prefix:])
+        if final or (len(window) > len(seen) and not window.endswith("\ufffd")):
+            self.text += window[len(seen):]
+            self.prefix, self.read = self.read, len(self.ids)
+
     def push(self, ids: list[int], final: bool = False) -> str:
         self.ids += ids
-        text = self.tokenizer.decode(self.ids)
+        self._decode(final)
+        text = self.text
         hits = [i for i in (text.find(s, max(self.emitted - self.hold, 0)) for s in self.stop)
                 if i >= 0]
         if hits:
             self.stopped, final, text = True, True, text[:min(hits)]
-        end = len(text)
-        if not final:
-            end -= self.hold
-            if text.endswith("\ufffd"):  # maybe half a UTF-8 character: wait for the rest
-                end = min(end, len(text) - 1)
+        end = len(text) if final else len(text) - self.hold
         if end <= self.emitted:
             return ""
         delta, self.emitted = text[self.emitted:end], end

@@ -84,6 +84,7 @@ class RankInfo:
     writer: asyncio.StreamWriter | None = None
     stats: dict = field(default_factory=dict)
     error: str | None = None
+    last_seen: float = 0.0  # monotonic time of its last message
 
 
 class RankSet:
@@ -91,6 +92,7 @@ class RankSet:
 
     def __init__(self, mapping: Mapping, job_dir: Path, log_path: Path, *, nnodes: int = 1,
                  node: NodeSpec | None = None, bind_host: str = "127.0.0.1", echo: bool = True,
+                 silence_timeout_s: float | None = None,
                  on_step: Callable[[RankInfo, dict], None] | None = None,
                  on_lost: Callable[[RankInfo, str], None] | None = None) -> None:
         self.mapping, self.job_dir, self.log_path = mapping, job_dir, log_path
@@ -98,6 +100,7 @@ class RankSet:
         self.isolated = mapping.lockstep_size == 1
         self.ranks = {r: RankInfo(r) for r in range(mapping.world_size)}
         self.node = node
+        self.silence_timeout_s = silence_timeout_s
         self.token = node.token if node is not None else secrets.token_hex(16)
         self.on_step, self.on_lost = on_step, on_lost
         self.processes: list[tuple[list[int], subprocess.Popen]] = []  # (ranks, torchrun)
@@ -202,10 +205,12 @@ class RankSet:
             info.lockstep_leader, info.pid, info.host = (hello["lockstep_leader"], hello["pid"],
                                                          hello["host"])
             info.writer, info.state = writer, "ready"
+            info.last_seen = time.monotonic()
             while True:
                 line = await reader.readline()
                 if not line:
                     break
+                info.last_seen = time.monotonic()
                 message = json.loads(line)
                 if message.get("type") == "step":
                     info.stats = message["stats"]
@@ -245,7 +250,25 @@ class RankSet:
                         self._lost(self.ranks[r], f"its torchrun job exited with code {code}")
                         if not self.isolated:
                             break
+            self._check_silence()
             await asyncio.sleep(0.2)
+
+    def _check_silence(self) -> None:
+        """A reporting rank speaks every step and every 0.5 s when idle: one silent for longer
+        than the timeout is hung (a stuck kernel or collective). It is killed and counted lost,
+        so its requests fail instead of waiting forever."""
+        if self.silence_timeout_s is None:
+            return
+        now = time.monotonic()
+        for info in self.ranks.values():
+            if info.state == "ready" and info.reports and \
+                    now - info.last_seen > self.silence_timeout_s:
+                for ranks, process in self.processes:
+                    if self.isolated and info.rank in ranks and process.poll() is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(process.pid, signal.SIGKILL)
+                self._lost(info, f"no word from it for {self.silence_timeout_s:g} s: hung "
+                           "(--rank-timeout)")
 
     # ------------------------------------------------------------------ messages
     def leader_of(self, group: int) -> RankInfo:

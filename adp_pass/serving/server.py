@@ -36,6 +36,7 @@ class ServeOptions:
     log_path: Path | None = None
     start_timeout_s: float = 1800.0
     shutdown_timeout_s: float = 30.0
+    rank_timeout_s: float | None = 600.0
     nnodes: int = 1
     node: NodeSpec | None = None  # one machine of several (--node-rank); None: all here
 
@@ -116,7 +117,8 @@ async def _serve(o: ServeOptions) -> int:
 
     job_dir = _write_job(o)
     log_path = o.log_path or default_log_path("serve")
-    ranks = RankSet(o.mapping, job_dir, log_path, nnodes=o.nnodes, node=o.node)
+    ranks = RankSet(o.mapping, job_dir, log_path, nnodes=o.nnodes, node=o.node,
+                    silence_timeout_s=o.rank_timeout_s)
     tokenizer = load_tokenizer(o.checkpoint)
     limits = ModelLimits(o.model_name, o.vocab_size, o.max_model_len, o.num_blocks * o.block_size)
     state = ServingState(ranks, limits, tokenizer, max_queue=o.max_queue,
