@@ -705,14 +705,20 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
         raise UsageError("give --cache-dir or --no-cache, not both", flag="--no-cache")
     if args.cache_dir is not None:
         check_out_dir(args.cache_dir, "--cache-dir")
+    if args.checkpoint is not None:
+        from adp_pass.tokenizer import HFTokenizer, load_tokenizer
+
+        if not any((args.checkpoint / name).is_file() for name in HFTokenizer.FILES):
+            raise UsageError(f"--checkpoint {args.checkpoint} has no tokenizer "
+                             f"({', '.join(HFTokenizer.FILES)}): adp serve needs it for text "
+                             "prompts, the chat template and the end-of-text token",
+                             flag="--checkpoint", hint="copy the tokenizer files into it "
+                             "(tokenizer.save_pretrained(dir))")
+        load_tokenizer(args.checkpoint)  # one that cannot load fails here, at once
     if node is None or node.node_rank == 0:
         _check_port_free(args.host, args.port)
     if node is not None and node.node_rank == 0:
         _check_port_free("0.0.0.0", node.link_port, "--link-port")
-    if args.checkpoint is not None:
-        from adp_pass.tokenizer import load_tokenizer
-
-        load_tokenizer(args.checkpoint)  # a checkpoint without a tokenizer fails here, at once
     _check_ranks_fit_machine(mapping.world_size // (args.nnodes if node else 1))
 
     from adp_pass.runtime.build_cache import default_cache_dir

@@ -133,6 +133,7 @@ CASES = [
     (["serve", "--shutdown-timeout", "-1"], 2, ["--shutdown-timeout"]),
     (["bench-serve", "--rate", "0"], 2, ["--rate", "(0, inf)"]),
     (["serve", "--link-port", "29401"], 2, ["--link-port", "--node-rank"]),
+    (["serve", "--checkpoint", "{good}"], 2, ["has no tokenizer", "adp serve needs it"]),
     (["serve", "--mapping", "tp=2,attn_dp=0", "--nnodes", "2", "--node-rank", "2"], 2,
      ["--node-rank 2", "--nnodes"]),
     (["serve", "--mapping", "tp=2,attn_dp=0", "--nnodes", "2", "--node-rank", "1"], 2,
