@@ -40,6 +40,7 @@ from adp_pass.rewrite import RewriteReport, rewrite_and_report
 if TYPE_CHECKING:
     from adp_pass.capture import CapturedGraph
 
+
 @dataclass(frozen=True)
 class StageReport:
     """What one stage did: its name, its wall time and what it counted (matches, nodes, ...)."""
