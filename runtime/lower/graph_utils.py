@@ -8,6 +8,7 @@ keeps the lowered graph as inspectable as the rewritten one and lets later passe
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import operator
 from typing import Any, Callable, Sequence
@@ -49,13 +50,28 @@ def _no_decompositions() -> dict:
 
 
 def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_ignored: Any) -> fx.GraphModule:
-    """``fwd_only`` without Inductor's decomposition table.
+    """``fwd_only`` without Inductor's decomposition table, traced once per distinct call.
 
     The captured graphs keep ``silu``/``mean``/``rsqrt`` as single ATen ops (AOTAutograd with the
     default table), while ``fwd_only``'s default table would decompose e.g. ``silu``, so patterns
     traced with it never match. Extra keyword arguments (``get_decomp_fn``, passed by newer
     ``register_replacement``) are ignored on purpose.
+
+    ``register_replacement`` re-traces the pattern and the replacement on every match's values
+    (tens of milliseconds each); inside :func:`traces_reused` a call with the same function and
+    the same argument metadata (every decoder layer's) gets a copy of the first trace instead.
     """
+    memo = _TRACE_MEMO.get()
+    key = _trace_key(fn, args) if memo is not None else None
+    if key is not None and key in memo:
+        return _copy_module(memo[key])
+    gm = _trace(fn, args)
+    if key is not None:
+        memo[key] = _copy_module(gm)  # the caller may edit its copy (it renames placeholders)
+    return gm
+
+
+def _trace(fn: Callable[..., Any], args: Sequence[Any]) -> fx.GraphModule:
     from torch._inductor.pattern_matcher import fwd_only
 
     if "get_decomp_fn" in inspect.signature(fwd_only).parameters:
@@ -67,6 +83,44 @@ def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_ignored: Any) 
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+_TRACE_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("adp_trace_memo",
+                                                                          default=None)
+
+
+@contextlib.contextmanager
+def traces_reused():
+    """Pattern traces reused within one lowering (one graph, one fake mode)."""
+    token = _TRACE_MEMO.set({})
+    try:
+        yield
+    finally:
+        _TRACE_MEMO.reset(token)
+
+
+def _trace_key(fn: Callable[..., Any], args: Sequence[Any]) -> tuple | None:
+    """The function (its code and what its closure holds) and the arguments' metadata; None
+    when something has no plain description (then the call is traced)."""
+    from adp_pass.shapes import metadata_key
+
+    try:
+        cells = []
+        for cell in getattr(fn, "__closure__", None) or ():
+            value = cell.cell_contents
+            cells.append(("fn", id(value)) if callable(value) else metadata_key(value))
+        key = (getattr(fn, "__code__", None) or id(fn), tuple(cells), metadata_key(list(args)))
+        hash(key)
+    except (TypeError, ValueError):
+        return None
+    return key
+
+
+def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)
 
 
 def register(
