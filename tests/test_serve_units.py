@@ -183,3 +183,21 @@ def test_text_stream_is_incremental_and_agrees_with_one_decode():
     out = [stream.push([t], final=i == len(ids) - 1) for i, t in enumerate(ids)]
     assert "".join(out) == tok.decode(ids)
     assert max(calls) < len(ids) // 4  # a window, never the whole output
+
+
+def test_steps_waiting_for_a_busy_client_come_merged():
+    import asyncio
+
+    from adp_pass.serving.state import Flight, RankLost, ServingState
+
+    async def read(events):
+        flight = Flight("r", 0, 3, 8, 0.0)
+        for event in events:
+            flight.events.put_nowait(event)
+        return [item async for item in ServingState.tokens(None, flight)]
+
+    steps = [("tokens", [1], None, None), ("tokens", [2, 3], None, None),
+             ("tokens", [4], "length", None)]
+    assert asyncio.run(read(steps)) == [([1, 2, 3, 4], "length")]
+    with pytest.raises(RankLost, match="rank 1 died"):
+        asyncio.run(read([("tokens", [1], None, None), ("error", [], None, "rank 1 died")]))

@@ -137,9 +137,14 @@ class ServingState:
 
     async def tokens(self, flight: Flight):
         """(new token ids, finish reason or None) as the rank reports them; raises
-        :class:`RankLost` when its rank dies."""
+        :class:`RankLost` when its rank dies. Steps that arrived while the client's side was
+        busy come merged into one, so a loaded front end sends fewer, larger chunks instead of
+        falling behind."""
         while True:
             kind, tokens, finish, error = await flight.events.get()
+            while kind != "error" and finish is None and not flight.events.empty():
+                kind, more, finish, error = flight.events.get_nowait()
+                tokens = tokens + more
             if kind == "error":
                 raise RankLost(error)
             yield tokens, finish
