@@ -50,8 +50,9 @@ MAIN_SHAPES = [(64, 512), (64, 2048), (256, 512), (256, 2048)]  # (batch, contex
 SPLIT_SHAPES = [(16, 2048)]  # fewer programs than SMs: where split-K matters
 # Phase 1: native 16-bit dots over this grid; phase 2: the fp32-operand (tf32) dot mode for the
 # TOP fastest; phase 3: split-K for the TOP fastest per shape. About one Triton compile per config.
-GRID = dict(tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[1, 2, 3, 4], native_dot=[True])
-DRY_GRID = dict(tokens=[16, 32], num_warps=[4], num_stages=[1, 2], native_dot=[True])
+# num_stages 3/5/7 keep 1/2/3 K/V tiles in flight (see DECODE_CONFIGS); 1 = plain loads.
+GRID = dict(tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[1, 3, 5, 7], native_dot=[True])
+DRY_GRID = dict(tokens=[16, 32], num_warps=[4], num_stages=[1, 5], native_dot=[True])
 TOP = 3
 SPLITS = [1, 2, 4]
 SMALL_BATCH_SPLITS = [1, 2, 4, 8]

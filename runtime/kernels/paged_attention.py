@@ -21,13 +21,18 @@ from triton.runtime.interpreter import InterpretedFunction
 #   tokens      KV tokens per loop iteration (any power of two >= 16; need not match block_size:
 #               block ids are gathered per token), i.e. the bytes each program has in flight
 #   num_warps   Triton num_warps of the decode kernel
-#   num_stages  software-pipelining depth of the KV loop (tl.range num_stages; 1 = no pipelining)
+#   num_stages  tl.range num_stages of the KV loop. The pipeliner splits the stages between the
+#               block-table load and the K/V loads whose addresses it feeds, so a program keeps
+#               (num_stages - 1) // 2 K/V tiles in flight while it computes one: 5 -> 2, 7 -> 3;
+#               2-4 issue the next tile's loads only after this one is consumed (seen in the TTGIR
+#               for sm_90, triton 3.9). Shared memory ~ that many x tokens x head_dim x 2 (K, V) x
+#               2 bytes: 5 with tokens=32 at head_dim 128 takes 38 KB, so 5 programs fit an SM.
 #   native_dot  16-bit caches: dots on the cache dtype (P rounded to it, like FlashAttention)
 #               instead of tf32 dots on fp32 copies (exact operands, P keeps 10 bits)
 DECODE_CONFIGS = {
-    64: dict(tokens=128, num_warps=4, num_stages=3, native_dot=True),
-    128: dict(tokens=64, num_warps=4, num_stages=3, native_dot=True),
-    256: dict(tokens=32, num_warps=8, num_stages=2, native_dot=True),
+    64: dict(tokens=64, num_warps=4, num_stages=5, native_dot=True),
+    128: dict(tokens=32, num_warps=4, num_stages=5, native_dot=True),
+    256: dict(tokens=16, num_warps=4, num_stages=5, native_dot=True),
 }
 # Split-K (flash-decoding) when the (sequence, kv head) programs are few:
 #   programs_per_sm   split until batch * kv_heads * splits reaches this many programs per SM
@@ -126,7 +131,8 @@ def _paged_decode_kernel(
     head_off = kvh * stride_ch
     # One iteration reads TOKENS tokens (several KV blocks): the block id of every token is
     # gathered from the table (repeats hit L1), so tiles need not align with blocks. The
-    # pipeliner prefetches the table entries and the K/V tiles NUM_STAGES - 1 iterations ahead.
+    # pipeliner prefetches table entries and K/V tiles ahead into shared memory (cp.async); see
+    # num_stages at DECODE_CONFIGS for how deep.
     for start in tl.range(lo, hi, TOKENS, num_stages=NUM_STAGES):
         tok = start + t
         valid = tok < hi
@@ -137,7 +143,10 @@ def _paged_decode_kernel(
             phys = phys.to(tl.int32)
         row = phys * stride_cb + (tok % BLOCK_SIZE) * stride_cs + head_off
         kv_off = row[:, None] + d[None, :] * stride_cd
-        kv_mask = valid[:, None] & d_mask[None, :]
+        if HEAD_DIM == HEAD_DIM_PAD:
+            kv_mask = valid[:, None]  # no per-column predicate when head_dim needs no padding
+        else:
+            kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         if NATIVE_DOT:
