@@ -67,8 +67,9 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 def _lost(err: RankLost) -> APIError:
-    return APIError(503, f"the rank serving this request failed: {err}; retry (the router "
-                    "sends it to a live rank)", type="server_error", code="rank_failed")
+    """A request ended by the server's side (its rank died, the server stopped): 503, whose
+    message says why and whether a retry can succeed."""
+    return APIError(503, str(err), type="server_error", code="request_failed")
 
 
 def build_app(state: ServingState) -> FastAPI:

@@ -127,8 +127,14 @@ async def _serve(o: ServeOptions) -> int:
     print(f"adp serve: starting {o.mapping.world_size} ranks (mapping {o.mapping}; rank log "
           f"{log_path})", file=sys.stderr, flush=True)
     stop_signals = asyncio.Event()
+
+    def on_stop_signal():
+        if stop_signals.is_set():  # the second one: stop waiting for the requests in flight
+            state.forced = True
+        stop_signals.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_signals.set)
+        loop.add_signal_handler(sig, on_stop_signal)
     await ranks.start()
     try:
         ready = asyncio.ensure_future(ranks.wait_ready(o.start_timeout_s))

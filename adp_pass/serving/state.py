@@ -7,6 +7,7 @@ connections), so it needs no locks.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class ServingState:
         self.flights: dict[str, Flight] = {}
         self.shutdown_timeout_s = shutdown_timeout_s
         self.draining = False  # SIGTERM: finishing what is in flight, refusing new requests
+        self.forced = False  # a second signal: stop waiting for them
         self.failed: str | None = None  # collective mapping lost a rank: the server is going down
         self.exit_code = 0
         self.stop_event = asyncio.Event()
@@ -160,7 +162,8 @@ class ServingState:
                 continue  # cancelled meanwhile
             if error is not None:
                 self._finish(flight, "error")
-                flight.events.put_nowait(("error", [], None, f"the rank refused it: {error}"))
+                flight.events.put_nowait(("error", [], None, f"rank {info.rank} refused this "
+                                          f"request: {error}"))
                 continue
             if tokens:
                 if flight.first is None:
@@ -179,7 +182,8 @@ class ServingState:
         if self.ranks.isolated:
             # Replicated mapping: only this rank's requests fail; the router stops using it.
             for request_id in self.router.mark_dead(info.dp_rank):
-                self._fail(request_id, why)
+                self._fail(request_id, f"the rank serving this request failed: {why}; retry: "
+                           "the other ranks keep serving")
             if not any(self.router.live):
                 self.fail_all(f"every rank has died; the last: {why}")
         else:
@@ -198,9 +202,9 @@ class ServingState:
             self.failed = why
             self.exit_code = 1
             print(f"adp serve: error: {why}; failing every request and exiting", flush=True,
-                  file=__import__("sys").stderr)
+                  file=sys.stderr)
         for request_id in list(self.flights):
-            self._fail(request_id, why)
+            self._fail(request_id, f"the server is failing: {why}")
         self.stop_event.set()
 
     async def drain(self) -> None:
@@ -208,11 +212,13 @@ class ServingState:
         timeout, then fail the rest."""
         self.draining = True
         deadline = time.monotonic() + self.shutdown_timeout_s
-        while self.flights and time.monotonic() < deadline and not self.failed:
+        while self.flights and time.monotonic() < deadline and not self.failed and \
+                not self.forced:
             await asyncio.sleep(0.05)
         for request_id in list(self.flights):
-            self._fail(request_id, f"the server shut down before this request finished "
-                       f"(--shutdown-timeout {self.shutdown_timeout_s:g} s)")
+            self._fail(request_id, "the server shut down before this request finished ("
+                       + ("a second stop signal" if self.forced else
+                          f"--shutdown-timeout {self.shutdown_timeout_s:g} s") + ")")
         await asyncio.sleep(0.2)  # let the handlers write their last bytes
         self.stop_event.set()
 
