@@ -304,23 +304,28 @@ class RankEngine:
         rows = len(seqs) if rows is None else rows
         slots = [self.cache.append(i, 1)[0] for i in ids]
         lens = [self.cache.context_len(i) for i in ids]
-        inputs = decode_batch(
-            [s.generated[-1] for s in seqs], [n - 1 for n in lens], slots,
-            [self.cache.block_table(i) for i in ids], lens, rows, self.device,
-        )
+        last = [s.generated[-1] for s in seqs]
+        tables = [self.cache.block_table(i) for i in ids]
+        greedy = None  # the graph's argmax of each row, when a graph ran
         with torch.no_grad():
             # Every rank of a lockstep group passes the same `rows`: the same graph bucket.
             if self._graphs is not None and self._graphs.fits(rows):
-                logits = self._graphs.run(*inputs)
+                logits, greedy = self._graphs.run_host(last, [n - 1 for n in lens], slots,
+                                                       tables, lens, rows)
             else:
+                inputs = decode_batch(last, [n - 1 for n in lens], slots, tables, lens, rows,
+                                      self.device)
                 logits = self.model(*inputs)[0][:, -1]
         if not seqs:  # padding rows only: the call was for the other ranks' sequences
             self.stats.idle_calls += 1
             self.stats.idle_s += time.perf_counter() - start
             return []
-        logits = logits[: len(seqs)]
-        tokens = sample(logits, [s.request.params for s in seqs], self.generator,
-                        [self._generators.get(i) for i in ids]).tolist()
+        params = [s.request.params for s in seqs]
+        if greedy is not None and all(p.temperature == 0 for p in params):
+            tokens = greedy[: len(seqs)].tolist()  # sample()'s greedy rule, run in the graph
+        else:
+            tokens = sample(logits[: len(seqs)], params, self.generator,
+                            [self._generators.get(i) for i in ids]).tolist()
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(seqs)
         self.stats.decode_s += time.perf_counter() - start
@@ -417,22 +422,36 @@ def decode_batch(
 
 class _DecodeGraphs:
     """Decode steps captured in CUDA graphs, one per batch size; smaller batches are padded to
-    the next size (padding rows write to slot -1 and attend over an empty context)."""
+    the next size (padding rows write to slot -1 and attend over an empty context).
+
+    Each graph also takes the argmax of its logits (the greedy token), and its inputs live in
+    two device buffers (int64: ids, positions, slots; int32: block tables, context lengths)
+    filled from pinned host copies by two copies a step: the step's host work is then a few
+    array writes, not a dozen small tensors and kernels.
+    """
 
     def __init__(self, engine: RankEngine, sizes: list[int]) -> None:
         self.sizes = sizes
+        self.width = width = engine.max_blocks
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.inputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        device, width = engine.device, engine.max_blocks
+        self.greedy: dict[int, torch.Tensor] = {}
+        self.device_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.host_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.copied = torch.cuda.Event()  # the last host-to-device copies were made
+        device = engine.device
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory
+            longs = torch.zeros(3, size, dtype=torch.long, device=device)
+            ints = torch.zeros(size * width + size, dtype=torch.int32, device=device)
+            longs[2].fill_(-1)
             inputs = (
-                torch.zeros(size, 1, dtype=torch.long, device=device),
-                torch.zeros(size, 1, dtype=torch.long, device=device),
-                torch.full((size,), -1, dtype=torch.long, device=device),
-                torch.zeros(size, width, dtype=torch.int32, device=device),
-                torch.zeros(size, dtype=torch.int32, device=device),
+                longs[0].view(size, 1),  # token ids
+                longs[1].view(size, 1),  # positions
+                longs[2],  # slots
+                ints[: size * width].view(size, width),  # block tables
+                ints[size * width:],  # context lengths
             )
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -443,24 +462,45 @@ class _DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), torch.no_grad():
                 self.outputs[size] = engine.model(*inputs)[0][:, -1]
+                self.greedy[size] = self.outputs[size].argmax(dim=-1)
             self.graphs[size], self.inputs[size] = graph, inputs
+            self.device_buffers[size] = (longs, ints)
+            self.host_buffers[size] = (torch.zeros_like(longs, device="cpu").pin_memory(),
+                                       torch.zeros_like(ints, device="cpu").pin_memory())
         torch.cuda.synchronize()
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
-    def run(self, *tensors: torch.Tensor) -> torch.Tensor:
-        batch = tensors[0].shape[0]
-        size = next(s for s in self.sizes if s >= batch)
-        static = self.inputs[size]
-        ids, positions, slots, tables, lens = static
-        ids[:batch].copy_(tensors[0])
-        positions[:batch].copy_(tensors[1])
-        slots.fill_(-1)
-        slots[:batch].copy_(tensors[2])
-        tables.zero_()
-        tables[:batch, : tensors[3].shape[1]].copy_(tensors[3])
-        lens.zero_()
-        lens[:batch].copy_(tensors[4])
+    def run_host(self, tokens: list[int], positions: list[int], slots: list[int],
+                 tables: list[list[int]], context_lens: list[int],
+                 rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph for ``rows`` rows (the sequences first, then padding rows) from
+        host lists; its logits and greedy tokens, ``[rows, V]`` and ``[rows]``."""
+        size = next(s for s in self.sizes if s >= rows)
+        batch, width = len(tokens), self.width
+        host_longs, host_ints = self.host_buffers[size]
+        self.copied.synchronize()  # the pinned buffers are free to rewrite
+        longs, ints = host_longs.numpy(), host_ints.numpy()
+        longs[0, :batch], longs[1, :batch], longs[2, :batch] = tokens, positions, slots
+        longs[0, batch:], longs[1, batch:], longs[2, batch:] = 0, 0, -1
+        table = ints[: size * width].reshape(size, width)
+        table[:] = 0
+        for row, blocks in enumerate(tables):
+            table[row, : len(blocks)] = blocks
+        lens = ints[size * width:]
+        lens[:batch], lens[batch:] = context_lens, 0
+        device_longs, device_ints = self.device_buffers[size]
+        device_longs.copy_(host_longs, non_blocking=True)
+        device_ints.copy_(host_ints, non_blocking=True)
+        self.copied.record()
         self.graphs[size].replay()
-        return self.outputs[size][:batch]
+        return self.outputs[size][:rows], self.greedy[size][:rows]
+
+    def run(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Replay from device tensors of :func:`decode_batch`; the logits."""
+        tables = tensors[3].tolist()
+        lens = tensors[4].tolist()
+        logits, _ = self.run_host(tensors[0].view(-1).tolist(), tensors[1].view(-1).tolist(),
+                                  tensors[2].tolist(), tables, lens, tensors[0].shape[0])
+        return logits

@@ -1,8 +1,7 @@
 """Tests for the PagedKVCache block allocator and its metadata tensors."""
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
+# TRITON_INTERPRET: tests/conftest.py sets it on machines without a GPU (only there).
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -8,13 +8,11 @@ CPU, so shapes stay tiny ("tiny"/"tiny-3" presets, seq 7, batch slices of 1 and 
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# Must precede the first triton import (the kernels run on CPU only through the interpreter).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET: tests/conftest.py sets it on machines without a GPU (only there).
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -31,7 +31,7 @@ from triton.runtime.interpreter import InterpretedFunction
 #               instead of tf32 dots on fp32 copies (exact operands, P keeps 10 bits)
 DECODE_CONFIGS = {
     64: dict(tokens=64, num_warps=4, num_stages=5, native_dot=True),
-    128: dict(tokens=32, num_warps=4, num_stages=5, native_dot=True),
+    128: dict(tokens=64, num_warps=4, num_stages=3, native_dot=True),  # tuned on H200
     256: dict(tokens=16, num_warps=4, num_stages=5, native_dot=True),
 }
 # Split-K (flash-decoding) when the (sequence, kv head) programs are few:
@@ -39,7 +39,7 @@ DECODE_CONFIGS = {
 #   min_split_tokens  a split covers at least this many tokens of the block table's capacity
 #                     (below that the partial write + combine launch cost more than they buy)
 #   max_splits        upper bound on splits
-SPLIT_K = dict(programs_per_sm=2, min_split_tokens=256, max_splits=32)
+SPLIT_K = dict(programs_per_sm=3, min_split_tokens=256, max_splits=32)  # tuned on H200
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
