@@ -176,7 +176,7 @@ def _serve(engine, inbox: _Inbox, link: _Link, dp_rank: int, reports: bool) -> s
                         seed=item.get("seed"))))
                     sent[item["request_id"]] = 0
                 except ValueError as err:  # the front end checks first; this is a backstop
-                    events.append([item["request_id"], [], "error", str(err)])
+                    events.append([item["request_id"], [], None, str(err)])
             elif kind == "cancel":
                 engine.cancel(message["request_id"])
                 sent.pop(message["request_id"], None)
