@@ -386,7 +386,7 @@ def test_help_answers_at_once():
     assert time.perf_counter() - start <= 3.0
 
 
-@pytest.mark.parametrize("command", ["verify", "rewrite", "run"])
+@pytest.mark.parametrize("command", ["verify", "rewrite", "run", "serve", "bench-serve"])
 def test_every_option_shows_its_default(command):
     text = _adp(command, "--help").stdout
     options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
