@@ -360,6 +360,8 @@ BAD = [
     ("chat tools", "/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]},
      400, "not supported"),
     ("unknown route", "/v1/embeddings", {"input": "a"}, 404, "no route"),
+    ("body over 8 MiB", "/v1/completions", b'{"prompt": "' + b"a" * (9 << 20) + b'"}', 413,
+     "at most 8 MiB"),
 ]
 
 

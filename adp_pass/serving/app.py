@@ -16,7 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adp_pass.serving.protocol import APIError, Generation, parse_body, parse_chat, parse_completion
+from adp_pass.serving.protocol import (
+    APIError, Generation, check_body_size, parse_body, parse_chat, parse_completion)
 from adp_pass.serving.state import Flight, RankLost, ServingState
 
 DISCONNECT_POLL_S = 0.2
@@ -124,17 +125,25 @@ def build_app(state: ServingState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = parse_body(await request.body())
+        body = parse_body(await _read_body(request))
         gen = parse_completion(body, state.limits, state.tokenizer)
         return await _respond(request, state, gen, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse_body(await request.body())
+        body = parse_body(await _read_body(request))
         gen = parse_chat(body, state.limits, state.tokenizer)
         return await _respond(request, state, gen, chat=True)
 
     return app
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused unread when its declared length is already too big."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        check_body_size(int(declared))
+    return await request.body()
 
 
 async def _respond(request: Request, state: ServingState, gen: Generation, chat: bool):

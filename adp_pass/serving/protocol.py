@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
 MAX_STOP_LEN = 256
+MAX_BODY_BYTES = 8 << 20  # far above any context's text; a bigger body is a mistake or abuse
 # Accepted at their no-op values (clients send the defaults); anything else is refused by name.
 _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": None, "top_logprobs": None,
             "logit_bias": None, "best_of": 1, "echo": False, "suffix": None, "tools": None,
@@ -71,7 +72,15 @@ class Generation:
     ignore_eos: bool = False
 
 
+def check_body_size(size: int) -> None:
+    if size > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {size >> 20} MiB; at most "
+                       f"{MAX_BODY_BYTES >> 20} MiB are accepted (a prompt longer than any "
+                       "context): shorten it", code="body_too_large")
+
+
 def parse_body(raw: bytes) -> dict:
+    check_body_size(len(raw))
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
