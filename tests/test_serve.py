@@ -303,6 +303,18 @@ def test_hung_rank_is_killed_and_only_its_requests_fail(tmp_path):
         hung.stop()
 
 
+@pytest.mark.full  # starts ranks (-m full)
+def test_a_rank_that_cannot_start_ends_the_server_with_its_own_error(tmp_path):
+    port = free_port()
+    done = subprocess.run([sys.executable, "-m", "adp_pass.cli", "serve", "--port", str(port),
+                           "--preset", "tiny", "--world-size", "2", "--num-blocks", "10000000",
+                           "--max-model-len", "512"], capture_output=True, text=True,
+                          timeout=START_TIMEOUT_S)
+    assert done.returncode == 1
+    assert "InsufficientMemory" in done.stderr and "KV cache" in done.stderr, done.stderr
+    assert "rank logs:" in done.stderr and "Traceback" not in done.stderr
+
+
 # ----------------------------------------------------------------------------- bad requests
 LONG = [1] * 300  # longer than the context (16 blocks x 16 tokens = 256)
 CHAT = [{"role": "user", "content": "hi"}]
