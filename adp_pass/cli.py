@@ -730,8 +730,7 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
     what = (f"node {node.node_rank}: {mapping.world_size // args.nnodes} ranks joining the front "
             f"end at {node.front_end}" if node and node.node_rank else
             f"serve on {mapping.world_size} ranks, http://{args.host}:{args.port}")
-    with stage(what):
-        return _serve(serve, ServeOptions(
+    options = ServeOptions(
         mapping=mapping, model_name=args.served_model_name or (
             str(args.checkpoint) if args.checkpoint else preset),
         vocab_size=vocab, max_model_len=max_model_len, preset=preset,
@@ -742,7 +741,9 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
         cache_dir=None if args.no_cache else str(args.cache_dir or default_cache_dir()),
         log_path=log, start_timeout_s=args.start_timeout,
         shutdown_timeout_s=args.shutdown_timeout, rank_timeout_s=args.rank_timeout,
-        nnodes=args.nnodes, node=node))
+        nnodes=args.nnodes, node=node)
+    with stage(what):
+        return _serve(serve, options)
 
 
 def _node_spec(args: argparse.Namespace):
