@@ -267,6 +267,11 @@ class RankSet:
                     if self.isolated and info.rank in ranks and process.poll() is None:
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(process.pid, signal.SIGKILL)
+                # torchrun starts its workers in sessions of their own: a stopped or stuck rank
+                # outlives its agent, so it is killed by its own pid (when it runs here).
+                if info.pid and info.host == socket.gethostname():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(info.pid, signal.SIGKILL)
                 self._lost(info, f"no word from it for {self.silence_timeout_s:g} s: hung "
                            "(--rank-timeout)")
 
@@ -307,10 +312,18 @@ class RankSet:
             self._monitor.cancel()
 
     def kill(self) -> None:
+        """The torchrun agents and, by pid, the ranks on this host (torchrun gives each worker
+        a session of its own, so killing an agent's group leaves a stuck rank running)."""
         for _, process in self.processes:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
+        here = socket.gethostname()
+        for info in self.ranks.values():
+            # Only ranks still taken as alive: a dead one's pid may belong to another process.
+            if info.pid and info.host == here and info.state == "ready":
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(info.pid, signal.SIGKILL)
 
 
 def _free_port() -> int:
