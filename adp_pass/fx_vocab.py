@@ -167,11 +167,40 @@ def is_impure_except_collectives(node: fx.Node) -> bool:
     return node.is_impure()
 
 
+# ----------------------------------------------------------------------------- value metadata
+# Shape walks and pattern traces repeat the same call once per decoder layer; a call is known
+# by its op and this key of its arguments, so a repeat can reuse the first result.
+class NoMetadataKey(ValueError):
+    """A value with no plain metadata description (an opaque object)."""
+
+
+def _size_key(size: Any) -> Any:
+    return size.node.expr if isinstance(size, torch.SymInt) else size
+
+
+def metadata_key(value: Any) -> Any:
+    """A hashable description of a fake value's metadata (tensors: dtype, device, sizes,
+    strides, offset; symbolic sizes: their sympy expressions; constants: themselves)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, value.device, tuple(map(_size_key, value.shape)),
+                tuple(map(_size_key, value.stride())), _size_key(value.storage_offset()))
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", value.node.expr)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *map(metadata_key, value))
+    if isinstance(value, dict):
+        return ("dict", *((k, metadata_key(v)) for k, v in sorted(value.items())))
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device,
+                                           torch.layout, torch.memory_format)):
+        return (type(value).__name__, value)
+    raise NoMetadataKey
+
+
 __all__ = [
     "ALL_GATHER_OPS", "ALL_REDUCE_OPS", "ATTENTION_CORE_OPS", "COLLECTIVE_OPS", "COPY_OPS",
     "EMBEDDING_OPS", "GATED_ACTIVATION_OPS", "MATMUL_OPS", "NO_COPY_RESHAPE_OPS",
     "ORDER_KEEPING_VIEW_OPS", "OTHER_COLLECTIVE_OPS", "REPEAT_KV_OPS", "RESHAPE_OPS",
-    "SLICE_OPS", "SOFTMAX_OPS", "SPLIT_OPS", "TRANSPOSE_OPS", "VIEW_OPS", "WAIT_OPS", "aten",
+    "NoMetadataKey", "SLICE_OPS", "SOFTMAX_OPS", "SPLIT_OPS", "TRANSPOSE_OPS", "VIEW_OPS", "WAIT_OPS", "aten",
     "ancestors", "attr_source", "descendants", "dim_arg", "is_last_dim", "is_op",
-    "is_impure_except_collectives", "nodes_between", "through_views", "wait_of",
+    "is_impure_except_collectives", "metadata_key", "nodes_between", "through_views", "wait_of",
 ]

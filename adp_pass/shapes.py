@@ -20,7 +20,14 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from adp_pass.fx_vocab import RESHAPE_OPS, SLICE_OPS, SPLIT_OPS, dim_arg
+from adp_pass.fx_vocab import (
+    RESHAPE_OPS,
+    SLICE_OPS,
+    SPLIT_OPS,
+    NoMetadataKey,
+    dim_arg,
+    metadata_key,
+)
 from adp_pass.plan import ShapeFix, ShardedWeight, Site
 from adp_pass.layouts import INT_MAX, Layout, expected_shape
 from adp_pass.sharding import ShapeFixError, ShardingAnalysis
@@ -213,37 +220,11 @@ class FakeCalls:
         try:
             key = (target, metadata_key(args), metadata_key(kwargs))
             hash(key)
-        except _Uncacheable:
+        except NoMetadataKey:
             return target(*args, **kwargs)
         if key not in self.results:
             self.results[key] = target(*args, **kwargs)
         return self.results[key]
-
-
-class _Uncacheable(ValueError):
-    """A value with no plain metadata description (an opaque object)."""
-
-
-def _size_key(size: Any) -> Any:
-    return size.node.expr if isinstance(size, torch.SymInt) else size
-
-
-def metadata_key(value: Any) -> Any:
-    """A hashable description of a fake value's metadata (tensors: dtype, device, sizes,
-    strides, offset; symbolic sizes: their sympy expressions; constants: themselves)."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", value.dtype, value.device, tuple(map(_size_key, value.shape)),
-                tuple(map(_size_key, value.stride())), _size_key(value.storage_offset()))
-    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return ("sym", value.node.expr)
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *map(metadata_key, value))
-    if isinstance(value, dict):
-        return ("dict", *((k, metadata_key(v)) for k, v in sorted(value.items())))
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device,
-                                           torch.layout, torch.memory_format)):
-        return (type(value).__name__, value)
-    raise _Uncacheable
 
 
 def _target_name(node: fx.Node) -> str:

@@ -102,7 +102,7 @@ def traces_reused():
 def _trace_key(fn: Callable[..., Any], args: Sequence[Any]) -> tuple | None:
     """The function (its code and what its closure holds) and the arguments' metadata; None
     when something has no plain description (then the call is traced)."""
-    from adp_pass.shapes import metadata_key
+    from adp_pass.fx_vocab import metadata_key
 
     try:
         cells = []
