@@ -29,6 +29,21 @@ class ByteTokenizer:
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    @staticmethod
+    def ends_mid_character(ids: list[int]) -> bool:
+        """The ids end inside a UTF-8 character: the last 1-3 bytes are the start of one whose
+        other bytes may still come."""
+        for size in (1, 2, 3):
+            tail = ids[-size:]
+            if len(tail) < size or not all(0 <= t < 256 for t in tail):
+                return False
+            try:
+                bytes(tail).decode("utf-8")
+            except UnicodeDecodeError as err:
+                if err.start == 0 and err.reason == "unexpected end of data":
+                    return True
+        return False
+
     eos_token_ids: tuple[int, ...] = ()  # random weights: no end-of-text token
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:

@@ -83,6 +83,21 @@ def test_text_stream_holds_back_stop_strings():
     assert longest.push(tok.encode("z"), final=True) == "abz"
 
 
+def test_text_stream_sends_each_whole_character_at_once():
+    # Random weights generate ids above 255, which the byte tokenizer decodes as a whole U+FFFD:
+    # each is text at once (held to the end, the first token would seem to come last).
+    tok = ByteTokenizer()
+    stream = TextStream(tok, [])
+    assert [stream.push([t]) for t in (300, 301, 65, 0xC3, 0xA9, 400)] == [
+        "\ufffd", "\ufffd", "A", "", "é", "\ufffd"]
+
+    class NoHint:  # a tokenizer that cannot tell: a trailing U+FFFD waits 3 tokens at most
+        decode = staticmethod(lambda ids: "".join("\ufffd" if i > 255 else chr(i) for i in ids))
+
+    plain = TextStream(NoHint(), [])
+    assert [plain.push([t]) for t in (300, 301, 302, 303)] == ["", "", "", "\ufffd" * 4]
+
+
 def test_request_checks_defaults_and_batches():
     tok = ByteTokenizer()
     gen = parse_completion({"prompt": "hi"}, LIMITS, tok)

@@ -30,7 +30,7 @@ class TextStream:
     Decoding is incremental (as vLLM does): only a window of ids is decoded per token, the ids
     since ``prefix``, so a long completion costs linear, not quadratic, time. The window starts
     one chunk back, so tokenizers whose text depends on the previous token (leading spaces) see
-    it; text ending in U+FFFD (half a UTF-8 character) waits for the next token."""
+    it; text ending in half a UTF-8 character waits for the next token."""
 
     def __init__(self, tokenizer, stop: list[str]) -> None:
         self.tokenizer, self.stop = tokenizer, stop
@@ -44,9 +44,19 @@ class TextStream:
     def _decode(self, final: bool) -> None:
         seen = self.tokenizer.decode(self.ids[self.prefix:self.read])
         window = self.tokenizer.decode(self.ids[self.prefix:])
-        if final or (len(window) > len(seen) and not window.endswith("\ufffd")):
+        if final or (len(window) > len(seen) and not self._unfinished(window)):
             self.text += window[len(seen):]
             self.prefix, self.read = self.read, len(self.ids)
+
+    def _unfinished(self, window: str) -> bool:
+        """The window ends in half a UTF-8 character: wait for the next token. The tokenizer
+        says so where it can tell (the byte tokenizer: a U+FFFD of an id above 255 is a whole
+        character); otherwise a trailing U+FFFD waits, for at most 3 more tokens (a UTF-8
+        character has at most 4 bytes), so a U+FFFD that is really there is not held to the end."""
+        ask = getattr(self.tokenizer, "ends_mid_character", None)
+        if ask is not None:
+            return ask(self.ids[self.prefix:])
+        return window.endswith("\ufffd") and len(self.ids) - self.read < 4
 
     def push(self, ids: list[int], final: bool = False) -> str:
         self.ids += ids
