@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from adp_pass.capture import CapturedGraph, _params_as_attributes
+from adp_pass.capture import CapturedGraph, params_as_attributes
 from adp_pass.mapping import Mapping
 from adp_pass.pipeline import Pipeline
 from adp_pass.plan import Plan
@@ -94,7 +94,7 @@ def adp_backend(
         pipeline = Pipeline()
 
         def lift_parameters() -> CapturedGraph:
-            module = _params_as_attributes(
+            module = params_as_attributes(
                 aot_gm, example_inputs, names_by_id, {n for v in names_by_id.values() for n in v},
                 user_inputs,
             )

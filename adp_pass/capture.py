@@ -145,7 +145,7 @@ def capture(
         raise CaptureError("torch.compile finished without handing a graph to the backend")
     elapsed = time.perf_counter() - start
 
-    gm = _params_as_attributes(
+    gm = params_as_attributes(
         recorded["gm"], recorded["inputs"], names_by_id, state_keys, inputs
     )
     gm.meta["adp_world_size"] = world_size
@@ -173,7 +173,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _params_as_attributes(
+def params_as_attributes(
     gm: fx.GraphModule,
     dynamo_inputs: list,
     names_by_id: dict[int, list[str]],
@@ -324,7 +324,7 @@ def capture_hf(
     stamp: bool = True,
 ) -> CapturedGraph:
     """Rank ``rank``'s graph of transformers' model of ``config``'s family made TP over a fake
-    ``world_size`` group. ``gm.meta["adp_model_type"]`` records the family.
+    ``world_size`` group.
 
     ``stamp``: build and trace two decoder layers and copy the second for the others
     (adp_pass/stamp.py), when every layer is of one type; if the two do not line up, every
@@ -351,7 +351,6 @@ def capture_hf(
                                        world_size)
             captured = capture(model, [ids], rank=rank, world_size=world_size)
             captured.traced_layers = config.num_hidden_layers
-    captured.gm.meta["adp_model_type"] = config.model_type
     captured.timings = {"build_s": build_s, **captured.timings}
     return captured
 
