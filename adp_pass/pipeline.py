@@ -57,8 +57,12 @@ class StageReport:
 class Pipeline:
     """Runs the stages, records one :class:`StageReport` per stage, dumps graphs on request."""
 
-    def __init__(self, dump_dir: str | Path | None = None) -> None:
+    def __init__(self, dump_dir: str | Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.reports: dict[str, StageReport] = {}
+        # Told each stage's report as it ends (a rank's log line per stage: a start-up that
+        # takes seconds shows where it is).
+        self.progress = progress
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self._dumps = 0  # files written: their number orders them as the stages ran
         # The rewrite's own typed report (self-check outcome included), for the entry points.
@@ -69,6 +73,8 @@ class Pipeline:
         """``trace()`` captures the TP graph (``capture_hf``, ``capture``, or the compile
         backend's own); the caller picks how, the runner records it."""
         start = time.perf_counter()
+        if self.progress is not None:
+            self.progress("capture: tracing the TP graph")
         captured = trace()
         gm = captured.gm
         self._record("capture", start, {
@@ -153,6 +159,8 @@ class Pipeline:
     def _record(self, stage: str, start: float, counts: dict[str, int],
                 text: Callable[[], str] | None = None) -> None:
         self.reports[stage] = StageReport(stage, time.perf_counter() - start, counts)
+        if self.progress is not None:
+            self.progress(str(self.reports[stage]))
         if text is not None:
             self._dump(stage, text)
 

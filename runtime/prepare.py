@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import Qwen3Config
@@ -72,8 +73,11 @@ def prepare_rank(
     cache_dir: str | Path | None = None,
     artifact: str | Path | None = None,
     dump_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RankModel:
     """The rank's cache-inserted graph and its paged KV cache.
+
+    ``progress``: told each stage's report as it ends (the rank's log).
 
     Weights come from a Hugging Face ``checkpoint`` directory, or are random (seeded, equal on
     every rank) for demos and benchmarks.
@@ -105,7 +109,7 @@ def prepare_rank(
                     max_position=max_position,
                     check=lambda plan: _check_memory(plan, kv_bytes, device, dtype))
     timings: dict[str, float] = {}
-    pipeline = Pipeline(dump_dir)
+    pipeline = Pipeline(dump_dir, progress=progress)
     status, note, path, loaded, key = "off", "", None, None, None
     if cache_dir is not None or artifact is not None:
         from adp_pass.runtime import build_cache

@@ -55,6 +55,7 @@ def main(job_path: str, out_dir: str) -> None:
         checkpoint=job.checkpoint, num_blocks=job.num_blocks, block_size=job.block_size,
         max_position=job.max_position, seed=job.seed, cache_dir=job.cache_dir,
         dump_dir=f"{job.dump_dir}/rank{rank}" if job.dump_dir is not None else None,
+        progress=log,
     )
     log(f"model ready: {built.counts} in {sum(built.timings.values()):.1f} s; {built.describe()}")
 
