@@ -322,6 +322,7 @@ def capture_hf(
     batch: int = 2,
     seq: int = 8,
     stamp: bool = True,
+    stamped_device: str | torch.device | None = None,
 ) -> CapturedGraph:
     """Rank ``rank``'s graph of transformers' model of ``config``'s family made TP over a fake
     ``world_size`` group.
@@ -331,6 +332,9 @@ def capture_hf(
     layer is built and traced. Either way the module has every layer's parameters with the
     rank's shard shapes, and their values are not the model's: a fake group scatters no data,
     so the caller fills them (the plan's weight loading, or ``load_state_dict``).
+    ``stamped_device``: where the stamped layers' (uninitialised) tensors live, by default with
+    the traced ones; ``"meta"`` when the weights are filled through the plan, which
+    materialises them (a 64-layer model on one GPU then never holds a throwaway copy).
     """
     stamped = stamp and _stampable(config)
     with fake_process_group(world_size, rank):
@@ -344,7 +348,8 @@ def capture_hf(
         ids = torch.zeros(batch, seq, dtype=torch.long, device="meta" if meta else device)
         captured = None
         if stamped:
-            captured = _capture_stamped(model, ids, rank, world_size, config.num_hidden_layers)
+            captured = _capture_stamped(model, ids, rank, world_size, config.num_hidden_layers,
+                                        stamped_device)
         if captured is None:
             if stamped:  # the two layers did not line up: build and trace every layer
                 model = parallelize_hf(build_hf(config, meta=meta, dtype=dtype, device=device),
@@ -374,10 +379,10 @@ def _two_layers(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def _capture_stamped(model: PreTrainedModel, ids: torch.Tensor, rank: int, world_size: int,
-                     num_layers: int) -> CapturedGraph | None:
+                     num_layers: int, device: str | torch.device | None) -> CapturedGraph | None:
     """Trace the two-layer model, then stamp layers 2.. (None if its two layers do not line
     up: the caller traces every layer). Stamped layers hold uninitialised tensors shaped as
-    layer 1's shards."""
+    layer 1's shards, on ``device`` (None: layer 1's)."""
     from adp_pass.stamp import NotStampable, layer_tensors, stamp_layers
 
     captured = capture(model, [ids], rank=rank, world_size=world_size)
@@ -389,7 +394,7 @@ def _capture_stamped(model: PreTrainedModel, ids: torch.Tensor, rank: int, world
     def layer_params(_layer: int) -> dict[str, tuple[torch.Tensor, bool]]:
         out = {}
         for name, (local, is_param, persistent) in template.items():
-            fresh = torch.empty_like(local)
+            fresh = torch.empty_like(local, device=device)
             out[name] = (torch.nn.Parameter(fresh, requires_grad=False) if is_param else fresh,
                          persistent)
         return out

@@ -173,7 +173,8 @@ def _capture_and_rewrite(config, mapping: Mapping, rank: int, device: torch.devi
     pipeline = pipeline or Pipeline()
     # Traced on the target device (not meta): SDPA then stays one op per layer.
     captured = pipeline.capture(
-        lambda: capture_hf(config, mapping.tp_size, rank, dtype=dtype, device=device))
+        lambda: capture_hf(config, mapping.tp_size, rank, dtype=dtype, device=device,
+                           stamped_device="meta"))
     timings["capture_s"] = pipeline.seconds("capture")
     plan = pipeline.detect(captured.gm, mapping)
     # Before rewrite allocates the rank's weights: refused with the numbers and a mapping that

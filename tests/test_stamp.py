@@ -42,6 +42,7 @@ def test_stamped_capture_equals_the_trace_of_every_layer(preset, layers, world):
     want, got = full.gm.state_dict(), stamped.gm.state_dict()
     assert [(k, v.shape, v.dtype) for k, v in got.items()] == [
         (k, v.shape, v.dtype) for k, v in want.items()]
+    assert not any(v.is_meta for v in got.values())  # loadable as the full trace is
     # A fake group scatters no data: the captured shards hold garbage. Same values for both.
     generator = torch.Generator().manual_seed(1)
     weights = {k: torch.randn(v.shape, generator=generator) * 0.1 if v.is_floating_point() else v
@@ -104,6 +105,14 @@ def test_stamping_extends_a_two_layer_trace(two_layers):
         assert reads <= allowed, (node.name, layer, reads)
     assert {_layer_of_node(n) for n in gm.graph.nodes if n.op == "call_function"} == {
         None, 0, 1, 2, 3, 4}
+
+
+def test_stamped_layers_can_wait_on_the_meta_device():
+    # prepare_rank's way: the plan fills every weight later, so layers 2.. take no memory.
+    captured = capture_hf(model_config("tiny", num_hidden_layers=4), 2, 0, stamped_device="meta")
+    meta = {k for k, v in captured.gm.state_dict().items() if v.is_meta}
+    assert meta and meta == {k for k in captured.gm.state_dict()
+                             if k.startswith("model.layers.") and int(k.split(".")[2]) >= 2}
 
 
 def test_layers_of_mixed_types_are_all_traced():
