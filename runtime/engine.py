@@ -5,8 +5,9 @@ The model is the rank's rewritten, lowered, cache-inserted graph:
 context_lens [B]) -> (logits [B,S,V],)``. Under attention-DP with a replicated MLP the graph
 holds no collective, so a rank steps on its own: it never waits for another rank.
 
-Each step admits waiting requests whose KV blocks fit (prompts of equal length are prefilled
-together), then runs one decode step for every running sequence. On a GPU the decode step is
+Each step admits waiting requests whose KV blocks fit (prompts of different lengths are
+prefilled in one call, right-padded to the longest, while the padding stays under
+``PREFILL_PADDING`` of their tokens), then runs one decode step for every running sequence. On a GPU the decode step is
 replayed from CUDA graphs captured for a set of batch sizes.
 
 With a :class:`~adp_pass.runtime.lockstep.Lockstep` (mappings whose graph holds collectives:
@@ -29,6 +30,11 @@ from adp_pass.runtime.lockstep import Lockstep
 from adp_pass.runtime.sampling import SamplingParams, sample
 
 
+# Prompts of different lengths are prefilled in one call while its padding (to the longest)
+# stays under this fraction of the real tokens.
+PREFILL_PADDING = 0.25
+
+
 @dataclass
 class Request:
     request_id: Hashable
@@ -47,6 +53,7 @@ class Result:
 @dataclass
 class EngineStats:
     prefill_tokens: int = 0
+    prefill_calls: int = 0
     prefill_s: float = 0.0
     decode_steps: int = 0
     decode_tokens: int = 0
@@ -208,7 +215,7 @@ class RankEngine:
         decode_bound = len(self.running) + len(group)
         start = time.perf_counter()
         prefill_rows, length, decode_rows, any_work = self.lockstep.agree(
-            [len(group), len(group[0].prompt) if group else 0, decode_bound, int(work)]
+            [len(group), max((len(r.prompt) for r in group), default=0), decode_bound, int(work)]
         )
         self.stats.agree_s += time.perf_counter() - start
         if not any_work:
@@ -250,19 +257,26 @@ class RankEngine:
         return total
 
     def _admit(self) -> list[Request]:
-        """Waiting requests (taken off the queue) to prefill in this step's one call."""
+        """Waiting requests (taken off the queue, in order) to prefill in this step's one call.
+
+        Prompts of different lengths share the call, right-padded to the longest, while the
+        padding stays under ``PREFILL_PADDING`` of the real tokens (a short prompt behind a long
+        one waits for the next step rather than costing a long one's compute)."""
         group: list[Request] = []
         budget = self.cache.num_free_blocks - self._blocks_still_needed()
+        longest = real = 0
         while self.waiting and len(self.running) + len(group) < self.max_batch:
             request = self.waiting[0]
-            if group and len(request.prompt) != len(group[0].prompt):
-                break  # one prefill call takes prompts of one length
-            if (len(group) + 1) * len(request.prompt) > self.max_prefill_tokens and group:
+            length = len(request.prompt)
+            padded = max(longest, length) * (len(group) + 1)
+            if group and (padded > self.max_prefill_tokens
+                          or padded > (1 + PREFILL_PADDING) * (real + length)):
                 break
-            need = self.cache.blocks_for(len(request.prompt) + request.params.max_new_tokens)
+            need = self.cache.blocks_for(length + request.params.max_new_tokens)
             if need > budget:
                 break
             budget -= need
+            longest, real = max(longest, length), real + length
             group.append(self.waiting.popleft())
         return group
 
@@ -272,7 +286,7 @@ class RankEngine:
         ``[rows, length]``: prompts right-padded, padding rows after (``prefill_batch``)."""
         start = time.perf_counter()
         rows = len(group) if rows is None else rows
-        length = len(group[0].prompt) if length is None else length
+        length = max(len(r.prompt) for r in group) if length is None else length
         slots = [self.cache.allocate(r.request_id, len(r.prompt)) for r in group]
         tables = [self.cache.block_table(r.request_id) for r in group]
         inputs, last = prefill_batch([r.prompt for r in group], slots, tables, rows, length,
@@ -287,6 +301,7 @@ class RankEngine:
         tokens = sample(logits, [r.params for r in group], self.generator,
                         [self._generators.get(r.request_id) for r in group]).tolist()
         self.stats.prefill_tokens += sum(len(r.prompt) for r in group)
+        self.stats.prefill_calls += 1
         self.stats.prefill_s += time.perf_counter() - start
         finished = []
         for request, token in zip(group, tokens):
