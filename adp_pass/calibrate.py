@@ -284,10 +284,12 @@ def collectives_rank(sizes: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- the whole job
-def _versions() -> dict:
+def versions() -> dict:
+    """What a measurement ran on: Python, torch (and CUDA, NCCL), transformers, Triton,
+    adp-pass (benchmarks record it next to their figures)."""
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda}
-    for package in ("triton", "adp-pass"):
+    for package in ("transformers", "triton", "adp-pass"):
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -377,7 +379,7 @@ def calibrate(gpus: int, *, sizes: dict | None = None, timeout_s: float = 120.0,
         "gpu": _device_name(device),
         "gpu_count": gpus,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(),
         "device_memory_gib": round(memory_gib, 2),
         "memory_reserve_gib": defaults["memory_reserve_gib"],
         "copy_bandwidth_gbps": round(copy, 2),

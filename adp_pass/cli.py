@@ -565,7 +565,10 @@ def _write_serving_artifact(args: argparse.Namespace, mapping: Mapping, gm, plan
           f"{cache})")
 
 
-def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
+def _model_and_mapping(args: argparse.Namespace) -> tuple[str, int, int, Mapping]:
+    """``adp run`` / ``adp serve``: the model (``--preset`` or ``--checkpoint``) and the mapping
+    (``--mapping``, else replicated over ``--world-size``), checked against each other: the
+    preset name, vocabulary size, positions and mapping."""
     if args.checkpoint is not None and args.preset is not None:
         raise UsageError("give --preset or --checkpoint, not both", flag="--checkpoint",
                          hint="a checkpoint brings its own shape (config.json)")
@@ -590,6 +593,11 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
     else:
         mapping = _mapping(f"tp={args.world_size or 2},attn_dp=1", "--world-size")
         _check_tp_fits_model(mapping, heads, kv_heads, inter, "--world-size")
+    return preset, vocab, max_position, mapping
+
+
+def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
+    preset, vocab, max_position, mapping = _model_and_mapping(args)
     world_size = mapping.world_size
     tokenizer = None
     if args.prompt is not None:
@@ -654,30 +662,7 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
-    if args.checkpoint is not None and args.preset is not None:
-        raise UsageError("give --preset or --checkpoint, not both", flag="--checkpoint",
-                         hint="a checkpoint brings its own shape (config.json)")
-    preset = args.preset or "tiny"
-    if args.checkpoint is not None:
-        config = check_checkpoint(args.checkpoint)
-        heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-        inter, vocab = config["intermediate_size"], config["vocab_size"]
-        positions = config.get("max_position_embeddings") or 4096
-    else:
-        shape = PRESETS[preset]
-        heads, kv_heads, inter = (shape.num_attention_heads, shape.num_key_value_heads,
-                                  shape.intermediate_size)
-        vocab, positions = shape.vocab_size, shape.max_position_embeddings
-    if args.mapping is not None:
-        mapping = _mapping(args.mapping)
-        if args.world_size is not None and args.world_size != mapping.world_size:
-            raise UsageError(f"--world-size {args.world_size} is not the --mapping's tp "
-                             f"({mapping.tp_size}): the mapping regroups the ranks of one TP job",
-                             flag="--world-size", hint="drop --world-size, or make them equal")
-        _check_tp_fits_model(mapping, heads, kv_heads, inter, "--mapping")
-    else:
-        mapping = _mapping(f"tp={args.world_size or 2},attn_dp=1", "--world-size")
-        _check_tp_fits_model(mapping, heads, kv_heads, inter, "--world-size")
+    preset, vocab, positions, mapping = _model_and_mapping(args)
     kv_tokens = args.num_blocks * BLOCK_SIZE
     if args.max_model_len is not None and args.max_model_len > positions:
         raise UsageError(f"--max-model-len {args.max_model_len} is longer than the model's "

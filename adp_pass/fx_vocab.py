@@ -201,6 +201,13 @@ __all__ = [
     "EMBEDDING_OPS", "GATED_ACTIVATION_OPS", "MATMUL_OPS", "NO_COPY_RESHAPE_OPS",
     "ORDER_KEEPING_VIEW_OPS", "OTHER_COLLECTIVE_OPS", "REPEAT_KV_OPS", "RESHAPE_OPS",
     "NoMetadataKey", "SLICE_OPS", "SOFTMAX_OPS", "SPLIT_OPS", "TRANSPOSE_OPS", "VIEW_OPS", "WAIT_OPS", "aten",
-    "ancestors", "attr_source", "descendants", "dim_arg", "is_last_dim", "is_op",
+    "ancestors", "attr_source", "copy_graph", "descendants", "dim_arg", "is_last_dim", "is_op",
     "is_impure_except_collectives", "metadata_key", "nodes_between", "through_views", "wait_of",
 ]
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A new graph holding ``graph``'s nodes (names kept) and its output."""
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy

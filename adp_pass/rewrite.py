@@ -19,7 +19,8 @@ import torch.fx as fx
 
 from adp_pass.attributes import owner_of, set_attr
 from adp_pass.errors import AdpError
-from adp_pass.fx_vocab import COLLECTIVE_OPS, is_impure_except_collectives, is_op, nodes_between
+from adp_pass.fx_vocab import (COLLECTIVE_OPS, copy_graph, is_impure_except_collectives,
+                               is_op, nodes_between)
 from adp_pass.plan import GROUP_TAG, Plan, graph_fingerprint
 from adp_pass.shapes import propagate_shapes
 
@@ -232,10 +233,7 @@ def _check_outputs(before: fx.GraphModule, after: fx.GraphModule) -> None:
 
 def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over a copy of ``gm``'s graph, sharing its tensors (same names)."""
-    graph = fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
-    graph.output(output)
-    new = fx.GraphModule(gm, graph)
+    new = fx.GraphModule(gm, copy_graph(gm.graph))
     for name, tensor in (*gm.named_parameters(remove_duplicate=False),
                          *gm.named_buffers(remove_duplicate=False)):
         owner, leaf = owner_of(gm, name)

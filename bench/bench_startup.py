@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -46,8 +45,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import torch
-    import transformers
-    import triton
+
+    from adp_pass.calibrate import versions
 
     scratch = Path(tempfile.mkdtemp(prefix="adp-startup-"))
     rows = {}
@@ -62,8 +61,7 @@ def main() -> None:
                 "(start to first token), cold (empty build cache) then warm",
         "preset": args.preset, "world_size": args.world_size, "dtype": args.dtype,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "triton": triton.__version__, "python": platform.python_version()},
+        "versions": versions(),
         "command": " ".join(sys.argv),
         **rows,
     }

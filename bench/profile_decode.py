@@ -17,29 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a large device-to-device copy (read + write counted)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3)
 
 
 def main() -> None:
@@ -54,6 +37,8 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, default=None, help="chrome trace of the profile")
     args = parser.parse_args()
 
+    from adp_pass.calibrate import GPU_SIZES, measure_copy, versions
+    from adp_pass.cost_model import GB
     from adp_pass.presets import model_config
     from adp_pass.runtime.engine import RankEngine, Request, decode_batch
     from adp_pass.runtime.prepare import prepare_rank
@@ -104,7 +89,7 @@ def main() -> None:
     context = args.prompt_len + args.steps
     kv_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
                 * context * args.batch * torch.finfo(dtype).bits // 8)
-    bandwidth = copy_bandwidth(device)
+    bandwidth = measure_copy(device, GPU_SIZES) * GB  # bytes/s, read + written
     roofline_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
 
     # Eager decode calls under the profiler: per-kernel CUDA time.
@@ -145,13 +130,10 @@ def main() -> None:
     for row in kernels[:25]:
         print(f"  {row['ms_per_step']:8.3f} ms  x{row['calls_per_step']:<4} {row['kernel']}")
     print(cpu_ops)
-    import transformers
-    import triton
     result = {
         "preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len,
         "dtype": args.dtype, "gpu": torch.cuda.get_device_name(0),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "triton": triton.__version__, "python": platform.python_version()},
+        "versions": versions(),
         "command": " ".join(sys.argv),
         "engine_step_ms": round(engine_step_ms, 3), "replay_ms": round(replay_ms, 3),
         "roofline_ms": round(roofline_ms, 3), "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),

@@ -94,23 +94,14 @@ def main(job_path: str, out_dir: str) -> None:
     rank = int(os.environ["ADP_SERVE_RANK"] if isolated else os.environ["RANK"])
     device = rank_device()
     config = job.config()
-    from adp_pass.runtime.worker import _logger
-
-    log = _logger(rank)
-    log(f"building the rank's model on {device} ({job.dtype})")
-
     from adp_pass.runtime.engine import RankEngine
-    from adp_pass.runtime.prepare import prepare_rank
+    from adp_pass.runtime.worker import build_rank, rank_logger
 
+    log = rank_logger(rank)
     mapping = Mapping.load(job.mapping)
     dp_rank = mapping.dp_rank(rank)
     reports = mapping.attn_group(rank)[0] == rank  # the attention group's first rank
-    built = prepare_rank(
-        config, mapping, rank, device=device, dtype=job.torch_dtype,
-        checkpoint=job.checkpoint, num_blocks=job.num_blocks, block_size=job.block_size,
-        max_position=job.max_position, seed=job.seed, cache_dir=job.cache_dir,
-    )
-    log(f"model ready: {sum(built.timings.values()):.1f} s; {built.describe()}")
+    built = build_rank(job, config, mapping, rank, device, log)
 
     lockstep = lockstep_group = None
     lockstep_leader = rank

@@ -39,25 +39,16 @@ def main(job_path: str, out_dir: str) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device()
     config = job.config()
-    log = _logger(rank)
-    log(f"building the rank's model on {device} ({job.dtype})")
+    log = rank_logger(rank)
 
     from adp_pass.runtime.engine import RankEngine
     from adp_pass.runtime.groups import bind_groups, create_groups
     from adp_pass.runtime.lockstep import Lockstep
-    from adp_pass.runtime.prepare import prepare_rank
 
     mapping = Mapping.load(job.mapping)
     dp_rank = mapping.dp_rank(rank)
     leader = mapping.attn_group(rank)[0] == rank
-    built = prepare_rank(
-        config, mapping, rank, device=device, dtype=job.torch_dtype,
-        checkpoint=job.checkpoint, num_blocks=job.num_blocks, block_size=job.block_size,
-        max_position=job.max_position, seed=job.seed, cache_dir=job.cache_dir,
-        dump_dir=f"{job.dump_dir}/rank{rank}" if job.dump_dir is not None else None,
-        progress=log,
-    )
-    log(f"model ready: {built.counts} in {sum(built.timings.values()):.1f} s; {built.describe()}")
+    built = build_rank(job, config, mapping, rank, device, log)
 
     init_rank()
     groups = create_groups(mapping)
@@ -243,7 +234,24 @@ def _full_weights(model, reference) -> tuple[dict | None, str | None]:
     return weights, None
 
 
-def _logger(rank: int):
+def build_rank(job: Job, config, mapping: Mapping, rank: int, device: torch.device, log):
+    """The rank's model as the job says (checkpoint or seeded weights, KV cache, build cache,
+    graph dumps), each stage logged as it ends."""
+    from adp_pass.runtime.prepare import prepare_rank
+
+    log(f"building the rank's model on {device} ({job.dtype})")
+    built = prepare_rank(
+        config, mapping, rank, device=device, dtype=job.torch_dtype,
+        checkpoint=job.checkpoint, num_blocks=job.num_blocks, block_size=job.block_size,
+        max_position=job.max_position, seed=job.seed, cache_dir=job.cache_dir,
+        dump_dir=f"{job.dump_dir}/rank{rank}" if job.dump_dir is not None else None,
+        progress=log,
+    )
+    log(f"model ready: {built.counts} in {sum(built.timings.values()):.1f} s; {built.describe()}")
+    return built
+
+
+def rank_logger(rank: int):
     def log(message: str) -> None:
         elapsed = time.perf_counter() - _PROCESS_START
         print(f"[rank {rank} +{elapsed:.1f}s] {message}", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from adp_pass.fx_vocab import is_impure_except_collectives
+from adp_pass.fx_vocab import copy_graph, is_impure_except_collectives, metadata_key
 from adp_pass.runtime import kernels as _kernels  # noqa: F401  (registers torch.ops.adp.*)
 
 aten = torch.ops.aten
@@ -102,8 +102,6 @@ def traces_reused():
 def _trace_key(fn: Callable[..., Any], args: Sequence[Any]) -> tuple | None:
     """The function (its code and what its closure holds) and the arguments' metadata; None
     when something has no plain description (then the call is traced)."""
-    from adp_pass.fx_vocab import metadata_key
-
     try:
         cells = []
         for cell in getattr(fn, "__closure__", None) or ():
@@ -117,10 +115,7 @@ def _trace_key(fn: Callable[..., Any], args: Sequence[Any]) -> tuple | None:
 
 
 def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
-    graph.output(output)
-    return fx.GraphModule(gm, graph)
+    return fx.GraphModule(gm, copy_graph(gm.graph))
 
 
 def register(
