@@ -10,6 +10,13 @@ prefilled in one call, right-padded to the longest, while the padding stays unde
 ``PREFILL_PADDING`` of their tokens), then runs one decode step for every running sequence. On a GPU the decode step is
 replayed from CUDA graphs captured for a set of batch sizes.
 
+Greedy decoding runs one step ahead of the host (``async_decode``): step t+1 is launched before
+step t's tokens are read, its input tokens taken on the device from step t's argmax, so the
+host's work of a step (bookkeeping, block tables, the copy of the inputs) overlaps the GPU's
+step instead of sitting between two steps. A sequence whose last token is certain to end it
+(its length limit) is not launched again; one that ends on a stop token wastes one row of the
+step in flight, whose token is dropped (docs/runtime.md, "Decoding one step ahead").
+
 With a :class:`~adp_pass.runtime.lockstep.Lockstep` (mappings whose graph holds collectives:
 a sharded MLP, attention TP, the plain TP job), the ranks of a lockstep group agree on each
 step's shapes first and every rank makes the same calls, padded to the group's largest batch
@@ -84,6 +91,19 @@ class EngineStats:
 class _Sequence:
     request: Request
     generated: list[int] = field(default_factory=list)
+    # Decode steps launched for this sequence whose token is not read yet (0 or 1 between
+    # steps; 2 while the next step is launched before the one in flight is read).
+    pending: int = 0
+
+
+@dataclass
+class _Launched:
+    """A decode step launched and not yet read: its sequences in row order, and where its
+    greedy tokens arrive on the host (``ready`` is recorded after their copy)."""
+
+    seqs: list[_Sequence]
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None
 
 
 class RankEngine:
@@ -99,6 +119,7 @@ class RankEngine:
         cuda_graph_sizes: tuple[int, ...] | None = None,
         seed: int = 0,
         lockstep: Lockstep | None = None,
+        async_decode: bool = True,
     ) -> None:
         self.model = model
         self.lockstep = lockstep
@@ -117,6 +138,15 @@ class RankEngine:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # Requests with a seed of their own (SamplingParams.seed) sample from their own generator.
         self._generators: dict[Hashable, torch.Generator] = {}
+        # Lockstep groups agree on every step's shapes first: they decode in step with the host.
+        self.async_decode = async_decode and lockstep is None
+        self._inflight: _Launched | None = None
+        # The last decode step's greedy token per row: the next step's input for the rows
+        # whose token the host has not read yet (``async_decode``).
+        rows = max([max_batch, *(cuda_graph_sizes or ())])
+        self._last_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._token_buffers: list[torch.Tensor] = []  # host copies of launched steps' tokens
+        self._launches = 0
         self._graphs = None
         if cuda_graph_sizes and self.device.type == "cuda":
             self._graphs = _DecodeGraphs(self, sorted(cuda_graph_sizes))
@@ -199,7 +229,7 @@ class RankEngine:
             return self._lockstep_step()
         group = self._admit()
         finished = self._prefill(group) if group else []
-        if self.running:
+        if self.running or self._inflight is not None:
             finished += self._decode()
         return finished
 
@@ -313,6 +343,102 @@ class RankEngine:
     def _decode(self, rows: int | None = None) -> list[Result]:
         """One decode call for every running sequence; lockstep passes the agreed ``rows``
         (padding rows after the sequences: slot -1, context_len 0)."""
+        if self.async_decode and all(s.request.params.temperature == 0
+                                     for s in self.running.values()):
+            return self._decode_ahead()
+        finished = self._collect(self._inflight) if self._inflight is not None else []
+        self._inflight = None
+        if not self.running and rows is None:
+            return finished
+        return finished + self._decode_in_step(rows)
+
+    def _decode_ahead(self) -> list[Result]:
+        """Launch the next decode step, then read the one in flight (greedy only)."""
+        start = time.perf_counter()
+        previous = self._inflight
+        launch = [s for s in self.running.values() if not self._ends_with_pending(s)]
+        self._inflight = self._launch(launch, previous) if launch else None
+        finished = self._collect(previous) if previous is not None else []
+        self.stats.decode_s += time.perf_counter() - start
+        return finished
+
+    def _ends_with_pending(self, seq: _Sequence) -> bool:
+        """The token in flight is certain to end ``seq`` (length or position limit)."""
+        if not seq.pending:
+            return False
+        made = len(seq.generated) + seq.pending
+        return made >= seq.request.params.max_new_tokens or (
+            self.max_position is not None
+            and len(seq.request.prompt) + made >= self.max_position)
+
+    def _launch(self, seqs: list[_Sequence], previous: _Launched | None) -> _Launched:
+        """Enqueue one decode step for ``seqs`` without waiting for it. A sequence whose token
+        is in flight reads it on the device (its row of the previous step); the others pass
+        their last token from the host."""
+        rows_before = {id(seq): row for row, seq in enumerate(previous.seqs)} if previous else {}
+        source = [rows_before[id(seq)] if seq.pending else -1 for seq in seqs]
+        tokens = [0 if seq.pending else seq.generated[-1] for seq in seqs]
+        ids = [seq.request.request_id for seq in seqs]
+        slots = [self.cache.append(i, 1)[0] for i in ids]
+        lens = [self.cache.context_len(i) for i in ids]
+        tables = [self.cache.block_table(i) for i in ids]
+        positions = [n - 1 for n in lens]
+        with torch.no_grad():
+            if self._graphs is not None and self._graphs.fits(len(seqs)):
+                _, greedy = self._graphs.run_host(tokens, positions, slots, tables, lens,
+                                                  len(seqs), source=source)
+            else:
+                inputs = decode_batch(tokens, positions, slots, tables, lens, len(seqs),
+                                      self.device)
+                inputs = (self._tokens_from(source, inputs[0]), *inputs[1:])
+                greedy = self.model(*inputs)[0][:, -1].argmax(dim=-1)
+                self._last_tokens[: len(seqs)] = greedy
+        # Two host buffers, alternating: a launched step's copy never lands on the buffer of
+        # the step in flight before it, which is read after this launch.
+        self._launches += 1
+        host = self._token_buffer(self._launches % 2)[: len(seqs)]
+        ready = None
+        if self.device.type == "cuda":
+            host.copy_(greedy[: len(seqs)], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host.copy_(greedy[: len(seqs)])
+        for seq in seqs:
+            seq.pending += 1
+        return _Launched(seqs, host, ready)
+
+    def _tokens_from(self, source: list[int], host_ids: torch.Tensor) -> torch.Tensor:
+        """Input ids ``[rows, 1]``: row i reads the previous step's token of row ``source[i]``
+        where that is >= 0, else ``host_ids``."""
+        src = torch.tensor(source, dtype=torch.long).to(self.device).view(-1, 1)
+        return torch.where(src >= 0, self._last_tokens[src.clamp(min=0)], host_ids)
+
+    def _token_buffer(self, index: int) -> torch.Tensor:
+        while len(self._token_buffers) < 2:
+            buffer = torch.zeros(self._last_tokens.numel(), dtype=torch.long)
+            self._token_buffers.append(buffer.pin_memory() if self.device.type == "cuda"
+                                       else buffer)
+        return self._token_buffers[index]
+
+    def _collect(self, launched: _Launched) -> list[Result]:
+        """Wait for a launched step and take its tokens; rows of sequences that ended (on a
+        stop token read since the launch) or were cancelled are dropped."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        tokens = launched.tokens.tolist()
+        finished, taken = [], 0
+        for seq, token in zip(launched.seqs, tokens):
+            seq.pending -= 1
+            if self.running.get(seq.request.request_id) is not seq:
+                continue
+            taken += 1
+            finished += self._accept(seq, token)
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += taken
+        return finished
+
+    def _decode_in_step(self, rows: int | None) -> list[Result]:
         start = time.perf_counter()
         seqs = list(self.running.values())
         ids = [s.request.request_id for s in seqs]
@@ -457,28 +583,38 @@ class _DecodeGraphs:
         self.copied = torch.cuda.Event()  # the last host-to-device copies were made
         device = engine.device
         pool = torch.cuda.graph_pool_handle()
+        last_tokens = engine._last_tokens
         for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory
-            longs = torch.zeros(3, size, dtype=torch.long, device=device)
+            # ids, positions, slots, and the row of the previous step whose argmax is this
+            # row's token (-1: take the id), as one int64 buffer.
+            longs = torch.zeros(4, size, dtype=torch.long, device=device)
             ints = torch.zeros(size * width + size, dtype=torch.int32, device=device)
-            longs[2].fill_(-1)
+            longs[2:].fill_(-1)
             inputs = (
-                longs[0].view(size, 1),  # token ids
                 longs[1].view(size, 1),  # positions
                 longs[2],  # slots
                 ints[: size * width].view(size, width),  # block tables
                 ints[size * width:],  # context lengths
             )
+
+            def decode_step(longs=longs, inputs=inputs, size=size):
+                source = longs[3]
+                ids = torch.where(source >= 0, last_tokens[source.clamp(min=0)], longs[0])
+                logits = engine.model(ids.view(size, 1), *inputs)[0][:, -1]
+                greedy = logits.argmax(dim=-1)
+                last_tokens[:size].copy_(greedy)
+                return logits, greedy
+
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
                 for _ in range(2):  # warm up: Triton compiles, cuBLAS picks kernels
-                    engine.model(*inputs)
+                    decode_step()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-                self.outputs[size] = engine.model(*inputs)[0][:, -1]
-                self.greedy[size] = self.outputs[size].argmax(dim=-1)
-            self.graphs[size], self.inputs[size] = graph, inputs
+                self.outputs[size], self.greedy[size] = decode_step()
+            self.graphs[size], self.inputs[size] = graph, (longs[0].view(size, 1), *inputs)
             self.device_buffers[size] = (longs, ints)
             self.host_buffers[size] = (torch.zeros_like(longs, device="cpu").pin_memory(),
                                        torch.zeros_like(ints, device="cpu").pin_memory())
@@ -489,16 +625,20 @@ class _DecodeGraphs:
 
     def run_host(self, tokens: list[int], positions: list[int], slots: list[int],
                  tables: list[list[int]], context_lens: list[int],
-                 rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 rows: int, source: list[int] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the graph for ``rows`` rows (the sequences first, then padding rows) from
-        host lists; its logits and greedy tokens, ``[rows, V]`` and ``[rows]``."""
+        host lists; its logits and greedy tokens, ``[rows, V]`` and ``[rows]``. ``source``:
+        per sequence, the row of the previous replay whose greedy token is its input (-1: the
+        one in ``tokens``)."""
         size = next(s for s in self.sizes if s >= rows)
         batch, width = len(tokens), self.width
         host_longs, host_ints = self.host_buffers[size]
         self.copied.synchronize()  # the pinned buffers are free to rewrite
         longs, ints = host_longs.numpy(), host_ints.numpy()
         longs[0, :batch], longs[1, :batch], longs[2, :batch] = tokens, positions, slots
-        longs[0, batch:], longs[1, batch:], longs[2, batch:] = 0, 0, -1
+        longs[3, :batch] = -1 if source is None else source
+        longs[0, batch:], longs[1, batch:], longs[2:, batch:] = 0, 0, -1
         table = ints[: size * width].reshape(size, width)
         table[:] = 0
         for row, blocks in enumerate(tables):

@@ -74,6 +74,7 @@ def prepare_rank(
     artifact: str | Path | None = None,
     dump_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    fuse_projections: bool = True,
 ) -> RankModel:
     """The rank's cache-inserted graph and its paged KV cache.
 
@@ -92,6 +93,10 @@ def prepare_rank(
 
     ``dump_dir``: each stage's graph is written there as text (``01-capture.txt``, ...); a graph
     loaded from the build cache is written as ``01-load.txt``.
+
+    ``fuse_projections``: q|k|v and gate|up become one GEMM each on concatenated weights
+    (``runtime/lower/fuse_projections.py``), after the build cache stored or loaded the graph, so
+    cache entries keep the original parameters.
     """
     mapping = Mapping.load(mapping)
     mapping.check_model(
@@ -158,6 +163,12 @@ def prepare_rank(
                 warnings.warn(f"build cache: rank {rank}'s build not stored in {cache_dir}: "
                               f"{err}", build_cache.BuildCacheWarning, stacklevel=2)
             timings["store_s"] = time.perf_counter() - mark
+    if fuse_projections and lower_ops:
+        from adp_pass.runtime.lower.fuse_projections import fuse_projections as fuse
+
+        mark = time.perf_counter()
+        counts["fused"] = fuse(gm)
+        timings["fuse_s"] = time.perf_counter() - mark
     layers = range(config.num_hidden_layers)
     cache = PagedKVCache.over(
         [gm.get_buffer(f"kv_cache_{i}_k") for i in layers],

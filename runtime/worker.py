@@ -217,8 +217,10 @@ def _full_weights(model, reference) -> tuple[dict | None, str | None]:
 
     Collective when a weight is sharded; every rank holds the same names and shapes, so all of
     them gather the same tensors in the same order (or all skip)."""
+    from adp_pass.runtime.lower.fuse_projections import unfused_state_dict
+
     full = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("kv_cache")}
+    weights = {k: v for k, v in unfused_state_dict(model).items() if not k.startswith("kv_cache")}
     for name, tensor in weights.items():
         want = full.get(name)
         if want is None or tuple(tensor.shape) == want:
