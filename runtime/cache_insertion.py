@@ -33,7 +33,9 @@ from adp_pass.errors import AdpError
 
 aten = torch.ops.aten
 CACHED_ATTENTION = torch.ops.adp.cached_attention.default
-NEW_INPUTS = ("positions", "slot_mapping", "block_tables", "context_lens")
+NEW_INPUTS = ("positions", "slot_mapping", "block_tables", "context_lens", "query_start_loc")
+# Inputs a call may leave out (packed calls pass it; docs/cache_insertion.md).
+OPTIONAL_INPUTS = ("query_start_loc",)
 _OPEN_END = 2**62
 
 _ARANGE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
@@ -54,7 +56,9 @@ def insert_kv_cache(
     """Insert paged KV caches into ``gm`` in place and return it.
 
     The result is called as ``gm(input_ids, positions, slot_mapping, block_tables, context_lens)``
-    and returns the same logits as before. Caches are ``[num_blocks, block_size, Hkv, D]``,
+    and returns the same logits as before; a packed call (several sequences' tokens in one row,
+    ``input_ids [1, T]``) adds ``query_start_loc`` ``[N+1]``, with ``block_tables`` and
+    ``context_lens`` per sequence. Caches are ``[num_blocks, block_size, Hkv, D]``,
     zero-initialised, on ``device``/``dtype`` (default: the parameters'). Counts go to
     ``gm.meta["adp_cache_counts"]``.
     """
@@ -97,7 +101,8 @@ def insert_kv_cache(
             caches.append(attr)
         tables = (inputs["slot_mapping"], inputs["block_tables"], inputs["context_lens"])
         with graph.inserting_before(site.core):
-            new = call(graph, CACHED_ATTENTION, site.q, site.k, site.v, *caches, *tables, site.scale)
+            new = call(graph, CACHED_ATTENTION, site.q, site.k, site.v, *caches, *tables, site.scale,
+                       inputs["query_start_loc"])
         site.replace_with(new)
 
     graph.eliminate_dead_code()
@@ -263,11 +268,15 @@ def _add_inputs(graph: fx.Graph, input_ids: fx.Node, mode: Any, width_hint: int)
         "slot_mapping": ((batch * seq,), torch.int64),
         "block_tables": ((batch, width), torch.int32),
         "context_lens": ((batch,), torch.int32),
+        "query_start_loc": ((batch + 1,), torch.int32),
     }
     nodes, anchor = {}, input_ids
     for name in NEW_INPUTS:
         with graph.inserting_after(anchor):
-            node = anchor = graph.placeholder(name)
+            if name in OPTIONAL_INPUTS:
+                node = anchor = graph.placeholder(name, default_value=None)
+            else:
+                node = anchor = graph.placeholder(name)
         size, dtype = shapes[name]
         with mode:
             node.meta["val"] = torch.empty(size, dtype=dtype, device=ids_val.device)

@@ -5,9 +5,14 @@ The model is the rank's rewritten, lowered, cache-inserted graph:
 context_lens [B]) -> (logits [B,S,V],)``. Under attention-DP with a replicated MLP the graph
 holds no collective, so a rank steps on its own: it never waits for another rank.
 
-Each step admits waiting requests whose KV blocks fit (prompts of different lengths are
-prefilled in one call, right-padded to the longest, while the padding stays under
-``PREFILL_PADDING`` of their tokens), then runs one decode step for every running sequence. On a GPU the decode step is
+Each step admits waiting requests whose KV blocks fit and prefills them, then runs one decode
+step for every running sequence. A graph that takes ``query_start_loc`` (every graph the cache
+insertion builds) prefills *packed*: the step's prompts back to back in one row, no padding,
+a prompt longer than the step's token budget (``max_prefill_tokens``) split into chunks over
+several steps, and the running sequences' decode rows in the same call (``_packed_step``).
+Otherwise (a lockstep group, a model without it) prompts of different lengths share a call,
+right-padded to the longest, while the padding stays under ``PREFILL_PADDING`` of their
+tokens. On a GPU the decode step is
 replayed from CUDA graphs captured for a set of batch sizes.
 
 Greedy decoding runs one step ahead of the host (``async_decode``): step t+1 is launched before
@@ -62,6 +67,8 @@ class EngineStats:
     prefill_tokens: int = 0
     prefill_calls: int = 0
     prefill_s: float = 0.0
+    # Packed prefill calls that also carried the running sequences' decode rows.
+    mixed_calls: int = 0
     decode_steps: int = 0
     decode_tokens: int = 0
     decode_s: float = 0.0
@@ -97,6 +104,14 @@ class _Sequence:
 
 
 @dataclass
+class _Prefill:
+    """A prompt being prefilled in chunks: ``done`` of its tokens are in the cache."""
+
+    request: Request
+    done: int = 0
+
+
+@dataclass
 class _Launched:
     """A decode step launched and not yet read: its sequences in row order, and where its
     greedy tokens arrive on the host (``ready`` is recorded after their copy)."""
@@ -120,6 +135,8 @@ class RankEngine:
         seed: int = 0,
         lockstep: Lockstep | None = None,
         async_decode: bool = True,
+        packed_prefill: bool | None = None,
+        mix_decode: bool = True,
     ) -> None:
         self.model = model
         self.lockstep = lockstep
@@ -140,6 +157,16 @@ class RankEngine:
         self._generators: dict[Hashable, torch.Generator] = {}
         # Lockstep groups agree on every step's shapes first: they decode in step with the host.
         self.async_decode = async_decode and lockstep is None
+        # Packed prefill needs a graph that takes query_start_loc; a lockstep group pads
+        # every rank's call to one [rows, length] instead.
+        takes_packed = _takes_query_start_loc(model)
+        if packed_prefill and (not takes_packed or lockstep is not None):
+            raise ValueError("packed prefill needs a model that takes query_start_loc and no "
+                             "lockstep group")
+        self.packed = takes_packed and lockstep is None if packed_prefill is None \
+            else packed_prefill
+        self.mix_decode = mix_decode
+        self.prefilling: list[_Prefill] = []
         self._inflight: _Launched | None = None
         # The last decode step's greedy token per row: the next step's input for the rows
         # whose token the host has not read yet (``async_decode``).
@@ -178,6 +205,12 @@ class RankEngine:
             del self.running[request_id]
             self.cache.free(request_id)
             return True
+        for item in self.prefilling:
+            if item.request.request_id == request_id:
+                self.prefilling.remove(item)
+                if item.done:
+                    self.cache.free(request_id)
+                return True
         for request in self.waiting:
             if request.request_id == request_id:
                 self.waiting.remove(request)
@@ -192,7 +225,7 @@ class RankEngine:
     @property
     def has_work(self) -> bool:
         """This rank has requests waiting or running."""
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     @property
     def active(self) -> bool:
@@ -227,6 +260,8 @@ class RankEngine:
     def step(self) -> list[Result]:
         if self.lockstep is not None:
             return self._lockstep_step()
+        if self.packed:
+            return self._packed_step()
         group = self._admit()
         finished = self._prefill(group) if group else []
         if self.running or self._inflight is not None:
@@ -276,14 +311,113 @@ class RankEngine:
             logits = self.model(*inputs)[0]
         return logits[0, last[0]] if prompt else None
 
+    # ------------------------------------------------------------------ packed prefill
+    def _packed_step(self) -> list[Result]:
+        """Prefill chunks (and, with ``mix_decode``, every running sequence's decode row) in
+        one packed call; a step without prompt work decodes as usual (CUDA graphs, one step
+        ahead)."""
+        chunks = self._schedule_chunks()
+        if not chunks:
+            return self._decode() if self.running or self._inflight is not None else []
+        finished = []
+        if self._inflight is not None:  # the decode rows below need their tokens on the host
+            finished += self._collect(self._inflight)
+            self._inflight = None
+        decoding = list(self.running.values()) if self.mix_decode else []
+        start = time.perf_counter()
+        ids, positions, slots, tables, lens, starts = [], [], [], [], [], [0]
+        for item, take in chunks:
+            request = item.request
+            rid = request.request_id
+            new = (self.cache.allocate(rid, take) if not item.done
+                   else self.cache.append(rid, take))
+            ids += request.prompt[item.done:item.done + take]
+            positions += range(item.done, item.done + take)
+            slots += new
+            item.done += take
+            tables.append(self.cache.block_table(rid))
+            lens.append(item.done)
+            starts.append(starts[-1] + take)
+        for seq in decoding:
+            rid = seq.request.request_id
+            slots += self.cache.append(rid, 1)
+            length = self.cache.context_len(rid)
+            ids.append(seq.generated[-1])
+            positions.append(length - 1)
+            tables.append(self.cache.block_table(rid))
+            lens.append(length)
+            starts.append(starts[-1] + 1)
+        inputs = packed_batch(ids, positions, slots, tables, lens, starts, self.device)
+        with torch.no_grad():
+            logits = self.model(*inputs)[0][0]
+        # Rows to sample: each prompt whose last chunk ran, then each decode row.
+        done = [item for item, _ in chunks if item.done == len(item.request.prompt)]
+        rows = [starts[i + 1] - 1 for i, (item, _) in enumerate(chunks)
+                if item.done == len(item.request.prompt)]
+        rows += [starts[len(chunks) + i + 1] - 1 for i in range(len(decoding))]
+        requests = [item.request for item in done] + [seq.request for seq in decoding]
+        tokens = []
+        if rows:
+            picked = logits[torch.tensor(rows, device=self.device)]
+            tokens = sample(picked, [r.params for r in requests], self.generator,
+                            [self._generators.get(r.request_id) for r in requests]).tolist()
+        elapsed = time.perf_counter() - start
+        self.stats.prefill_tokens += sum(take for _, take in chunks)
+        self.stats.prefill_calls += 1
+        self.stats.prefill_s += elapsed
+        if decoding:
+            self.stats.mixed_calls += 1
+            self.stats.decode_tokens += len(decoding)
+        for item in done:
+            self.prefilling.remove(item)
+        for item, token in zip(done, tokens):
+            seq = _Sequence(item.request)
+            self.running[item.request.request_id] = seq
+            finished += self._accept(seq, token)
+        for seq, token in zip(decoding, tokens[len(done):]):
+            finished += self._accept(seq, token)
+        if self.running and not decoding and not self.prefilling:
+            finished += self._decode()  # mix_decode off: the decode step after the prefill
+        return finished
+
+    def _schedule_chunks(self) -> list[tuple[_Prefill, int]]:
+        """This step's prompt work: ``(prompt, tokens to run)``, prompts already in progress
+        first, then waiting requests admitted while the step's token budget, the batch and the
+        KV blocks (each request's whole length, reserved up front) allow."""
+        budget = self.max_prefill_tokens
+        chunks = []
+        for item in self.prefilling:
+            take = min(len(item.request.prompt) - item.done, budget)
+            if take <= 0:
+                break
+            chunks.append((item, take))
+            budget -= take
+        free = self.cache.num_free_blocks - self._blocks_still_needed()
+        while (self.waiting and budget > 0
+               and len(self.running) + len(self.prefilling) < self.max_batch):
+            request = self.waiting[0]
+            need = self.cache.blocks_for(len(request.prompt) + request.params.max_new_tokens)
+            if need > free:
+                break
+            free -= need
+            item = _Prefill(self.waiting.popleft())
+            self.prefilling.append(item)
+            take = min(len(request.prompt), budget)
+            chunks.append((item, take))
+            budget -= take
+        return chunks
+
     # ------------------------------------------------------------------ scheduling
     def _blocks_still_needed(self) -> int:
         """Blocks the running sequences will take before they finish (reserved up front, so a
         running sequence never runs out of cache mid-generation)."""
         total = 0
-        for seq in self.running.values():
-            final = len(seq.request.prompt) + seq.request.params.max_new_tokens
-            total += self.cache.blocks_for(final) - len(self.cache.block_table(seq.request.request_id))
+        for request in [s.request for s in self.running.values()] + [
+                p.request for p in self.prefilling]:
+            final = len(request.prompt) + request.params.max_new_tokens
+            held = len(self.cache.block_table(request.request_id)) \
+                if self.cache.holds(request.request_id) else 0
+            total += self.cache.blocks_for(final) - held
         return total
 
     def _admit(self) -> list[Request]:
@@ -540,6 +674,36 @@ def prefill_batch(
     )
     last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long).to(device)
     return inputs, last
+
+
+def packed_batch(
+    ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+    context_lens: list[int], query_starts: list[int], device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """The model inputs of one packed call: the tokens of N sequences back to back in one row
+    (``input_ids [1, T]``), sequence n's from ``query_starts[n]`` to ``query_starts[n+1]``,
+    attending to its first ``context_lens[n]`` cached tokens."""
+    if len(query_starts) != len(tables) + 1 or query_starts[-1] != len(ids):
+        raise ValueError(f"query_starts {query_starts} do not split {len(ids)} tokens into "
+                         f"{len(tables)} sequences")
+    return (
+        torch.tensor(ids, dtype=torch.long).view(1, -1).to(device),
+        torch.tensor(positions, dtype=torch.long).view(1, -1).to(device),
+        torch.tensor(slots, dtype=torch.int64).to(device),
+        _block_tables(tables, len(tables), device),
+        torch.tensor(context_lens, dtype=torch.int32).to(device),
+        torch.tensor(query_starts, dtype=torch.int32).to(device),
+    )
+
+
+def _takes_query_start_loc(model: torch.nn.Module) -> bool:
+    """The model can run packed calls: its forward takes ``query_start_loc``."""
+    import inspect
+
+    try:
+        return "query_start_loc" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def decode_batch(

@@ -86,6 +86,10 @@ class PagedKVCache:
     def context_len(self, seq_id: Hashable) -> int:
         return self._lens[self._known(seq_id)]
 
+    def holds(self, seq_id: Hashable) -> bool:
+        """``seq_id`` is allocated (has slots, possibly none yet used)."""
+        return seq_id in self._tables
+
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._tables[self._known(seq_id)])
 

@@ -108,3 +108,38 @@ def patch_interpreter_bf16_rounding(mp) -> None:
 
     mp.setattr(InterpreterBuilder, "cast_impl", cast_impl)
     mp.setattr(InterpreterBuilder, "create_fp_trunc", cast_impl)  # bound directly in some versions
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """adp.varlen_attention in fp32, one sequence at a time (not from transformers).
+
+    Sequence n's KV is gathered token by token through its block table; its query j sits at
+    position ``context_lens[n] - q_len + j`` and sees cache positions up to its own. Rows past
+    ``query_start_loc[-1]`` stay zero. Returns fp32 ``[T, q_heads, head_dim]`` on q's device.
+    """
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // kv_heads
+    starts = query_start_loc.tolist()
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for n, ctx in enumerate(context_lens.tolist()):
+        q_len = starts[n + 1] - starts[n]
+        if q_len == 0:
+            continue
+        pos = torch.arange(ctx, device=q.device)
+        blocks = block_tables[n].long()[pos // block_size]
+        keys = k_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)  # [ctx, Hq, D]
+        values = v_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
+        queries = q[starts[n] : starts[n + 1]].float()
+        scores = scale * torch.einsum("qhd,khd->hqk", queries, keys)
+        q_pos = ctx - q_len + torch.arange(q_len, device=q.device)
+        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[starts[n] : starts[n + 1]] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), values)
+    return out

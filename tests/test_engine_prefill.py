@@ -1,6 +1,9 @@
-"""Prompts of different lengths share a prefill call (right-padded to the longest, within the
-padding limit) and give the tokens each prompt gets on its own."""
+"""Prompts of different lengths share a prefill call and give the tokens each prompt gets on its
+own: packed (back to back, no padding; long prompts in chunks over several steps; decode rows
+of running sequences in the same call), or right-padded to the longest within the padding
+limit (``packed_prefill=False``, what a lockstep group does)."""
 
+import pytest
 import torch
 
 from adp_pass.presets import model_config
@@ -9,18 +12,32 @@ from adp_pass.runtime.prepare import prepare_rank
 from adp_pass.runtime.sampling import SamplingParams
 
 
-def test_mixed_length_prompts_share_a_prefill_and_keep_their_tokens():
-    built = prepare_rank(model_config("tiny"), "tp=1,attn_dp=1", 0, device=torch.device("cpu"),
-                         num_blocks=32, max_position=128)
-    generator = torch.Generator().manual_seed(0)
+@pytest.fixture(scope="module")
+def built():
+    return prepare_rank(model_config("tiny"), "tp=1,attn_dp=1", 0, device=torch.device("cpu"),
+                        num_blocks=32, max_position=128)
+
+
+def _prompts(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _serve(built, prompts, ids, **engine_options):
+    engine = RankEngine(built.model, built.cache, max_position=128, **engine_options)
+    results = engine.generate([Request(i, prompts[i], SamplingParams(max_new_tokens=4))
+                               for i in ids])
+    assert built.cache.num_free_blocks == built.cache.num_blocks
+    return {r.request_id: r.tokens for r in results}, engine.stats
+
+
+def test_mixed_length_prompts_share_a_padded_prefill_and_keep_their_tokens(built):
     lengths = [7, 8, 6, 8, 2]  # the 2 would pad 4x: it waits for a call of its own
-    prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in lengths]
-    params = SamplingParams(max_new_tokens=4)
+    prompts = _prompts(lengths)
 
     def serve(batch: list[int]) -> tuple[dict, int]:
-        engine = RankEngine(built.model, built.cache, max_batch=8, max_position=128)
-        results = engine.generate([Request(i, prompts[i], params) for i in batch])
-        return {r.request_id: r.tokens for r in results}, engine.stats.prefill_calls
+        tokens, stats = _serve(built, prompts, batch, max_batch=8, packed_prefill=False)
+        return tokens, stats.prefill_calls
 
     together, calls = serve(list(range(len(prompts))))
     # [7, 8, 6, 8] padded to 8 (3 of 32 tokens are padding, under PREFILL_PADDING), then [2].
@@ -28,3 +45,47 @@ def test_mixed_length_prompts_share_a_prefill_and_keep_their_tokens():
     for i in range(len(prompts)):
         alone, _ = serve([i])
         assert together[i] == alone[i], i
+
+
+def test_packed_prefill_takes_every_length_in_one_call(built):
+    prompts = _prompts([7, 3, 5, 2])
+    # The padded path gives each prompt its own tokens (the test above).
+    padded, _ = _serve(built, prompts, range(4), max_batch=8, packed_prefill=False)
+    together, stats = _serve(built, prompts, range(4), max_batch=8)
+    assert together == padded
+    assert stats.prefill_calls == 1 and stats.prefill_tokens == 17 and stats.mixed_calls == 0
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(built):
+    prompts = _prompts([11, 3, 6], seed=1)
+    alone, _ = _serve(built, prompts, range(3), max_batch=4)  # one packed call, no chunks
+    # 5 tokens a step: the 11-token prompt runs as 5 + 5 + 1, the others behind it (3 + 1,
+    # then 5 + 1); the finished ones decode in the same calls as the later chunks.
+    chunked, stats = _serve(built, prompts, range(3), max_batch=4, max_prefill_tokens=5)
+    assert chunked == alone
+    assert stats.prefill_tokens == 20 and stats.prefill_calls == 4
+    assert stats.mixed_calls > 0
+
+
+def test_a_prompt_arriving_mid_decode_joins_the_decode_call(built):
+    prompts = _prompts([4, 6], seed=2)
+    want, _ = _serve(built, prompts, range(2))
+    engine = RankEngine(built.model, built.cache, max_position=128)
+    engine.add(Request(0, prompts[0], SamplingParams(max_new_tokens=4)))
+    results = engine.step() + engine.step()  # prefill, then a decode step in flight
+    engine.add(Request(1, prompts[1], SamplingParams(max_new_tokens=4)))
+    results += engine.step()  # the prompt and request 0's decode row in one call
+    assert engine.stats.mixed_calls == 1
+    results += engine.run_until_done()
+    assert {r.request_id: r.tokens for r in results} == want
+    assert built.cache.num_free_blocks == built.cache.num_blocks
+
+
+def test_cancel_during_a_chunked_prefill_frees_its_blocks(built):
+    prompts = _prompts([30], seed=3)
+    engine = RankEngine(built.model, built.cache, max_position=128, max_prefill_tokens=4)
+    engine.add(Request("long", prompts[0], SamplingParams(max_new_tokens=4)))
+    engine.step()
+    assert engine.prefilling and engine.prefilling[0].done == 4
+    assert engine.cancel("long") and not engine.has_work
+    assert built.cache.num_free_blocks == built.cache.num_blocks

@@ -7,16 +7,24 @@ Registered on import. It writes the step's new k/v tokens into the layer's paged
   ``context_lens[b]`` tokens including the one just written.
 * ``S > 1`` (prefill): causal SDPA over the step's own q/k/v. Only *new* sequences may be
   prefilled: every sequence of the batch has exactly S tokens and no earlier context
-  (``context_lens == S``); chunked prefill and prefix reuse are not supported.
+  (``context_lens == S``).
+* ``query_start_loc`` given (packed): ``B == 1`` and the ``S`` tokens are several sequences'
+  queries back to back, sequence n's from ``query_start_loc[n]`` to ``query_start_loc[n+1]``,
+  attending to its first ``context_lens[n]`` cached tokens (``adp.varlen_attention``): whole
+  prompts, later chunks of a prompt and decode rows in one call.
 
-The branch is chosen from the static shape S, never from tensor values, so a captured CUDA
-graph always takes the same path. See docs/cache_insertion.md.
+The branch is chosen from the static shape S and whether ``query_start_loc`` is passed, never
+from tensor values, so a captured CUDA graph always takes the same path. See
+docs/cache_insertion.md.
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import paged_attention  # noqa: F401  (registers adp.reshape_and_cache / paged_decode_attention)
+from . import varlen_attention  # noqa: F401  (registers adp.varlen_attention)
 
 
 def _check_prefill_is_new(context_lens: torch.Tensor, seq: int) -> None:
@@ -44,12 +52,15 @@ def cached_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    query_start_loc: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Cache this step's k/v and attend; returns ``[B, Hq, S, D]`` stored as ``[B, S, Hq, D]``.
 
     q ``[B, Hq, S, D]``; k, v ``[B, Hkv, S, D]`` (before GQA's repeat); caches
     ``[num_blocks, block_size, Hkv, D]``; slot_mapping int ``[B*S]`` (token ``b*S + s``, -1 skips
-    it); block_tables int32 ``[B, max_blocks]``; context_lens int32 ``[B]``.
+    it); block_tables int32 ``[B, max_blocks]``; context_lens int32 ``[B]``. Packed
+    (``query_start_loc`` int32 ``[N+1]``): ``B == 1``, block_tables ``[N, max_blocks]`` and
+    context_lens ``[N]`` per sequence.
     """
     batch, q_heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -62,6 +73,11 @@ def cached_attention(
     value = v.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)
     torch.ops.adp.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
+    if query_start_loc is not None:
+        assert batch == 1, f"a packed call has one row of tokens, got {batch}"
+        out = torch.ops.adp.varlen_attention(q[0].transpose(0, 1), k_cache, v_cache,
+                                             block_tables, query_start_loc, context_lens, scale)
+        return out.view(1, seq, q_heads, head_dim).transpose(1, 2)
     if seq == 1:
         out = torch.ops.adp.paged_decode_attention(
             q[:, :, 0], k_cache, v_cache, block_tables, context_lens, scale
@@ -80,7 +96,8 @@ def cached_attention(
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale) -> torch.Tensor:
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale,
+      query_start_loc=None) -> torch.Tensor:
     # [B, Hq, S, D] stored as [B, S, Hq, D], like the real op and like SDPA's flash kernels: the
     # captured graph views the output's transpose(1, 2) as [B, S, Hq*D] without a copy.
     batch, q_heads, seq, head_dim = q.shape
