@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import block_and_warps, launch_guard
+from .utils import block_and_warps, launch_guard, round_to
 
 # Elements per program (BLOCK_H heads x head_dim): 1024 = 8 heads of 128, like the silu tile.
 _TILE = 1024
@@ -49,12 +49,12 @@ def _norm_rope_tile(
 
     # Qwen3RMSNorm per head: fp32 statistics, round to dtype, times weight, round (dtype result).
     rstd = tl.math.rsqrt(tl.sum(x1 * x1 + x2 * x2, axis=1) / (2 * HALF) + eps)[:, None]
-    n1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-    n2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    n1 = round_to(round_to(x1 * rstd, dtype) * w1, dtype)
+    n2 = round_to(round_to(x2 * rstd, dtype) * w2, dtype)
 
     # rotate_half: first half gets -x2, second half gets x1; each product and the sum rounded.
-    o1 = (n1 * cos).to(dtype).to(tl.float32) - (n2 * sin).to(dtype).to(tl.float32)
-    o2 = (n2 * cos).to(dtype).to(tl.float32) + (n1 * sin).to(dtype).to(tl.float32)
+    o1 = round_to(n1 * cos, dtype) - round_to(n2 * sin, dtype)
+    o2 = round_to(n2 * cos, dtype) + round_to(n1 * sin, dtype)
     out_offs = heads[:, None].to(tl.int64) * (2 * HALF) + cols[None, :]  # output is contiguous
     tl.store(out_ptr + out_offs, o1.to(dtype), mask=mask)
     tl.store(out_ptr + out_offs + HALF, o2.to(dtype), mask=mask)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import as_rows, block_and_warps, launch_guard
+from .utils import as_rows, block_and_warps, launch_guard, round_to
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def _rms_norm_row(x, w, n_cols, eps, IN_DTYPE: tl.constexpr):
     """fp32 row ``x`` (masked lanes 0) -> fp32 ``w * round_IN_DTYPE(x * rstd)``."""
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     # Round to the input dtype before the weight multiply, as `hidden_states.to(input_dtype)`.
-    return (x * rstd).to(IN_DTYPE).to(tl.float32) * w
+    return round_to(x * rstd, IN_DTYPE) * w
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import as_rows, block_and_warps, launch_guard
+from .utils import as_rows, block_and_warps, launch_guard, round_to
 
 # Elementwise tile: 1024 elements = 8 per thread at 4 warps (16-byte bf16 vectors).
 _TILE = 1024
@@ -37,7 +37,7 @@ def _silu_mul_kernel(
     # `act_fn(gate)` is. Triton's default (approximate) fp32 division: bit-identical to eager
     # after the bf16 rounding on H200 and 10% faster at decode sizes than IEEE div_rn
     # (bench/tune_silu_mul.py, bench/results/tune-silu-mul-h200.json).
-    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    act = round_to(g / (1.0 + tl.exp(-g)), out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * out_row_stride + cols, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -4,7 +4,9 @@ Dtype conventions used by every kernel in this package:
 
 * Loads are upcast to fp32 and all arithmetic happens in fp32.
 * Wherever transformers' eager Qwen3 code produces an intermediate tensor in the model dtype
-  (bf16/fp16), the kernel rounds to that dtype at the same point (``.to(dtype).to(tl.float32)``).
+  (bf16/fp16), the kernel rounds to that dtype at the same point (``round_to(x, dtype)``; for
+  bf16 by integer arithmetic, because compiled Triton drops a ``.to(bf16).to(fp32)`` round
+  trip: bench/results/triton-bf16-roundtrip-h200.txt).
   Products of two bf16 (or two fp16) values are exact in fp32, so "fp32 multiply, round once"
   equals aten's bf16 multiply bit for bit; the only remaining differences come from reduction
   order and the transcendental approximations (rsqrt, exp), i.e. rare 1-ulp flips.
@@ -15,7 +17,25 @@ import contextlib
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (round to nearest even), returned as fp32.
+
+    bf16 is rounded on the bits: on the H200 (Triton 3.6) the compiled kernel folds
+    ``x.to(tl.bfloat16).to(tl.float32)`` away inside an expression (a - b of two rounded
+    products kept 76% of elements bit-identical to eager; this form 100%). The interpreter
+    computes the same thing. NaN passes through unchanged.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    else:
+        return x.to(dtype).to(tl.float32)
+
 
 # A whole row must fit in one program's registers; Qwen3 hidden sizes are <= 8192.
 MAX_FUSED_SIZE = 65536

@@ -47,9 +47,18 @@ VARLEN_CONFIGS = {
 
 # Sequences whose query starts one vector load of the packed launch's tile lookup covers.
 _MAX_SEARCH_CHUNK = 1024
+# The smallest tile lookup: batches up to 63 sequences share one compiled variant.
+_MIN_SEARCH_CHUNK = 64
 
 
-@triton.jit
+def _search_chunk(num_seqs: int) -> int:
+    return min(max(triton.next_power_of_2(num_seqs + 1), _MIN_SEARCH_CHUNK), _MAX_SEARCH_CHUNK)
+
+
+# Sizes that change from call to call are not specialised on (Triton would otherwise compile a
+# variant per divisibility-by-16 / equals-1 pattern of them: on the H200 a mixed workload spent
+# seconds compiling in its first prefill calls).
+@triton.jit(do_not_specialize=["stride_btb", "num_seqs", "num_tokens", "max_tokens", "short_max"])
 def _varlen_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, out_ptr,
     stride_qt, stride_qh, stride_qd,
@@ -296,7 +305,7 @@ def varlen(
         _varlen_attention_kernel[(packed_programs, num_kv_heads)](
             *args, short_max,
             BLOCK_M=block_m, BLOCK_Q=packed_block_q, BLOCK_N=block_n, NUM_STAGES=num_stages,
-            PACKED=True, SEARCH_CHUNK=min(triton.next_power_of_2(num_seqs + 1), _MAX_SEARCH_CHUNK),
+            PACKED=True, SEARCH_CHUNK=_search_chunk(num_seqs),
             num_warps=num_warps, **common,
         )  # fmt: skip
     return out
