@@ -18,17 +18,20 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from torch._functorch.aot_autograd import aot_module_simplified
-from transformers import PretrainedConfig, PreTrainedModel
 
 from adp_pass.attributes import set_attr
 from adp_pass.errors import AdpError
 from adp_pass.families import family_of
+
+# AOTAutograd and transformers' modeling modules are imported when a capture runs: a rank
+# loaded from the build cache imports this module (runtime/prepare.py) but never captures.
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 aten = torch.ops.aten
 
@@ -74,11 +77,14 @@ class _Logits(torch.nn.Module):
     """Calls a causal LM on input ids and returns its logits tensor (no KV cache)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        from transformers import PreTrainedModel
+
         super().__init__()
         self.model = model
+        self.from_transformers = isinstance(model, PreTrainedModel)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.model, PreTrainedModel):  # transformers: no KV cache in the graph
+        if self.from_transformers:  # no KV cache in the graph
             return self.model(input_ids=input_ids, use_cache=False).logits
         out = self.model(input_ids)
         return out.logits if hasattr(out, "logits") else out
@@ -120,6 +126,8 @@ def capture(
         def record_forward(aot_gm: fx.GraphModule, _inputs: list) -> Callable:
             recorded["gm"] = aot_gm
             raise _CaptureFinished
+
+        from torch._functorch.aot_autograd import aot_module_simplified
 
         recorded["inputs"] = list(dynamo_inputs)
         return aot_module_simplified(dynamo_gm, dynamo_inputs, fw_compiler=record_forward)

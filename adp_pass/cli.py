@@ -25,6 +25,7 @@ from adp_pass.checks import check_checkpoint, check_out_dir, check_requests
 from adp_pass.errors import AdpError, UsageError
 from adp_pass.mapping import Mapping, MappingError
 from adp_pass.presets import PRESETS
+from adp_pass.quick_exit import exit_without_teardown
 
 BLOCK_SIZE = 16  # the serving job's KV-cache block size (Job.block_size)
 DEFAULT_MAPPING = "tp=2,attn_dp=1"
@@ -161,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the plan, 03-rewrite.txt; with --out also lower and cache); if not given, none")
 
     p = sub.add_parser("run", parents=[common], formatter_class=fmt,
-                       help="serve requests on attention-DP ranks started by torchrun",
+                       help="serve requests on attention-DP ranks (torchrun's; one rank: in "
+                       "this process)",
                        description="Generation: requests are spread over the mapping's DP groups "
                        "by load (each of the --world-size ranks its own group unless --mapping "
                        "says otherwise); each rank builds its own rewritten model and serves its "
@@ -205,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each stage's graph as text to DIR/rank<r>/ (01-capture.txt ... "
                    "06-cache.txt; a rank loaded from the build cache: 01-load.txt); if not given, "
                    "none")
+    p.add_argument("--torchrun", action="store_true",
+                   help="start the ranks from a torchrun subprocess, each in a process of its "
+                   "own, even the one rank of --world-size 1 (which otherwise runs in this "
+                   "process, seconds sooner)")
 
     p = sub.add_parser("plan", parents=[common], formatter_class=fmt,
                        help="predict each mapping's decode step for N GPUs (cost model); pick one",
@@ -643,9 +649,10 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
     log = (args.log_dir / Path(default_log_path()).name) if args.log_dir else default_log_path()
     groups = (f" in {mapping.dp_size} DP group{'s' * (mapping.dp_size != 1)} ({mapping})"
               if mapping.dp_size < world_size else "")
-    print(f"run: {len(requests)} requests over {world_size} ranks{groups} (torchrun)", flush=True)
+    where = "torchrun" if args.torchrun or world_size > 1 else "in this process"
+    print(f"run: {len(requests)} requests over {world_size} ranks{groups} ({where})", flush=True)
     with stage(f"serve on {world_size} ranks (log: {log})"):
-        report = run_job(job, world_size, log_path=log)
+        report = run_job(job, world_size, log_path=log, torchrun=args.torchrun)
     texts = dict(zip((r.request_id for r in requests), args.prompt or []))
     for rank in report.leaders:  # the other ranks of a DP group served the same requests
         for result in rank["results"]:
@@ -958,6 +965,7 @@ def _report(err: BaseException, command: str | None, debug: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # the adp command itself, not a call from Python
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     commands = {"verify": cmd_verify, "rewrite": cmd_rewrite, "run": cmd_run, "plan": cmd_plan,
@@ -965,13 +973,16 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if a in commands), None)  # for the error prefix only
     try:
         args = parser.parse_args(argv)
-        return commands[args.command](args, _Stages(args.command))
+        code = commands[args.command](args, _Stages(args.command))
     except SystemExit:  # --help
         raise
     except BaseException as err:  # noqa: BLE001 - the one place errors become messages
         if command and isinstance(err, UsageError) and err.hint == "see 'adp --help'":
             err.hint = f"see 'adp {command} --help'"  # argparse reports leftovers at the top
-        return _report(err, command, "--debug" in argv)
+        code = _report(err, command, "--debug" in argv)
+    if as_program:
+        exit_without_teardown(code)
+    return code
 
 
 if __name__ == "__main__":

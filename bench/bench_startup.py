@@ -21,8 +21,8 @@ from pathlib import Path
 
 
 def run_once(args: argparse.Namespace, cache_dir: Path, log_dir: Path) -> dict:
-    command = [sys.executable, "-c", "import sys; from adp_pass.cli import main; "
-               "sys.exit(main(sys.argv[1:]))", "run", "--preset", args.preset,
+    # The adp command itself (adp_pass.cli's main as the program, as the console script runs it).
+    command = [sys.executable, "-m", "adp_pass.cli", "run", "--preset", args.preset,
                "--world-size", str(args.world_size), "--dtype", args.dtype,
                "--requests", str(args.world_size), "--prompt-len", "16", "--new-tokens", "1",
                "--cache-dir", str(cache_dir), "--log-dir", str(log_dir)]

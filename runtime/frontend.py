@@ -1,5 +1,5 @@
-"""Front end: spread requests over the DP groups by load, start the ranks with torchrun,
-collect what each served.
+"""Front end: spread requests over the DP groups by load, start the ranks (torchrun's agent, or a
+one-rank job's rank itself, in this process), collect what each served.
 
 Load is tokens in flight (prompt + tokens still to generate): each request goes to the DP group
 that has the fewest, so long and short requests even out across groups. A DP group is one rank
@@ -97,14 +97,23 @@ def default_log_path(kind: str = "run", suffix: str = ".log") -> Path:
 
 
 def run_job(job: Job, world_size: int, *, timeout_s: float = 1800, out_dir: str | None = None,
-            log_path: str | Path | None = None, echo: bool = True) -> JobReport:
-    """Start ``world_size`` ranks with torchrun on this host and return their records.
+            log_path: str | Path | None = None, echo: bool = True,
+            torchrun: bool = False) -> JobReport:
+    """Start ``world_size`` ranks on this host and return their records.
 
-    Everything torchrun and the ranks print goes to ``log_path`` (kept, success or not); with
-    ``echo`` the ranks' own progress lines (``[rank N] ...``) are also shown on stderr, torchrun's
-    messages are not. A failed rank raises :class:`RankFailed` with that rank's own error
-    message. The job directory (job file, rank records) is temporary unless ``out_dir`` is given.
+    A one-rank job runs its rank in this process, a larger one torchrun's agent in this process
+    (its ranks in processes of their own): no ``torchrun`` interpreter between the caller and
+    the ranks (``runtime/in_process.py``). With ``torchrun``, or off the main thread, or where
+    this process already has a process group, a ``torchrun`` subprocess starts them instead.
+
+    Either way, everything torchrun and the ranks print goes to ``log_path`` (kept, success or
+    not); with ``echo`` the ranks' own progress lines (``[rank N] ...``) are also shown on
+    stderr, torchrun's messages are not. A failed rank raises :class:`RankFailed` with that
+    rank's own error message; a job still running after ``timeout_s`` is stopped and raises it
+    too. The job directory (job file, rank records) is temporary unless ``out_dir`` is given.
     """
+    from adp_pass.runtime import in_process
+
     log = Path(log_path) if log_path is not None else default_log_path()
     log.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -115,13 +124,18 @@ def run_job(job: Job, world_size: int, *, timeout_s: float = 1800, out_dir: str 
             out.mkdir(parents=True, exist_ok=True)
         job_path = out / "job.json"
         job.write(job_path)
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={world_size}", "-m", "adp_pass.runtime.worker",
-            str(job_path), str(out),
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        returncode = _run_logged(command, env, log, timeout_s, echo)
+        if torchrun or not in_process.can_run_here():
+            command = [
+                sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={world_size}", "-m", "adp_pass.runtime.worker",
+                str(job_path), str(out),
+            ]
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            returncode = _run_logged(command, env, log, timeout_s, echo)
+        else:
+            with in_process.output_into(log, echo) as say, \
+                    in_process.deadline(timeout_s, log, say):
+                returncode = in_process.serve_here(job_path, out, world_size)
         if returncode != 0:
             raise _rank_failure(out, returncode, log)
         report = JobReport([json.loads((out / f"rank{r}.json").read_text())

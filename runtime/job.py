@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
 
 from adp_pass.presets import qwen3_config
 from adp_pass.runtime.engine import Request
 from adp_pass.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the launcher (adp run over several ranks) writes jobs without transformers
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Job:
 
     def config(self) -> PretrainedConfig:
         if self.checkpoint is not None:
+            from transformers import AutoConfig
+
             config = AutoConfig.from_pretrained(self.checkpoint)
             config._attn_implementation = "sdpa"
             config.use_cache = False

@@ -1,5 +1,7 @@
 """One rank of a serving job, started by torchrun: ``python -m torch.distributed.run
---nproc-per-node N -m adp_pass.runtime.worker JOB.json OUT_DIR``.
+--nproc-per-node N -m adp_pass.runtime.worker JOB.json OUT_DIR`` (or its agent run in the front
+end's process); the one rank of a one-rank job runs in the front end's process itself, with
+torchrun's environment variables (``runtime/in_process.py``).
 
 The rank builds its own model first (tracing its graph on a fake group needs no peer), then
 joins the job's process group, creates the groups the mapping needs and binds them into its
@@ -14,24 +16,39 @@ group's first rank (its *leader*) counts in the job's totals.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import sys
 import time
+from pathlib import Path
 
-# Start of this rank's process (before torch is imported): the log's "+s" clock, so a start-up
-# reads as a timeline (imports, build, group, CUDA graphs, first token).
-_PROCESS_START = time.perf_counter()
-
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 from adp_pass.launch import init_rank, rank_device
-from adp_pass.mapping import Mapping  # noqa: E402
-from adp_pass.runtime.job import Job  # noqa: E402
+from adp_pass.mapping import Mapping
+from adp_pass.quick_exit import exit_without_teardown
+from adp_pass.runtime.job import Job
+
+
+def _process_start() -> float:
+    """``time.perf_counter()`` at this process's start: read from /proc on Linux (the kernel
+    counts in clock ticks since boot), else now. Under torchrun the rank is the process; a
+    one-rank job runs in the caller's process (``adp run``), whose start is the user's too."""
+    now = time.perf_counter()
+    try:
+        # Fields after the parenthesised command name; the start time is field 22 of the line.
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return now - max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+
+
+# The log's "+s" clock, so a start-up reads as a timeline (imports, build, group, CUDA graphs,
+# first token).
+_PROCESS_START = _process_start()
 
 
 def main(job_path: str, out_dir: str) -> None:
@@ -267,3 +284,5 @@ if __name__ == "__main__":
     except BaseException as err:  # noqa: BLE001 - recorded, then re-raised for the log
         _record_failure(sys.argv[2], err)
         raise
+    # The record is written and the group torn down: torchrun need not wait for the teardown.
+    exit_without_teardown(0)

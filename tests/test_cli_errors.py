@@ -352,9 +352,11 @@ def test_a_failed_rank_is_shown_as_its_own_message(monkeypatch, capsys, tmp_path
 
 
 @pytest.mark.multirank
-def test_run_job_reports_the_ranks_error_and_keeps_the_log(tmp_path, capfd):
-    """A real torchrun job whose rank fails: its own exception text, not torchrun's dump; the
-    whole output in the log; the temporary job directory removed."""
+@pytest.mark.parametrize("torchrun", [False, True], ids=["in-process", "torchrun"])
+def test_run_job_reports_the_ranks_error_and_keeps_the_log(tmp_path, capfd, torchrun):
+    """A real job whose rank fails, in this process or under a torchrun subprocess: its own
+    exception text, not torchrun's dump; the whole output in the log; the temporary job
+    directory removed."""
     from adp_pass.launch import RankFailed
     from adp_pass.runtime.frontend import run_job
     from adp_pass.runtime.job import Job
@@ -363,7 +365,7 @@ def test_run_job_reports_the_ranks_error_and_keeps_the_log(tmp_path, capfd):
     jobs_before = set(Path(tempfile.gettempdir()).glob("adp-job-*"))
     with pytest.raises(RankFailed) as caught:
         run_job(Job(mapping="tp=1,attn_dp=1", preset="no-such-preset"), 1, log_path=log,
-                timeout_s=120)
+                timeout_s=120, torchrun=torchrun)
     assert str(caught.value).startswith("rank 0 failed: UnknownPreset: unknown preset "
                                         "'no-such-preset'")
     assert caught.value.rank == 0 and caught.value.log == str(log)
