@@ -376,8 +376,8 @@ class RankEngine:
             finished += self._accept(seq, token)
         for seq, token in zip(decoding, tokens[len(done):]):
             finished += self._accept(seq, token)
-        if self.running and not decoding and not self.prefilling:
-            finished += self._decode()  # mix_decode off: the decode step after the prefill
+        if self.running and not self.mix_decode:
+            finished += self._decode()  # the decode step after the prefill, in its own call
         return finished
 
     def _schedule_chunks(self) -> list[tuple[_Prefill, int]]:

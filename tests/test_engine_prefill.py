@@ -81,6 +81,13 @@ def test_a_prompt_arriving_mid_decode_joins_the_decode_call(built):
     assert built.cache.num_free_blocks == built.cache.num_blocks
 
 
+def test_without_mixing_decodes_run_in_their_own_call(built):
+    prompts = _prompts([4, 6], seed=2)
+    want, _ = _serve(built, prompts, range(2))
+    got, stats = _serve(built, prompts, range(2), max_prefill_tokens=5, mix_decode=False)
+    assert got == want and stats.mixed_calls == 0 and stats.prefill_calls == 2
+
+
 def test_cancel_during_a_chunked_prefill_frees_its_blocks(built):
     prompts = _prompts([30], seed=3)
     engine = RankEngine(built.model, built.cache, max_position=128, max_prefill_tokens=4)
