@@ -31,6 +31,7 @@ def _serve(built, prompts, ids, **engine_options):
     return {r.request_id: r.tokens for r in results}, engine.stats
 
 
+@pytest.mark.slow
 def test_mixed_length_prompts_share_a_padded_prefill_and_keep_their_tokens(built):
     lengths = [7, 8, 6, 8, 2]  # the 2 would pad 4x: it waits for a call of its own
     prompts = _prompts(lengths)
@@ -47,6 +48,7 @@ def test_mixed_length_prompts_share_a_padded_prefill_and_keep_their_tokens(built
         assert together[i] == alone[i], i
 
 
+@pytest.mark.slow
 def test_packed_prefill_takes_every_length_in_one_call(built):
     prompts = _prompts([7, 3, 5, 2])
     # The padded path gives each prompt its own tokens (the test above).
@@ -56,6 +58,7 @@ def test_packed_prefill_takes_every_length_in_one_call(built):
     assert stats.prefill_calls == 1 and stats.prefill_tokens == 17 and stats.mixed_calls == 0
 
 
+@pytest.mark.slow
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(built):
     prompts = _prompts([11, 3, 6], seed=1)
     alone, _ = _serve(built, prompts, range(3), max_batch=4)  # one packed call, no chunks
@@ -67,6 +70,7 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(built):
     assert stats.mixed_calls > 0
 
 
+@pytest.mark.slow
 def test_a_prompt_arriving_mid_decode_joins_the_decode_call(built):
     prompts = _prompts([4, 6], seed=2)
     want, _ = _serve(built, prompts, range(2))
@@ -81,6 +85,7 @@ def test_a_prompt_arriving_mid_decode_joins_the_decode_call(built):
     assert built.cache.num_free_blocks == built.cache.num_blocks
 
 
+@pytest.mark.slow
 def test_without_mixing_decodes_run_in_their_own_call(built):
     prompts = _prompts([4, 6], seed=2)
     want, _ = _serve(built, prompts, range(2))

@@ -28,6 +28,7 @@ def built():
     return config, plain, fused
 
 
+@pytest.mark.slow  # builds two tiny ranks (~20 s on 2 cores)
 def test_qwen3_rank_fuses_qkv_and_gate_up(built):
     config, plain, fused = built
     layers = config.num_hidden_layers
@@ -49,6 +50,7 @@ def test_qwen3_rank_fuses_qkv_and_gate_up(built):
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.slow  # builds two tiny ranks (~20 s on 2 cores)
 def test_fused_rank_serves_the_same_logits_and_tokens(built):
     _, plain, fused = built
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]
@@ -112,6 +114,7 @@ def test_meta_weights_are_left_alone():
     assert fuse_projections(gm) == {"groups": 0, "gemms": 0}
 
 
+@pytest.mark.slow  # builds two tiny ranks (~20 s on 2 cores)
 def test_a_decode_step_through_the_fused_graph_matches(built):
     _, plain, fused = built
     outs = []

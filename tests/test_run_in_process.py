@@ -37,6 +37,7 @@ def _tokens(stdout: str) -> list[tuple[str, str]]:
     return re.findall(r"rank 0 (req-\d+): (\[[\d, ]*\])", stdout)
 
 
+@pytest.mark.slow
 def test_the_rank_runs_here_and_leaves_the_process_as_it_was(tmp_path, cache_dir, capfd,
                                                              monkeypatch):
     def no_torchrun(*args, **kwargs):
@@ -71,6 +72,7 @@ def test_the_rank_runs_here_and_leaves_the_process_as_it_was(tmp_path, cache_dir
     assert capfd.readouterr().out == "after the job\n"
 
 
+@pytest.mark.slow
 def test_one_rank_in_the_cli_process_gives_the_tokens_of_torchrun(tmp_path, cache_dir):
     args = [sys.executable, "-m", "adp_pass.cli", "run", "--preset", "tiny", "--world-size",
             "1", "--requests", "2", "--prompt-len", "5", "--new-tokens", "4",
