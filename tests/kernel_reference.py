@@ -143,3 +143,24 @@ def varlen_attention_ref(
         scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
         out[starts[n] : starts[n + 1]] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), values)
     return out
+
+
+def poisoned_paged_cache(context_lens, block_size, kv_heads, head_dim, dtype, gen, spare_blocks):
+    """k/v caches full of NaN except each sequence's visible tokens (random), reached through
+    shuffled block tables with one spare column: a read past a context, or of a wrong block,
+    poisons the output. ``spare_blocks`` unused blocks beyond those the contexts need."""
+    need = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(need) + spare_blocks
+    perm = torch.randperm(num_blocks, generator=gen)
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    block_tables = torch.zeros(len(context_lens), max(need, default=0) + 1, dtype=torch.int32)
+    used = 0
+    for i, (n, nb) in enumerate(zip(context_lens, need)):
+        block_tables[i, :nb] = perm[used : used + nb].to(torch.int32)
+        used += nb
+        pos = torch.arange(n)
+        blocks = block_tables[i].long()[pos // block_size]
+        k_cache[blocks, pos % block_size] = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)
+        v_cache[blocks, pos % block_size] = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)
+    return k_cache, v_cache, block_tables

@@ -17,6 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 
 import adp_pass.runtime.kernels.paged_attention as pa  # noqa: E402 -- registers torch.ops.adp.*
 from adp_pass.runtime.kv_cache import PagedKVCache  # noqa: E402
+from kernel_reference import poisoned_paged_cache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONTEXT_LENS = [1, 7, 33, 100]
@@ -78,21 +79,8 @@ def make_decode_case(context_lens, block_size, num_q_heads, num_kv_heads, head_d
     """Caches full of NaN except the visible tokens; shuffled, non-contiguous block tables
     with one extra padded column, so any read past context_len poisons the output."""
     gen = torch.Generator().manual_seed(seed)
-    need = [-(-n // block_size) for n in context_lens]
-    width = max(need) + 1
-    num_blocks = sum(need) + 5
-    perm = torch.randperm(num_blocks, generator=gen)
-    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
-    v_cache = k_cache.clone()
-    block_tables = torch.zeros(len(context_lens), width, dtype=torch.int32)
-    used = 0
-    for i, (n, nb) in enumerate(zip(context_lens, need)):
-        block_tables[i, :nb] = perm[used : used + nb].to(torch.int32)
-        used += nb
-        pos = torch.arange(n)
-        blocks = block_tables[i].long()[pos // block_size]
-        k_cache[blocks, pos % block_size] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
-        v_cache[blocks, pos % block_size] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+    k_cache, v_cache, block_tables = poisoned_paged_cache(context_lens, block_size, num_kv_heads,
+                                                          head_dim, dtype, gen, spare_blocks=5)
     q = torch.randn(len(context_lens), num_q_heads, head_dim, generator=gen).to(dtype)
     context_lens_t = torch.tensor(context_lens, dtype=torch.int32)
     return [t.to(DEVICE) for t in (q, k_cache, v_cache, block_tables, context_lens_t)]

@@ -19,7 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 
 import adp_pass.runtime.kernels.cached_attention  # noqa: E402,F401  (registers adp.cached_attention)
 import adp_pass.runtime.kernels.varlen_attention as va  # noqa: E402  (registers adp.varlen_attention)
-from kernel_reference import varlen_attention_ref  # noqa: E402
+from kernel_reference import poisoned_paged_cache, varlen_attention_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (atol, rtol) against the fp32 reference computed from the same inputs: fp32 differs only in
@@ -37,20 +37,8 @@ def make_case(q_lens, context_lens, *, block_size=16, kv_heads=2, group=4, head_
     block tables with a spare column, so a read past a context (or a wrong block) poisons the
     output; ``pad_tokens`` extra q rows past the last sequence (batch padding)."""
     gen = torch.Generator().manual_seed(seed)
-    need = [-(-n // block_size) for n in context_lens]
-    num_blocks = sum(need) + 3
-    perm = torch.randperm(num_blocks, generator=gen)
-    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype)
-    v_cache = k_cache.clone()
-    block_tables = torch.zeros(len(context_lens), max(need, default=0) + 1, dtype=torch.int32)
-    used = 0
-    for i, (n, nb) in enumerate(zip(context_lens, need)):
-        block_tables[i, :nb] = perm[used : used + nb].to(torch.int32)
-        used += nb
-        pos = torch.arange(n)
-        blocks = block_tables[i].long()[pos // block_size]
-        k_cache[blocks, pos % block_size] = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)
-        v_cache[blocks, pos % block_size] = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)
+    k_cache, v_cache, block_tables = poisoned_paged_cache(context_lens, block_size, kv_heads,
+                                                          head_dim, dtype, gen, spare_blocks=3)
     q = torch.randn(sum(q_lens) + pad_tokens, kv_heads * group, head_dim, generator=gen).to(dtype)
     query_start_loc = torch.tensor([0, *torch.tensor(q_lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
     lens = torch.tensor(context_lens, dtype=torch.int32)
