@@ -5,8 +5,11 @@ rank, prompt 512, 128 new tokens, decode steps replayed from CUDA graphs::
 
     python bench/bench_decode.py --out bench/results/decode-h100x2.json
 
-Prints decode tokens/s per rank and in total, the mean decode step time, and the first-step
-logits check against transformers holding the same weights.
+Prints decode tokens/s per rank and in total, the mean decode step time against the HBM
+roofline (the rank's weights and the KV cache a step reads at the mean context, over the copy
+bandwidth of the calibration: ``adp_pass/data/h200.json`` unless ``--calibration``), the cost
+model's prediction, and the first-step logits check against transformers holding the same
+weights.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true",
                         help="skip the first-step check against transformers (it holds a second "
                              "copy of the weights: Qwen3-32B on one GPU does not fit twice)")
+    parser.add_argument("--calibration", default=None,
+                        help="calibration JSON for the roofline's copy bandwidth and the "
+                             "prediction (default: the packaged H200 one)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -69,8 +75,13 @@ def main() -> None:
     for r in report.ranks:
         print(f"rank {r['rank']} first-step logits vs transformers: {r['first_step_check']}; "
               f"build {r['timings']}")
+    roofline = roofline_row(config, args, report)
+    print(f"roofline {roofline['roofline_ms']:.2f} ms ({roofline['weights_gb']:.1f} GB weights + "
+          f"{roofline['kv_gb']:.1f} GB KV at {roofline['copy_gbps']:.0f} GB/s): step at "
+          f"{roofline['roofline_fraction']:.0%} of it; cost model {roofline['predicted_step_ms']:.2f} ms")
     record = {
         "command": " ".join(sys.argv),
+        "roofline": roofline,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "gpu": report.ranks[0]["device"],
         "torch": torch.__version__,
@@ -89,6 +100,32 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
+
+
+def roofline_row(config, args, report) -> dict:
+    """The step's memory roofline: each rank reads its weights and its KV cache (mean context of
+    the decode) once per step, at the calibration's copy bandwidth; and the cost model's
+    prediction for the same workload."""
+    from adp_pass.cost_model import GB, load_calibration, predict
+
+    calibration = load_calibration(args.calibration)
+    mapping = f"tp={args.world_size},attn_dp=1"
+    prediction = predict(config, mapping, batch_per_gpu=args.requests_per_rank,
+                         prompt=args.prompt_len, new_tokens=args.new_tokens,
+                         calibration=calibration)
+    nbytes = prediction.weights_bytes_per_gpu + prediction.kv_bytes_per_gpu
+    roofline_ms = nbytes / (calibration["copy_bandwidth_gbps"] * GB) * 1e3
+    step_ms = max(r["mean_decode_step_ms"] for r in report.ranks)
+    return {
+        "weights_gb": prediction.weights_bytes_per_gpu / GB,
+        "kv_gb": prediction.kv_bytes_per_gpu / GB,
+        "copy_gbps": calibration["copy_bandwidth_gbps"],
+        "roofline_ms": roofline_ms,
+        "step_ms": step_ms,
+        "roofline_fraction": roofline_ms / step_ms if step_ms else 0.0,
+        "predicted_step_ms": prediction.step_ms,
+        "calibration": calibration.name,
+    }
 
 
 if __name__ == "__main__":
