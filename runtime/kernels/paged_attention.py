@@ -50,6 +50,36 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def scores(q, k, NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``q @ k.T`` in fp32. bf16/fp16 products are exact in the fp32 accumulator, so the native
+    dot gives the same scores as the fp32 path."""
+    if NATIVE_DOT:
+        return tl.dot(q, tl.trans(k))
+    return tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        GUARD_EMPTY: tl.constexpr):
+    """One flash-attention update with base-2 scores ``s`` (masked keys -inf) and their values
+    ``v``: the new running max, sum and accumulator. ``GUARD_EMPTY``: rows may have seen no key
+    yet (m = -inf), so subtract 0 there instead of -inf - -inf."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if GUARD_EMPTY:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if NATIVE_DOT:
+        pv = tl.dot(p.to(v.dtype), v)
+    else:
+        pv = tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _reshape_and_cache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_kd,
@@ -149,23 +179,10 @@ def _paged_decode_kernel(
             kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        if NATIVE_DOT:
-            # bf16/fp16 products are exact in the fp32 accumulator: same QK as the fp32 path.
-            s = tl.dot(q, tl.trans(k))
-        else:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
-        s = tl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
-        # Every visited tile holds >= 1 valid token, so m_new is finite here.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if NATIVE_DOT:
-            pv = tl.dot(p.to(v.dtype), v)
-        else:
-            pv = tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        s = tl.where(valid[None, :], scores(q, k, NATIVE_DOT, DOT_PRECISION) * qk_scale_log2,
+                     float("-inf"))
+        # Every visited tile holds >= 1 valid token, so m_new is finite here: no guard.
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, NATIVE_DOT, DOT_PRECISION, False)
 
     # Empty range (context_len 0, or a split past the end): emit zeros, not NaN.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

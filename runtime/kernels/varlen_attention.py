@@ -24,6 +24,8 @@ from .paged_attention import (
     _check_cache,
     _device_guard,
     _max_offset,
+    online_softmax_step,
+    scores,
 )
 
 # --- launch configuration, chosen per call in Python (no autotuning: the op runs in CUDA graphs) ---
@@ -201,27 +203,13 @@ def _attend_tile(
     else:
         k = tl.load(k_cache_ptr + kv_off)
         v = tl.load(v_cache_ptr + kv_off)
-    if NATIVE_DOT:
-        s = tl.dot(q, tl.trans(k))  # 16-bit products are exact in the fp32 accumulator
-    else:
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
-    s = s * qk_scale_log2
+    s = scores(q, k, NATIVE_DOT, DOT_PRECISION) * qk_scale_log2
     if CAUSAL:
         # Rows past the sequence's queries have q_pos >= kv_end, so kv_valid needs no extra term
         # for the rows that are stored.
         s = tl.where(kv_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with no visible key yet keeps m = -inf; subtracting 0 instead avoids -inf - -inf.
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if NATIVE_DOT:
-        pv = tl.dot(p.to(v.dtype), v)
-    else:
-        pv = tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
-    acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc
+    # A row with no visible key yet (a query before position 0) keeps m = -inf: guarded.
+    return online_softmax_step(s, v, m_i, l_i, acc, NATIVE_DOT, DOT_PRECISION, True)
 
 
 def varlen_config(q: torch.Tensor, k_cache: torch.Tensor) -> dict:
