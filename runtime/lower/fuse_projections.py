@@ -26,12 +26,12 @@ from collections import Counter, defaultdict
 import torch
 import torch.fx as fx
 
+from adp_pass.attributes import owner_of, set_attr
 from adp_pass.fx_vocab import NO_COPY_RESHAPE_OPS, is_op
 
 from .graph_utils import eliminate_dead_code, first_body_node
 
 aten = torch.ops.aten
-NAME = "fuse_projections"
 
 
 def fuse_projections(gm: fx.GraphModule) -> dict[str, int]:
@@ -73,11 +73,14 @@ def unfused_state_dict(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class _Projection:
-    __slots__ = ("node", "source", "weight", "bias", "key")
+    """One GEMM of a group: the node, its 2-D input, its weight (and bias) ``get_attr``, and the
+    key its group shares."""
 
-    def __init__(self, node: fx.Node, source: fx.Node, weight: fx.Node, bias: fx.Node | None,
+    __slots__ = ("node", "input", "weight", "bias", "key")
+
+    def __init__(self, node: fx.Node, input: fx.Node, weight: fx.Node, bias: fx.Node | None,
                  key: tuple) -> None:
-        self.node, self.source, self.weight, self.bias, self.key = node, source, weight, bias, key
+        self.node, self.input, self.weight, self.bias, self.key = node, input, weight, bias, key
 
 
 def _projection(gm: fx.GraphModule, node: fx.Node, reads: Counter) -> _Projection | None:
@@ -117,26 +120,26 @@ def _sole_attribute(gm: fx.GraphModule, node, reads: Counter, *, dims: int) -> b
 
 
 def _attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    owner, _, leaf = node.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+    owner, leaf = owner_of(gm, node.target)
+    return getattr(owner, leaf)
 
 
 def _fuse(gm: fx.GraphModule, members: list[_Projection]) -> None:
     graph = gm.graph
     weights = [_attr(gm, m.weight) for m in members]
     rows = [w.shape[0] for w in weights]
-    fused_name = _register(gm, members, "weight", torch.cat(weights, dim=0))
     names = gm.meta.setdefault("adp_fused_names", {})
+    fused_name = _register(gm, [m.weight for m in members], torch.cat(weights, dim=0), "weight")
     names[fused_name] = [(m.weight.target, r) for m, r in zip(members, rows)]
     fused_bias = None
     if members[0].bias is not None:
-        fused_bias = _register(gm, members, "bias", torch.cat([_attr(gm, m.bias) for m in members]))
-        names[fused_bias] = [(m.bias.target, r) for m, r in zip(members, rows)]
+        biases = [m.bias for m in members]
+        fused_bias = _register(gm, biases, torch.cat([_attr(gm, b) for b in biases]), "bias")
+        names[fused_bias] = [(b.target, r) for b, r in zip(biases, rows)]
     for member in members:  # the originals go, so the module holds each weight once
         for attr in (member.weight, member.bias):
             if attr is not None:
-                owner, _, leaf = attr.target.rpartition(".")
-                delattr(gm.get_submodule(owner) if owner else gm, leaf)
+                delattr(*owner_of(gm, attr.target))
     first = members[0].node
     with graph.inserting_before(first_body_node(graph)):
         weight_node = graph.get_attr(fused_name)
@@ -146,10 +149,10 @@ def _fuse(gm: fx.GraphModule, members: list[_Projection]) -> None:
         # stamped or loaded graph mixes fake modes).
         transposed = graph.call_function(aten.t.default, (weight_node,))
         if bias_node is None:
-            out = graph.call_function(aten.mm.default, (members[0].source, transposed))
+            out = graph.call_function(aten.mm.default, (members[0].input, transposed))
         else:
             out = graph.call_function(aten.addmm.default,
-                                      (bias_node, members[0].source, transposed))
+                                      (bias_node, members[0].input, transposed))
         start = 0
         for member, width in zip(members, rows):
             piece = graph.call_function(aten.slice.Tensor, (out, 1, start, start + width))
@@ -164,22 +167,18 @@ def _fuse(gm: fx.GraphModule, members: list[_Projection]) -> None:
             graph.erase_node(member.bias)
 
 
-def _register(gm: fx.GraphModule, members: list[_Projection], kind: str,
-              value: torch.Tensor) -> str:
-    """Register ``value`` next to the first member's attribute, named after every member:
+def _register(gm: fx.GraphModule, attrs: list[fx.Node], value: torch.Tensor, kind: str) -> str:
+    """Register ``value`` (a parameter where the first of ``attrs`` is one) under the modules
+    ``attrs`` share, named after each of them:
     ``model.layers.0.self_attn.q_proj.weight`` + ``k_proj`` + ``v_proj`` ->
     ``model.layers.0.self_attn.fused_q_proj_k_proj_v_proj_weight``."""
-    targets = [(m.weight if kind == "weight" else m.bias).target for m in members]
-    parts = [t.split(".") for t in targets]
+    parts = [a.target.split(".") for a in attrs]
     common = 0
     while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
         common += 1
-    owner_path = ".".join(parts[0][:common])
     leaf = "fused_" + "_".join("_".join(p[common:-1]) or p[-1] for p in parts) + f"_{kind}"
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    original = _attr(gm, members[0].weight if kind == "weight" else members[0].bias)
-    if isinstance(original, torch.nn.Parameter):
-        owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
-    else:
-        owner.register_buffer(leaf, value)
-    return f"{owner_path}.{leaf}" if owner_path else leaf
+    name = ".".join([*parts[0][:common], leaf])
+    if isinstance(_attr(gm, attrs[0]), torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=False)
+    set_attr(gm, name, value, persistent=True)
+    return name
