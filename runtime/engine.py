@@ -172,7 +172,11 @@ class RankEngine:
         # whose token the host has not read yet (``async_decode``).
         rows = max([max_batch, *(cuda_graph_sizes or ())])
         self._last_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self._token_buffers: list[torch.Tensor] = []  # host copies of launched steps' tokens
+        # Host copies of launched steps' tokens: two, alternating, so a launched step's copy never
+        # lands on the buffer of the step in flight before it (read after this launch).
+        self._token_buffers = [torch.zeros(rows, dtype=torch.long) for _ in range(2)]
+        if self.device.type == "cuda":
+            self._token_buffers = [b.pin_memory() for b in self._token_buffers]
         self._launches = 0
         self._graphs = None
         if cuda_graph_sizes and self.device.type == "cuda":
@@ -338,23 +342,22 @@ class RankEngine:
             tables.append(self.cache.block_table(rid))
             lens.append(item.done)
             starts.append(starts[-1] + take)
-        for seq in decoding:
-            rid = seq.request.request_id
-            slots += self.cache.append(rid, 1)
-            length = self.cache.context_len(rid)
-            ids.append(seq.generated[-1])
-            positions.append(length - 1)
-            tables.append(self.cache.block_table(rid))
-            lens.append(length)
-            starts.append(starts[-1] + 1)
+        decode_slots, decode_lens, decode_tables = self._grow_by_one(
+            [seq.request.request_id for seq in decoding])
+        ids += [seq.generated[-1] for seq in decoding]
+        positions += [n - 1 for n in decode_lens]
+        slots += decode_slots
+        tables += decode_tables
+        lens += decode_lens
+        starts += range(starts[-1] + 1, starts[-1] + 1 + len(decoding))
         inputs = packed_batch(ids, positions, slots, tables, lens, starts, self.device)
         with torch.no_grad():
             logits = self.model(*inputs)[0][0]
-        # Rows to sample: each prompt whose last chunk ran, then each decode row.
-        done = [item for item, _ in chunks if item.done == len(item.request.prompt)]
-        rows = [starts[i + 1] - 1 for i, (item, _) in enumerate(chunks)
-                if item.done == len(item.request.prompt)]
-        rows += [starts[len(chunks) + i + 1] - 1 for i in range(len(decoding))]
+        # Rows to sample (each sequence's last token): every prompt whose last chunk ran, then
+        # every decode row.
+        ended = [i for i, (item, _) in enumerate(chunks) if item.done == len(item.request.prompt)]
+        done = [chunks[i][0] for i in ended]
+        rows = [starts[i + 1] - 1 for i in [*ended, *range(len(chunks), len(starts) - 1)]]
         requests = [item.request for item in done] + [seq.request for seq in decoding]
         tokens = []
         if rows:
@@ -371,9 +374,7 @@ class RankEngine:
         for item in done:
             self.prefilling.remove(item)
         for item, token in zip(done, tokens):
-            seq = _Sequence(item.request)
-            self.running[item.request.request_id] = seq
-            finished += self._accept(seq, token)
+            finished += self._start(item.request, token)
         for seq, token in zip(decoding, tokens[len(done):]):
             finished += self._accept(seq, token)
         if self.running and not self.mix_decode:
@@ -469,10 +470,14 @@ class RankEngine:
         self.stats.prefill_s += time.perf_counter() - start
         finished = []
         for request, token in zip(group, tokens):
-            seq = _Sequence(request)
-            self.running[request.request_id] = seq
-            finished += self._accept(seq, token)
+            finished += self._start(request, token)
         return finished
+
+    def _start(self, request: Request, token: int) -> list[Result]:
+        """A prompt's first token: its sequence runs from now (or ends already)."""
+        seq = _Sequence(request)
+        self.running[request.request_id] = seq
+        return self._accept(seq, token)
 
     def _decode(self, rows: int | None = None) -> list[Result]:
         """One decode call for every running sequence; lockstep passes the agreed ``rows``
@@ -498,12 +503,17 @@ class RankEngine:
 
     def _ends_with_pending(self, seq: _Sequence) -> bool:
         """The token in flight is certain to end ``seq`` (length or position limit)."""
-        if not seq.pending:
-            return False
-        made = len(seq.generated) + seq.pending
-        return made >= seq.request.params.max_new_tokens or (
-            self.max_position is not None
-            and len(seq.request.prompt) + made >= self.max_position)
+        return bool(seq.pending) and self._limit(seq, len(seq.generated) + seq.pending) is not None
+
+    def _limit(self, seq: _Sequence, generated: int) -> str | None:
+        """The limit ``seq`` reaches with ``generated`` tokens: "length", "max_position" or
+        None."""
+        if generated >= seq.request.params.max_new_tokens:
+            return "length"
+        if (self.max_position is not None
+                and len(seq.request.prompt) + generated >= self.max_position):
+            return "max_position"
+        return None
 
     def _launch(self, seqs: list[_Sequence], previous: _Launched | None) -> _Launched:
         """Enqueue one decode step for ``seqs`` without waiting for it. A sequence whose token
@@ -512,10 +522,7 @@ class RankEngine:
         rows_before = {id(seq): row for row, seq in enumerate(previous.seqs)} if previous else {}
         source = [rows_before[id(seq)] if seq.pending else -1 for seq in seqs]
         tokens = [0 if seq.pending else seq.generated[-1] for seq in seqs]
-        ids = [seq.request.request_id for seq in seqs]
-        slots = [self.cache.append(i, 1)[0] for i in ids]
-        lens = [self.cache.context_len(i) for i in ids]
-        tables = [self.cache.block_table(i) for i in ids]
+        slots, lens, tables = self._grow_by_one([seq.request.request_id for seq in seqs])
         positions = [n - 1 for n in lens]
         with torch.no_grad():
             if self._graphs is not None and self._graphs.fits(len(seqs)):
@@ -527,10 +534,8 @@ class RankEngine:
                 inputs = (self._tokens_from(source, inputs[0]), *inputs[1:])
                 greedy = self.model(*inputs)[0][:, -1].argmax(dim=-1)
                 self._last_tokens[: len(seqs)] = greedy
-        # Two host buffers, alternating: a launched step's copy never lands on the buffer of
-        # the step in flight before it, which is read after this launch.
         self._launches += 1
-        host = self._token_buffer(self._launches % 2)[: len(seqs)]
+        host = self._token_buffers[self._launches % 2][: len(seqs)]
         ready = None
         if self.device.type == "cuda":
             host.copy_(greedy[: len(seqs)], non_blocking=True)
@@ -542,18 +547,18 @@ class RankEngine:
             seq.pending += 1
         return _Launched(seqs, host, ready)
 
+    def _grow_by_one(self, ids: list[Hashable]) -> tuple[list[int], list[int], list[list[int]]]:
+        """A decode row for each sequence: its new slot, its context length with it, its block
+        table."""
+        slots = [self.cache.append(i, 1)[0] for i in ids]
+        return slots, [self.cache.context_len(i) for i in ids], [self.cache.block_table(i)
+                                                                 for i in ids]
+
     def _tokens_from(self, source: list[int], host_ids: torch.Tensor) -> torch.Tensor:
         """Input ids ``[rows, 1]``: row i reads the previous step's token of row ``source[i]``
         where that is >= 0, else ``host_ids``."""
         src = torch.tensor(source, dtype=torch.long).to(self.device).view(-1, 1)
         return torch.where(src >= 0, self._last_tokens[src.clamp(min=0)], host_ids)
-
-    def _token_buffer(self, index: int) -> torch.Tensor:
-        while len(self._token_buffers) < 2:
-            buffer = torch.zeros(self._last_tokens.numel(), dtype=torch.long)
-            self._token_buffers.append(buffer.pin_memory() if self.device.type == "cuda"
-                                       else buffer)
-        return self._token_buffers[index]
 
     def _collect(self, launched: _Launched) -> list[Result]:
         """Wait for a launched step and take its tokens; rows of sequences that ended (on a
@@ -577,10 +582,8 @@ class RankEngine:
         seqs = list(self.running.values())
         ids = [s.request.request_id for s in seqs]
         rows = len(seqs) if rows is None else rows
-        slots = [self.cache.append(i, 1)[0] for i in ids]
-        lens = [self.cache.context_len(i) for i in ids]
+        slots, lens, tables = self._grow_by_one(ids)
         last = [s.generated[-1] for s in seqs]
-        tables = [self.cache.block_table(i) for i in ids]
         greedy = None  # the graph's argmax of each row, when a graph ran
         with torch.no_grad():
             # Every rank of a lockstep group passes the same `rows`: the same graph bucket.
@@ -617,15 +620,7 @@ class RankEngine:
                 self.stats.ttft_count += 1
         seq.generated.append(token)
         params = seq.request.params
-        reason = None
-        if token in params.stop_token_ids:
-            reason = "stop"
-        elif len(seq.generated) >= params.max_new_tokens:
-            reason = "length"
-        elif self.max_position is not None and (
-            len(seq.request.prompt) + len(seq.generated) >= self.max_position
-        ):
-            reason = "max_position"
+        reason = "stop" if token in params.stop_token_ids else self._limit(seq, len(seq.generated))
         if reason is None:
             return []
         request_id = seq.request.request_id
