@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 import traceback
@@ -152,6 +153,13 @@ def _last_line(text: str) -> str:
     """A recorded failure may carry the traceback; the exception's own line is the last one."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else text
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (a job's store, a rank link)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def rank_device() -> torch.device:

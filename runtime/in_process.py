@@ -22,14 +22,13 @@ import contextlib
 import gc
 import os
 import signal
-import socket
 import sys
 import threading
 import traceback
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from adp_pass.launch import RankFailed
+from adp_pass.launch import RankFailed, free_port
 
 # After the timeout, how long the job may take to stop before this process exits without it
 # (a rank stuck in a C call cannot be interrupted, only killed with its process).
@@ -73,7 +72,7 @@ def _serve_one_rank(job_path: Path, out: Path, threads: int) -> int:
 
     # What torchrun gives a rank: its place in the job and where the job's store is.
     env = dict(RANK="0", LOCAL_RANK="0", GROUP_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     # The subprocess ran with OMP_NUM_THREADS threads (1 unless set): the same here.
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -227,21 +226,15 @@ def _environment(**values: str | None) -> Iterator[None]:
     """Set (None: remove) environment variables for the duration; restore them after."""
     before = {name: os.environ.get(name) for name in values}
     try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _set_environment(values)
         yield
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _set_environment(before)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _set_environment(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

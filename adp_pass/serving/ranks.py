@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from adp_pass.launch import RankFailed
+from adp_pass.launch import RankFailed, free_port
 from adp_pass.mapping import Mapping
 
 
@@ -142,7 +142,7 @@ class RankSet:
             self._spawn(list(range(world)), run + ["--standalone", f"--nproc-per-node={world}",
                                                    "--monitor-interval=0.2"] + worker, env)
         else:
-            rdzv, run_id = f"127.0.0.1:{_free_port()}", f"adp-serve-{uuid.uuid4().hex[:8]}"
+            rdzv, run_id = f"127.0.0.1:{free_port()}", f"adp-serve-{uuid.uuid4().hex[:8]}"
             for _ in range(self.nnodes):  # one agent per "node", met at one rendezvous
                 self._spawn(list(range(world)), agent_command(self.job_dir, world, self.nnodes,
                                                               rdzv, run_id), env)
@@ -324,9 +324,3 @@ class RankSet:
             if info.pid and info.host == here and info.state == "ready":
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(info.pid, signal.SIGKILL)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
