@@ -21,16 +21,11 @@ from pathlib import Path
 
 import torch
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from adp_pass.serving.bench import percentile
 
 
 def serve(engine, requests, arrivals: list[float]) -> dict:
     """Add each request at its arrival time, step until all are done; per-request times."""
-    from adp_pass.runtime.engine import Request  # noqa: F401  (requests are built by the caller)
-
     start = time.perf_counter()
     pending = sorted(zip(arrivals, requests), key=lambda item: item[0])
     added, first, done = {}, {}, {}
@@ -43,14 +38,14 @@ def serve(engine, requests, arrivals: list[float]) -> dict:
         if not engine.has_work:
             time.sleep(max(0.0, pending[0][0] - now))
             continue
-        for result in engine.step():
-            done[result.request_id] = (time.perf_counter() - start, len(result.tokens))
+        finished = engine.step()
         now = time.perf_counter() - start
+        for result in finished:  # a request can finish in the step of its first token
+            done[result.request_id] = (now, len(result.tokens))
+            first.setdefault(result.request_id, now)
         for request_id, tokens in engine.partial_tokens().items():
             if tokens and request_id not in first:
                 first[request_id] = now
-        for request_id in done:
-            first.setdefault(request_id, done[request_id][0])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -60,10 +55,10 @@ def serve(engine, requests, arrivals: list[float]) -> dict:
     return {
         "wall_s": round(wall, 3),
         "ttft_ms": {"mean": round(1e3 * statistics.mean(ttft), 1),
-                    "p50": round(1e3 * percentile(ttft, 0.5), 1),
-                    "p90": round(1e3 * percentile(ttft, 0.9), 1)},
+                    "p50": round(1e3 * percentile(ttft, 50), 1),
+                    "p90": round(1e3 * percentile(ttft, 90), 1)},
         "tpot_ms": {"mean": round(1e3 * statistics.mean(tpot), 2),
-                    "p50": round(1e3 * percentile(tpot, 0.5), 2)},
+                    "p50": round(1e3 * percentile(tpot, 50), 2)},
         "output_tok_s": round(tokens / wall, 1),
         "prefill_calls": engine.stats.prefill_calls,
         "mixed_calls": engine.stats.mixed_calls,

@@ -25,7 +25,7 @@ class BenchError(AdpError):
     """The server could not be benchmarked (unreachable, or not an OpenAI server)."""
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -37,7 +37,7 @@ def _percentile(values: list[float], q: float) -> float:
 def _summary(values: list[float]) -> dict:
     ms = [1e3 * v for v in values]
     return {"mean_ms": statistics.fmean(ms) if ms else float("nan"),
-            "p50_ms": _percentile(ms, 50), "p99_ms": _percentile(ms, 99)}
+            "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99)}
 
 
 async def _one(client, model: str, prompt: list[int], output_len: int, timeout_s: float) -> dict:
