@@ -13,6 +13,9 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
+# The production kernel's arithmetic: the variants below differ in tiling only.
+from adp_pass.runtime.kernels.silu_mul import silu_times
+
 INTERMEDIATE = 12288  # Qwen3-8B
 
 
@@ -45,9 +48,8 @@ def _rows_kernel(gate_ptr, up_ptr, out_ptr, n_rows, n_cols, BLOCK: tl.constexpr,
     else:
         g = tl.load(gate_ptr + offs, mask=mask, other=0.0)
         u = tl.load(up_ptr + offs, mask=mask, other=0.0)
-    g, u = g.to(tl.float32), u.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, silu_times(g.to(tl.float32), u.to(tl.float32),
+                                        out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -57,8 +59,7 @@ def _flat_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
     mask = offs < n
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, silu_times(g, u, out_ptr.dtype.element_ty), mask=mask)
 
 
 def run_rows(gate, up, out, block, warps, rows, evict):
