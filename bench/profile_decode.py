@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from adp_pass.calibrate import GPU_SIZES, measure_copy, versions
-    from adp_pass.cost_model import GB
+    from adp_pass.cost_model import GB, ModelShape
     from adp_pass.presets import model_config
     from adp_pass.runtime.engine import RankEngine, Request, decode_batch
     from adp_pass.runtime.prepare import prepare_rank
@@ -94,8 +94,8 @@ def main() -> None:
     # Roofline: every weight once, plus each sequence's K and V so far, per step.
     weight_bytes = sum(p.numel() * p.element_size() for p in built.model.parameters())
     context = args.prompt_len + args.steps
-    kv_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-                * context * args.batch * torch.finfo(dtype).bits // 8)
+    kv_bytes = ModelShape.of(config).kv_bytes_per_token(
+        config.num_key_value_heads, torch.finfo(dtype).bits // 8) * context * args.batch
     bandwidth = measure_copy(device, GPU_SIZES) * GB  # bytes/s, read + written
     roofline_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
 
