@@ -53,9 +53,13 @@ _LOG2E = 1.4426950408889634
 def scores(q, k, NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``q @ k.T`` in fp32. bf16/fp16 products are exact in the fp32 accumulator, so the native
     dot gives the same scores as the fp32 path."""
+    # if/else, not an early return: compiled Triton also builds the code after a return in a
+    # constexpr branch (the interpreter does not), and that code is wrong for NATIVE_DOT.
     if NATIVE_DOT:
-        return tl.dot(q, tl.trans(k))
-    return tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
+        s = tl.dot(q, tl.trans(k))
+    else:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
+    return s
 
 
 @triton.jit
