@@ -25,6 +25,7 @@ from transformers import Qwen3Config  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))  # kernel_reference, whatever pytest's import mode
 import kernel_reference as ref  # noqa: E402
 from adp_pass.runtime import kernels as K  # noqa: E402
+import adp_pass.runtime.kernels.cached_attention  # noqa: E402,F401  (registers the attention ops)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -138,6 +139,19 @@ def test_silu_mul(inter: int, tokens: int, dtype: torch.dtype, strided: bool) ->
     assert_close(K.silu_mul(gate, up), ref.silu_mul_ref(gate, up), "silu_mul")
     gate_up = make((tokens, 2 * inter), dtype, strided, 4)
     assert_close(K.silu_mul_fused(gate_up), ref.silu_mul_fused_ref(gate_up), "silu_mul_fused")
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_prefill_sizes_take_the_flat_kernel(dtype: torch.dtype, strided: bool) -> None:
+    # From _FLAT_ROWS rows on, one flat index over the output (row = index // columns).
+    from adp_pass.runtime.kernels.silu_mul import _FLAT_ROWS
+
+    tokens, inter = _FLAT_ROWS + 3, 40
+    gate, up = make((tokens, inter), dtype, strided, 0), make((tokens, inter), dtype, strided, 3)
+    assert_close(K.silu_mul(gate, up), ref.silu_mul_ref(gate, up), "silu_mul flat")
+    gate_up = make((tokens, 2 * inter), dtype, strided, 4)
+    assert_close(K.silu_mul_fused(gate_up), ref.silu_mul_fused_ref(gate_up), "silu_mul_fused flat")
 
 
 def qkv_views(
@@ -272,9 +286,18 @@ def test_torch_compile_fullgraph() -> None:
 
 
 def _run_rms_norm_in_fresh_process(env: dict) -> subprocess.CompletedProcess:
+    # Prints whether the kernel is interpreted, whether launch_guard refuses CPU tensors, and
+    # the op's result.
     code = (
-        "import torch; from adp_pass.runtime import kernels as K; "
-        "print(K.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6).sum().item())"
+        "import sys, torch; from adp_pass.runtime import kernels as K; "
+        "from adp_pass.runtime.kernels.utils import launch_guard; "
+        "from triton.runtime.interpreter import InterpretedFunction; "
+        "kernel = sys.modules['adp_pass.runtime.kernels.rms_norm']._rms_norm_kernel; "
+        "x = torch.ones(2, 4)\n"
+        "try:\n    launch_guard(kernel, x); refused = False\n"
+        "except RuntimeError as e:\n    refused = 'TRITON_INTERPRET=1' in str(e)\n"
+        "print(isinstance(kernel, InterpretedFunction), refused, "
+        "K.rms_norm(x, torch.ones(4), 1e-6).sum().item())"
     )
     cmd = [sys.executable, "-c", code]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -284,13 +307,143 @@ def test_cpu_only_machine_picks_the_interpreter_by_itself() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # a machine without a GPU, wherever the test runs
     proc = _run_rms_norm_in_fresh_process(env)
-    assert proc.returncode == 0 and float(proc.stdout.split()[-1]) == pytest.approx(8.0, rel=1e-5)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    interpreted, refused, value = proc.stdout.split()[-3:]
+    assert (interpreted, refused) == ("True", "False")
+    assert float(value) == pytest.approx(8.0, rel=1e-5)
 
 
-def test_cpu_tensors_with_compiling_triton_fail_clearly() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the user asked for compiled kernels
+def test_cpu_tensors_with_compiling_triton_run_eager() -> None:
+    # A GPU machine's situation (Triton compiles; here compiling is all it can do, no launch):
+    # CPU tensors take the eager reference. Launching a compiled kernel on them stays an error.
+    env = dict(os.environ, TRITON_INTERPRET="0")
     proc = _run_rms_norm_in_fresh_process(env)
-    assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    interpreted, refused, value = proc.stdout.split()[-3:]
+    assert (interpreted, refused) == ("False", "True")
+    assert float(value) == pytest.approx(8.0, rel=1e-5)
+
+
+# (atol, rtol) of the attention ops, as tests/test_varlen_attention.py uses against an fp32
+# reference: the kernel's summation order and, for 16-bit dots, P's rounding.
+ATTENTION_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+ELEMENTWISE_OPS = ["rms_norm", "add_rms_norm", "silu_mul", "silu_mul_fused", "qk_norm_rope"]
+ATTENTION_OPS = ["reshape_and_cache", "paged_decode_attention", "varlen_attention",
+                 "cached_attention_decode", "cached_attention_prefill", "cached_attention_packed"]
+
+
+def _fallback_cases(dtype: torch.dtype) -> dict[str, tuple[str, tuple]]:
+    """Small CPU inputs for every adp op: case name -> (op name, args). Paged caches are NaN
+    outside the contexts, reached through shuffled tables, so a wrong read poisons the output."""
+    x, r = make((3, 96), dtype, True, device="cpu"), make((3, 96), dtype, seed=2, device="cpu")
+    w = norm_weight(96, dtype, device="cpu")
+    qkv = make((3, 8 * 64), dtype, seed=7, device="cpu")  # q and k as views of a fused qkv
+    q, k = qkv[:, : 4 * 64].view(3, 4, 64), qkv[:, 4 * 64 : 6 * 64].view(3, 2, 64)
+    rope = (q, k, norm_weight(64, dtype, 8, "cpu"), norm_weight(64, dtype, 9, "cpu"),
+            K.build_cos_sin_cache(64, 64, 1e6, dtype, "cpu"), torch.tensor([5, 0, 63]), EPS)
+    gen = torch.Generator().manual_seed(0)
+    kv_heads, group, head_dim, block = 2, 2, 32, 16
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    def paged(context_lens):
+        return ref.poisoned_paged_cache(context_lens, block, kv_heads, head_dim, dtype, gen, 2)
+
+    k_cache, v_cache, tables = paged([1, 17, 40])
+    decode = (rand(3, kv_heads * group, head_dim), k_cache, v_cache, tables,
+              torch.tensor([1, 17, 40], dtype=torch.int32), 0.2)
+    q_lens, lens = [1, 5, 0, 12], [9, 5, 3, 30]
+    k_cache, v_cache, tables = paged(lens)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    varlen = (rand(sum(q_lens) + 2, kv_heads * group, head_dim), k_cache, v_cache, tables, starts,
+              torch.tensor(lens, dtype=torch.int32), 0.2)  # 2 padding rows past the last sequence
+    write = (rand(5, kv_heads, head_dim), rand(5, kv_heads, head_dim),
+             torch.zeros(4, block, kv_heads, head_dim, dtype=dtype),
+             torch.zeros(4, block, kv_heads, head_dim, dtype=dtype), torch.tensor([3, -1, 17, 40, 63]))
+
+    def cached(batch, seq, context_lens, packed):
+        k_cache, v_cache, tables = paged(context_lens)
+        slots = [tables[b, (c - seq + s) // block] * block + (c - seq + s) % block
+                 for b, c in enumerate(context_lens) for s in range(seq)]
+        if packed:  # one row of tokens, `seq` per sequence
+            batch, seq = 1, seq * len(context_lens)
+        args = (rand(batch, kv_heads * group, seq, head_dim), rand(batch, kv_heads, seq, head_dim),
+                rand(batch, kv_heads, seq, head_dim), k_cache, v_cache, torch.stack(slots).long(),
+                tables, torch.tensor(context_lens, dtype=torch.int32), 0.2)
+        if packed:
+            n = len(context_lens)
+            return args + (torch.arange(0, seq + 1, seq // n, dtype=torch.int32),)
+        return args
+
+    return {
+        "rms_norm": ("rms_norm", (x, w, EPS)),
+        "add_rms_norm": ("add_rms_norm", (x, r, w, EPS)),
+        "silu_mul": ("silu_mul", (x, r)),
+        "silu_mul_fused": ("silu_mul_fused", (make((3, 192), dtype, True, device="cpu"),)),
+        "qk_norm_rope": ("qk_norm_rope", rope),
+        "reshape_and_cache": ("reshape_and_cache", write),
+        "paged_decode_attention": ("paged_decode_attention", decode),
+        "varlen_attention": ("varlen_attention", varlen),
+        "cached_attention_decode": ("cached_attention", cached(2, 1, [7, 33], False)),
+        "cached_attention_prefill": ("cached_attention", cached(2, 3, [3, 3], False)),
+        "cached_attention_packed": ("cached_attention", cached(2, 2, [2, 20], True)),
+    }
+
+
+_FALLBACK_SCRIPT = """
+import sys, torch
+import adp_pass.runtime.kernels  # registers the ops
+import adp_pass.runtime.kernels.cached_attention
+from triton.runtime.interpreter import InterpretedFunction
+sys.path.insert(0, sys.argv[3])
+from kernel_reference import run_op_case
+kernel_modules = [m for name, m in list(sys.modules.items()) if name.startswith("adp_pass.runtime.kernels")]
+jits = [f for m in kernel_modules for f in vars(m).values()
+        if type(f).__name__ in ("JITFunction", "InterpretedFunction")]
+assert jits and not any(isinstance(f, InterpretedFunction) for f in jits), jits
+cases = torch.load(sys.argv[1])
+torch.save({key: {name: run_op_case(*case) for name, case in by_name.items()}
+            for key, by_name in cases.items()}, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def eager_fallback_outputs(tmp_path_factory) -> dict:
+    """Every op on _fallback_cases' CPU inputs, run in a fresh process with TRITON_INTERPRET=0,
+    i.e. through the eager fallback (compiled kernels cannot take CPU tensors)."""
+    tmp = tmp_path_factory.mktemp("fallback")
+    cases = {str(dtype): _fallback_cases(dtype) for dtype in DTYPES}
+    torch.save(cases, tmp / "cases.pt")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    cmd = [sys.executable, "-c", _FALLBACK_SCRIPT, str(tmp / "cases.pt"), str(tmp / "out.pt"),
+           str(Path(__file__).parent)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp / "out.pt")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ELEMENTWISE_OPS + ATTENTION_OPS)
+def test_eager_fallback_matches_the_kernels(eager_fallback_outputs: dict, case: str,
+                                            dtype: torch.dtype) -> None:
+    # The kernels here (interpreted on CPU; compiled on CUDA copies on a GPU machine) against
+    # the fallback's outputs from the fresh process, so the two cannot drift apart.
+    op, args = _fallback_cases(dtype)[case]
+    on_device = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    outputs, caches = ref.run_op_case(op, on_device)
+    got_outputs, got_caches = eager_fallback_outputs[str(dtype)][case]
+    assert len(got_outputs) == len(outputs) and len(got_caches) == len(caches)
+    for i, (got, want) in enumerate(zip(got_outputs, outputs)):
+        assert got.device.type == "cpu" and got.shape == want.shape and got.dtype == want.dtype
+        if case in ELEMENTWISE_OPS:
+            assert_close(got, want.cpu(), f"{case}[{i}]")
+            assert got.is_contiguous(), f"{case}[{i}]: the ops return contiguous tensors"
+        else:
+            atol, rtol = ATTENTION_TOL[dtype]
+            torch.testing.assert_close(got, want.cpu(), atol=atol, rtol=rtol, msg=f"{case}[{i}]")
+    for got, want in zip(got_caches, caches):  # copies of the new tokens: exact
+        torch.testing.assert_close(got, want.cpu(), atol=0, rtol=0, equal_nan=True)
 
 
 def test_bench_dry_run(tmp_path: Path) -> None:

@@ -42,20 +42,6 @@ aten = torch.ops.aten
 ATOL = 1e-4
 
 
-def _kernels_run_on_cpu() -> bool:
-    try:
-        torch.ops.adp.rms_norm(torch.ones(1, 4), torch.ones(4), 1e-6)
-        return True
-    except RuntimeError:
-        return False
-
-
-needs_cpu_kernels = pytest.mark.skipif(
-    not _kernels_run_on_cpu(),
-    reason="Triton kernels cannot run on CPU here (TRITON_INTERPRET unset at import)",
-)
-
-
 # ----------------------------------------------------------------------------- model cases
 @dataclass
 class Case:
@@ -300,7 +286,6 @@ def test_pass_subsets_and_order():
 
 
 # ----------------------------------------------------------------------------- parity
-@needs_cpu_kernels
 @pytest.mark.parametrize("name", FP32_CASES)
 def test_lowered_graph_parity_fp32(name):
     c = case(name)
@@ -316,7 +301,6 @@ def test_lowered_graph_parity_fp32(name):
     assert (after - eager).abs().max().item() <= ATOL
 
 
-@needs_cpu_kernels
 def test_parity_with_small_max_position():
     c = case("hf-tiny-L2")
     ids = _ids(c.config, seq=8)
@@ -329,7 +313,6 @@ def interpreter_rounds_bf16_to_nearest_even(monkeypatch):
     patch_interpreter_bf16_rounding(monkeypatch)
 
 
-@needs_cpu_kernels
 @pytest.mark.parametrize(
     "name, cache_source",
     [("hf-tiny-L1-bf16-default", "build_cos_sin_cache"), ("hf-tiny-L1-bf16-to", "tabulated")],
@@ -354,7 +337,6 @@ def test_bf16_lowered_logits_bit_identical_to_eager(
 
 
 # ----------------------------------------------------------------------------- traceability
-@needs_cpu_kernels
 def test_lowered_graph_traces_with_fake_tensors_and_compiles():
     c = case("engine-tiny3-L2-tied")
     gm = lower(c.fresh())
@@ -397,7 +379,6 @@ def _rms(x, w, eps=1e-5):
     return w * h.to(x.dtype)
 
 
-@needs_cpu_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rms_norm_and_add_rms_norm_patterns(dtype):
     def f(a, b, w, w_bad):
@@ -422,7 +403,6 @@ def test_rms_norm_and_add_rms_norm_patterns(dtype):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-@needs_cpu_kernels
 def test_silu_mul_pattern_variants():
     def f(gate_up, g, u):
         half = gate_up.shape[-1] // 2

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .rms_norm import _rms_norm_row, check_norm_weight
-from .utils import as_rows, block_and_warps, launch_guard
+from . import reference
+from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard, round_to
 
 
 @triton.jit
@@ -35,10 +36,11 @@ def _add_rms_norm_kernel(
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     # The sum exists in the model dtype in transformers: round it before normalising.
-    s = (x + r).to(res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + row * res_out_row_stride + cols, s, mask=mask)
+    s = round_to(x + r, res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + row * res_out_row_stride + cols, s.to(res_out_ptr.dtype.element_ty),
+             mask=mask)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _rms_norm_row(s.to(tl.float32), w, n_cols, eps, res_out_ptr.dtype.element_ty)
+    y = _rms_norm_row(s, w, n_cols, eps, res_out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * out_row_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -65,6 +67,9 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(rms_norm(x + residual), x + residual)``; the sum is in ``x.dtype``."""
     _check(x, residual, weight)
+    if eager_on_cpu(_add_rms_norm_kernel, x, residual, weight):
+        normed, new_residual = reference.add_rms_norm(x, residual, weight, eps)
+        return normed.contiguous(), new_residual.contiguous()
     normed, new_residual = _empty_outputs(x, weight)
     if x.numel() == 0:
         return normed, new_residual

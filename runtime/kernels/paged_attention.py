@@ -3,7 +3,8 @@
 Registered as ``torch.ops.adp.reshape_and_cache`` and
 ``torch.ops.adp.paged_decode_attention`` on import. Cache layout (vLLM "flash" layout):
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; see docs/kv_cache.md and, for the
-decode kernel's design, docs/kernels.md. On CPU the kernels only run under ``TRITON_INTERPRET=1``.
+decode kernel's design, docs/kernels.md. On CPU the kernels run under ``TRITON_INTERPRET=1``;
+when Triton compiles, the ops send CPU tensors to ``reference`` (``utils.eager_on_cpu``).
 """
 
 import contextlib
@@ -13,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from . import reference
+from .utils import eager_on_cpu
 
 # --- decode launch configuration (edit from bench/tune_paged_attention.py on the target GPU) ---
 # Chosen per shape in Python, never autotuned at run time: the op runs inside CUDA graphs and its
@@ -275,6 +279,9 @@ def reshape_and_cache(
     assert key.device == value.device == slot_mapping.device == k_cache.device, "tensors on different devices"
     if key.shape[0] == 0:
         return
+    if eager_on_cpu(_reshape_and_cache_kernel, key, k_cache):
+        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return
     with _device_guard(key):
         _reshape_and_cache_kernel[(key.shape[0],)](
             key, value, k_cache, v_cache, slot_mapping,
@@ -442,6 +449,8 @@ def paged_decode_attention(
     )
     assert q.device == k_cache.device == block_tables.device == context_lens.device, "tensors on different devices"
     assert num_splits >= 0, f"num_splits must be >= 0, got {num_splits}"
+    if eager_on_cpu(_paged_decode_kernel, q, k_cache):
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     cfg = decode_config(q, k_cache, block_tables.shape[1], num_splits)
     return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, **cfg)
 

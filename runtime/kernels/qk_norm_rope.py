@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import block_and_warps, launch_guard, round_to
+from . import reference
+from .utils import block_and_warps, eager_on_cpu, launch_guard, round_to
 
 # Elements per program (BLOCK_H heads x head_dim): 1024 = 8 heads of 128, like the silu tile.
 _TILE = 1024
@@ -153,6 +154,9 @@ def qk_norm_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm then rotary embedding of q and k; outputs are new contiguous tensors."""
     _check(q, k, q_weight, k_weight, cos_sin_cache, positions)
+    if eager_on_cpu(_qk_norm_rope_kernel, q, k, q_weight, k_weight, cos_sin_cache, positions):
+        q_out, k_out = reference.qk_norm_rope(q, k, q_weight, k_weight, cos_sin_cache, positions, eps)
+        return q_out.contiguous(), k_out.contiguous()
     q_out, k_out = _empty_outputs(q, k)
     tokens, n_q_heads, head_dim = q.shape
     n_k_heads = k.shape[1]

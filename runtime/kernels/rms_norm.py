@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import as_rows, block_and_warps, launch_guard, round_to
+from . import reference
+from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard, round_to
 
 
 @triton.jit
@@ -53,6 +54,8 @@ def check_norm_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of ``x`` over its last dim; any leading shape, rows may be strided."""
     check_norm_weight(x, weight)
+    if eager_on_cpu(_rms_norm_kernel, x, weight):
+        return reference.rms_norm(x, weight, eps).contiguous()
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if out.numel() == 0:
         return out

@@ -86,12 +86,25 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
+def eager_on_cpu(kernel: object, *tensors: torch.Tensor) -> bool:
+    """True when every tensor is on the CPU but ``kernel`` was compiled, not interpreted.
+
+    Triton chooses interpreter or compiler once per process (when ``@triton.jit`` runs at import;
+    ``adp_pass`` picks the interpreter only on machines without a GPU), and a compiled kernel
+    cannot launch on CPU tensors. The ops then run ``reference`` (eager PyTorch, same rounding
+    points) instead, so CPU ranks and CPU tests also work on GPU machines.
+    """
+    return (not isinstance(kernel, InterpretedFunction)
+            and all(t.device.type == "cpu" for t in tensors))
+
+
 def launch_guard(kernel: object, *tensors: torch.Tensor) -> contextlib.AbstractContextManager:
     """Check that all tensors share one device; return a context to launch ``kernel`` under.
 
     Triton launches on the *current* CUDA device, and per-rank code may hold tensors on another
     one, so CUDA launches run under ``torch.cuda.device``. CPU tensors only work when ``@triton.jit``
-    built an interpreted kernel, which it decides when the kernel module is first imported.
+    built an interpreted kernel, which it decides when the kernel module is first imported (the
+    ops send CPU tensors to their eager reference otherwise: ``eager_on_cpu``).
     """
     device = tensors[0].device
     for t in tensors:

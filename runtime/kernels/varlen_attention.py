@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .paged_attention import (
     _FLOAT_DTYPES,
     _INDEX_DTYPES,
@@ -27,6 +28,7 @@ from .paged_attention import (
     online_softmax_step,
     scores,
 )
+from .utils import eager_on_cpu
 
 # --- launch configuration, chosen per call in Python (no autotuning: the op runs in CUDA graphs) ---
 # Keyed by head_dim rounded up to a power of two; for 16-bit caches (fp32 halves block_m/block_n).
@@ -337,6 +339,8 @@ def varlen_attention(
     assert q.device == k_cache.device == block_tables.device == query_start_loc.device == context_lens.device, (
         "tensors on different devices"
     )
+    if eager_on_cpu(_varlen_attention_kernel, q, k_cache):
+        return reference.varlen_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
     return varlen(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
                   **varlen_config(q, k_cache))  # fmt: skip
 
