@@ -8,7 +8,10 @@
   embedding reads) is replaced by ``positions``;
 * every attention core (an SDPA op) becomes ``adp.cached_attention`` on the same q and the k/v
   from *before* GQA's ``repeat_kv``, reading per-layer caches ``kv_cache_{i}_k`` / ``_v``
-  (non-persistent buffers of ``gm``); the causal-mask computation dies with the SDPA.
+  (non-persistent buffers of ``gm``); the causal-mask computation dies with the SDPA;
+* the LM head (the weight matmul whose output, through reshapes, is the graph's only output)
+  reads only the positions an optional ``logits_indices`` input selects: prefill needs the
+  logits of a prompt's last token, not of all of them.
 
 Only the SDPA node, its q/k/v inputs and the position-ids node are relied on, so the pass runs
 the same before or after the lowering passes (``adp.qk_norm_rope`` reads the position ids too).
@@ -26,16 +29,28 @@ import torch.fx as fx
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext, statically_known_true
 
-from adp_pass.fx_vocab import ATTENTION_CORE_OPS, REPEAT_KV_OPS, SOFTMAX_OPS, is_op
+from adp_pass.fx_vocab import (
+    ATTENTION_CORE_OPS,
+    RESHAPE_OPS,
+    REPEAT_KV_OPS,
+    SOFTMAX_OPS,
+    attr_source,
+    is_op,
+)
 from adp_pass.runtime.kernels import cached_attention as _cached_attention  # noqa: F401  (registers the op)
-from adp_pass.runtime.lower.graph_utils import call, fake_value, same_size
+from adp_pass.runtime.lower.graph_utils import call, fake_value, same_size, size_arg
 from adp_pass.errors import AdpError
 
 aten = torch.ops.aten
 CACHED_ATTENTION = torch.ops.adp.cached_attention.default
-NEW_INPUTS = ("positions", "slot_mapping", "block_tables", "context_lens", "query_start_loc")
-# Inputs a call may leave out (packed calls pass it; docs/cache_insertion.md).
-OPTIONAL_INPUTS = ("query_start_loc",)
+NEW_INPUTS = ("positions", "slot_mapping", "block_tables", "context_lens", "query_start_loc",
+              "logits_indices")
+# Inputs a call may leave out (packed calls pass query_start_loc, prefill calls logits_indices;
+# docs/cache_insertion.md), and what a call that leaves one out gets. logits_indices' default is
+# a full slice, not None: the LM head then reads ``hidden[:, :]``, a view, so a call without it
+# (every decode, CUDA graphs included) runs exactly the graph it ran before.
+OPTIONAL_INPUTS = ("query_start_loc", "logits_indices")
+_DEFAULTS = {"query_start_loc": None, "logits_indices": slice(None)}
 _OPEN_END = 2**62
 
 _ARANGE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
@@ -52,6 +67,7 @@ def insert_kv_cache(
     block_size: int,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    select_logits: bool | None = None,
 ) -> fx.GraphModule:
     """Insert paged KV caches into ``gm`` in place and return it.
 
@@ -61,6 +77,12 @@ def insert_kv_cache(
     ``context_lens`` per sequence. Caches are ``[num_blocks, block_size, Hkv, D]``,
     zero-initialised, on ``device``/``dtype`` (default: the parameters'). Counts go to
     ``gm.meta["adp_cache_counts"]``.
+
+    ``logits_indices`` (int64 ``[R]``, keyword): the graph computes logits only at these
+    positions of the sequence dim, ``[B, R, V]`` (a packed call, ``B == 1``: its token rows,
+    ``[1, R, V]``). ``select_logits``: None adds that input where the LM head is found
+    (``gm.meta["adp_logits_indices"]`` says which matmul, or why not); True requires it
+    (:class:`CacheInsertionError` if the head is not found); False never adds it.
     """
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
@@ -78,12 +100,21 @@ def insert_kv_cache(
         raise CacheInsertionError(f"no attention core (SDPA op) in the graph{hint}")
     position_ids = _position_ids(graph, cores, batch, seq)
     sites = [_Site(core, batch, seq) for core in cores]  # all checks before any mutation
+    head, unsupported = None, "select_logits=False"
+    if select_logits is not False:
+        try:
+            head = _LmHead(graph, batch, seq)
+        except _NoLmHead as err:
+            if select_logits:
+                raise CacheInsertionError(f"logits_indices: {err}") from None
+            unsupported = str(err)
 
     param = next(gm.parameters(), sites[0].q_val)
     device = torch.device(device) if device is not None else param.device
     dtype = dtype or param.dtype
     mode = torch._guards.detect_fake_mode([ids_val])
-    inputs = _add_inputs(graph, input_ids, mode, max(num_blocks, 2))
+    names = [n for n in NEW_INPUTS if head is not None or n != "logits_indices"]
+    inputs = _add_inputs(graph, input_ids, mode, max(num_blocks, 2), names)
     for node in position_ids:
         node.replace_all_uses_with(inputs["positions"])
 
@@ -104,6 +135,8 @@ def insert_kv_cache(
             new = call(graph, CACHED_ATTENTION, site.q, site.k, site.v, *caches, *tables, site.scale,
                        inputs["query_start_loc"])
         site.replace_with(new)
+    if head is not None:
+        head.select_rows(inputs["logits_indices"])
 
     graph.eliminate_dead_code()
     _refresh_meta(graph, inputs["positions"])
@@ -118,6 +151,9 @@ def insert_kv_cache(
         "head_dim": [s.head_dim for s in sites],
         "dtype": dtype,
     }
+    # Whether calls may pass logits_indices (the engine reads the signature), and why not.
+    gm.meta["adp_logits_indices"] = ({"lm_head": head.matmul.name} if head is not None
+                                     else {"unsupported": unsupported})
     return gm
 
 
@@ -170,6 +206,108 @@ class _Site:
         for user in list(self.core.users):
             self.core.graph.erase_node(user)
         self.core.graph.erase_node(self.core)
+
+
+# Ops that keep every value of a tensor and the row-major order of its elements: the LM head's
+# input and output are reached through these alone, so a row of its output is a row of its input
+# times the weight. (Full slices too; a cast is not on the list, it would be dropped.)
+_SAME_ROWS_OPS = RESHAPE_OPS | {aten.clone.default, aten.contiguous.default, aten.alias.default}
+# Per weight-matmul op (fx_vocab.MATMUL_OPS): the activation's argument index, and those of the
+# weight and bias.
+_MATMUL_ARGS = {aten.mm.default: (0, (1,)), aten.addmm.default: (1, (0, 2)),
+                aten.linear.default: (0, (1, 2))}
+
+
+class _NoLmHead(Exception):
+    """Why the graph has no LM head whose rows ``logits_indices`` can select."""
+
+
+class _LmHead:
+    """The LM head: the weight matmul whose output, through reshapes and copies alone, is the
+    graph's one output (logits ``[B, S, V]``), and the ``[B, S, H]`` hidden states (the final
+    norm's output) it reads through reshapes, copies and full slices.
+
+    Found from the output, not by name (an untied ``lm_head`` and a tied embedding look the same).
+    Between ``hidden`` and the output there is only that matmul, by a module attribute: each
+    position's logits depend on its own hidden row alone, so selecting hidden rows before the
+    matmul is selecting logits rows after it, and no collective runs after the selection.
+    """
+
+    def __init__(self, graph: fx.Graph, batch: Any, seq: Any) -> None:
+        self.output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        returned: list[fx.Node] = []
+        fx.node.map_arg(self.output.args, returned.append)
+        if len(returned) != 1:
+            raise _NoLmHead(f"the graph returns {len(returned)} tensors; expected the logits alone")
+        self.logits = node = returned[0]
+        val = node.meta.get("val")
+        if not (_is_bsx(val, batch, seq) and val.dtype.is_floating_point):
+            raise _NoLmHead(f"the output {node.name} is not [B, S, V] logits")
+        self.vocab = val.shape[2]
+        chain = [node]  # the logits, the reshapes above them, the matmul
+        while is_op(node, _SAME_ROWS_OPS):
+            node = node.args[0]
+            chain.append(node)
+        if not is_op(node, _MATMUL_ARGS):
+            raise _NoLmHead(f"the logits come from {node.name} ({node.target}), not from a weight "
+                            "matmul through reshapes")
+        self.matmul = node
+        self.x_index, constant = _MATMUL_ARGS[node.target]
+        for index in constant:
+            arg = node.args[index] if index < len(node.args) else None
+            if arg is not None and not (isinstance(arg, fx.Node) and attr_source(arg) is not None):
+                raise _NoLmHead(f"{node.name}'s weight/bias {arg} is not a module attribute")
+        out = node.meta.get("val")
+        if not (isinstance(out, torch.Tensor) and same_size(out.shape[-1], self.vocab)):
+            raise _NoLmHead(f"{node.name} does not make the logits' last dim")
+        # The output alone reads the logits, and each of these only the next.
+        shared = [n.name for n in chain if len(n.users) != 1]
+        if shared:
+            raise _NoLmHead(f"{', '.join(shared)} (LM head to output) also feed other nodes")
+        self.hidden = self._hidden(node.args[self.x_index], batch, seq)
+
+    def _hidden(self, node: fx.Node, batch: Any, seq: Any) -> fx.Node:
+        """The topmost [B, S, H] tensor on the chain of same-rows ops above the matmul's input."""
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise _NoLmHead(f"{self.matmul.name}'s input has no fake value")
+        width, found = val.shape[-1], None
+        while True:
+            val = node.meta.get("val")
+            if _is_bsx(val, batch, seq) and same_size(val.shape[2], width):
+                found = node
+            full_slice = is_op(node, {aten.slice.Tensor}) and _full_slice(node)
+            if not (is_op(node, _SAME_ROWS_OPS) or full_slice):
+                break
+            node = node.args[0]
+        if found is None:
+            raise _NoLmHead(f"{self.matmul.name} does not read [B, S, H] hidden states")
+        return found
+
+    def select_rows(self, indices: fx.Node) -> None:
+        """The matmul reads ``hidden[:, indices]`` ([B, R, H], all of it when ``indices`` is the
+        default full slice) flattened to rows, and the output is its product ``[B, R, V]``.
+        Sizes come from the selection (the views this replaces took B*S from ``input_ids``)."""
+        graph = self.matmul.graph
+        with graph.inserting_before(self.matmul):
+            rows = call(graph, operator.getitem, self.hidden, (slice(None), indices))
+            batch, count = size_arg(graph, rows, 0), size_arg(graph, rows, 1)
+            # Not reshape(-1): R may be 0 (a chunk that ends no prompt), and -1 is then ambiguous.
+            total = (call(graph, operator.mul, batch, count)
+                     if isinstance(batch, fx.Node) or isinstance(count, fx.Node) else batch * count)
+            flat = call(graph, aten.reshape.default, rows, [total, size_arg(graph, rows, 2)])
+        self.matmul.update_arg(self.x_index, flat)
+        self.matmul.meta["val"] = fake_value(self.matmul)
+        with graph.inserting_before(self.matmul.next):
+            vocab = self.vocab if isinstance(self.vocab, int) else size_arg(graph, self.matmul, 1)
+            logits = call(graph, aten.view.default, self.matmul, [batch, count, vocab])
+        self.output.replace_input_with(self.logits, logits)
+
+
+def _is_bsx(val: Any, batch: Any, seq: Any) -> bool:
+    """A [B, S, X] tensor."""
+    return (isinstance(val, torch.Tensor) and val.dim() == 3 and same_size(val.shape[0], batch)
+            and same_size(val.shape[1], seq))
 
 
 def _input_ids(graph: fx.Graph) -> fx.Node:
@@ -253,28 +391,35 @@ def _full_slice(node: fx.Node) -> bool:
     return start in (0, None) and step in (1, None) and to_end
 
 
-def _add_inputs(graph: fx.Graph, input_ids: fx.Node, mode: Any, width_hint: int) -> dict[str, fx.Node]:
-    """Placeholders after ``input_ids`` with fake values over the graph's symbolic B and S (and a
-    fresh symbol for the block-table width), so later passes can still read shapes."""
+def _add_inputs(graph: fx.Graph, input_ids: fx.Node, mode: Any, width_hint: int,
+                names: list[str]) -> dict[str, fx.Node]:
+    """Placeholders ``names`` after ``input_ids`` with fake values over the graph's symbolic B and
+    S (and fresh symbols for the block-table width and the number of selected logits rows), so
+    later passes can still read shapes."""
     ids_val = input_ids.meta["val"]
     batch, seq = ids_val.shape
-    width = mode.from_tensor(
-        torch.empty(width_hint),
-        symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC]),
-        source=ConstantSource("adp_block_tables_width"),
-    ).shape[0]
+
+    def fresh(hint: int, name: str) -> Any:
+        return mode.from_tensor(
+            torch.empty(hint),
+            symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC]),
+            source=ConstantSource(name),
+        ).shape[0]
+
     shapes = {
         "positions": ((batch, seq), torch.int64),
         "slot_mapping": ((batch * seq,), torch.int64),
-        "block_tables": ((batch, width), torch.int32),
+        "block_tables": ((batch, fresh(width_hint, "adp_block_tables_width")), torch.int32),
         "context_lens": ((batch,), torch.int32),
         "query_start_loc": ((batch + 1,), torch.int32),
     }
+    if "logits_indices" in names:
+        shapes["logits_indices"] = ((fresh(2, "adp_logits_rows"),), torch.int64)
     nodes, anchor = {}, input_ids
-    for name in NEW_INPUTS:
+    for name in names:
         with graph.inserting_after(anchor):
             if name in OPTIONAL_INPUTS:
-                node = anchor = graph.placeholder(name, default_value=None)
+                node = anchor = graph.placeholder(name, default_value=_DEFAULTS[name])
             else:
                 node = anchor = graph.placeholder(name)
         size, dtype = shapes[name]

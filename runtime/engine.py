@@ -12,7 +12,9 @@ a prompt longer than the step's token budget (``max_prefill_tokens``) split into
 several steps, and the running sequences' decode rows in the same call (``_packed_step``).
 Otherwise (a lockstep group, a model without it) prompts of different lengths share a call,
 right-padded to the longest, while the padding stays under ``PREFILL_PADDING`` of their
-tokens. On a GPU the decode step is
+tokens. A graph that takes ``logits_indices`` (the cache insertion adds it where it finds the LM
+head) computes prefill logits only for the rows that are sampled: each finished prompt's last
+token and the decode rows. On a GPU the decode step is
 replayed from CUDA graphs captured for a set of batch sizes.
 
 Greedy decoding runs one step ahead of the host (``async_decode``): step t+1 is launched before
@@ -159,13 +161,16 @@ class RankEngine:
         self.async_decode = async_decode and lockstep is None
         # Packed prefill needs a graph that takes query_start_loc; a lockstep group pads
         # every rank's call to one [rows, length] instead.
-        takes_packed = _takes_query_start_loc(model)
+        takes_packed = _takes_input(model, "query_start_loc")
         if packed_prefill and (not takes_packed or lockstep is not None):
             raise ValueError("packed prefill needs a model that takes query_start_loc and no "
                              "lockstep group")
         self.packed = takes_packed and lockstep is None if packed_prefill is None \
             else packed_prefill
         self.mix_decode = mix_decode
+        # Prefill calls ask for the logits rows they sample only (the LM head over every prompt
+        # token is a chunk's largest GEMM and its largest tensor); decode calls need every row.
+        self.selects_logits = _takes_input(model, "logits_indices")
         self.prefilling: list[_Prefill] = []
         self._inflight: _Launched | None = None
         # The last decode step's greedy token per row: the next step's input for the rows
@@ -312,6 +317,9 @@ class RankEngine:
         inputs, last = prefill_batch(prompts, slots, [[]] * len(prompts), rows, length,
                                      self.device)
         with torch.no_grad():
+            if self.selects_logits:  # the prompt's last position alone (none: padding rows)
+                logits = self._logits_at(inputs, [len(p) - 1 for p in prompts])
+                return logits[0, 0] if prompt else None
             logits = self.model(*inputs)[0]
         return logits[0, last[0]] if prompt else None
 
@@ -351,8 +359,6 @@ class RankEngine:
         lens += decode_lens
         starts += range(starts[-1] + 1, starts[-1] + 1 + len(decoding))
         inputs = packed_batch(ids, positions, slots, tables, lens, starts, self.device)
-        with torch.no_grad():
-            logits = self.model(*inputs)[0][0]
         # Rows to sample (each sequence's last token): every prompt whose last chunk ran, then
         # every decode row.
         ended = [i for i, (item, _) in enumerate(chunks) if item.done == len(item.request.prompt)]
@@ -360,8 +366,13 @@ class RankEngine:
         rows = [starts[i + 1] - 1 for i in [*ended, *range(len(chunks), len(starts) - 1)]]
         requests = [item.request for item in done] + [seq.request for seq in decoding]
         tokens = []
+        with torch.no_grad():
+            if self.selects_logits:  # those rows alone; none for a chunk that ends no prompt
+                picked = self._logits_at(inputs, rows)[0]
+            else:
+                logits = self.model(*inputs)[0][0]
+                picked = logits[torch.tensor(rows, device=self.device)] if rows else None
         if rows:
-            picked = logits[torch.tensor(rows, device=self.device)]
             tokens = sample(picked, [r.params for r in requests], self.generator,
                             [self._generators.get(r.request_id) for r in requests]).tolist()
         elapsed = time.perf_counter() - start
@@ -457,7 +468,16 @@ class RankEngine:
         inputs, last = prefill_batch([r.prompt for r in group], slots, tables, rows, length,
                                      self.device)
         with torch.no_grad():
-            logits = self.model(*inputs)[0]
+            if self.selects_logits:
+                # The graph selects positions of every row: the prompts' distinct last positions
+                # (rows x at most len(group) logits rows instead of rows x length).
+                wanted = sorted({len(r.prompt) - 1 for r in group})
+                logits = self._logits_at(inputs, wanted)
+                column = {position: i for i, position in enumerate(wanted)}
+                last = torch.tensor([column[len(r.prompt) - 1] for r in group],
+                                    dtype=torch.long).to(self.device)
+            else:
+                logits = self.model(*inputs)[0]
         if not group:  # padding rows only: the call was for the other ranks' prompts
             self.stats.idle_calls += 1
             self.stats.idle_s += time.perf_counter() - start
@@ -472,6 +492,12 @@ class RankEngine:
         for request, token in zip(group, tokens):
             finished += self._start(request, token)
         return finished
+
+    def _logits_at(self, inputs: tuple[torch.Tensor, ...], positions: list[int]) -> torch.Tensor:
+        """The model's logits ``[B, len(positions), V]`` at these positions of the sequence dim
+        (a packed call: its token rows) only. ``positions`` may be empty: no LM head work."""
+        index = torch.tensor(positions, dtype=torch.long).to(self.device)
+        return self.model(*inputs, logits_indices=index)[0]
 
     def _start(self, request: Request, token: int) -> list[Result]:
         """A prompt's first token: its sequence runs from now (or ends already)."""
@@ -691,12 +717,13 @@ def packed_batch(
     )
 
 
-def _takes_query_start_loc(model: torch.nn.Module) -> bool:
-    """The model can run packed calls: its forward takes ``query_start_loc``."""
+def _takes_input(model: torch.nn.Module, name: str) -> bool:
+    """The model's forward takes ``name``: ``query_start_loc`` (it can run packed calls),
+    ``logits_indices`` (it can compute selected logits rows only)."""
     import inspect
 
     try:
-        return "query_start_loc" in inspect.signature(model.forward).parameters
+        return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
 

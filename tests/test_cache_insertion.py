@@ -8,6 +8,7 @@ so shapes stay tiny. The key test is greedy decoding against transformers' ``gen
 from __future__ import annotations
 
 import copy
+import inspect
 
 # TRITON_INTERPRET: tests/conftest.py sets it on machines without a GPU (only there).
 
@@ -31,11 +32,6 @@ from adp_pass.runtime.cache_insertion import (  # noqa: E402
 )
 from adp_pass.runtime.kv_cache import PagedKVCache  # noqa: E402
 
-# These run the kernels on CPU tensors, through the Triton interpreter: a session on a GPU
-# machine compiles the kernels instead (tests/conftest.py), so there they do not apply; the
-# GPU path is tests/test_engine_cuda.py and tests/test_paged_attention.py on CUDA tensors.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="CPU tensors through the Triton interpreter (CPU only)")
 
 NUM_BLOCKS, BLOCK_SIZE = 12, 16
 PROMPT_LENS = (5, 12, 17)  # 12 + 5 fed tokens crosses a block boundary while decoding, 17 in prefill
@@ -101,6 +97,15 @@ def test_counts_and_signature(model_case):
     shapes = {n.target: tuple(n.meta["val"].shape) for n in placeholders[1:]}
     assert shapes["positions"] == (batch, seq) and shapes["context_lens"] == (batch,)
     assert shapes["slot_mapping"] == (batch * seq,) and shapes["block_tables"][0] == batch
+    # logits_indices: found from the output, the LM head matmul on lm_head.weight; the output's
+    # fake value is that of a call with it ([B, R, V]).
+    (rows,) = shapes["logits_indices"]
+    (out,) = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert tuple(out.meta["val"].shape) == (batch, rows, config.vocab_size)
+    head = next(n for n in gm.graph.nodes if n.name == gm.meta["adp_logits_indices"]["lm_head"])
+    assert {n.target for n in head.all_input_nodes[1].all_input_nodes} == {"lm_head.weight"}
+    defaults = {name: p.default for name, p in inspect.signature(gm.forward).parameters.items()}
+    assert defaults["query_start_loc"] is None and defaults["logits_indices"] == slice(None)
     assert all(tuple(n.meta["val"].shape) == tuple(n.args[0].meta["val"].shape) for n in attn)
     kv_heads, head_dim = config.num_key_value_heads, config.head_dim
     for k_cache, v_cache in kv_cache_buffers(gm):
@@ -175,6 +180,83 @@ def test_decode_logits_match_full_recompute(model_case, lowered):
     for row, prompt in enumerate(prompts):
         (full,) = base(torch.tensor([prompt]))
         torch.testing.assert_close(logits[row, 0], full[0, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_logits_indices_give_the_full_graphs_rows(model_case):
+    """With logits_indices the graph returns those positions' logits alone ([B, R, V]), equal to
+    the full call's rows: a prefill, a packed call of three sequences, a padded batch of two, and
+    no rows at all (R = 0). The lowered graph: tests/test_engine_prefill.py (prepare_rank's)."""
+    config, ref, base = model_case
+    gm = _inserted(base)
+    torch.manual_seed(4)
+
+    def call(*inputs, **kwargs):
+        for k_cache, v_cache in kv_cache_buffers(gm):  # each call writes the same cache rows
+            k_cache.zero_()
+            v_cache.zero_()
+        return gm(*inputs, **kwargs)[0]
+
+    def indices(*rows):
+        return torch.tensor(rows, dtype=torch.int64)
+
+    def check(inputs, rows, **kwargs):
+        full = call(*inputs, **kwargs)
+        picked = call(*inputs, **kwargs, logits_indices=indices(*rows))
+        assert picked.shape == (full.shape[0], len(rows), full.shape[2])
+        torch.testing.assert_close(picked, full[:, list(rows)], atol=1e-5, rtol=0)
+        return full
+
+    # One new sequence of 19 tokens (two blocks); rows in any order, repeated, and none.
+    alloc = _allocator()
+    slots = alloc.allocate(0, 19)
+    ids = torch.randint(0, config.vocab_size, (1, 19))
+    prefill = (ids, torch.arange(19)[None], alloc.slot_mapping(slots), alloc.block_tables([0]),
+               alloc.context_lens([0]))
+    full = check(prefill, (18, 0, 7, 18))
+    torch.testing.assert_close(full, base(ids)[0], atol=1e-5, rtol=0)  # the default: every row
+    assert call(*prefill, logits_indices=indices()).shape == (1, 0, config.vocab_size)
+
+    # Packed: new sequences of 5, 3 and 1 tokens back to back.
+    alloc = _allocator()
+    slots = alloc.allocate(0, 5) + alloc.allocate(1, 3) + alloc.allocate(2, 1)
+    packed = (torch.randint(0, config.vocab_size, (1, 9)),
+              torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0]]), alloc.slot_mapping(slots),
+              alloc.block_tables([0, 1, 2]), alloc.context_lens([0, 1, 2]))
+    check(packed, (4, 7, 8), query_start_loc=torch.tensor([0, 5, 8, 9], dtype=torch.int32))
+
+    # Padded: two new sequences of 6 tokens; positions are selected in every row.
+    alloc = _allocator()
+    slots = alloc.allocate(0, 6) + alloc.allocate(1, 6)
+    padded = (torch.randint(0, config.vocab_size, (2, 6)), torch.arange(6).expand(2, 6),
+              alloc.slot_mapping(slots), alloc.block_tables([0, 1]), alloc.context_lens([0, 1]))
+    check(padded, (5, 2))
+
+
+def test_logits_indices_need_the_lm_head():
+    """A graph whose output is not a weight matmul's (here: its weight is an input, not a
+    module attribute) takes no logits_indices: a call with it is a TypeError, never ignored;
+    select_logits=True makes that an error of the pass."""
+
+    def attention_and_head(ids):
+        batch, seq = ids.shape
+        weight = torch.ones(32, 16)  # made in the graph: not a module attribute
+        x = F.embedding(ids, weight) + F.embedding(torch.arange(seq).unsqueeze(0), weight)
+        q = x.view(batch, seq, 2, 8).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return out.transpose(1, 2).reshape(batch, seq, 16) @ weight.t()
+
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    gm = make_fx(attention_and_head, tracing_mode="symbolic")(ids)
+    inserted = insert_kv_cache(copy.deepcopy(gm), num_blocks=4, block_size=16)
+    assert "not a module attribute" in inserted.meta["adp_logits_indices"]["unsupported"]
+    assert "logits_indices" not in inspect.signature(inserted.forward).parameters
+    with pytest.raises(TypeError, match="logits_indices"):
+        inserted(ids, logits_indices=torch.zeros(1, dtype=torch.long))
+    with pytest.raises(CacheInsertionError, match="logits_indices: .*not a module attribute"):
+        insert_kv_cache(gm, num_blocks=4, block_size=16, select_logits=True)
+    # Left alone when refused: no input was added, no cache registered.
+    assert not [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in NEW_INPUTS]
 
 
 def test_errors():

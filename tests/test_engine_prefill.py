@@ -1,7 +1,8 @@
 """Prompts of different lengths share a prefill call and give the tokens each prompt gets on its
 own: packed (back to back, no padding; long prompts in chunks over several steps; decode rows
 of running sequences in the same call), or right-padded to the longest within the padding
-limit (``packed_prefill=False``, what a lockstep group does)."""
+limit (``packed_prefill=False``, what a lockstep group does). Prefill calls ask the graph for
+the logits rows they sample alone (``logits_indices``), with the tokens of full logits."""
 
 import pytest
 import torch
@@ -101,3 +102,76 @@ def test_cancel_during_a_chunked_prefill_frees_its_blocks(built):
     assert engine.prefilling and engine.prefilling[0].done == 4
     assert engine.cancel("long") and not engine.has_work
     assert built.cache.num_free_blocks == built.cache.num_blocks
+
+
+class _Spy(torch.nn.Module):
+    """The graph, recording each call's ``logits_indices`` and logits shape; with ``full`` its
+    signature lacks ``logits_indices``, so the engine asks for every row as before."""
+
+    def __init__(self, model, full=False):
+        super().__init__()
+        self.model, self.calls = model, []
+        if full:
+            self.forward = self._full
+
+    def forward(self, input_ids, positions, slot_mapping, block_tables, context_lens,
+                query_start_loc=None, logits_indices=slice(None)):
+        out = self.model(input_ids, positions, slot_mapping, block_tables, context_lens,
+                         query_start_loc, logits_indices=logits_indices)
+        rows = None if isinstance(logits_indices, slice) else logits_indices.tolist()
+        self.calls.append((tuple(input_ids.shape), rows, tuple(out[0].shape)))
+        return out
+
+    def _full(self, input_ids, positions, slot_mapping, block_tables, context_lens,
+              query_start_loc=None):
+        return _Spy.forward(self, input_ids, positions, slot_mapping, block_tables,
+                            context_lens, query_start_loc)
+
+
+def _spied(built, prompts, full=False, **engine_options):
+    spy = _Spy(built.model, full)
+    engine = RankEngine(spy, built.cache, max_position=128, **engine_options)
+    assert engine.selects_logits is not full
+    results = engine.generate([Request(i, p, SamplingParams(max_new_tokens=2))
+                               for i, p in enumerate(prompts)])
+    assert built.cache.num_free_blocks == built.cache.num_blocks
+    return [r.tokens for r in results], spy.calls
+
+
+@pytest.mark.slow
+def test_prefill_computes_only_the_sampled_logits_rows(built):
+    """Chunked packed prefill: a chunk that ends no prompt asks for no row; a call that ends two
+    prompts asks for their last tokens, one with decode rows for theirs too. The tokens equal
+    those of full logits."""
+    prompts = _prompts([11, 3, 6], seed=1)
+    vocab = model_config("tiny").vocab_size
+    options = dict(max_batch=4, max_prefill_tokens=5)
+    want, full_calls = _spied(built, prompts, full=True, **options)
+    got, calls = _spied(built, prompts, **options)
+    assert got == want
+    assert all(rows is None for _, rows, _ in full_calls)
+    prefill = [(shape, rows, out) for shape, rows, out in calls if shape[1] > 1]
+    # Steps of test_long_prompts_are_prefilled_in_chunks...: 5 + 5 tokens of the 11 (no row),
+    # then its last 1 with the 3 and the first 1 of the 6 (rows 0 and 3: the two that end), then
+    # the 6's last 5 with the two decode rows (rows 4, 5, 6).
+    assert prefill == [((1, 5), [], (1, 0, vocab)), ((1, 5), [], (1, 0, vocab)),
+                       ((1, 5), [0, 3], (1, 2, vocab)), ((1, 7), [4, 5, 6], (1, 3, vocab))]
+    # Decode calls (one token per row) ask for every row.
+    assert all(rows is None for shape, rows, _ in calls if shape[1] == 1)
+
+
+@pytest.mark.slow
+def test_padded_prefill_and_prefill_logits_select_last_positions(built):
+    """The padded path asks for the prompts' distinct last positions in every row; the tokens,
+    and prefill_logits, equal those of full logits."""
+    prompts = _prompts([7, 8, 6, 8])
+    want, _ = _spied(built, prompts, full=True, max_batch=8, packed_prefill=False)
+    got, calls = _spied(built, prompts, max_batch=8, packed_prefill=False)
+    assert got == want
+    assert calls[0][:2] == ((4, 8), [5, 6, 7]) and calls[0][2][:2] == (4, 3)
+
+    full = RankEngine(_Spy(built.model, full=True), built.cache).prefill_logits(prompts[0])
+    spy = _Spy(built.model)
+    picked = RankEngine(spy, built.cache).prefill_logits(prompts[0])
+    assert spy.calls[0][1] == [6]
+    torch.testing.assert_close(picked, full, atol=1e-5, rtol=0)
