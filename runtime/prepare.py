@@ -75,6 +75,7 @@ def prepare_rank(
     dump_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     fuse_projections: bool = True,
+    decode_gemms: bool = True,
 ) -> RankModel:
     """The rank's cache-inserted graph and its paged KV cache.
 
@@ -97,6 +98,9 @@ def prepare_rank(
     ``fuse_projections``: q|k|v and gate|up become one GEMM each on concatenated weights
     (``runtime/lower/fuse_projections.py``), after the build cache stored or loaded the graph, so
     cache entries keep the original parameters.
+
+    ``decode_gemms``: projections whose shape has a tuned weight-stream kernel for this GPU run
+    ``adp.decode_mm`` (``runtime/lower/decode_mm.py``; cuBLAS above 64 rows and elsewhere).
     """
     mapping = Mapping.load(mapping)
     mapping.check_model(
@@ -169,6 +173,10 @@ def prepare_rank(
         mark = time.perf_counter()
         counts["fused"] = fuse(gm)
         timings["fuse_s"] = time.perf_counter() - mark
+    if decode_gemms and lower_ops:
+        from adp_pass.runtime.lower.decode_mm import use_decode_mm
+
+        counts["decode_mm"] = use_decode_mm(gm)
     layers = range(config.num_hidden_layers)
     cache = PagedKVCache.over(
         [gm.get_buffer(f"kv_cache_{i}_k") for i in layers],
