@@ -360,7 +360,8 @@ class Prediction:
     description: str
     step_ms: float
     tok_s_per_gpu: float
-    weights_bytes_per_gpu: int
+    weights_bytes_per_gpu: int  # held
+    weights_read_bytes_per_gpu: int  # read each step: all but the embedding table's unused rows
     kv_bytes_per_gpu: int  # KV the batch holds at the mean context (what a step reads)
     kv_peak_bytes_per_gpu: int  # ... at the full context prompt + new_tokens (what must fit)
     memory_bytes_per_gpu: int  # weights + peak KV
@@ -494,7 +495,8 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
     return Prediction(
         mapping=mapping, name=short_name(mapping), description=describe(mapping),
         step_ms=step_ms, tok_s_per_gpu=batch_per_gpu / step_ms * 1e3,
-        weights_bytes_per_gpu=weights_bytes, kv_bytes_per_gpu=kv_bytes,
+        weights_bytes_per_gpu=weights_bytes, weights_read_bytes_per_gpu=sum(read.values()),
+        kv_bytes_per_gpu=kv_bytes,
         kv_peak_bytes_per_gpu=kv_peak, memory_bytes_per_gpu=weights_bytes + kv_peak,
         usable_bytes_per_gpu=usable, kv_capacity_seqs=int(capacity), seqs_per_group=seqs,
         fits=not reason, reason=reason, breakdown=breakdown, tokens=tokens,

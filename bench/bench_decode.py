@@ -103,9 +103,10 @@ def main() -> None:
 
 
 def roofline_row(config, args, report) -> dict:
-    """The step's memory roofline: each rank reads its weights and its KV cache (mean context of
-    the decode) once per step, at the calibration's copy bandwidth; and the cost model's
-    prediction for the same workload."""
+    """The step's memory roofline: each rank reads the weights a step uses (all but the
+    embedding table, of which it gathers a few rows) and its KV cache (mean context of the
+    decode) once per step, at the calibration's copy bandwidth; and the cost model's prediction
+    for the same workload."""
     from adp_pass.cost_model import GB, load_calibration, predict
 
     calibration = load_calibration(args.calibration)
@@ -113,11 +114,11 @@ def roofline_row(config, args, report) -> dict:
     prediction = predict(config, mapping, batch_per_gpu=args.requests_per_rank,
                          prompt=args.prompt_len, new_tokens=args.new_tokens,
                          calibration=calibration)
-    nbytes = prediction.weights_bytes_per_gpu + prediction.kv_bytes_per_gpu
+    nbytes = prediction.weights_read_bytes_per_gpu + prediction.kv_bytes_per_gpu
     roofline_ms = nbytes / (calibration["copy_bandwidth_gbps"] * GB) * 1e3
     step_ms = max(r["mean_decode_step_ms"] for r in report.ranks)
     return {
-        "weights_gb": prediction.weights_bytes_per_gpu / GB,
+        "weights_gb": prediction.weights_read_bytes_per_gpu / GB,
         "kv_gb": prediction.kv_bytes_per_gpu / GB,
         "copy_gbps": calibration["copy_bandwidth_gbps"],
         "roofline_ms": roofline_ms,

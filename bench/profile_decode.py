@@ -7,7 +7,8 @@ Builds one rank of ``tp=1,attn_dp=1`` in this process (random weights), prefills
 - ``engine_step_ms``: ``RankEngine.step()`` in steady decode (CUDA graph replay + host work:
   input tensors, sampling, bookkeeping);
 - ``replay_ms``: the captured decode graph alone;
-- ``roofline_ms``: weight bytes + KV bytes read per step over the measured copy bandwidth;
+- ``roofline_ms``: weight bytes (without the embedding table) + KV bytes read per step over the
+  measured copy bandwidth;
 - ``kernels``: CUDA time per step of each kernel (torch.profiler, eager model, no graphs).
 
     python bench/profile_decode.py --preset qwen3-8b --batch 64 --prompt-len 512 --out F.json
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--trace", type=Path, default=None, help="chrome trace of the profile")
+    parser.add_argument("--no-decode-mm", action="store_true",
+                        help="every projection on cuBLAS (prepare_rank(decode_gemms=False))")
     args = parser.parse_args()
 
     from adp_pass.calibrate import GPU_SIZES, measure_copy, versions
@@ -52,7 +55,8 @@ def main() -> None:
     blocks = -(-seq_len // 16) * args.batch + 8
     start = time.perf_counter()
     built = prepare_rank(config, "tp=1,attn_dp=1", 0, device=device, dtype=dtype,
-                         num_blocks=blocks, max_position=seq_len + 16)
+                         num_blocks=blocks, max_position=seq_len + 16,
+                         decode_gemms=not args.no_decode_mm)
     print(f"built in {time.perf_counter() - start:.1f} s: {built.describe()}", flush=True)
     engine = RankEngine(built.model, built.cache, max_batch=args.batch, max_seq_len=seq_len,
                         max_position=seq_len + 16, cuda_graph_sizes=(args.batch,))
@@ -91,11 +95,14 @@ def main() -> None:
     torch.cuda.synchronize()
     replay_ms = start_event.elapsed_time(end_event) / args.steps
 
-    # Roofline: every weight once, plus each sequence's K and V so far, per step.
-    weight_bytes = sum(p.numel() * p.element_size() for p in built.model.parameters())
+    # Roofline: every weight once, plus each sequence's K and V so far, per step. The embedding
+    # table is not read (a step gathers batch rows of it) unless the LM head shares it.
+    element = torch.finfo(dtype).bits // 8
+    unread = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size * element
+    weight_bytes = sum(p.numel() * p.element_size() for p in built.model.parameters()) - unread
     context = args.prompt_len + args.steps
     kv_bytes = ModelShape.of(config).kv_bytes_per_token(
-        config.num_key_value_heads, torch.finfo(dtype).bits // 8) * context * args.batch
+        config.num_key_value_heads, element) * context * args.batch
     bandwidth = measure_copy(device, GPU_SIZES) * GB  # bytes/s, read + written
     roofline_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
 
@@ -149,6 +156,7 @@ def main() -> None:
         "weight_gb": round(weight_bytes / 1e9, 3), "kv_gb": round(kv_bytes / 1e9, 3),
         "eager_kernel_ms": round(eager_ms, 3), "kernels": kernels,
         "build": built.describe(),
+        "decode_mm_nodes": built.counts.get("decode_mm", 0),
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
