@@ -139,7 +139,7 @@ def insert_kv_cache(
         head.select_rows(inputs["logits_indices"])
 
     graph.eliminate_dead_code()
-    _refresh_meta(graph, inputs["positions"])
+    _widen_to_positions(graph, inputs["positions"])
     graph.lint()
     gm.recompile()
     gm.meta["adp_cache_counts"] = {"attention_cores": len(sites), "position_ids": len(position_ids)}
@@ -429,15 +429,78 @@ def _add_inputs(graph: fx.Graph, input_ids: fx.Node, mode: Any, width_hint: int,
     return nodes
 
 
-def _refresh_meta(graph: fx.Graph, root: fx.Node) -> None:
-    """Recompute ``meta["val"]`` downstream of ``root`` while values change: [B, S] positions
-    in place of [1, S] position ids widen the rotary's cos/sin until they broadcast into q/k."""
+def _widen_to_positions(graph: fx.Graph, positions: fx.Node) -> None:
+    """Give the nodes downstream of ``positions`` their [B, S] values. Where the rotary was traced
+    with a literal batch of 1 (transformers <= 5.17 computes it as ``inv_freq.expand(
+    position_ids.shape[0], -1, 1) @ position_ids``, and position_ids was ``arange[None]``), the
+    shapes cannot widen: those literal 1s become the positions' batch, then the values are
+    recomputed; a graph that still does not widen is refused."""
+    graph.owning_module.meta["adp_unpinned_batch"] = []
+    try:
+        _refresh_meta(graph, positions)
+        return
+    except RuntimeError:
+        pinned = _unpin_rotary_batch(graph, positions)
+    graph.owning_module.meta["adp_unpinned_batch"] = [n.name for n in pinned]
+    try:
+        _refresh_meta(graph, positions, every=True)
+    except RuntimeError as err:
+        raise CacheInsertionError(
+            f"the graph's ops downstream of the position ids do not take [B, S] positions "
+            f"({len(pinned)} batch-1 shapes widened: {', '.join(n.name for n in pinned)}): {err}"
+        ) from None
+
+
+_SHAPE_OPS = {aten.expand.default, aten.view.default, aten.reshape.default,
+              aten._unsafe_view.default}
+
+
+def _unpin_rotary_batch(graph: fx.Graph, positions: fx.Node) -> list[fx.Node]:
+    """Replace a literal leading 1 by the positions' batch in the expand/view/reshape sizes of
+    the rotary region: the nodes computed from ``positions`` and weights only, and the
+    weight-only nodes (``inv_freq``) that feed them. Returns the nodes changed."""
+    weights_only: set[fx.Node] = set()
+    region: set[fx.Node] = {positions}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            weights_only.add(node)
+        elif node.op == "call_function":
+            # Sizes (sym_size nodes) may come from anywhere: only tensor inputs decide.
+            inputs = [i for i in node.all_input_nodes if isinstance(i.meta.get("val"), torch.Tensor)]
+            if not isinstance(node.meta.get("val"), torch.Tensor):
+                continue
+            if all(i in weights_only for i in inputs):
+                weights_only.add(node)
+            elif all(i in weights_only or i in region for i in inputs):
+                region.add(node)
+    feeding: set[fx.Node] = set()
+    stack = [i for n in region for i in n.all_input_nodes if i in weights_only]
+    while stack:
+        node = stack.pop()
+        if node not in feeding:
+            feeding.add(node)
+            stack.extend(i for i in node.all_input_nodes if i in weights_only)
+    pinned = [n for n in graph.nodes if (n in region or n in feeding) and is_op(n, _SHAPE_OPS)
+              and isinstance(n.args[1], (list, tuple)) and n.args[1] and n.args[1][0] == 1
+              and type(n.args[1][0]) is int]
+    if pinned:
+        with graph.inserting_before(pinned[0]):
+            batch = size_arg(graph, positions, 0)
+        for node in pinned:
+            node.args = (node.args[0], [batch, *node.args[1][1:]], *node.args[2:])
+    return pinned
+
+
+def _refresh_meta(graph: fx.Graph, root: fx.Node, *, every: bool = False) -> None:
+    """Recompute ``meta["val"]`` downstream of ``root`` while values change (``every``: all of
+    them, after a failed pass left some stale): [B, S] positions in place of [1, S] position ids
+    widen the rotary's cos/sin until they broadcast into q/k."""
     changed = {root}
     for node in graph.nodes:
         if node.op != "call_function" or not changed.intersection(node.all_input_nodes):
             continue
         old, node.meta["val"] = node.meta.get("val"), fake_value(node)
-        if not _same_values(old, node.meta["val"]):
+        if every or not _same_values(old, node.meta["val"]):
             changed.add(node)
 
 

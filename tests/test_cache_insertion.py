@@ -259,6 +259,44 @@ def test_logits_indices_need_the_lm_head():
     assert not [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in NEW_INPUTS]
 
 
+def _rotary_by_matmul(self, x, position_ids):
+    """The rotary as transformers <= 5.17 computes it: an outer product by matmul of inv_freq,
+    expanded over position_ids' batch, with the positions. Traced on arange[None] position ids,
+    its expand and view sizes hold a literal batch of 1."""
+    inv = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+    angles = (inv @ position_ids[:, None, :].float()).transpose(1, 2)
+    both = torch.cat((angles, angles), dim=-1)
+    scale = self.attention_scaling
+    return (both.cos() * scale).to(x.dtype), (both.sin() * scale).to(x.dtype)
+
+
+@pytest.mark.slow  # a capture and three prefills (~6 s on 2 cores)
+def test_rotary_traced_with_a_batch_of_one_widens_to_the_positions(monkeypatch):
+    from transformers.models.qwen3 import modeling_qwen3
+
+    torch.manual_seed(0)
+    config = qwen3_config("tiny")
+    ref = Qwen3ForCausalLM(config).eval()
+    monkeypatch.setattr(modeling_qwen3.Qwen3RotaryEmbedding, "forward", _rotary_by_matmul)
+    captured = capture_hf_qwen3(config, world_size=2, rank=0)
+    gm = rewrite(captured.gm, detect(captured.gm, "tp=2,attn_dp=1"))
+    gm.load_state_dict(ref.state_dict(), strict=True)
+    gm = _inserted(gm)
+    # inv_freq's expand; the matmul's expand and view of each operand; the product's view
+    assert len(gm.meta["adp_unpinned_batch"]) == 6, gm.meta["adp_unpinned_batch"]
+    prompts = _prompts(config, seed=3)[:2]
+    length = min(map(len, prompts))
+    ids = torch.tensor([p[:length] for p in prompts])
+    alloc = _allocator()
+    slots = [alloc.allocate(sid, length) for sid in range(2)]
+    positions = torch.arange(length).repeat(2, 1)
+    logits = gm(ids, positions, alloc.slot_mapping([s for row in slots for s in row]),
+                alloc.block_tables([0, 1]), alloc.context_lens([0, 1]))[0]
+    with torch.no_grad():
+        want = ref(ids).logits  # transformers' own rotary
+    assert (logits - want).abs().max().item() <= 1e-4
+
+
 def test_errors():
     ids, weight = torch.zeros(2, 5, dtype=torch.long), torch.randn(32, 16)
 
