@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", metavar="NAME", default="small", choices=sorted(PRESETS), help="model shape: %(choices)s")
     p.add_argument("--world-size", metavar="N", type=_positive, default=2,
                    help="ranks to start; also the TP degree the graph is traced with")
+    _add_device_arg(p)
     p.add_argument("--batch", metavar="N", type=_positive, default=4, help="sequences in the test batch")
     p.add_argument("--seq", metavar="N", type=_positive, default=16, help="tokens per sequence")
     p.add_argument("--mapping", metavar="SPEC", default=None,
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--world-size", metavar="N", type=_positive, default=None,
                    help="ranks (each its own requests); if not given, 2 (or the --mapping's tp)")
+    _add_device_arg(p)
     p.add_argument("--mapping", metavar="SPEC", default=None,
                    help='"tp=4,attn_dp=1,mlp_tp=2" form or a .json/.toml file; its tp is the '
                    "number of ranks. If not given: tp=--world-size,attn_dp=1 (replicated weights, "
@@ -276,6 +278,7 @@ def _add_serve_parsers(sub, common, fmt) -> None:
                    help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("--world-size", metavar="N", type=_positive, default=None,
                    help="ranks; if not given, 2 (or the --mapping's tp)")
+    _add_device_arg(p)
     p.add_argument("--mapping", metavar="SPEC", default=None,
                    help='"tp=2,attn_dp=1,mlp_tp=2" form or a .json/.toml file; if not given: '
                    "tp=--world-size,attn_dp=1 (replicated: a rank that dies fails only its own "
@@ -394,19 +397,40 @@ def _check_tp_fits_model(mapping: Mapping, heads: int, kv_heads: int, inter: int
         raise
 
 
-def _check_ranks_fit_machine(world_size: int) -> None:
-    """One rank per GPU; without a GPU, one per CPU core (gloo ranks on fewer cores crawl)."""
+def _ranks_device(args: argparse.Namespace) -> str:
+    """--device (else ADP_DEVICE, else auto) resolved to "cpu" or "cuda"; exported, so that the
+    ranks, which read it from their environment, run where it says."""
+    from adp_pass.launch import DEVICE_ENV, job_device
+
+    if getattr(args, "device", None):
+        os.environ[DEVICE_ENV] = args.device
+    try:
+        return job_device()
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(str(err), flag="--device", hint="use --device cpu (gloo ranks), or auto")
+
+
+def _check_ranks_fit_machine(world_size: int, device: str) -> None:
+    """One rank per GPU; on the CPU, one per core (gloo ranks on fewer cores crawl)."""
     import torch
 
-    if torch.cuda.is_available():
+    if device == "cuda":
         limit, what = torch.cuda.device_count(), f"{torch.cuda.device_count()} GPUs"
+        hint = f"use --world-size {limit} or less, or --device cpu (gloo ranks on the CPU)"
     else:
         limit = os.cpu_count() or 1
-        what = f"no GPU and {limit} CPU cores"
+        what = f"{limit} CPU cores" + ("" if torch.cuda.is_available() else " and no GPU")
+        hint = f"use --world-size {limit} or less"
     if world_size > limit:
         raise UsageError(
             f"--world-size {world_size} is more ranks than this machine can run: it has {what}",
-            flag="--world-size", hint=f"use --world-size {limit} or less")
+            flag="--world-size", hint=hint)
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="where the ranks run: auto (one GPU each when there are GPUs, else the "
+                   "CPU with gloo), cpu or cuda; if not given, $ADP_DEVICE or auto")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -447,7 +471,7 @@ def cmd_verify(args: argparse.Namespace, stage: _Stages) -> int:
         check_out_dir(log_dir, "--log-dir")
     if args.dump_dir is not None:
         check_out_dir(args.dump_dir, "--dump-dir")
-    _check_ranks_fit_machine(args.world_size)
+    _check_ranks_fit_machine(args.world_size, _ranks_device(args))
 
     from adp_pass.presets import qwen3_config
     from adp_pass.runtime.frontend import default_log_path
@@ -623,7 +647,7 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
         check_out_dir(args.cache_dir, "--cache-dir")
     if args.dump_dir is not None:
         check_out_dir(args.dump_dir, "--dump-dir")
-    _check_ranks_fit_machine(world_size)
+    _check_ranks_fit_machine(world_size, _ranks_device(args))
 
     from adp_pass.runtime.build_cache import default_cache_dir
     from adp_pass.runtime.engine import Request
@@ -711,7 +735,8 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
         _check_port_free(args.host, args.port)
     if node is not None and node.node_rank == 0:
         _check_port_free("0.0.0.0", node.link_port, "--link-port")
-    _check_ranks_fit_machine(mapping.world_size // (args.nnodes if node else 1))
+    _check_ranks_fit_machine(mapping.world_size // (args.nnodes if node else 1),
+                             _ranks_device(args))
 
     from adp_pass.runtime.build_cache import default_cache_dir
     from adp_pass.runtime.frontend import default_log_path

@@ -162,9 +162,28 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Where a job's ranks run: "auto" (a GPU each when the machine has GPUs, else the CPU), "cpu"
+# (gloo ranks on a GPU machine: the CPU parity jobs) or "cuda". Set by adp --device; ranks
+# inherit it from the launcher's environment.
+DEVICE_ENV = "ADP_DEVICE"
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def job_device() -> str:
+    """The job's device kind from ``ADP_DEVICE``: "cpu" or "cuda"."""
+    wanted = os.environ.get(DEVICE_ENV, "auto") or "auto"
+    if wanted not in DEVICE_CHOICES:
+        raise ValueError(f"{DEVICE_ENV}={wanted!r}: expected one of {', '.join(DEVICE_CHOICES)}")
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}=cuda but this machine has no CUDA device")
+    return wanted
+
+
 def rank_device() -> torch.device:
-    """This rank's device: its local GPU (made current) or the CPU."""
-    if not torch.cuda.is_available():
+    """This rank's device: its local GPU (made current) or the CPU (``job_device``)."""
+    if job_device() == "cpu":
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)

@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The jobs the tests launch are the CPU parity jobs (gloo ranks): on a GPU machine too, where
+# ranks would otherwise take one GPU each (adp --device; docs/cli.md).
+os.environ.setdefault("ADP_DEVICE", "cpu")
+
 # adp run keeps built ranks in the user's cache dir; the tests keep theirs in one fresh
 # directory per session (never the user's), shared by the tests, whose jobs may hit it.
 import tempfile  # noqa: E402

@@ -301,6 +301,25 @@ def test_more_ranks_than_the_machine_has(no_work, capsys, monkeypatch):
                   "--world-size 2 or less"])
 
 
+def test_more_ranks_than_gpus_points_to_cpu_ranks(no_work, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("ADP_DEVICE", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code = cli.main(["verify", "--preset", "tiny", "--world-size", "2"])
+    _check_error(code, capsys.readouterr().err, 2,
+                 ["--world-size 2", "it has 1 GPUs", "--device cpu"])
+
+
+def test_cuda_ranks_without_a_gpu(no_work, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = cli.main(["verify", "--preset", "tiny", "--device", "cuda"])
+    _check_error(code, capsys.readouterr().err, 2, ["--device", "no CUDA device"])
+
+
 def test_debug_shows_the_traceback(capsys):
     code = cli.main(["rewrite", "--mapping", "", "--debug"])
     err = capsys.readouterr().err
