@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from adp_pass.launch import RankFailed, free_port
+from adp_pass.launch import RankFailed, free_port, job_device
 from adp_pass.mapping import Mapping
 
 
@@ -129,10 +129,14 @@ class RankSet:
         if self.isolated:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             devices = visible.split(",") if visible else [str(r) for r in range(world)]
+            on_gpus = job_device() == "cuda"
             for r in range(world):
                 # Each its own job, so torchrun never takes a healthy rank down with a dead one.
-                rank_env = dict(env, ADP_SERVE_RANK=str(r),
-                                CUDA_VISIBLE_DEVICES=devices[r % len(devices)])
+                # Each sees its own GPU; CPU ranks (--device cpu on a GPU machine) keep the
+                # machine's view, so every rank picks the same Triton mode.
+                rank_env = dict(env, ADP_SERVE_RANK=str(r))
+                if on_gpus:
+                    rank_env["CUDA_VISIBLE_DEVICES"] = devices[r % len(devices)]
                 self._spawn([r], run + ["--standalone", "--nproc-per-node=1"] + worker, rank_env)
         elif self.node is not None:  # this machine's agent; the others start theirs
             self._spawn(list(range(world)), agent_command(
