@@ -315,6 +315,7 @@ def test_more_ranks_than_gpus_points_to_cpu_ranks(no_work, capsys, monkeypatch):
 def test_cuda_ranks_without_a_gpu(no_work, capsys, monkeypatch):
     import torch
 
+    monkeypatch.setenv("ADP_DEVICE", "auto")  # restored after the test: --device exports its value
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = cli.main(["verify", "--preset", "tiny", "--device", "cuda"])
     _check_error(code, capsys.readouterr().err, 2, ["--device", "no CUDA device"])
