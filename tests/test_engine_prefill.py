@@ -32,7 +32,9 @@ def _serve(built, prompts, ids, **engine_options):
     return {r.request_id: r.tokens for r in results}, engine.stats
 
 
-@pytest.mark.slow
+@pytest.mark.full  # CI: the padded path's tokens and last positions are checked by
+# test_padded_prefill_and_prefill_logits_select_last_positions, its lockstep use by
+# tests/test_engine_lockstep.py
 def test_mixed_length_prompts_share_a_padded_prefill_and_keep_their_tokens(built):
     lengths = [7, 8, 6, 8, 2]  # the 2 would pad 4x: it waits for a call of its own
     prompts = _prompts(lengths)
@@ -86,7 +88,7 @@ def test_a_prompt_arriving_mid_decode_joins_the_decode_call(built):
     assert built.cache.num_free_blocks == built.cache.num_blocks
 
 
-@pytest.mark.slow
+@pytest.mark.full  # an option's path (mix_decode=False); CI keeps the default's tests
 def test_without_mixing_decodes_run_in_their_own_call(built):
     prompts = _prompts([4, 6], seed=2)
     want, _ = _serve(built, prompts, range(2))
