@@ -23,19 +23,17 @@ import functools
 import torch
 import torch.fx as fx
 
+from adp_pass.runtime.kernels import reference
+
 from .graph_utils import adp, apply_patterns, match_value, register
 
 NAME = "rms_norm"
 REQUIRES: tuple[str, ...] = ()
 
 
-def _search(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Qwen3RMSNorm.forward, verbatim: in fp32 the two casts vanish from the trace.
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    variance = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(variance + eps)
-    return weight * h.to(dtype)
+# The pattern is Qwen3RMSNorm.forward itself (the runtime's copy of it); in fp32 its two casts
+# vanish from the trace.
+_search = reference.rms_norm
 
 
 def _replace(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
