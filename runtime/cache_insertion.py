@@ -451,8 +451,7 @@ def _widen_to_positions(graph: fx.Graph, positions: fx.Node) -> None:
         ) from None
 
 
-_SHAPE_OPS = {aten.expand.default, aten.view.default, aten.reshape.default,
-              aten._unsafe_view.default}
+_SHAPE_OPS = RESHAPE_OPS | {aten.expand.default}
 
 
 def _unpin_rotary_batch(graph: fx.Graph, positions: fx.Node) -> list[fx.Node]:
