@@ -33,6 +33,10 @@ from .utils import eager_on_cpu
 #               2 bytes: 5 with tokens=32 at head_dim 128 takes 38 KB, so 5 programs fit an SM.
 #   native_dot  16-bit caches: dots on the cache dtype (P rounded to it, like FlashAttention)
 #               instead of tf32 dots on fp32 copies (exact operands, P keeps 10 bits)
+# KV_EVICTION: the L2 policy of the K/V tile loads. Each tile is read once per step, so
+# "evict_first" keeps the stream from pushing out lines the step will read again (the next
+# projection's weight, prefetched into L2 while the attention runs: runtime/lower/prefetch_weights.py).
+KV_EVICTION = "evict_first"
 DECODE_CONFIGS = {
     64: dict(tokens=64, num_warps=4, num_stages=5, native_dot=True),
     128: dict(tokens=64, num_warps=4, num_stages=3, native_dot=True),  # tuned on H200
@@ -126,7 +130,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TOKENS: tl.constexpr,
     NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr, EVICTION: tl.constexpr,
 ):
     # int32 index math throughout (the wrapper checks every extent fits); only the cache
     # offset may need int64 (IDX64, decided from the cache's extent on the host).
@@ -185,8 +189,8 @@ def _paged_decode_kernel(
             kv_mask = valid[:, None]  # no per-column predicate when head_dim needs no padding
         else:
             kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0, eviction_policy=EVICTION)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0, eviction_policy=EVICTION)
         s = tl.where(valid[None, :], scores(q, k, NATIVE_DOT, DOT_PRECISION) * qk_scale_log2,
                      float("-inf"))
         # Every visited tile holds >= 1 valid token, so m_new is finite here: no guard.
@@ -392,6 +396,7 @@ def paged_decode(
         # fp32 caches need ieee dots to stay exact; 16-bit inputs are exact in tf32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         IDX64=_cache_needs_int64(k_cache),
+        EVICTION=KV_EVICTION,
         num_warps=num_warps,
     )
     common = (*q.stride(), *k_cache.stride(), *block_tables.stride(), context_lens.stride(0))
