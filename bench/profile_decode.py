@@ -9,7 +9,10 @@ Builds one rank of ``tp=1,attn_dp=1`` in this process (random weights), prefills
 - ``replay_ms``: the captured decode graph alone;
 - ``roofline_ms``: weight bytes (without the embedding table) + KV bytes read per step over the
   measured copy bandwidth;
-- ``kernels``: CUDA time per step of each kernel (torch.profiler, eager model, no graphs).
+- ``kernels``: CUDA time per step of each kernel (torch.profiler, eager model, no graphs);
+- ``variants`` (``--variants``): the decode graph's replay under other launch settings (L2
+  weight prefetch mode and byte caps, the KV loads' eviction policy), each captured in its own
+  CUDA graph and timed in interleaved rounds, so the settings compare on one build.
 
     python bench/profile_decode.py --preset qwen3-8b --batch 64 --prompt-len 512 --out F.json
 """
@@ -38,6 +41,12 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, default=None, help="chrome trace of the profile")
     parser.add_argument("--no-decode-mm", action="store_true",
                         help="every projection on cuBLAS (prepare_rank(decode_gemms=False))")
+    parser.add_argument("--variants", default="",
+                        help="';'-separated NAME:key=value,... with keys mode (off|bulk|lines|"
+                             "auto), attention and gap (MiB prefetched per site), evict "
+                             "(evict_first|none): replay of each, e.g. "
+                             "'off:mode=off;bulk:mode=bulk,attention=32,gap=8'")
+    parser.add_argument("--variant-rounds", type=int, default=5)
     args = parser.parse_args()
 
     from adp_pass.calibrate import GPU_SIZES, measure_copy, versions
@@ -158,10 +167,76 @@ def main() -> None:
         "build": built.describe(),
         "decode_mm_nodes": built.counts.get("decode_mm", 0),
     }
+    if args.variants:
+        result["variants"] = replay_variants(built.model, inputs, args.variants,
+                                             args.variant_rounds, args.steps)
+        for name, row in result["variants"].items():
+            print(f"variant {name}: replay {row.get('replay_ms', float('nan')):.3f} ms "
+                  f"(rounds {row.get('rounds_ms')}) {row.get('error', '')}", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
+
+
+def _parse_variants(spec: str) -> dict[str, dict[str, str]]:
+    variants = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        name, _, settings = item.partition(":")
+        variants[name] = dict(kv.split("=", 1) for kv in filter(None, settings.split(",")))
+    return variants
+
+
+def _apply(settings: dict[str, str]) -> None:
+    from adp_pass.runtime.kernels import paged_attention, prefetch
+
+    prefetch.MODE = settings.get("mode", "auto")
+    for site in ("attention", "gap"):
+        if site in settings:
+            prefetch.BYTES[site] = int(float(settings[site]) * (1 << 20))
+    evict = settings.get("evict", "evict_first")
+    paged_attention.KV_EVICTION = "" if evict == "none" else evict
+
+
+def replay_variants(model, inputs, spec: str, rounds: int, steps: int) -> dict[str, dict]:
+    """Replay time of the decode graph captured under each variant's settings."""
+    from adp_pass.runtime.kernels import paged_attention, prefetch
+
+    saved = (prefetch.MODE, dict(prefetch.BYTES), paged_attention.KV_EVICTION)
+    graphs, results = {}, {}
+    try:
+        for name, settings in _parse_variants(spec).items():
+            _apply(settings)
+            try:
+                with torch.no_grad():
+                    for _ in range(2):  # compiles this variant's kernels
+                        model(*inputs)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        model(*inputs)
+                graphs[name] = graph
+                results[name] = {"settings": settings, "rounds_ms": []}
+            except Exception as err:  # noqa: BLE001 - a variant that fails is reported, not fatal
+                results[name] = {"settings": settings, "error": f"{type(err).__name__}: {err}"[:500]}
+                torch.cuda.synchronize()
+    finally:
+        prefetch.MODE, prefetch.BYTES, paged_attention.KV_EVICTION = saved
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            graph.replay()  # warm
+            start.record()
+            for _ in range(steps):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            results[name]["rounds_ms"].append(round(start.elapsed_time(end) / steps, 4))
+    for row in results.values():
+        if row.get("rounds_ms"):
+            ordered = sorted(row["rounds_ms"])
+            row["replay_ms"] = ordered[len(ordered) // 2]
+    return results
 
 
 if __name__ == "__main__":

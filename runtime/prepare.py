@@ -76,6 +76,7 @@ def prepare_rank(
     progress: Callable[[str], None] | None = None,
     fuse_projections: bool = True,
     decode_gemms: bool = True,
+    prefetch_weights: bool = True,
 ) -> RankModel:
     """The rank's cache-inserted graph and its paged KV cache.
 
@@ -101,6 +102,9 @@ def prepare_rank(
 
     ``decode_gemms``: projections whose shape has a tuned weight-stream kernel for this GPU run
     ``adp.decode_mm`` (``runtime/lower/decode_mm.py``; cuBLAS above 64 rows and elsewhere).
+
+    ``prefetch_weights``: on CUDA, each projection's weight is prefetched into L2 while the
+    kernels before it run (``runtime/lower/prefetch_weights.py``); a hint that changes no value.
     """
     mapping = Mapping.load(mapping)
     mapping.check_model(
@@ -177,6 +181,10 @@ def prepare_rank(
         from adp_pass.runtime.lower.decode_mm import use_decode_mm
 
         counts["decode_mm"] = use_decode_mm(gm)
+    if prefetch_weights and lower_ops and device.type == "cuda":
+        from adp_pass.runtime.lower.prefetch_weights import insert_weight_prefetch
+
+        counts["prefetch"] = sum(insert_weight_prefetch(gm).values())
     layers = range(config.num_hidden_layers)
     cache = PagedKVCache.over(
         [gm.get_buffer(f"kv_cache_{i}_k") for i in layers],

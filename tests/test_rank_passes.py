@@ -1,5 +1,12 @@
-"""q|k|v and gate|up become one GEMM each (runtime/lower/fuse_projections.py): exact counts,
-fused shapes, the original names recoverable, and the same outputs."""
+"""The passes a rank runs on its built graph, after the build cache.
+
+* q|k|v and gate|up become one GEMM each (runtime/lower/fuse_projections.py): exact counts,
+  fused shapes, the original names recoverable, and the same outputs.
+* Weight prefetches into L2 (runtime/lower/prefetch_weights.py): where they go, for which
+  weights, and that the graph computes the same (the op is a hint: nothing on CPU).
+"""
+
+import copy
 
 import pytest
 import torch
@@ -7,7 +14,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from adp_pass.presets import qwen3_config
 from adp_pass.runtime.engine import RankEngine, Request, decode_batch, prefill_batch
+from adp_pass.runtime.kernels import prefetch
+from adp_pass.runtime.kv_cache import PagedKVCache
 from adp_pass.runtime.lower.fuse_projections import fuse_projections, unfused_state_dict
+from adp_pass.runtime.lower.prefetch_weights import (PREFETCH, insert_weight_prefetch,
+                                                     projection_weight)
 from adp_pass.runtime.prepare import prepare_rank
 from adp_pass.runtime.sampling import SamplingParams
 
@@ -131,3 +142,111 @@ def test_a_decode_step_through_the_fused_graph_matches(built):
             outs.append(rank.model(*step)[0])
         cache.free("d")
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+# --- weight prefetch -----------------------------------------------------------------------
+CACHED_ATTENTION = torch.ops.adp.cached_attention.default
+
+
+def _with_prefetch(rank):
+    """A copy of ``rank``'s graph with the prefetches inserted, its cache, and the counts."""
+    gm = copy.deepcopy(rank.model)
+    counts = insert_weight_prefetch(gm)
+    layers = sum(1 for name, _ in gm.named_buffers() if name.endswith("_k"))
+    cache = PagedKVCache.over([gm.get_buffer(f"kv_cache_{i}_k") for i in range(layers)],
+                              [gm.get_buffer(f"kv_cache_{i}_v") for i in range(layers)])
+    return gm, cache, counts
+
+
+def _stream(gm):
+    """The graph's projections, attentions and prefetches in order: ("mm", weight name),
+    ("attention", None), ("prefetch", (weight name, site))."""
+    order = []
+    for node in gm.graph.nodes:
+        weight = projection_weight(node)
+        if weight is not None:
+            order.append(("mm", weight.target))
+        elif node.target is CACHED_ATTENTION:
+            order.append(("attention", None))
+        elif node.target is PREFETCH:
+            order.append(("prefetch", (node.args[0].target, node.args[1])))
+    return order
+
+
+@pytest.mark.slow  # uses the two tiny ranks
+@pytest.mark.parametrize("which", ["plain", "fused"])
+def test_prefetches_go_where_hbm_idles_and_name_the_next_weight(built, which):
+    config, plain, fused = built
+    layers = config.num_hidden_layers
+    gm, _, counts = _with_prefetch(plain if which == "plain" else fused)
+    # Per layer: o_proj's weight ahead of the attention; one gap prefetch before gate|up (or
+    # gate: up follows gate with nothing between), before down, and before the next layer's
+    # q|k|v (or q); and one before the LM head. The first layer's q|k|v has nothing before it.
+    assert counts == {"attention": layers, "gap": 3 * layers}
+    assert sum(n.target is PREFETCH for n in gm.graph.nodes) == 4 * layers
+    stream = _stream(gm)
+    for i, (kind, what) in enumerate(stream):
+        if kind != "prefetch":
+            continue
+        weight, site = what
+        # The weight prefetched is the next projection's, and only heavy-free code lies between.
+        later = [entry for entry in stream[i + 1:] if entry[0] == "mm"]
+        assert later[0][1] == weight
+        between = stream[i + 1: stream.index(later[0], i + 1)]
+        assert [k for k, _ in between] == (["attention"] if site == "attention" else [])
+        if site == "attention":
+            assert stream[i - 1][0] == "mm"  # issued right after q|k|v (or v)
+            assert weight.endswith("o_proj.weight")
+    # Idempotent: a second run adds nothing.
+    assert insert_weight_prefetch(gm) == counts
+    assert sum(n.target is PREFETCH for n in gm.graph.nodes) == 4 * layers
+
+
+@pytest.mark.slow  # uses the two tiny ranks
+def test_prefetching_graph_serves_the_same_logits_and_tokens(built):
+    _, _, fused = built
+    gm, cache, _ = _with_prefetch(fused)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]
+
+    def generate(model, cache):
+        engine = RankEngine(model, cache, max_batch=2)
+        logits = engine.prefill_logits(prompts[0])
+        results = engine.generate([Request(i, p, SamplingParams(max_new_tokens=3))
+                                   for i, p in enumerate(prompts)])
+        return logits, [r.tokens for r in results]
+
+    want_logits, want_tokens = generate(fused.model, fused.cache)
+    got_logits, got_tokens = generate(gm, cache)
+    assert torch.equal(got_logits, want_logits)
+    assert got_tokens == want_tokens
+
+
+def test_prefetch_op_is_a_cpu_no_op_kept_by_dead_code_elimination():
+    weight = torch.randn(8, 16)
+    before = weight.clone()
+    assert torch.ops.adp.prefetch_l2(weight, "gap") is None
+    assert torch.equal(weight, before)
+    assert prefetch.mode_for(weight.device) == "off"
+    with pytest.raises(ValueError, match="unknown site kind 'nope'.*attention.*gap"):
+        torch.ops.adp.prefetch_l2(weight, "nope")
+    torch.library.opcheck(torch.ops.adp.prefetch_l2.default, (weight, "attention"))
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16, bias=False)
+            self.b = torch.nn.Linear(16, 4, bias=False)
+
+        def forward(self, x):
+            return self.b(torch.ops.adp.rms_norm(self.a(x), torch.ones(16), 1e-6))
+
+    x = torch.randn(3, 16)
+    gm = make_fx(Two())(x)
+    want = gm(x)
+    assert insert_weight_prefetch(gm) == {"attention": 0, "gap": 1}
+    from adp_pass.runtime.lower.graph_utils import eliminate_dead_code
+
+    eliminate_dead_code(gm.graph)
+    assert sum(n.target is PREFETCH for n in gm.graph.nodes) == 1
+    gm.recompile()
+    assert torch.equal(gm(x), want)
