@@ -17,7 +17,7 @@ from adp_pass.runtime.engine import RankEngine, Request, decode_batch, prefill_b
 from adp_pass.runtime.kernels import prefetch
 from adp_pass.runtime.kv_cache import PagedKVCache
 from adp_pass.runtime.lower.fuse_projections import fuse_projections, unfused_state_dict
-from adp_pass.runtime.lower.prefetch_weights import (PREFETCH, insert_weight_prefetch,
+from adp_pass.runtime.lower.prefetch_weights import (JOIN, PREFETCH, insert_weight_prefetch,
                                                      projection_weight)
 from adp_pass.runtime.prepare import prepare_rank
 from adp_pass.runtime.sampling import SamplingParams
@@ -197,9 +197,13 @@ def test_prefetches_go_where_hbm_idles_and_name_the_next_weight(built, which):
         if site == "attention":
             assert stream[i - 1][0] == "mm"  # issued right after q|k|v (or v)
             assert weight.endswith("o_proj.weight")
+    # One join of the prefetch stream, the last node before the outputs.
+    joins = [n for n in gm.graph.nodes if n.target is JOIN]
+    assert len(joins) == 1 and joins[0].next.op == "output"
     # Idempotent: a second run adds nothing.
     assert insert_weight_prefetch(gm) == counts
     assert sum(n.target is PREFETCH for n in gm.graph.nodes) == 4 * layers
+    assert sum(n.target is JOIN for n in gm.graph.nodes) == 1
 
 
 @pytest.mark.slow  # uses the two tiny ranks
@@ -248,5 +252,7 @@ def test_prefetch_op_is_a_cpu_no_op_kept_by_dead_code_elimination():
 
     eliminate_dead_code(gm.graph)
     assert sum(n.target is PREFETCH for n in gm.graph.nodes) == 1
+    assert sum(n.target is JOIN for n in gm.graph.nodes) == 1
+    torch.ops.adp.prefetch_join(weight)  # nothing to join on CPU
     gm.recompile()
     assert torch.equal(gm(x), want)

@@ -13,6 +13,9 @@ Inserts: ``adp.prefetch_l2(W, site)`` for a projection ``P``, in stream order wh
   (norms, SwiGLU): the prefetch goes right after the previous projection and takes the first
   ``prefetch.BYTES["gap"]`` bytes of ``W`` while they run and while ``P`` ramps up.
 
+The prefetches run on a side stream (``prefetch.SIDE_STREAM``); ``adp.prefetch_join`` before the
+graph's outputs joins it back, as a CUDA graph capture requires.
+
 Projections with no kernel of ours between them and the previous one (e.g. unfused q, k, v side
 by side) get none: there is no idle time to fill.
 
@@ -38,6 +41,7 @@ from adp_pass.runtime.kernels import prefetch as _prefetch  # noqa: F401
 
 aten = torch.ops.aten
 PREFETCH = torch.ops.adp.prefetch_l2.default
+JOIN = torch.ops.adp.prefetch_join.default
 _ATTENTION_OPS = {torch.ops.adp.cached_attention.default}
 
 
@@ -62,6 +66,7 @@ def insert_weight_prefetch(gm: fx.GraphModule) -> dict[str, int]:
         elif _is_adp_kernel(node):
             seen_kernel = True
     counts = {"attention": 0, "gap": 0}
+    last_weight = None
     for index, (node, weight) in enumerate(heavy):
         if weight is None:
             continue
@@ -80,6 +85,12 @@ def insert_weight_prefetch(gm: fx.GraphModule) -> dict[str, int]:
         with graph.inserting_after(attr):
             graph.call_function(PREFETCH, (attr, site))
         counts[site] += 1
+        last_weight = weight.target
+    if last_weight is not None:
+        # Prefetches run on a side stream; it rejoins the step's stream before the outputs.
+        output = next(node for node in reversed(graph.nodes) if node.op == "output")
+        with graph.inserting_before(output):
+            graph.call_function(JOIN, (graph.get_attr(last_weight),))
     if any(counts.values()):
         graph.lint()
         gm.recompile()
