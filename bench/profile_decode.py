@@ -47,6 +47,9 @@ def main() -> None:
                              "(evict_first|none), side (1: prefetch on a side stream, 0: inline): replay of each, e.g. "
                              "'off:mode=off;bulk:mode=bulk,attention=32,gap=8'")
     parser.add_argument("--variant-rounds", type=int, default=5)
+    parser.add_argument("--prefetch-weights", action="store_true",
+                        help="build with the L2 weight prefetches (prepare_rank("
+                             "prefetch_weights=True)); --variants then sets their mode")
     args = parser.parse_args()
 
     from adp_pass.calibrate import GPU_SIZES, measure_copy, versions
@@ -65,7 +68,8 @@ def main() -> None:
     start = time.perf_counter()
     built = prepare_rank(config, "tp=1,attn_dp=1", 0, device=device, dtype=dtype,
                          num_blocks=blocks, max_position=seq_len + 16,
-                         decode_gemms=not args.no_decode_mm)
+                         decode_gemms=not args.no_decode_mm,
+                         prefetch_weights=args.prefetch_weights)
     print(f"built in {time.perf_counter() - start:.1f} s: {built.describe()}", flush=True)
     engine = RankEngine(built.model, built.cache, max_batch=args.batch, max_seq_len=seq_len,
                         max_position=seq_len + 16, cuda_graph_sizes=(args.batch,))

@@ -73,11 +73,11 @@ def run_flat(gate, up, out, block, warps):
     _flat_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=warps)
 
 
-def large(rows: list) -> None:
+def large(rows: list, sizes: tuple[int, ...] = (4096, 16384)) -> None:
     """Prefill sizes (4096 and 16384 tokens), where compile led by 4%: rows per program,
     eviction hints and a flat index."""
     compiled = torch.compile(reference)
-    for tokens in (4096, 16384):
+    for tokens in sizes:
         gate = torch.randn(tokens, INTERMEDIATE, device="cuda", dtype=torch.bfloat16)
         up = torch.randn_like(gate)
         want = reference(gate, up)
@@ -113,6 +113,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--large", action="store_true",
                         help="only the prefill sizes, with the row/flat variants")
+    parser.add_argument("--large-tokens", default="4096,16384",
+                        help="token counts for --large (e.g. 512,1024,2048 to place the switch "
+                             "to the flat kernel)")
     args = parser.parse_args()
     compiled = torch.compile(reference)
     rows = []
@@ -134,7 +137,7 @@ def main() -> None:
                       f"{us:8.2f} us (compile {base:8.2f}, {base / us:.2f}x) exact {exact:.4f}",
                       flush=True)
     if args.large:
-        large(rows)
+        large(rows, tuple(int(t) for t in args.large_tokens.split(",")))
     if args.out:
         meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                 "triton": triton.__version__}

@@ -76,7 +76,7 @@ def prepare_rank(
     progress: Callable[[str], None] | None = None,
     fuse_projections: bool = True,
     decode_gemms: bool = True,
-    prefetch_weights: bool = True,
+    prefetch_weights: bool = False,
 ) -> RankModel:
     """The rank's cache-inserted graph and its paged KV cache.
 
@@ -105,6 +105,7 @@ def prepare_rank(
 
     ``prefetch_weights``: on CUDA, each projection's weight is prefetched into L2 while the
     kernels before it run (``runtime/lower/prefetch_weights.py``); a hint that changes no value.
+    Off by default: on the H200 it made the Qwen3-8B decode step slower (docs/lowering.md).
     """
     mapping = Mapping.load(mapping)
     mapping.check_model(

@@ -122,6 +122,7 @@ def prefetch(weight: torch.Tensor, max_bytes: int, mode: str) -> None:
 
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
+_forked: set[int] = set()  # devices whose side stream has prefetches the caller has not joined
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -146,6 +147,7 @@ def prefetch_l2(weight: torch.Tensor, site: str) -> None:
     side.wait_stream(torch.cuda.current_stream(weight.device))  # after what precedes it
     with torch.cuda.stream(side):
         prefetch(weight, BYTES[site], mode)
+    _forked.add(side.device.index)
 
 
 @prefetch_l2.register_fake
@@ -157,9 +159,13 @@ def _(weight, site) -> None:
 def prefetch_join(anchor: torch.Tensor) -> None:
     """The caller's stream waits for the prefetches issued on ``anchor``'s device so far: a CUDA
     graph must join every stream it forked before its capture ends."""
-    index = anchor.device.index if anchor.device.index is not None else (
-        torch.cuda.current_device() if anchor.is_cuda else None)
-    if anchor.is_cuda and index in _side_streams:
+    if not anchor.is_cuda:
+        return
+    index = anchor.device.index if anchor.device.index is not None else torch.cuda.current_device()
+    # Only a stream this step forked: waiting on one with no captured work would invalidate a
+    # CUDA graph capture.
+    if index in _forked:
+        _forked.discard(index)
         torch.cuda.current_stream(anchor.device).wait_stream(_side_streams[index])
 
 
