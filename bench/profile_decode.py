@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--variants", default="",
                         help="';'-separated NAME:key=value,... with keys mode (off|bulk|lines|"
                              "auto), attention and gap (MiB prefetched per site), evict "
-                             "(evict_first|none), side (1: prefetch on a side stream, 0: inline): replay of each, e.g. "
+                             "(evict_first|none), side (1: prefetch on a side stream, 0: inline), pdl (1: "
+                             "programmatic dependent launch of our kernels): replay of each, e.g. "
                              "'off:mode=off;bulk:mode=bulk,attention=32,gap=8'")
     parser.add_argument("--variant-rounds", type=int, default=5)
     parser.add_argument("--prefetch-weights", action="store_true",
@@ -193,12 +194,14 @@ def _parse_variants(spec: str) -> dict[str, dict[str, str]]:
 
 def _apply(settings: dict[str, str]) -> None:
     from adp_pass.runtime.kernels import paged_attention, prefetch
+    from adp_pass.runtime.kernels import utils as kernel_utils
 
     prefetch.MODE = settings.get("mode", "auto")
     for site in ("attention", "gap"):
         if site in settings:
             prefetch.BYTES[site] = int(float(settings[site]) * (1 << 20))
     prefetch.SIDE_STREAM = settings.get("side", "1") == "1"
+    kernel_utils.PDL = settings.get("pdl", "0") == "1"
     evict = settings.get("evict", "evict_first")
     paged_attention.KV_EVICTION = "" if evict == "none" else evict
 
@@ -206,8 +209,10 @@ def _apply(settings: dict[str, str]) -> None:
 def replay_variants(model, inputs, spec: str, rounds: int, steps: int) -> dict[str, dict]:
     """Replay time of the decode graph captured under each variant's settings."""
     from adp_pass.runtime.kernels import paged_attention, prefetch
+    from adp_pass.runtime.kernels import utils as kernel_utils
 
-    saved = (prefetch.MODE, dict(prefetch.BYTES), paged_attention.KV_EVICTION, prefetch.SIDE_STREAM)
+    saved = (prefetch.MODE, dict(prefetch.BYTES), paged_attention.KV_EVICTION, prefetch.SIDE_STREAM,
+             kernel_utils.PDL)
     graphs, results = {}, {}
     try:
         for name, settings in _parse_variants(spec).items():
@@ -226,7 +231,8 @@ def replay_variants(model, inputs, spec: str, rounds: int, steps: int) -> dict[s
                 results[name] = {"settings": settings, "error": f"{type(err).__name__}: {err}"[:500]}
                 torch.cuda.synchronize()
     finally:
-        prefetch.MODE, prefetch.BYTES, paged_attention.KV_EVICTION, prefetch.SIDE_STREAM = saved
+        (prefetch.MODE, prefetch.BYTES, paged_attention.KV_EVICTION, prefetch.SIDE_STREAM,
+         kernel_utils.PDL) = saved
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(rounds):
         for name, graph in graphs.items():

@@ -35,3 +35,36 @@ def test_graph_replay_gives_the_eager_tokens(count):
     graphs = _serve((1, 2, 4), requests)
     assert graphs == eager
     assert all(len(tokens) == 12 for tokens in graphs.values())
+
+
+def _logits_and_tokens(pdl: bool, prompts):
+    """Greedy tokens and the decode logits of a bf16 rank whose graphs were captured with
+    programmatic dependent launch on or off."""
+    from adp_pass.runtime.kernels import utils as kernel_utils
+
+    saved = kernel_utils.PDL
+    kernel_utils.PDL = pdl
+    try:
+        built = prepare_rank(model_config("tiny"), "tp=1,attn_dp=1", 0, device=torch.device("cuda"),
+                             dtype=torch.bfloat16, num_blocks=64, max_position=256)
+        engine = RankEngine(built.model, built.cache, max_batch=4, max_seq_len=64,
+                            max_position=256, cuda_graph_sizes=(4,), seed=3)
+        results = engine.generate([Request(i, p, SamplingParams(max_new_tokens=10))
+                                   for i, p in enumerate(prompts)])
+        logits = engine._graphs.outputs[4].clone()  # the last replay's logits
+    finally:
+        kernel_utils.PDL = saved
+    return {r.request_id: r.tokens for r in results}, logits
+
+
+def test_programmatic_dependent_launch_changes_no_value():
+    """With PDL our kernels start while the kernel before them drains and wait
+    (griddepcontrol.wait) before reading its outputs: a wait in the wrong place would read stale
+    activations, so graphs captured with and without it must give the same bits."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3], [5, 8, 9, 7, 9], [3, 2, 3, 8, 4, 6]]
+    want_tokens, want_logits = _logits_and_tokens(False, prompts)
+    got_tokens, got_logits = _logits_and_tokens(True, prompts)
+    assert got_tokens == want_tokens
+    assert torch.equal(got_logits, want_logits)

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .rms_norm import _rms_norm_row, check_norm_weight
 from . import reference
-from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard
+from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard, pdl, previous_kernel_done
 
 
 @triton.jit
@@ -29,7 +29,9 @@ def _add_rms_norm_kernel(
     n_cols,
     eps,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    previous_kernel_done(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -94,6 +96,7 @@ def add_rms_norm(
             eps,
             BLOCK=block,
             num_warps=num_warps,
+            **pdl(x),
         )
     return normed, new_residual
 

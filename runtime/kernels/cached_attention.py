@@ -1,10 +1,11 @@
 """Attention over a paged KV cache for a whole layer step: ``torch.ops.adp.cached_attention``.
 
 Registered on import. It writes the step's new k/v tokens into the layer's paged cache
-(``adp.reshape_and_cache``) and then attends:
+(``adp.reshape_and_cache``; decode has the decode kernel write them) and then attends:
 
-* ``S == 1`` (decode): ``adp.paged_decode_attention`` over each sequence's whole cached context,
-  ``context_lens[b]`` tokens including the one just written.
+* ``S == 1`` (decode): ``adp.cache_and_paged_decode``, i.e. the write and then
+  ``adp.paged_decode_attention`` over each sequence's whole cached context, ``context_lens[b]``
+  tokens including the one just written, in one kernel launch unless the decode is split.
 * ``S > 1`` (prefill): causal SDPA over the step's own q/k/v. Only *new* sequences may be
   prefilled: every sequence of the batch has exactly S tokens and no earlier context
   (``context_lens == S``).
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import paged_attention  # noqa: F401  (registers adp.reshape_and_cache / paged_decode_attention)
+from . import paged_attention  # noqa: F401  (registers adp.reshape_and_cache / cache_and_paged_decode)
 from . import varlen_attention  # noqa: F401  (registers adp.varlen_attention)
 
 
@@ -71,6 +72,12 @@ def cached_attention(
     # Token-major rows, in the order slot_mapping lists them (b * S + s).
     key = k.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)
     value = v.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)
+    if query_start_loc is None and seq == 1:
+        # Decode: the decode kernel writes the new token itself (one launch, not two).
+        out = torch.ops.adp.cache_and_paged_decode(
+            q[:, :, 0], key, value, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale
+        )
+        return out.view(batch, 1, q_heads, head_dim).transpose(1, 2)
     torch.ops.adp.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
     if query_start_loc is not None:
@@ -78,11 +85,6 @@ def cached_attention(
         out = torch.ops.adp.varlen_attention(q[0].transpose(0, 1), k_cache, v_cache,
                                              block_tables, query_start_loc, context_lens, scale)
         return out.view(1, seq, q_heads, head_dim).transpose(1, 2)
-    if seq == 1:
-        out = torch.ops.adp.paged_decode_attention(
-            q[:, :, 0], k_cache, v_cache, block_tables, context_lens, scale
-        )
-        return out.view(batch, 1, q_heads, head_dim).transpose(1, 2)
 
     _check_prefill_is_new(context_lens, seq)
     group = q_heads // kv_heads

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from triton.runtime.interpreter import InterpretedFunction
 
-from .utils import launch_guard, round_to
+from .utils import launch_guard, pdl, previous_kernel_done, round_to
 
 # Row counts are tuned in buckets: bucket b covers the counts above the previous bucket up to
 # b. Above the last the GEMM is no longer a weight stream; cuBLAS's tiles are right.
@@ -71,7 +71,9 @@ def _decode_mm_kernel(
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    previous_kernel_done(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,7 +109,8 @@ def _decode_mm_kernel(
 
 @triton.jit
 def _split_k_sum_kernel(partial_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    previous_kernel_done(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -144,12 +147,12 @@ def launch(x: torch.Tensor, weight: torch.Tensor, config: DecodeMMConfig) -> tor
             x, weight, out, partial, rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_M=block_m(rows), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             SPLIT_K=split, NUM_STAGES=config.num_stages, DOT_IN_FP32=_INTERPRETED,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl(x),
         )
         if split > 1:
             block = 1024
             _split_k_sum_kernel[(triton.cdiv(rows * n, block),)](
-                partial, out, rows, n, out.stride(0), SPLIT_K=split, BLOCK=block, num_warps=4)
+                partial, out, rows, n, out.stride(0), SPLIT_K=split, BLOCK=block, num_warps=4, **pdl(x))
     return out
 
 

@@ -1,7 +1,8 @@
 """Paged KV cache write + paged decode attention (GQA) as Triton kernels.
 
-Registered as ``torch.ops.adp.reshape_and_cache`` and
-``torch.ops.adp.paged_decode_attention`` on import. Cache layout (vLLM "flash" layout):
+Registered as ``torch.ops.adp.reshape_and_cache``, ``torch.ops.adp.paged_decode_attention`` and
+``torch.ops.adp.cache_and_paged_decode`` (the two in one launch: the decode kernel first writes
+the step's new token) on import. Cache layout (vLLM "flash" layout):
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; see docs/kv_cache.md and, for the
 decode kernel's design, docs/kernels.md. On CPU the kernels run under ``TRITON_INTERPRET=1``;
 when Triton compiles, the ops send CPU tensors to ``reference`` (``utils.eager_on_cpu``).
@@ -9,6 +10,7 @@ when Triton compiles, the ops send CPU tensors to ``reference`` (``utils.eager_o
 
 import contextlib
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -16,7 +18,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import reference
-from .utils import eager_on_cpu
+from .utils import eager_on_cpu, pdl, previous_kernel_done
 
 # --- decode launch configuration (edit from bench/tune_paged_attention.py on the target GPU) ---
 # Chosen per shape in Python, never autotuned at run time: the op runs inside CUDA graphs and its
@@ -100,7 +102,9 @@ def _reshape_and_cache_kernel(
     stride_slot,
     num_kv_heads, head_dim,
     BLOCK_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    previous_kernel_done(PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok * stride_slot).to(tl.int64)
     block = slot // BLOCK_SIZE
@@ -121,17 +125,23 @@ def _reshape_and_cache_kernel(
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
+    key_ptr, value_ptr, slot_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
     stride_btb, stride_btn, stride_cl,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
+    stride_kb, stride_kh, stride_kd,
+    stride_vb, stride_vh, stride_vd,
+    stride_slot,
     qk_scale_log2, max_tokens, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TOKENS: tl.constexpr,
     NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr, EVICTION: tl.constexpr,
+    WRITE_NEW: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    previous_kernel_done(PDL)  # before any load: q and the new k/v are the last kernel's output
     # int32 index math throughout (the wrapper checks every extent fits); only the cache
     # offset may need int64 (IDX64, decided from the cache's extent on the host).
     seq = tl.program_id(0)
@@ -171,6 +181,27 @@ def _paged_decode_kernel(
 
     table = block_tables_ptr + seq * stride_btb
     head_off = kvh * stride_ch
+    if WRITE_NEW:
+        # Fused reshape_and_cache (un-split launches only): this program stores its kv head's
+        # row of the sequence's new token at slot_mapping[seq], then reads it back in the loop
+        # like any cached token. A slot lies in its own sequence's blocks, which no other
+        # program of the launch reads, so a CTA barrier is all the synchronisation needed: it
+        # orders these global stores before every warp's later loads (the loop's cp.async
+        # prologue is issued after it).
+        slot = tl.load(slot_ptr + seq * stride_slot)
+        # slot < 0 (padding): no lane is written. (A bound, not `mask & scalar_bool`, which
+        # the interpreter mis-types.)
+        new_mask = d < tl.where(slot >= 0, HEAD_DIM, 0)
+        if IDX64:
+            slot = slot.to(tl.int64)
+        else:
+            slot = slot.to(tl.int32)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head_off + d * stride_cd
+        new_k = tl.load(key_ptr + seq * stride_kb + kvh * stride_kh + d * stride_kd, mask=new_mask)
+        new_v = tl.load(value_ptr + seq * stride_vb + kvh * stride_vh + d * stride_vd, mask=new_mask)
+        tl.store(k_cache_ptr + dst, new_k, mask=new_mask)
+        tl.store(v_cache_ptr + dst, new_v, mask=new_mask)
+        tl.debug_barrier()
     # One iteration reads TOKENS tokens (several KV blocks): the block id of every token is
     # gathered from the table (repeats hit L1), so tiles need not align with blocks. The
     # pipeliner prefetches table entries and K/V tiles ahead into shared memory (cp.async); see
@@ -217,8 +248,9 @@ def _combine_splits_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_ob, stride_oh, stride_od,
     num_splits, head_dim,
-    SPLITS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    previous_kernel_done(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     s = tl.arange(0, SPLITS_PAD)
@@ -267,13 +299,11 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     )
 
 
-@torch.library.custom_op("adp::reshape_and_cache", mutates_args=("k_cache", "v_cache"))
-def reshape_and_cache(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Write key/value [T, kv_heads, head_dim] at flat slots; slot -1 is skipped."""
+def _check_new_tokens(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """reshape_and_cache's inputs (also cache_and_paged_decode's)."""
     _check_cache(k_cache, v_cache)
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    _, _, num_kv_heads, head_dim = k_cache.shape
     assert key.shape == value.shape and key.dim() == 3, f"key/value shapes {tuple(key.shape)} vs {tuple(value.shape)}"
     assert key.shape[1:] == (num_kv_heads, head_dim), f"key {tuple(key.shape)} does not match cache {tuple(k_cache.shape)}"
     assert key.dtype == value.dtype == k_cache.dtype, f"dtype mismatch: {key.dtype}, {value.dtype}, cache {k_cache.dtype}"
@@ -281,11 +311,11 @@ def reshape_and_cache(
         f"slot_mapping must be int32/int64 [{key.shape[0]}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
     )
     assert key.device == value.device == slot_mapping.device == k_cache.device, "tensors on different devices"
-    if key.shape[0] == 0:
-        return
-    if eager_on_cpu(_reshape_and_cache_kernel, key, k_cache):
-        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
-        return
+
+
+def _launch_reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> None:
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
     with _device_guard(key):
         _reshape_and_cache_kernel[(key.shape[0],)](
             key, value, k_cache, v_cache, slot_mapping,
@@ -294,7 +324,22 @@ def reshape_and_cache(
             BLOCK_SIZE=block_size,
             HEADS_PAD=triton.next_power_of_2(num_kv_heads),
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            **pdl(key),
         )
+
+
+@torch.library.custom_op("adp::reshape_and_cache", mutates_args=("k_cache", "v_cache"))
+def reshape_and_cache(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write key/value [T, kv_heads, head_dim] at flat slots; slot -1 is skipped."""
+    _check_new_tokens(key, value, k_cache, v_cache, slot_mapping)
+    if key.shape[0] == 0:
+        return
+    if eager_on_cpu(_reshape_and_cache_kernel, key, k_cache):
+        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return
+    _launch_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
 @reshape_and_cache.register_fake
@@ -359,14 +404,24 @@ def paged_decode(
     num_stages: int,
     native_dot: bool,
     num_splits: int,
+    new_key: Optional[torch.Tensor] = None,
+    new_value: Optional[torch.Tensor] = None,
+    slot_mapping: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the decode kernel with an explicit config (the op passes ``decode_config``'s).
 
-    Inputs are checked by the op; tests and bench/tune_paged_attention.py call this directly.
+    With ``new_key``/``new_value`` ``[B, kv_heads, head_dim]`` and ``slot_mapping`` ``[B]``, first
+    write each sequence's new token into the caches (as ``reshape_and_cache``; slot < 0 skips):
+    inside the decode kernel when the launch is un-split, else by a separate write launch.
+    Inputs are checked by the ops; tests and bench/tune_paged_attention.py call this directly.
     """
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     batch, num_q_heads, _ = q.shape
     assert tokens >= _MIN_DOT_DIM and tokens & (tokens - 1) == 0, f"tokens must be a power of two >= 16, got {tokens}"
+    write_new = new_key is not None
+    assert write_new == (new_value is not None) == (slot_mapping is not None), (
+        "new_key, new_value and slot_mapping go together"
+    )
     out = q.new_empty(q.shape)
     if batch == 0:
         return out
@@ -380,7 +435,8 @@ def paged_decode(
     # bf16 always takes the fp32 path; fp16 exercises the native path on CPU.
     native = native_dot and q.dtype != torch.float32 and not (_INTERPRETED and q.dtype == torch.bfloat16)
     part_numel = batch * num_q_heads * splits * head_dim
-    for t in (q, block_tables, context_lens):
+    news = (new_key, new_value, slot_mapping) if write_new else ()
+    for t in (q, block_tables, context_lens, *news):
         assert _max_offset(t) <= _INT32_MAX, f"tensor of shape {tuple(t.shape)} too large for int32 indexing"
     assert part_numel <= _INT32_MAX and max_tokens <= _INT32_MAX, "batch or block table too large for int32 indexing"
     meta = dict(
@@ -398,30 +454,62 @@ def paged_decode(
         IDX64=_cache_needs_int64(k_cache),
         EVICTION=KV_EVICTION,
         num_warps=num_warps,
+        **pdl(q),
     )
     common = (*q.stride(), *k_cache.stride(), *block_tables.stride(), context_lens.stride(0))
     scale_log2 = scale * _LOG2E
+    # Without a write, q/context_lens stand in for the unused new-token pointers.
+    no_write = (q, q, context_lens)
+    no_write_strides = (0,) * 7
     with _device_guard(q):
         if splits == 1:
+            if write_new:
+                new_ptrs = (new_key, new_value, slot_mapping)
+                new_strides = (*new_key.stride(), *new_value.stride(), slot_mapping.stride(0))
+            else:
+                new_ptrs, new_strides = no_write, no_write_strides
             _paged_decode_kernel[(batch, num_kv_heads, 1)](
-                q, k_cache, v_cache, block_tables, context_lens, out, out,
-                *common, out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, 0,
-                scale_log2, max_tokens, 1, **meta,
+                q, k_cache, v_cache, block_tables, context_lens, out, out, *new_ptrs,
+                *common, out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, 0, *new_strides,
+                scale_log2, max_tokens, 1, **meta, WRITE_NEW=write_new,
             )
             return out
+        if write_new:
+            # Split-K: several CTAs read one (sequence, kv head)'s rows and a CTA barrier cannot
+            # order them after another CTA's write, so the token is written by its own launch.
+            _launch_reshape_and_cache(new_key, new_value, k_cache, v_cache, slot_mapping)
         part = q.new_empty((batch, num_q_heads, splits, head_dim), dtype=torch.float32)
         lse = q.new_empty((batch, num_q_heads, splits), dtype=torch.float32)
         _paged_decode_kernel[(batch, num_kv_heads, splits)](
-            q, k_cache, v_cache, block_tables, context_lens, part, lse,
-            *common, *part.stride(), *lse.stride(),
-            scale_log2, max_tokens, splits, **meta,
+            q, k_cache, v_cache, block_tables, context_lens, part, lse, *no_write,
+            *common, *part.stride(), *lse.stride(), *no_write_strides,
+            scale_log2, max_tokens, splits, **meta, WRITE_NEW=False,
         )
         _combine_splits_kernel[(batch, num_q_heads)](
             part, lse, out, *part.stride(), *lse.stride(), *out.stride(),
             splits, head_dim,
-            SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM_PAD=head_dim_pad,
+            SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM_PAD=head_dim_pad, **pdl(q),
         )
     return out
+
+
+def _check_decode_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, num_splits: int) -> None:
+    """paged_decode_attention's inputs (also cache_and_paged_decode's)."""
+    _check_cache(k_cache, v_cache)
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    assert q.dim() == 3 and q.shape[2] == head_dim, f"q {tuple(q.shape)} vs cache head_dim {head_dim}"
+    batch, num_q_heads, _ = q.shape
+    assert num_q_heads % num_kv_heads == 0, f"q heads {num_q_heads} not a multiple of kv heads {num_kv_heads}"
+    assert q.dtype == k_cache.dtype, f"q dtype {q.dtype} != cache dtype {k_cache.dtype}"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype in _INDEX_DTYPES, (
+        f"block_tables must be int [B={batch}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}"
+    )
+    assert context_lens.shape == (batch,) and context_lens.dtype in _INDEX_DTYPES, (
+        f"context_lens must be int [{batch}], got {context_lens.dtype} {tuple(context_lens.shape)}"
+    )
+    assert q.device == k_cache.device == block_tables.device == context_lens.device, "tensors on different devices"
+    assert num_splits >= 0, f"num_splits must be >= 0, got {num_splits}"
 
 
 @torch.library.custom_op("adp::paged_decode_attention", mutates_args=())
@@ -440,20 +528,7 @@ def paged_decode_attention(
     visible, including the current one). num_splits: 0 = heuristic, n >= 1 forces n
     KV splits (flash-decoding) combined by log-sum-exp. Returns [B, q_heads, head_dim].
     """
-    _check_cache(k_cache, v_cache)
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
-    assert q.dim() == 3 and q.shape[2] == head_dim, f"q {tuple(q.shape)} vs cache head_dim {head_dim}"
-    batch, num_q_heads, _ = q.shape
-    assert num_q_heads % num_kv_heads == 0, f"q heads {num_q_heads} not a multiple of kv heads {num_kv_heads}"
-    assert q.dtype == k_cache.dtype, f"q dtype {q.dtype} != cache dtype {k_cache.dtype}"
-    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype in _INDEX_DTYPES, (
-        f"block_tables must be int [B={batch}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}"
-    )
-    assert context_lens.shape == (batch,) and context_lens.dtype in _INDEX_DTYPES, (
-        f"context_lens must be int [{batch}], got {context_lens.dtype} {tuple(context_lens.shape)}"
-    )
-    assert q.device == k_cache.device == block_tables.device == context_lens.device, "tensors on different devices"
-    assert num_splits >= 0, f"num_splits must be >= 0, got {num_splits}"
+    _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, num_splits)
     if eager_on_cpu(_paged_decode_kernel, q, k_cache):
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     cfg = decode_config(q, k_cache, block_tables.shape[1], num_splits)
@@ -462,4 +537,42 @@ def paged_decode_attention(
 
 @paged_decode_attention.register_fake
 def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=0) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("adp::cache_and_paged_decode", mutates_args=("k_cache", "v_cache"))
+def cache_and_paged_decode(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_splits: int = 0,
+) -> torch.Tensor:
+    """``reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)`` then
+    ``paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)``,
+    with the same results, in one launch when the decode is not split.
+
+    key/value ``[B, kv_heads, head_dim]`` (cache dtype, any strides): each sequence's new token,
+    written at ``slot_mapping[b]`` (-1 skips it); ``context_lens[b]`` counts it when it is to be
+    attended to, as for paged_decode_attention.
+    """
+    _check_new_tokens(key, value, k_cache, v_cache, slot_mapping)
+    _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, num_splits)
+    assert key.shape[0] == q.shape[0], f"one new token per sequence: key {tuple(key.shape)} vs q {tuple(q.shape)}"
+    assert key.device == q.device, "tensors on different devices"
+    if eager_on_cpu(_paged_decode_kernel, q, key, k_cache):
+        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    cfg = decode_config(q, k_cache, block_tables.shape[1], num_splits)
+    return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, **cfg,
+                        new_key=key, new_value=value, slot_mapping=slot_mapping)
+
+
+@cache_and_paged_decode.register_fake
+def _(q, key, value, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale, num_splits=0) -> torch.Tensor:
     return q.new_empty(q.shape)

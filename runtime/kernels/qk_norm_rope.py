@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .utils import block_and_warps, eager_on_cpu, launch_guard, round_to
+from .utils import block_and_warps, eager_on_cpu, launch_guard, pdl, previous_kernel_done, round_to
 
 # Elements per program (BLOCK_H heads x head_dim): 1024 = 8 heads of 128, like the silu tile.
 _TILE = 1024
@@ -82,7 +82,9 @@ def _qk_norm_rope_kernel(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    previous_kernel_done(PDL)
     tok = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
@@ -177,7 +179,7 @@ def qk_norm_rope(
             q_weight.contiguous(), k_weight.contiguous(), cache, positions.contiguous(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cache.stride(0),
             n_q_heads, n_k_heads, eps,
-            HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+            HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps, **pdl(q),
         )  # fmt: skip
     return q_out, k_out
 

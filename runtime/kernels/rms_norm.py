@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard, round_to
+from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard, pdl, previous_kernel_done, round_to
 
 
 @triton.jit
@@ -35,7 +35,9 @@ def _rms_norm_kernel(
     n_cols,
     eps,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    previous_kernel_done(PDL)
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can exceed 2**31
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -74,6 +76,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             eps,
             BLOCK=block,
             num_warps=num_warps,
+            **pdl(x),
         )
     return out
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard, round_to
+from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard, pdl, previous_kernel_done, round_to
 
 # Elementwise tile: 1024 elements = 8 per thread at 4 warps (16-byte bf16 vectors).
 _TILE = 1024
@@ -39,7 +39,9 @@ def _silu_mul_kernel(
     out_row_stride,
     n_cols,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    previous_kernel_done(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -59,10 +61,12 @@ def _silu_mul_flat_kernel(
     n_elements,
     N_COLS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # One flat index over the (contiguous) output, as Inductor's pointwise kernels do: at
     # prefill sizes this reads at copy speed where a program per (row, tile) fell 4% short
     # (bench/results/tune-silu-mul-large-h200.json). N_COLS is a constant so // and % are cheap.
+    previous_kernel_done(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     row = offs // N_COLS
@@ -83,7 +87,7 @@ def _launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         with launch_guard(_silu_mul_flat_kernel, gate, up):
             _silu_mul_flat_kernel[(triton.cdiv(out.numel(), _TILE),)](
                 g2, u2, out2, g2.stride(0), u2.stride(0), out.numel(), N_COLS=n_cols,
-                BLOCK=_TILE, num_warps=4)
+                BLOCK=_TILE, num_warps=4, **pdl(gate))
         return out
     # Few rows (decode): smaller tiles put more programs on the SMs.
     tile = _DECODE_TILE if n_rows <= 64 else _TILE
@@ -100,6 +104,7 @@ def _launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
             n_cols,
             BLOCK=block,
             num_warps=num_warps,
+            **pdl(gate),
         )
     return out
 

@@ -14,11 +14,19 @@ Dtype conventions used by every kernel in this package:
 """
 
 import contextlib
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
 from triton.runtime.interpreter import InterpretedFunction
+
+# Programmatic dependent launch (sm_90+). With it on, our kernels are launched with the PDL
+# attribute and begin with ``griddepcontrol.wait`` (``previous_kernel_done``): the GPU starts
+# them while the kernel before them drains, instead of after, and the wait keeps them from
+# reading its outputs early. Read at launch, so a CUDA graph keeps what was set at capture.
+PDL = False
 
 @triton.jit
 def round_to(x, dtype: tl.constexpr):
@@ -46,6 +54,28 @@ def round_to(x, dtype: tl.constexpr):
         return tl.where(x != x, x, rounded)
     else:
         return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def previous_kernel_done(PDL: tl.constexpr):
+    """With PDL: wait until the kernel before this one has finished and its writes are visible,
+    then let the next kernel start launching. Nothing without it."""
+    if PDL:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def _major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def pdl(tensor: torch.Tensor) -> dict:
+    """Launch keywords for a kernel taking ``PDL: tl.constexpr``: on when ``PDL`` is set and
+    ``tensor`` is on an sm_90+ GPU."""
+    on = bool(PDL and tensor.is_cuda and _major(
+        tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()) >= 9)
+    return {"PDL": on, "launch_pdl": on}
 
 
 # A whole row must fit in one program's registers; Qwen3 hidden sizes are <= 8192.
