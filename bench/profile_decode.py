@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--variants", default="",
                         help="';'-separated NAME:key=value,... with keys mode (off|bulk|lines|"
                              "auto), attention and gap (MiB prefetched per site), evict "
-                             "(evict_first|none), side (1: prefetch on a side stream, 0: inline), pdl (1: "
-                             "programmatic dependent launch of our kernels): replay of each, e.g. "
+                             "(evict_first|none), side (1: prefetch on a side stream, 0: inline), pdl (off|wait|"
+                             "trigger: programmatic dependent launch of our kernels): replay of each, e.g. "
                              "'off:mode=off;bulk:mode=bulk,attention=32,gap=8'")
     parser.add_argument("--variant-rounds", type=int, default=5)
     parser.add_argument("--prefetch-weights", action="store_true",
@@ -172,6 +172,9 @@ def main() -> None:
         "build": built.describe(),
         "decode_mm_nodes": built.counts.get("decode_mm", 0),
     }
+    result["greedy_argmax_us"] = time_argmax(args.batch, config.vocab_size, dtype, device)
+    print(f"argmax of [{args.batch}, {config.vocab_size}] logits in a CUDA graph: "
+          f"{result['greedy_argmax_us']}", flush=True)
     if args.variants:
         result["variants"] = replay_variants(built.model, inputs, args.variants,
                                              args.variant_rounds, args.steps)
@@ -182,6 +185,33 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
+
+
+def time_argmax(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Microseconds of torch.argmax and adp.greedy_argmax over [rows, vocab] logits, each
+    replayed from a CUDA graph of 20 calls."""
+    from adp_pass.runtime.kernels import argmax  # noqa: F401  (registers the op)
+
+    logits = torch.randn(rows, vocab, device=device).to(dtype)
+    assert torch.equal(torch.ops.adp.greedy_argmax(logits), logits.argmax(dim=-1))
+    timings = {}
+    for name, fn in (("torch", lambda: logits.argmax(dim=-1)),
+                     ("adp", lambda: torch.ops.adp.greedy_argmax(logits))):
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                fn()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        timings[name] = round(start.elapsed_time(end) / 200 * 1e3, 2)
+    return timings
 
 
 def _parse_variants(spec: str) -> dict[str, dict[str, str]]:
@@ -201,7 +231,7 @@ def _apply(settings: dict[str, str]) -> None:
         if site in settings:
             prefetch.BYTES[site] = int(float(settings[site]) * (1 << 20))
     prefetch.SIDE_STREAM = settings.get("side", "1") == "1"
-    kernel_utils.PDL = settings.get("pdl", "0") == "1"
+    kernel_utils.PDL = settings.get("pdl", "off")
     evict = settings.get("evict", "evict_first")
     paged_attention.KV_EVICTION = "" if evict == "none" else evict
 

@@ -42,6 +42,7 @@ import torch
 from adp_pass.runtime.kv_cache import PagedKVCache
 from adp_pass.runtime.lockstep import Lockstep
 from adp_pass.runtime.sampling import SamplingParams, sample
+from adp_pass.runtime.sampling import greedy as greedy_tokens
 
 
 # Prompts of different lengths are prefilled in one call while its padding (to the longest)
@@ -558,7 +559,7 @@ class RankEngine:
                 inputs = decode_batch(tokens, positions, slots, tables, lens, len(seqs),
                                       self.device)
                 inputs = (self._tokens_from(source, inputs[0]), *inputs[1:])
-                greedy = self.model(*inputs)[0][:, -1].argmax(dim=-1)
+                greedy = greedy_tokens(self.model(*inputs)[0][:, -1])
                 self._last_tokens[: len(seqs)] = greedy
         self._launches += 1
         host = self._token_buffers[self._launches % 2][: len(seqs)]
@@ -787,7 +788,7 @@ class _DecodeGraphs:
                 source = longs[3]
                 ids = torch.where(source >= 0, last_tokens[source.clamp(min=0)], longs[0])
                 logits = engine.model(ids.view(size, 1), *inputs)[0][:, -1]
-                greedy = logits.argmax(dim=-1)
+                greedy = greedy_tokens(logits)
                 last_tokens[:size].copy_(greedy)
                 return logits, greedy
 

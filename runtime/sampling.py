@@ -28,6 +28,16 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` of ``[B, V]`` logits; on CUDA by ``adp.greedy_argmax``, which
+    spreads each long row over many programs (runtime/kernels/argmax.py)."""
+    if logits.is_cuda and logits.dim() == 2:
+        from adp_pass.runtime.kernels import argmax  # noqa: F401  (registers the op)
+
+        return torch.ops.adp.greedy_argmax(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None,
     row_generators: list[torch.Generator | None] | None = None,
@@ -35,7 +45,7 @@ def sample(
     """One token per row of ``logits`` [B, V]; greedy rows take the argmax (first on ties, as
     transformers does), the others sample from the temperature-scaled top-p distribution, from
     ``row_generators[i]`` where given (a seeded request), else from ``generator``."""
-    tokens = logits.argmax(dim=-1)
+    tokens = greedy(logits)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
         return tokens

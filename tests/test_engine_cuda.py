@@ -37,7 +37,7 @@ def test_graph_replay_gives_the_eager_tokens(count):
     assert all(len(tokens) == 12 for tokens in graphs.values())
 
 
-def _logits_and_tokens(pdl: bool, prompts):
+def _logits_and_tokens(pdl: str, prompts):
     """Greedy tokens and the decode logits of a bf16 rank whose graphs were captured with
     programmatic dependent launch on or off."""
     from adp_pass.runtime.kernels import utils as kernel_utils
@@ -64,7 +64,8 @@ def test_programmatic_dependent_launch_changes_no_value():
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
     prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3], [5, 8, 9, 7, 9], [3, 2, 3, 8, 4, 6]]
-    want_tokens, want_logits = _logits_and_tokens(False, prompts)
-    got_tokens, got_logits = _logits_and_tokens(True, prompts)
-    assert got_tokens == want_tokens
-    assert torch.equal(got_logits, want_logits)
+    want_tokens, want_logits = _logits_and_tokens("off", prompts)
+    for level in ("wait", "trigger"):
+        got_tokens, got_logits = _logits_and_tokens(level, prompts)
+        assert got_tokens == want_tokens
+        assert torch.equal(got_logits, want_logits)

@@ -143,15 +143,17 @@ def test_silu_mul(inter: int, tokens: int, dtype: torch.dtype, strided: bool) ->
 
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_prefill_sizes_take_the_flat_kernel(dtype: torch.dtype, strided: bool) -> None:
-    # From _FLAT_ROWS rows on, one flat index over the output (row = index // columns).
+@pytest.mark.parametrize("size", ["mid", "flat"])
+def test_silu_mul_mid_and_prefill_sizes(size: str, dtype: torch.dtype, strided: bool) -> None:
+    # 65 to _FLAT_ROWS - 1 rows: 2048-wide column tiles (here two, the second masked); from
+    # _FLAT_ROWS rows on, one flat index over the output (row = index // columns).
     from adp_pass.runtime.kernels.silu_mul import _FLAT_ROWS
 
-    tokens, inter = _FLAT_ROWS + 3, 40
+    tokens, inter = (100, 2100) if size == "mid" else (_FLAT_ROWS + 3, 40)
     gate, up = make((tokens, inter), dtype, strided, 0), make((tokens, inter), dtype, strided, 3)
-    assert_close(K.silu_mul(gate, up), ref.silu_mul_ref(gate, up), "silu_mul flat")
+    assert_close(K.silu_mul(gate, up), ref.silu_mul_ref(gate, up), f"silu_mul {size}")
     gate_up = make((tokens, 2 * inter), dtype, strided, 4)
-    assert_close(K.silu_mul_fused(gate_up), ref.silu_mul_fused_ref(gate_up), "silu_mul_fused flat")
+    assert_close(K.silu_mul_fused(gate_up), ref.silu_mul_fused_ref(gate_up), f"silu_mul_fused {size}")
 
 
 def qkv_views(

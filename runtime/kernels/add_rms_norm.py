@@ -29,7 +29,7 @@ def _add_rms_norm_kernel(
     n_cols,
     eps,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)
     row = tl.program_id(0).to(tl.int64)

@@ -71,7 +71,7 @@ def _decode_mm_kernel(
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)
     pid_n = tl.program_id(0)
@@ -109,7 +109,7 @@ def _decode_mm_kernel(
 
 @triton.jit
 def _split_k_sum_kernel(partial_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr,
-                        BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
     previous_kernel_done(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N

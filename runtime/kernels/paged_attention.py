@@ -102,7 +102,7 @@ def _reshape_and_cache_kernel(
     stride_slot,
     num_kv_heads, head_dim,
     BLOCK_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)
     tok = tl.program_id(0).to(tl.int64)
@@ -139,7 +139,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TOKENS: tl.constexpr,
     NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr, EVICTION: tl.constexpr,
-    WRITE_NEW: tl.constexpr, PDL: tl.constexpr = False,
+    WRITE_NEW: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)  # before any load: q and the new k/v are the last kernel's output
     # int32 index math throughout (the wrapper checks every extent fits); only the cache
@@ -248,7 +248,7 @@ def _combine_splits_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_ob, stride_oh, stride_od,
     num_splits, head_dim,
-    SPLITS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PDL: tl.constexpr = False,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)
     seq = tl.program_id(0).to(tl.int64)

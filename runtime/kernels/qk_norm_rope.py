@@ -82,7 +82,7 @@ def _qk_norm_rope_kernel(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)
     tok = tl.program_id(0).to(tl.int64)

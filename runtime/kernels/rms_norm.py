@@ -35,7 +35,7 @@ def _rms_norm_kernel(
     n_cols,
     eps,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can exceed 2**31

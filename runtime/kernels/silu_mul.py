@@ -16,8 +16,11 @@ from .utils import as_rows, block_and_warps, eager_on_cpu, launch_guard, pdl, pr
 # Elementwise tile: 1024 elements = 8 per thread at 4 warps (16-byte bf16 vectors).
 _TILE = 1024
 _DECODE_TILE = 512
-# From this many rows on, the flat-index kernel (prefill sizes).
-_FLAT_ROWS = 2048
+# 65-1023 rows: 2048-element tiles at 4 warps (16 per thread); from 1024 rows on, the flat-index
+# kernel. Against torch.compile on the H200 (bench/results/tune-silu-mul-small-h200.json):
+# 0.998x at 512 rows (0.959x with 1024-element tiles), 1.005x at 1024, 1.002x at 2048.
+_MID_TILE = 2048
+_FLAT_ROWS = 1024
 
 
 @triton.jit
@@ -39,7 +42,7 @@ def _silu_mul_kernel(
     out_row_stride,
     n_cols,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -61,7 +64,7 @@ def _silu_mul_flat_kernel(
     n_elements,
     N_COLS: tl.constexpr,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     # One flat index over the (contiguous) output, as Inductor's pointwise kernels do: at
     # prefill sizes this reads at copy speed where a program per (row, tile) fell 4% short
@@ -89,9 +92,11 @@ def _launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                 g2, u2, out2, g2.stride(0), u2.stride(0), out.numel(), N_COLS=n_cols,
                 BLOCK=_TILE, num_warps=4, **pdl(gate))
         return out
-    # Few rows (decode): smaller tiles put more programs on the SMs.
-    tile = _DECODE_TILE if n_rows <= 64 else _TILE
-    block, num_warps = block_and_warps(n_cols, max_block=tile)
+    if n_rows <= 64:  # decode: smaller tiles put more programs on the SMs
+        block, num_warps = block_and_warps(n_cols, max_block=_DECODE_TILE)
+    else:
+        block = min(_MID_TILE, triton.next_power_of_2(n_cols))
+        num_warps = 4
     grid = (n_rows, triton.cdiv(n_cols, block))
     with launch_guard(_silu_mul_kernel, gate, up):
         _silu_mul_kernel[grid](

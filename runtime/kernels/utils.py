@@ -25,8 +25,11 @@ from triton.runtime.interpreter import InterpretedFunction
 # Programmatic dependent launch (sm_90+). With it on, our kernels are launched with the PDL
 # attribute and begin with ``griddepcontrol.wait`` (``previous_kernel_done``): the GPU starts
 # them while the kernel before them drains, instead of after, and the wait keeps them from
-# reading its outputs early. Read at launch, so a CUDA graph keeps what was set at capture.
-PDL = False
+# reading its outputs early. "trigger" also lets the next kernel launch as soon as this one
+# has started waiting (``griddepcontrol.launch_dependents``). Read at launch, so a CUDA graph
+# keeps what was set at capture. Values: "off", "wait", "trigger" (True means "trigger").
+PDL = "off"
+_PDL_LEVELS = {"off": 0, False: 0, "wait": 1, "trigger": 2, True: 2}
 
 @triton.jit
 def round_to(x, dtype: tl.constexpr):
@@ -58,10 +61,11 @@ def round_to(x, dtype: tl.constexpr):
 
 @triton.jit
 def previous_kernel_done(PDL: tl.constexpr):
-    """With PDL: wait until the kernel before this one has finished and its writes are visible,
-    then let the next kernel start launching. Nothing without it."""
-    if PDL:
+    """``PDL`` >= 1: wait until the kernel before this one has finished and its writes are
+    visible; 2: then let the next kernel start launching. 0: nothing."""
+    if PDL >= 1:
         tl_cuda.gdc_wait()
+    if PDL >= 2:
         tl_cuda.gdc_launch_dependents()
 
 
@@ -71,11 +75,16 @@ def _major(device_index: int) -> int:
 
 
 def pdl(tensor: torch.Tensor) -> dict:
-    """Launch keywords for a kernel taking ``PDL: tl.constexpr``: on when ``PDL`` is set and
-    ``tensor`` is on an sm_90+ GPU."""
-    on = bool(PDL and tensor.is_cuda and _major(
-        tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()) >= 9)
-    return {"PDL": on, "launch_pdl": on}
+    """Launch keywords for a kernel taking ``PDL: tl.constexpr``: the level of ``PDL`` when
+    ``tensor`` is on an sm_90+ GPU, else 0."""
+    if PDL not in _PDL_LEVELS:
+        raise ValueError(f"kernels.utils.PDL must be 'off', 'wait' or 'trigger', got {PDL!r}")
+    level = _PDL_LEVELS[PDL]
+    if level and not (tensor.is_cuda and _major(
+            tensor.device.index if tensor.device.index is not None
+            else torch.cuda.current_device()) >= 9):
+        level = 0
+    return {"PDL": level, "launch_pdl": level > 0}
 
 
 # A whole row must fit in one program's registers; Qwen3 hidden sizes are <= 8192.
