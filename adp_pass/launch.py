@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -97,11 +98,20 @@ def _recording_errors(error_dir: str, entrypoint: Callable[..., Any], *args: Any
         return entrypoint(*args)
     except BaseException as exc:
         rank = int(os.environ.get("RANK", -1))
-        record = {"rank": rank, "time": time.time(),
-                  "message": f"{type(exc).__name__}: {exc}",
+        message = f"{type(exc).__name__}: {exc}"
+        record = {"rank": rank, "time": time.time(), "message": message,
                   "traceback": traceback.format_exc()}
         with contextlib.suppress(OSError):
             Path(error_dir, f"rank{rank}.json").write_text(json.dumps(record))
+        if any(lost in message for lost in _PEER_LOST):
+            # Only a peer's disappearance: end here, traceback in this rank's log. Unwinding
+            # would restore the console as stderr before the interpreter's teardown, where the
+            # collective library's threads abort ("terminate called without an active
+            # exception") onto the caller's screen.
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         raise
 
 
