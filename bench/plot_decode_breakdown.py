@@ -15,8 +15,9 @@ import sys
 
 
 def category(kernel: str) -> str:
-    if kernel.startswith(("nvjet", "void cublas", "sm90_xmma", "ampere_", "cutlass")):
-        return "GEMMs (cuBLAS)"
+    if kernel.startswith(("nvjet", "void cublas", "sm90_xmma", "ampere_", "cutlass",
+                          "_decode_mm", "_split_k_sum")):
+        return "GEMMs (cuBLAS, decode_mm)"
     if "paged_decode" in kernel or "varlen" in kernel or "_reduce_kernel" in kernel:
         return "paged attention"
     return "norms, rotary, silu, cache write, other"
@@ -43,7 +44,7 @@ def main() -> None:
         label, path = spec.split("=", 1)
         labels.append(label)
         results.append(json.load(open(path)))
-    order = ["GEMMs (cuBLAS)", "paged attention", "norms, rotary, silu, cache write, other",
+    order = ["GEMMs (cuBLAS, decode_mm)", "paged attention", "norms, rotary, silu, cache write, other",
              "host (engine step - replay)"]
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
     fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(results)))
