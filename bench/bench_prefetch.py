@@ -12,13 +12,14 @@ prefetch with no idle time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from results_file import write_result
 
 SHAPES = {  # (out, in) of Qwen3-8B's decode projections after fusion
     "o_proj": (4096, 4096),
@@ -99,10 +100,7 @@ def main() -> None:
     result = {"gpu": torch.cuda.get_device_name(0), "versions": versions(),
               "command": " ".join(sys.argv), "l2_bytes": props.L2_cache_size,
               "idle_us": args.idle_us, "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

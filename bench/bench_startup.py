@@ -11,13 +11,14 @@ capture and the prefill. Each rank's stage timings come from its log (``model re
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_file import write_result
 
 
 def run_once(args: argparse.Namespace, cache_dir: Path, log_dir: Path) -> dict:
@@ -65,10 +66,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         **rows,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

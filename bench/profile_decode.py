@@ -20,13 +20,14 @@ Builds one rank of ``tp=1,attn_dp=1`` in this process (random weights), prefills
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from results_file import write_result
 
 
 def main() -> None:
@@ -192,10 +193,7 @@ def main() -> None:
         for name, row in result["variants"].items():
             print(f"variant {name}: replay {row.get('replay_ms', float('nan')):.3f} ms "
                   f"(rounds {row.get('rounds_ms')}) {row.get('error', '')}", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 def time_argmax(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
