@@ -20,6 +20,7 @@ Builds one rank of ``tp=1,attn_dp=1`` in this process (random weights), prefills
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import defaultdict
@@ -46,7 +47,8 @@ def main() -> None:
                         help="';'-separated NAME:key=value,... with keys mode (off|bulk|lines|"
                              "auto), attention and gap (MiB prefetched per site), evict "
                              "(evict_first|none), side (1: prefetch on a side stream, 0: inline), pdl (off|wait|"
-                             "trigger: programmatic dependent launch of our kernels): replay of each, e.g. "
+                             "trigger: programmatic dependent launch of our kernels); a key left out keeps the "
+                             "runtime's default. Replay of each, e.g. "
                              "'off:mode=off;bulk:mode=bulk,attention=32,gap=8'")
     parser.add_argument("--variant-rounds", type=int, default=5)
     parser.add_argument("--prefetch-weights", action="store_true",
@@ -109,14 +111,7 @@ def main() -> None:
     engine_step_ms, engine_step_in_step_ms = step_ms[True], step_ms[False]
 
     # The graph alone.
-    graph = engine._graphs.graphs[args.batch]
-    start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
-    start_event.record()
-    for _ in range(args.steps):
-        graph.replay()
-    end_event.record()
-    torch.cuda.synchronize()
-    replay_ms = start_event.elapsed_time(end_event) / args.steps
+    replay_ms = graph_ms(engine._graphs.graphs[args.batch], args.steps)
 
     # Roofline: every weight once, plus each sequence's K and V so far, per step. The embedding
     # table is not read (a step gathers batch rows of it) unless the LM head shares it.
@@ -213,14 +208,19 @@ def time_argmax(rows: int, vocab: int, dtype: torch.dtype, device: torch.device)
             for _ in range(20):
                 fn()
         graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        timings[name] = round(start.elapsed_time(end) / 200 * 1e3, 2)
+        timings[name] = round(graph_ms(graph, 10) / 20 * 1e3, 2)
     return timings
+
+
+def graph_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Milliseconds per replay of ``graph``, over ``replays`` back-to-back replays."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 def _parse_variants(spec: str) -> dict[str, dict[str, str]]:
@@ -231,31 +231,53 @@ def _parse_variants(spec: str) -> dict[str, dict[str, str]]:
     return variants
 
 
-def _apply(settings: dict[str, str]) -> None:
+@contextlib.contextmanager
+def _launch_settings(settings: dict[str, str]):
+    """The runtime's launch settings as ``settings`` says (a key left out keeps its value),
+    restored on exit."""
     from adp_pass.runtime.kernels import paged_attention, prefetch
     from adp_pass.runtime.kernels import utils as kernel_utils
 
-    prefetch.MODE = settings.get("mode", "auto")
-    for site in ("attention", "gap"):
-        if site in settings:
-            prefetch.BYTES[site] = int(float(settings[site]) * (1 << 20))
-    prefetch.SIDE_STREAM = settings.get("side", "1") == "1"
-    kernel_utils.PDL = settings.get("pdl", "off")
-    evict = settings.get("evict", "evict_first")
-    paged_attention.KV_EVICTION = "" if evict == "none" else evict
+    mib = lambda v: int(float(v) * (1 << 20))  # noqa: E731
+    knobs = {  # key: (object or dict, attribute or key, parse)
+        "mode": (prefetch, "MODE", str),
+        "side": (prefetch, "SIDE_STREAM", lambda v: v == "1"),
+        "pdl": (kernel_utils, "PDL", str),
+        "evict": (paged_attention, "KV_EVICTION", lambda v: "" if v == "none" else v),
+        "attention": (prefetch.BYTES, "attention", mib),
+        "gap": (prefetch.BYTES, "gap", mib),
+    }
+    unknown = set(settings) - set(knobs)
+    if unknown:
+        raise ValueError(f"unknown variant settings {sorted(unknown)}; known: {sorted(knobs)}")
+
+    def get(key):
+        where, name, _ = knobs[key]
+        return where[name] if isinstance(where, dict) else getattr(where, name)
+
+    def put(key, value):
+        where, name, _ = knobs[key]
+        if isinstance(where, dict):
+            where[name] = value
+        else:
+            setattr(where, name, value)
+
+    saved = {key: get(key) for key in knobs}
+    try:
+        for key, value in settings.items():
+            put(key, knobs[key][2](value))
+        yield
+    finally:
+        for key, value in saved.items():
+            put(key, value)
 
 
 def replay_variants(model, inputs, spec: str, rounds: int, steps: int) -> dict[str, dict]:
-    """Replay time of the decode graph captured under each variant's settings."""
-    from adp_pass.runtime.kernels import paged_attention, prefetch
-    from adp_pass.runtime.kernels import utils as kernel_utils
-
-    saved = (prefetch.MODE, dict(prefetch.BYTES), paged_attention.KV_EVICTION, prefetch.SIDE_STREAM,
-             kernel_utils.PDL)
+    """Replay time of the decode graph captured under each variant's settings (settings a
+    variant leaves out keep the runtime's defaults)."""
     graphs, results = {}, {}
-    try:
-        for name, settings in _parse_variants(spec).items():
-            _apply(settings)
+    for name, settings in _parse_variants(spec).items():
+        with _launch_settings(settings):
             try:
                 with torch.no_grad():
                     for _ in range(2):  # compiles this variant's kernels
@@ -269,19 +291,10 @@ def replay_variants(model, inputs, spec: str, rounds: int, steps: int) -> dict[s
             except Exception as err:  # noqa: BLE001 - a variant that fails is reported, not fatal
                 results[name] = {"settings": settings, "error": f"{type(err).__name__}: {err}"[:500]}
                 torch.cuda.synchronize()
-    finally:
-        (prefetch.MODE, prefetch.BYTES, paged_attention.KV_EVICTION, prefetch.SIDE_STREAM,
-         kernel_utils.PDL) = saved
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(rounds):
         for name, graph in graphs.items():
             graph.replay()  # warm
-            start.record()
-            for _ in range(steps):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            results[name]["rounds_ms"].append(round(start.elapsed_time(end) / steps, 4))
+            results[name]["rounds_ms"].append(round(graph_ms(graph, steps), 4))
     for row in results.values():
         if row.get("rounds_ms"):
             ordered = sorted(row["rounds_ms"])

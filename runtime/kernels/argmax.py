@@ -29,10 +29,10 @@ def _first_index_of_max(values, index, valid, big: tl.constexpr):
     first_nan = tl.min(tl.where(nan, index, big), axis=0)
     keyed = tl.where(valid, values, float("-inf"))
     best = tl.max(tl.where(nan, float("-inf"), keyed), axis=0)
+    # A piece of -inf only has best -inf and so its first index; one of NaNs only wins by its
+    # first NaN below.
     first_best = tl.min(tl.where(valid & (keyed == best), index, big), axis=0)
     has_nan = first_nan < big
-    # A row of -inf (or masked) only: its first valid index.
-    first_best = tl.where(first_best < big, first_best, tl.min(tl.where(valid, index, big), axis=0))
     return (tl.where(has_nan, float("inf"), best), tl.where(has_nan, first_nan, first_best),
             has_nan.to(tl.int32))
 
@@ -68,7 +68,7 @@ def _row_argmax_kernel(part_val_ptr, part_idx_ptr, part_nan_ptr, out_ptr, n_chun
     nan = (tl.load(part_nan_ptr + base + c, mask=valid, other=0) != 0) & valid
     # Pieces are in column order, so the smallest index among the winners is the first one.
     first_nan = tl.min(tl.where(nan, index, BIG), axis=0)
-    top = tl.max(tl.where(valid, best, float("-inf")), axis=0)
+    top = tl.max(best, axis=0)  # masked lanes loaded as -inf
     first_top = tl.min(tl.where(valid & (best == top), index, BIG), axis=0)
     tl.store(out_ptr + row, tl.where(first_nan < BIG, first_nan, first_top).to(tl.int64))
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import reference
-from .utils import eager_on_cpu, pdl, previous_kernel_done
+from .utils import device_index, eager_on_cpu, pdl, previous_kernel_done
 
 # --- decode launch configuration (edit from bench/tune_paged_attention.py on the target GPU) ---
 # Chosen per shape in Python, never autotuned at run time: the op runs inside CUDA graphs and its
@@ -363,7 +363,7 @@ def _auto_num_splits(q: torch.Tensor, num_kv_heads: int, max_tokens: int) -> int
     if not q.is_cuda:
         return 1
     programs = q.shape[0] * num_kv_heads
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(device_index(q.device))
     target = SPLIT_K["programs_per_sm"] * sms
     if programs >= target:
         return 1

@@ -26,12 +26,12 @@ on the H100/H200, and what is prefetched must survive until the projection reads
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from .utils import capability_major, device_index
 
 MODE = "auto"  # "auto": "bulk" on sm_90+, "lines" on sm_80+, else "off"
 # Per site kind: the most bytes of the weight to prefetch (tuned on H200: bench/profile_decode.py
@@ -83,19 +83,14 @@ def _prefetch_lines_kernel(ptr, nbytes, LINE_BYTES: tl.constexpr, PER_PROGRAM: t
 _COMPILED = not isinstance(_prefetch_bulk_kernel, InterpretedFunction)
 
 
-@functools.lru_cache(maxsize=None)
-def _auto_mode(device_index: int) -> str:
-    major, _ = torch.cuda.get_device_capability(device_index)
-    return "bulk" if major >= 9 else "lines" if major >= 8 else "off"
-
-
 def mode_for(device: torch.device) -> str:
     """The mode a launch on ``device`` uses now: ``MODE``, with ``"auto"`` resolved."""
     if device.type != "cuda" or not _COMPILED:
         return "off"  # a hint with nothing to hint on CPU (or under the interpreter)
     if MODE != "auto":
         return MODE
-    return _auto_mode(device.index if device.index is not None else torch.cuda.current_device())
+    major = capability_major(device)
+    return "bulk" if major >= 9 else "lines" if major >= 8 else "off"
 
 
 def prefetch(weight: torch.Tensor, max_bytes: int, mode: str) -> None:
@@ -126,7 +121,7 @@ _forked: set[int] = set()  # devices whose side stream has prefetches the caller
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     if index not in _side_streams:
         _side_streams[index] = torch.cuda.Stream(device=index)
     return _side_streams[index]
@@ -161,7 +156,7 @@ def prefetch_join(anchor: torch.Tensor) -> None:
     graph must join every stream it forked before its capture ends."""
     if not anchor.is_cuda:
         return
-    index = anchor.device.index if anchor.device.index is not None else torch.cuda.current_device()
+    index = device_index(anchor.device)
     # Only a stream this step forked: waiting on one with no captured work would invalidate a
     # CUDA graph capture.
     if index in _forked:

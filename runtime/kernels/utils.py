@@ -72,9 +72,19 @@ def previous_kernel_done(PDL: tl.constexpr):
         tl_cuda.gdc_launch_dependents()
 
 
+def device_index(device: torch.device) -> int:
+    """The CUDA device's index (the current device for a bare ``cuda``)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
-def _major(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def capability_major(device: torch.device) -> int:
+    """The compute capability's major version of a CUDA device (9 for Hopper)."""
+    return _major(device_index(device))
 
 
 def pdl(tensor: torch.Tensor) -> dict:
@@ -83,9 +93,7 @@ def pdl(tensor: torch.Tensor) -> dict:
     if PDL not in _PDL_LEVELS:
         raise ValueError(f"kernels.utils.PDL must be 'off', 'wait' or 'trigger', got {PDL!r}")
     level = _PDL_LEVELS[PDL]
-    if level and not (tensor.is_cuda and _major(
-            tensor.device.index if tensor.device.index is not None
-            else torch.cuda.current_device()) >= 9):
+    if level and not (tensor.is_cuda and capability_major(tensor.device) >= 9):
         level = 0
     return {"PDL": level, "launch_pdl": level > 0}
 

@@ -22,7 +22,7 @@ from adp_pass.attributes import owner_of
 from adp_pass.fx_vocab import is_op
 from adp_pass.runtime.kernels import decode_mm as kernel
 
-from .graph_utils import eliminate_dead_code
+from .graph_utils import eliminate_dead_code, projection_weight
 
 aten = torch.ops.aten
 
@@ -54,11 +54,8 @@ def _tuned_weight(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     ``W``."""
     if not is_op(node, {aten.mm.default}):
         return None
-    transposed = node.args[1]
-    if not (isinstance(transposed, fx.Node) and is_op(transposed, {aten.t.default})):
-        return None
-    weight = transposed.args[0]
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+    weight = projection_weight(node)
+    if weight is None:
         return None
     owner, leaf = owner_of(gm, weight.target)
     tensor = getattr(owner, leaf, None)

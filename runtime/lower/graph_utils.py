@@ -17,8 +17,9 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from adp_pass.fx_vocab import copy_graph, is_impure_except_collectives, metadata_key
+from adp_pass.fx_vocab import copy_graph, is_impure_except_collectives, is_op, metadata_key
 from adp_pass.runtime import kernels as _kernels  # noqa: F401  (registers torch.ops.adp.*)
+from adp_pass.runtime.kernels import decode_mm as _decode_mm  # noqa: F401  (adp.decode_mm)
 
 aten = torch.ops.aten
 adp = torch.ops.adp
@@ -265,3 +266,22 @@ def first_body_node(graph: fx.Graph) -> fx.Node:
         if node.op != "placeholder":
             return node
     raise ValueError("graph has no body")
+
+
+def projection_weight(node: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` of ``W`` when ``node`` is a projection ``x @ W.T`` by a module attribute:
+    ``mm(x, t(W))``, ``addmm(b, x, t(W))``, ``linear(x, W)`` or ``adp.decode_mm(x, W)``; else
+    None."""
+    if is_op(node, {aten.mm.default}):
+        weight = _transposed(node.args[1])
+    elif is_op(node, {aten.addmm.default}):
+        weight = _transposed(node.args[2])
+    elif is_op(node, {aten.linear.default, adp.decode_mm.default}):
+        weight = node.args[1]
+    else:
+        return None
+    return weight if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+
+
+def _transposed(arg: object) -> fx.Node | None:
+    return arg.args[0] if isinstance(arg, fx.Node) and is_op(arg, {aten.t.default}) else None

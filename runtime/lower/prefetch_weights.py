@@ -34,12 +34,12 @@ import torch
 import torch.fx as fx
 
 from adp_pass.fx_vocab import is_op
-# Registered on import: adp.prefetch_l2, adp.cached_attention, adp.decode_mm.
+# Registered on import: adp.prefetch_l2, adp.cached_attention.
 from adp_pass.runtime.kernels import cached_attention as _cached_attention  # noqa: F401
-from adp_pass.runtime.kernels import decode_mm as _decode_mm  # noqa: F401
 from adp_pass.runtime.kernels import prefetch as _prefetch  # noqa: F401
 
-aten = torch.ops.aten
+from .graph_utils import projection_weight
+
 PREFETCH = torch.ops.adp.prefetch_l2.default
 JOIN = torch.ops.adp.prefetch_join.default
 _ATTENTION_OPS = {torch.ops.adp.cached_attention.default}
@@ -96,26 +96,6 @@ def insert_weight_prefetch(gm: fx.GraphModule) -> dict[str, int]:
         gm.recompile()
     gm.meta["adp_prefetch"] = counts
     return counts
-
-
-def projection_weight(node: fx.Node) -> fx.Node | None:
-    """The ``get_attr`` of ``W`` when ``node`` is a projection ``x @ W.T`` (see the module
-    docstring), else None."""
-    if is_op(node, {aten.mm.default}):
-        weight = _transposed_attr(node.args[1])
-    elif is_op(node, {aten.addmm.default}):
-        weight = _transposed_attr(node.args[2])
-    elif is_op(node, {aten.linear.default, torch.ops.adp.decode_mm.default}):
-        weight = node.args[1]
-    else:
-        return None
-    return weight if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
-
-
-def _transposed_attr(arg: object) -> fx.Node | None:
-    if isinstance(arg, fx.Node) and is_op(arg, {aten.t.default}):
-        return arg.args[0]
-    return None
 
 
 def _is_adp_kernel(node: fx.Node) -> bool:
