@@ -458,3 +458,15 @@ def test_bench_dry_run(tmp_path: Path) -> None:
     assert {r["impl"] for r in result["rows"]} == {"triton", "eager", "compile", "copy"}
     assert len(result["rows"]) == 5 * 4 and "| qk_norm_rope | 2 |" in proc.stdout
     assert result["metadata"]["torch"] == torch.__version__
+
+
+def test_pdl_setting_is_checked_and_off_the_gpu_is_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adp_pass.runtime.kernels import utils
+
+    x = torch.zeros(2)  # CPU: no programmatic dependent launch, whatever the setting
+    for setting in ("off", "wait", "trigger"):
+        monkeypatch.setattr(utils, "PDL", setting)
+        assert utils.pdl(x) == {"PDL": 0, "launch_pdl": False}
+    monkeypatch.setattr(utils, "PDL", "sometimes")
+    with pytest.raises(ValueError, match="PDL must be 'off', 'wait' or 'trigger', got 'sometimes'"):
+        utils.pdl(x)
