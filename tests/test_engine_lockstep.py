@@ -288,7 +288,7 @@ def e2e(tmp_path_factory):
     pytest.param("tp=2,attn_dp=0", 2, marks=pytest.mark.full),
     # own requests, MLP gathered over both ranks (opt-in: CI runs this mapping through the
     # lockstep engine in test_lockstep_ranks_with_a_sharded_mlp_match_one_rank_alone and on
-    # ranks in tests/test_mappings.py; the job path with collectives is the attn_tp case below)
+    # four ranks in tests/test_mappings.py; the job path with collectives is the attn_tp case below)
     pytest.param("tp=2,attn_dp=1,mlp_tp=2", 2, marks=pytest.mark.full),
     ("tp=4,attn_dp=1,attn_tp=2", 4),  # two DP groups of two ranks, attention TP inside each
 ])
