@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from gpu_timing import graph_ms
 from results_file import write_result
 
 
@@ -210,17 +211,6 @@ def time_argmax(rows: int, vocab: int, dtype: torch.dtype, device: torch.device)
         graph.replay()
         timings[name] = round(graph_ms(graph, 10) / 20 * 1e3, 2)
     return timings
-
-
-def graph_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
-    """Milliseconds per replay of ``graph``, over ``replays`` back-to-back replays."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
 
 
 def _parse_variants(spec: str) -> dict[str, dict[str, str]]:

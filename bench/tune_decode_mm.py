@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from gpu_timing import graph_ms
+
 # (name, out features N, in features K) with q|k|v and gate|up fused, as the runtime runs them.
 SHAPES = {
     "qwen3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 24576, 4096),
@@ -71,13 +73,7 @@ def time_per_call(fn, x: torch.Tensor, weights: list[torch.Tensor], replays: int
             fn(x, w)
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (replays * len(weights))
+    return graph_ms(graph, replays) / len(weights)
 
 
 def main() -> None:
