@@ -76,11 +76,7 @@ def _serve_one_rank(job_path: Path, out: Path, threads: int) -> int:
     # The subprocess ran with OMP_NUM_THREADS threads (1 unless set): the same here.
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    if torch.cuda.is_initialized():  # a job ran here before (a benchmark's next mapping)
-        # Its rank's model is held in reference cycles: give its device memory back now, and
-        # let this rank's record report its own peak, as a new process's would.
-        gc.collect()
-        torch.cuda.empty_cache()
+    if torch.cuda.is_initialized():  # a job ran here before: report this rank's own peak
         torch.cuda.reset_peak_memory_stats(0)
     try:
         with _environment(**env):
@@ -96,6 +92,12 @@ def _serve_one_rank(job_path: Path, out: Path, threads: int) -> int:
         torch.set_num_threads(previous_threads)
         if dist.is_initialized():  # the rank failed before its own teardown
             dist.destroy_process_group()
+        # The rank's model is held in reference cycles: give its device memory back now, before
+        # whatever this process starts next (a benchmark's next mapping, whose ranks are other
+        # processes on the same GPUs, ran out of memory beside 70 GB of a finished Qwen3-8B).
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
 
 def _run_agent(job_path: Path, out: Path, world_size: int) -> int:

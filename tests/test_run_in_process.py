@@ -5,6 +5,7 @@ log, the errors and the timeout are those of the torchrun subprocess (``torchrun
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -68,6 +69,11 @@ def test_the_rank_runs_here_and_leaves_the_process_as_it_was(tmp_path, cache_dir
     assert torch.get_num_threads() == threads and not dist.is_initialized()
     assert signal.getsignal(signal.SIGALRM) == handler
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    # ... and its model is gone already (it sits in reference cycles): the memory is free for
+    # whatever this process starts next, as it would be after a rank process.
+    from adp_pass.runtime.engine import RankEngine
+
+    assert not [o for o in gc.get_objects() if isinstance(o, RankEngine)]
     print("after the job")
     assert capfd.readouterr().out == "after the job\n"
 
