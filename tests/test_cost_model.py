@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -210,13 +211,18 @@ def test_gemm_rate_interpolates_and_scales_below_the_smallest_point():
 def test_the_packaged_default_is_an_h200_calibration():
     cal = load_calibration()
     # Single-GPU constants measured by adp calibrate on one H200, the step overhead refitted on
-    # it; collectives still estimated.
+    # it; the collectives of 2 ranks measured on two H200, larger groups scaled from them.
     assert "measured by `adp calibrate --gpus 1`" in cal.source and "H200" in cal.name
-    assert "collective tables still estimated" in cal.source
+    assert "measured by `adp calibrate --gpus 2`" in cal.source
     assert cal["copy_bandwidth_gbps"] == pytest.approx(4236.92)
     assert cal["attention_bandwidth_gbps"] == pytest.approx(4282.85)
+    results = Path(__file__).parents[1] / "bench" / "results"
+    measured = json.loads((results / "calibrate-h200-2gpu.json").read_text())
     for op in ("allreduce", "allgather", "reducescatter"):
         assert {"2", "4", "8"} <= set(cal[op])
+        assert cal[op]["2"] == {k: measured[op]["2"][k] for k in ("latency_us",
+                                                                  "bus_bandwidth_gbps")}
+        assert all(cal[op][g]["latency_us"] >= cal[op]["2"]["latency_us"] for g in cal[op])
 
 
 @pytest.mark.parametrize("change, words", [
