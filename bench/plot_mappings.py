@@ -74,11 +74,17 @@ def _summary(m: Mapping) -> str:
     return f"{m.dp_size} request sets, ranks step in groups of {m.lockstep_size}"
 
 
+def _plot_order(spec: str) -> tuple:
+    m = Mapping.load(spec)
+    return (m.tp_size > 1, m.enable_attention_dp, m.attn_tp_size, m.mlp_tp_size)
+
+
 def results(source: str, path: str) -> None:
     doc = json.load(open(source))
     rows = [r for r in doc["rows"] if r.get("tok_s_per_gpu")]
     workloads = sorted({(r["batch_per_gpu"], r["prompt"]) for r in rows})
-    mappings = list(dict.fromkeys(r["mapping"] for r in rows))
+    # One order for every plot: TP1, TP-N, then attention-DP from the least to the most sharded.
+    mappings = sorted(dict.fromkeys(r["mapping"] for r in rows), key=_plot_order)
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(mappings)
     for i, spec in enumerate(mappings):
