@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--graph-sizes", default="1,2,4,8,16,32,64")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="every request samples at this temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--no-check", action="store_true",
                         help="skip the first-step check against transformers (it holds a second "
                              "copy of the weights: Qwen3-32B on one GPU does not fit twice)")
@@ -49,7 +52,8 @@ def main() -> None:
 
     config = qwen3_config(args.preset)
     count = args.requests_per_rank * args.world_size
-    params = SamplingParams(max_new_tokens=args.new_tokens)
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature,
+                            top_p=args.top_p)
     requests = synthetic_requests(count, args.prompt_len, params, config.vocab_size)
     seq_len = args.prompt_len + args.new_tokens
     blocks_per_seq = -(-seq_len // args.block_size)

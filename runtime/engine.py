@@ -17,10 +17,12 @@ head) computes prefill logits only for the rows that are sampled: each finished 
 token and the decode rows. On a GPU the decode step is
 replayed from CUDA graphs captured for a set of batch sizes.
 
-Greedy decoding runs one step ahead of the host (``async_decode``): step t+1 is launched before
-step t's tokens are read, its input tokens taken on the device from step t's argmax, so the
+Decoding runs one step ahead of the host (``async_decode``): step t+1 is launched before
+step t's tokens are read, its input tokens taken on the device from step t's tokens, so the
 host's work of a step (bookkeeping, block tables, the copy of the inputs) overlaps the GPU's
-step instead of sitting between two steps. A sequence whose last token is certain to end it
+step instead of sitting between two steps. Sampled rows run ahead too: a token's draw is keyed
+by the request's seed and the token's index (runtime/sampling.py), not by generator state the
+host advances, and it is taken inside the step's CUDA graphs. A sequence whose last token is certain to end it
 (its length limit) is not launched again; one that ends on a stop token wastes one row of the
 step in flight, whose token is dropped (docs/runtime.md, "Decoding one step ahead").
 
@@ -41,7 +43,8 @@ import torch
 
 from adp_pass.runtime.kv_cache import PagedKVCache
 from adp_pass.runtime.lockstep import Lockstep
-from adp_pass.runtime.sampling import SamplingParams, sample
+from adp_pass.runtime.sampling import (RowSampling, SamplingParams, choose_tokens, request_seed,
+                                       sample)
 from adp_pass.runtime.sampling import greedy as greedy_tokens
 
 
@@ -117,7 +120,7 @@ class _Prefill:
 @dataclass
 class _Launched:
     """A decode step launched and not yet read: its sequences in row order, and where its
-    greedy tokens arrive on the host (``ready`` is recorded after their copy)."""
+    tokens arrive on the host (``ready`` is recorded after their copy)."""
 
     seqs: list[_Sequence]
     tokens: torch.Tensor
@@ -155,9 +158,10 @@ class RankEngine:
         self.running: dict[Hashable, _Sequence] = {}
         self.stats = EngineStats()
         self._arrival: dict[Hashable, float] = {}
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        # Requests with a seed of their own (SamplingParams.seed) sample from their own generator.
-        self._generators: dict[Hashable, torch.Generator] = {}
+        # Each request samples with one seed (runtime/sampling.py): its own SamplingParams.seed,
+        # else one drawn here, on the host, so that drawing never waits for the GPU.
+        self._seed_source = torch.Generator().manual_seed(seed)
+        self._seeds: dict[Hashable, int] = {}
         # Lockstep groups agree on every step's shapes first: they decode in step with the host.
         self.async_decode = async_decode and lockstep is None
         # Packed prefill needs a graph that takes query_start_loc; a lockstep group pads
@@ -174,7 +178,7 @@ class RankEngine:
         self.selects_logits = _takes_input(model, "logits_indices")
         self.prefilling: list[_Prefill] = []
         self._inflight: _Launched | None = None
-        # The last decode step's greedy token per row: the next step's input for the rows
+        # The last decode step's token per row: the next step's input for the rows
         # whose token the host has not read yet (``async_decode``).
         rows = max([max_batch, *(cuda_graph_sizes or ())])
         self._last_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -200,9 +204,7 @@ class RankEngine:
         if not request.prompt:
             raise ValueError(f"request {request.request_id!r} has an empty prompt")
         self._arrival[request.request_id] = time.perf_counter()
-        if request.params.seed is not None:
-            self._generators[request.request_id] = torch.Generator(
-                device=self.device).manual_seed(request.params.seed)
+        self._seeds[request.request_id] = request_seed(request.params, self._seed_source)
         self.waiting.append(request)
 
     def cancel(self, request_id: Hashable) -> bool:
@@ -210,7 +212,7 @@ class RankEngine:
         False if it is not here (already finished). Safe between steps; with lockstep, every
         rank of the group must cancel at the same step (the online server broadcasts it)."""
         self._arrival.pop(request_id, None)
-        self._generators.pop(request_id, None)
+        self._seeds.pop(request_id, None)
         if request_id in self.running:
             del self.running[request_id]
             self.cache.free(request_id)
@@ -373,9 +375,9 @@ class RankEngine:
             else:
                 logits = self.model(*inputs)[0][0]
                 picked = logits[torch.tensor(rows, device=self.device)] if rows else None
-        if rows:
-            tokens = sample(picked, [r.params for r in requests], self.generator,
-                            [self._generators.get(r.request_id) for r in requests]).tolist()
+        if rows:  # a prompt's first token is its token 0; a decode row's is its next one
+            counters = [0] * len(done) + [len(seq.generated) for seq in decoding]
+            tokens = sample(picked, self._sampling(requests, counters)).tolist()
         elapsed = time.perf_counter() - start
         self.stats.prefill_tokens += sum(take for _, take in chunks)
         self.stats.prefill_calls += 1
@@ -484,8 +486,7 @@ class RankEngine:
             self.stats.idle_s += time.perf_counter() - start
             return []
         logits = logits[torch.arange(len(group), device=self.device), last]
-        tokens = sample(logits, [r.params for r in group], self.generator,
-                        [self._generators.get(r.request_id) for r in group]).tolist()
+        tokens = sample(logits, self._sampling(group, [0] * len(group))).tolist()
         self.stats.prefill_tokens += sum(len(r.prompt) for r in group)
         self.stats.prefill_calls += 1
         self.stats.prefill_s += time.perf_counter() - start
@@ -509,8 +510,7 @@ class RankEngine:
     def _decode(self, rows: int | None = None) -> list[Result]:
         """One decode call for every running sequence; lockstep passes the agreed ``rows``
         (padding rows after the sequences: slot -1, context_len 0)."""
-        if self.async_decode and all(s.request.params.temperature == 0
-                                     for s in self.running.values()):
+        if self.async_decode:
             return self._decode_ahead()
         finished = self._collect(self._inflight) if self._inflight is not None else []
         self._inflight = None
@@ -518,8 +518,14 @@ class RankEngine:
             return finished
         return finished + self._decode_in_step(rows)
 
+    def _sampling(self, requests: list[Request], counters: list[int]) -> RowSampling:
+        """The sampling inputs of a call's rows, one per request; ``counters``: the index of the
+        token each row generates."""
+        return RowSampling.of([r.params for r in requests],
+                              [self._seeds[r.request_id] for r in requests], counters)
+
     def _decode_ahead(self) -> list[Result]:
-        """Launch the next decode step, then read the one in flight (greedy only)."""
+        """Launch the next decode step, then read the one in flight."""
         start = time.perf_counter()
         previous = self._inflight
         launch = [s for s in self.running.values() if not self._ends_with_pending(s)]
@@ -551,25 +557,28 @@ class RankEngine:
         tokens = [0 if seq.pending else seq.generated[-1] for seq in seqs]
         slots, lens, tables = self._grow_by_one([seq.request.request_id for seq in seqs])
         positions = [n - 1 for n in lens]
+        # A row whose token is in flight generates the one after it.
+        rows = self._sampling([seq.request for seq in seqs],
+                              [len(seq.generated) + seq.pending for seq in seqs])
         with torch.no_grad():
             if self._graphs is not None and self._graphs.fits(len(seqs)):
-                _, greedy = self._graphs.run_host(tokens, positions, slots, tables, lens,
-                                                  len(seqs), source=source)
+                _, chosen = self._graphs.run_host(tokens, positions, slots, tables, lens,
+                                                  len(seqs), source=source, sampling=rows)
             else:
                 inputs = decode_batch(tokens, positions, slots, tables, lens, len(seqs),
                                       self.device)
                 inputs = (self._tokens_from(source, inputs[0]), *inputs[1:])
-                greedy = greedy_tokens(self.model(*inputs)[0][:, -1])
-                self._last_tokens[: len(seqs)] = greedy
+                chosen = sample(self.model(*inputs)[0][:, -1], rows)
+                self._last_tokens[: len(seqs)] = chosen
         self._launches += 1
         host = self._token_buffers[self._launches % 2][: len(seqs)]
         ready = None
         if self.device.type == "cuda":
-            host.copy_(greedy[: len(seqs)], non_blocking=True)
+            host.copy_(chosen[: len(seqs)], non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
         else:
-            host.copy_(greedy[: len(seqs)])
+            host.copy_(chosen[: len(seqs)])
         for seq in seqs:
             seq.pending += 1
         return _Launched(seqs, host, ready)
@@ -611,12 +620,13 @@ class RankEngine:
         rows = len(seqs) if rows is None else rows
         slots, lens, tables = self._grow_by_one(ids)
         last = [s.generated[-1] for s in seqs]
-        greedy = None  # the graph's argmax of each row, when a graph ran
+        sampling = self._sampling([s.request for s in seqs], [len(s.generated) for s in seqs])
+        chosen = None  # each row's token, when a graph ran (the choice is in the graph)
         with torch.no_grad():
             # Every rank of a lockstep group passes the same `rows`: the same graph bucket.
             if self._graphs is not None and self._graphs.fits(rows):
-                logits, greedy = self._graphs.run_host(last, [n - 1 for n in lens], slots,
-                                                       tables, lens, rows)
+                _, chosen = self._graphs.run_host(last, [n - 1 for n in lens], slots, tables,
+                                                  lens, rows, sampling=sampling)
             else:
                 inputs = decode_batch(last, [n - 1 for n in lens], slots, tables, lens, rows,
                                       self.device)
@@ -625,12 +635,9 @@ class RankEngine:
             self.stats.idle_calls += 1
             self.stats.idle_s += time.perf_counter() - start
             return []
-        params = [s.request.params for s in seqs]
-        if greedy is not None and all(p.temperature == 0 for p in params):
-            tokens = greedy[: len(seqs)].tolist()  # sample()'s greedy rule, run in the graph
-        else:
-            tokens = sample(logits[: len(seqs)], params, self.generator,
-                            [self._generators.get(i) for i in ids]).tolist()
+        if chosen is None:
+            chosen = sample(logits[: len(seqs)], sampling)
+        tokens = chosen[: len(seqs)].tolist()
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(seqs)
         self.stats.decode_s += time.perf_counter() - start
@@ -653,7 +660,7 @@ class RankEngine:
         request_id = seq.request.request_id
         del self.running[request_id]
         self.cache.free(request_id)
-        self._generators.pop(request_id, None)
+        self._seeds.pop(request_id, None)
         return [Result(request_id, len(seq.request.prompt), seq.generated, reason)]
 
 
@@ -753,9 +760,15 @@ class _DecodeGraphs:
     the next size (padding rows write to slot -1 and attend over an empty context).
 
     Each graph also takes the argmax of its logits (the greedy token), and its inputs live in
-    two device buffers (int64: ids, positions, slots; int32: block tables, context lengths)
-    filled from pinned host copies by two copies a step: the step's host work is then a few
-    array writes, not a dozen small tensors and kernels.
+    two device buffers (int64: ids, positions, slots, source rows, seeds, counters; int32: block
+    tables, context lengths) filled from pinned host copies by two copies a step: the step's host
+    work is then a few array writes, not a dozen small tensors and kernels.
+
+    A step with sampled rows also replays a *sampling graph* of its size after the decode graph:
+    ``choose_tokens`` over the decode graph's logits, from a third buffer (fp32: 1 / temperature,
+    top_p) and the seeds and counters, into the rows' tokens. Two per size, with and without the
+    top-p sort, each captured the first time a step needs it (a greedy-only job never builds
+    them), in a memory pool of their own.
     """
 
     def __init__(self, engine: RankEngine, sizes: list[int]) -> None:
@@ -767,16 +780,19 @@ class _DecodeGraphs:
         self.greedy: dict[int, torch.Tensor] = {}
         self.device_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.host_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.float_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sampling: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.sampling_pool = torch.cuda.graph_pool_handle()
         self.copied = torch.cuda.Event()  # the last host-to-device copies were made
         device = engine.device
         pool = torch.cuda.graph_pool_handle()
-        last_tokens = engine._last_tokens
+        self.last_tokens = last_tokens = engine._last_tokens
         for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory
-            # ids, positions, slots, and the row of the previous step whose argmax is this
-            # row's token (-1: take the id), as one int64 buffer.
-            longs = torch.zeros(4, size, dtype=torch.long, device=device)
+            # ids, positions, slots, the row of the previous step whose token is this row's
+            # (-1: take the id), and the rows' sampling seeds and counters: one int64 buffer.
+            longs = torch.zeros(6, size, dtype=torch.long, device=device)
             ints = torch.zeros(size * width + size, dtype=torch.int32, device=device)
-            longs[2:].fill_(-1)
+            longs[2:4].fill_(-1)
             inputs = (
                 longs[1].view(size, 1),  # positions
                 longs[2],  # slots
@@ -805,27 +821,62 @@ class _DecodeGraphs:
             self.device_buffers[size] = (longs, ints)
             self.host_buffers[size] = (torch.zeros_like(longs, device="cpu").pin_memory(),
                                        torch.zeros_like(ints, device="cpu").pin_memory())
+            floats = torch.zeros(2, size, dtype=torch.float32, device=device)
+            self.float_buffers[size] = (floats, torch.zeros_like(floats, device="cpu").pin_memory())
         torch.cuda.synchronize()
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
+    def _sampling_graph(self, size: int, cuts: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The sampling graph of ``size`` rows (with the top-p sort if ``cuts``) and its tokens
+        output, captured on first use."""
+        if (size, cuts) not in self.sampling:
+            longs, _ = self.device_buffers[size]
+            floats, _ = self.float_buffers[size]
+            logits = self.outputs[size]
+
+            def choose() -> torch.Tensor:
+                return choose_tokens(logits, floats[0], floats[1], longs[4], longs[5], cuts=cuts)
+
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                choose()  # warm up: Triton compiles, the sort sizes its workspace
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.sampling_pool), torch.no_grad():
+                tokens = choose()
+                self.last_tokens[:size].copy_(tokens)  # the next step's input, as greedy's
+            self.sampling[size, cuts] = graph, tokens
+        return self.sampling[size, cuts]
+
     def run_host(self, tokens: list[int], positions: list[int], slots: list[int],
                  tables: list[list[int]], context_lens: list[int],
                  rows: int, source: list[int] | None = None,
+                 sampling: RowSampling | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the graph for ``rows`` rows (the sequences first, then padding rows) from
-        host lists; its logits and greedy tokens, ``[rows, V]`` and ``[rows]``. ``source``:
-        per sequence, the row of the previous replay whose greedy token is its input (-1: the
-        one in ``tokens``)."""
+        host lists; its logits and each row's token, ``[rows, V]`` and ``[rows]``: the argmax,
+        or for ``sampling`` (one entry per sequence) with sampled rows, the sampling graph's
+        choice. ``source``: per sequence, the row of the previous replay whose token is its
+        input (-1: the one in ``tokens``)."""
         size = next(s for s in self.sizes if s >= rows)
         batch, width = len(tokens), self.width
         host_longs, host_ints = self.host_buffers[size]
+        sampled = sampling is not None and not sampling.greedy
         self.copied.synchronize()  # the pinned buffers are free to rewrite
         longs, ints = host_longs.numpy(), host_ints.numpy()
         longs[0, :batch], longs[1, :batch], longs[2, :batch] = tokens, positions, slots
         longs[3, :batch] = -1 if source is None else source
-        longs[0, batch:], longs[1, batch:], longs[2:, batch:] = 0, 0, -1
+        longs[0, batch:], longs[1, batch:], longs[2:4, batch:], longs[4:, batch:] = 0, 0, -1, 0
+        if sampled:
+            longs[4, :batch], longs[5, :batch] = sampling.seeds, sampling.counters
+            device_floats, host_floats = self.float_buffers[size]
+            floats = host_floats.numpy()
+            floats[0, :batch], floats[1, :batch] = sampling.inv_temperature, sampling.top_p
+            floats[0, batch:], floats[1, batch:] = 0.0, 1.0  # padding rows: greedy
+            device_floats.copy_(host_floats, non_blocking=True)
         table = ints[: size * width].reshape(size, width)
         table[:] = 0
         for row, blocks in enumerate(tables):
@@ -837,7 +888,11 @@ class _DecodeGraphs:
         device_ints.copy_(host_ints, non_blocking=True)
         self.copied.record()
         self.graphs[size].replay()
-        return self.outputs[size][:rows], self.greedy[size][:rows]
+        if not sampled:
+            return self.outputs[size][:rows], self.greedy[size][:rows]
+        graph, chosen = self._sampling_graph(size, sampling.cuts)
+        graph.replay()
+        return self.outputs[size][:rows], chosen[:rows]
 
     def run(self, *tensors: torch.Tensor) -> torch.Tensor:
         """Replay from device tensors of :func:`decode_batch`; the logits."""

@@ -1,10 +1,22 @@
-"""Next-token choice for a batch of sequences, each with its own sampling parameters."""
+"""Next-token choice for a batch of sequences, each with its own sampling parameters.
+
+Every choice, greedy or sampled, is a function of the row's logits and of (seed, counter): the
+request's seed (its own ``SamplingParams.seed``, else one the engine draws when the request
+arrives) and the index of the token being generated. Sampling is Gumbel-max with noise hashed
+from those two numbers (``adp.sample_tokens``, runtime/kernels/sample.py), so it holds no
+generator state, never syncs with the host and runs inside the decode step's CUDA graph; a
+seeded request gets the same tokens whatever batch, rank or step-ahead mode it decodes in.
+Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (the
+first always stays), as the logits not below the last kept token's (``top_p_min_logit``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+_INT64 = 2**64
 
 
 @dataclass(frozen=True)
@@ -38,30 +50,82 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None,
-    row_generators: list[torch.Generator | None] | None = None,
-) -> torch.Tensor:
-    """One token per row of ``logits`` [B, V]; greedy rows take the argmax (first on ties, as
-    transformers does), the others sample from the temperature-scaled top-p distribution, from
-    ``row_generators[i]`` where given (a seeded request), else from ``generator``."""
-    tokens = greedy(logits)
-    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-    if not sampled:
-        return tokens
-    rows = torch.tensor(sampled, device=logits.device)
-    temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
-    top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
-    probs = torch.softmax(logits[rows].float() / temperature[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    keep = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p[:, None]
-    sorted_probs = sorted_probs * keep
-    own = [row_generators[i] if row_generators else None for i in sampled]
-    if not any(g is not None for g in own):
-        choice = torch.multinomial(sorted_probs, 1, generator=generator).squeeze(-1)
-    else:  # one draw per row: a seeded row must not consume the shared generator's state
-        choice = torch.cat([torch.multinomial(sorted_probs[j:j + 1], 1, generator=g or generator)
-                            .view(1) for j, g in enumerate(own)])
-    tokens[rows] = order.gather(-1, choice[:, None]).squeeze(-1)
-    return tokens
+def request_seed(params: SamplingParams, draw: torch.Generator) -> int:
+    """The seed a request samples with: its own (wrapped to int64, as the kernel reads it), else
+    one drawn from the engine's host generator ``draw``."""
+    if params.seed is not None:
+        return (params.seed + 2**63) % _INT64 - 2**63
+    return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, generator=draw))
+
+
+@dataclass
+class RowSampling:
+    """The sampling inputs of one call's rows, as host lists: ``1 / temperature`` (0 = greedy),
+    ``top_p``, seed and counter (the index of the token the row generates)."""
+
+    inv_temperature: list[float]
+    top_p: list[float]
+    seeds: list[int]
+    counters: list[int]
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], seeds: list[int],
+           counters: list[int]) -> "RowSampling":
+        # 1 / temperature is capped where fp32 still holds it times a logit (a temperature of
+        # 1e-39 is greedy in effect, not inf * logit = NaN).
+        return cls([min(1.0 / p.temperature, 1e30) if p.temperature > 0 else 0.0 for p in params],
+                   [p.top_p for p in params], list(seeds), list(counters))
+
+    @property
+    def greedy(self) -> bool:
+        """Every row takes the argmax."""
+        return not any(self.inv_temperature)
+
+    @property
+    def cuts(self) -> bool:
+        """Some sampled row keeps only its top-p tokens (the choice then sorts its logits)."""
+        return any(t > 0 and p < 1 for t, p in zip(self.inv_temperature, self.top_p))
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(inv_temperature, top_p, seeds, counters)``: fp32, fp32, int64, int64, ``[rows]``."""
+        floats = torch.tensor([self.inv_temperature, self.top_p], dtype=torch.float32)
+        longs = torch.tensor([self.seeds, self.counters], dtype=torch.int64)
+        floats, longs = floats.to(device), longs.to(device)
+        return floats[0], floats[1], longs[0], longs[1]
+
+
+def top_p_min_logit(logits: torch.Tensor, inv_temperature: torch.Tensor,
+                    top_p: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[B]``: per row, the logit of the last token top-p keeps, sorting by probability
+    under the row's temperature (the smallest prefix whose mass reaches ``top_p``; the first token
+    always stays); -inf for greedy rows and ``top_p >= 1``. Tensor ops only: CUDA-graph safe."""
+    x = logits.float()
+    probs = torch.softmax(x * inv_temperature[:, None], dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the mass ahead of each token
+    kept = (before < top_p[:, None]).sum(dim=-1).clamp(min=1)
+    cut = x.gather(-1, order.gather(-1, (kept - 1)[:, None])).squeeze(-1)
+    return torch.where((inv_temperature > 0) & (top_p < 1), cut, float("-inf"))
+
+
+def choose_tokens(logits: torch.Tensor, inv_temperature: torch.Tensor, top_p: torch.Tensor,
+                  seeds: torch.Tensor, counters: torch.Tensor, *, cuts: bool) -> torch.Tensor:
+    """One token per row of ``[B, V]`` logits from device tensors (``RowSampling.tensors``);
+    ``cuts``: apply top-p (a sort of the logits), else every row keeps its whole vocabulary.
+    No host sync: a decode graph captures it."""
+    from adp_pass.runtime.kernels import sample as _registers_the_op  # noqa: F401
+
+    if cuts:
+        min_logit = top_p_min_logit(logits, inv_temperature, top_p)
+    else:
+        min_logit = torch.full_like(inv_temperature, float("-inf"))
+    return torch.ops.adp.sample_tokens(logits, inv_temperature, min_logit, seeds, counters)
+
+
+def sample(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V]: greedy rows take the argmax (first on ties, as
+    transformers does), the others a draw from the temperature-scaled top-p distribution keyed
+    by their (seed, counter)."""
+    if rows.greedy:
+        return greedy(logits)
+    return choose_tokens(logits, *rows.tensors(logits.device), cuts=rows.cuts)

@@ -1,6 +1,7 @@
-"""Greedy decoding one step ahead of the host (``RankEngine(async_decode=True)``, the default)
-gives the tokens of decoding in step with it: across staggered admission, stop tokens read a
-step late, cancellation while a step is in flight, and a sampled request joining the batch."""
+"""Decoding one step ahead of the host (``RankEngine(async_decode=True)``, the default) gives
+the tokens of decoding in step with it: across staggered admission, stop tokens read a step
+late, cancellation while a step is in flight, and sampled requests (their draws are keyed by
+seed and token index, so they do not depend on the batch or the mode)."""
 
 import torch
 
@@ -69,14 +70,38 @@ def test_steps_run_ahead_and_a_cancel_in_flight_frees_its_blocks():
     assert cache.num_free_blocks == cache.num_blocks
 
 
-def test_a_sampled_request_joining_decodes_in_step_with_the_same_tokens():
-    greedy = _requests(3, seed=2, new=(6, 6, 6))
-    sampled = Request("sampled", [5, 6, 7, 8], SamplingParams(max_new_tokens=5, temperature=0.8,
-                                                              seed=11))
-    requests = greedy + [sampled]
-    want, _, _, _ = _serve(requests, async_decode=False, max_batch=4)
-    got, _, _, _ = _serve(requests, async_decode=True, max_batch=4)
+def _sampled(seed: int = 11) -> list[Request]:
+    return [Request("sampled", [5, 6, 7, 8], SamplingParams(max_new_tokens=5, temperature=0.8,
+                                                             seed=seed)),
+            Request("top-p", [9, 3, 2], SamplingParams(max_new_tokens=6, temperature=1.5,
+                                                       top_p=0.6, seed=seed + 1))]
+
+
+def test_sampled_requests_run_ahead_with_the_in_step_tokens():
+    requests = _requests(3, seed=2, new=(6, 6, 6)) + _sampled()
+    want, _, _, _ = _serve(requests, async_decode=False, max_batch=5)
+    got, engine, _, cache = _serve(requests, async_decode=True, max_batch=5)
     assert got == want
+    assert engine.stats.decode_tokens == sum(len(t) - 1 for t, _ in want.values())
+    assert cache.num_free_blocks == cache.num_blocks
+    # The sampled rows were launched before the step in flight was read.
+    model = ToyModel()
+    engine = RankEngine(model, model.cache(), max_batch=5)
+    for request in _sampled():
+        engine.add(request)
+    engine.step()
+    engine.step()
+    assert [s.pending for s in engine._inflight.seqs] == [1, 1]
+
+
+def test_a_seeded_request_draws_the_same_tokens_in_any_batch():
+    alone, _, _, _ = _serve(_sampled(), async_decode=True, max_batch=5)
+    crowded, _, _, _ = _serve(_requests(4, seed=5, new=(3, 7, 2, 5)) + _sampled(),
+                              async_decode=True, max_batch=6)
+    assert {k: crowded[k] for k in alone} == alone
+    # ... and other seeds draw other tokens: the draws are not the argmax.
+    reseeded, _, _, _ = _serve(_sampled(seed=40), async_decode=True, max_batch=5)
+    assert reseeded != alone
 
 
 def test_lockstep_never_runs_ahead():

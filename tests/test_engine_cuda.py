@@ -19,7 +19,7 @@ def _serve(graph_sizes, requests):
     engine = RankEngine(built.model, built.cache, max_batch=8, max_seq_len=64,
                         max_position=256, cuda_graph_sizes=graph_sizes, seed=3)
     assert (engine._graphs is not None) == bool(graph_sizes)
-    return {r.request_id: r.tokens for r in engine.generate(requests)}
+    return {r.request_id: r.tokens for r in engine.generate(requests)}, engine
 
 
 @pytest.mark.parametrize("count", [3, 4])  # 3 is padded to the graph of 4
@@ -28,13 +28,20 @@ def test_graph_replay_gives_the_eager_tokens(count):
     requests = []
     for i in range(count):
         prompt = torch.randint(0, 256, (5 + i,), generator=generator).tolist()
-        # Row 1 samples (seeded: its draws do not depend on the batch); the others are greedy.
-        params = SamplingParams(max_new_tokens=12, temperature=0.8 if i == 1 else 0.0, seed=7)
+        # Row 1 samples, row 2 samples from its top-p set (the seeded draws do not depend on the
+        # batch or on the graph); the others are greedy.
+        params = SamplingParams(max_new_tokens=12, temperature=(0.0, 0.8, 1.2, 0.0)[i],
+                                top_p=0.7 if i == 2 else 1.0, seed=7 + i)
         requests.append(Request(f"r{i}", prompt, params))
-    eager = _serve((), requests)
-    graphs = _serve((1, 2, 4), requests)
+    eager, _ = _serve((), requests)
+    graphs, engine = _serve((1, 2, 4), requests)
     assert graphs == eager
     assert all(len(tokens) == 12 for tokens in graphs.values())
+    # The sampling ran in the sampling graph of the batch's size, with the top-p sort.
+    assert set(engine._graphs.sampling) == {(4, True)}
+    # A sampled request alone: its graph without the sort, and its draws as in the batch.
+    alone, engine = _serve((1, 2, 4), requests[1:2])
+    assert alone["r1"] == graphs["r1"] and set(engine._graphs.sampling) == {(1, False)}
 
 
 def _logits_and_tokens(pdl: str, prompts):

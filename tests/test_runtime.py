@@ -9,26 +9,55 @@ from transformers import Qwen3ForCausalLM
 from adp_pass.presets import qwen3_config
 from adp_pass.runtime.engine import RankEngine, Request
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job
-from adp_pass.runtime.sampling import SamplingParams, sample
+from adp_pass.runtime.sampling import (RowSampling, SamplingParams, request_seed, sample,
+                                       top_p_min_logit)
 
 GQA_CONFIG = qwen3_config("tiny", num_key_value_heads=2)  # 8 q heads share 2 kv heads
+
+
+def _rows(params, seeds=None, counters=None) -> RowSampling:
+    n = len(params)
+    return RowSampling.of(params, seeds or [0] * n, counters or [0] * n)
 
 
 def test_greedy_is_argmax_and_top_p_keeps_the_head():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 4.9]])
     greedy = SamplingParams()
-    assert sample(logits, [greedy, greedy]).tolist() == [1, 0]
+    assert sample(logits, _rows([greedy, greedy])).tolist() == [1, 0]
     narrow = SamplingParams(temperature=1.0, top_p=0.01)  # only the most likely token survives
-    generator = torch.Generator().manual_seed(0)
-    assert sample(logits, [narrow, narrow], generator).tolist() == [1, 0]
+    for seed in range(20):
+        assert sample(logits, _rows([narrow, narrow], [seed, seed])).tolist() == [1, 0]
 
 
-def test_temperature_sampling_is_reproducible_and_spread():
+def test_top_p_cut_is_the_last_kept_logit():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 2.0, 1.0, 0.0]])
+    inv_t = torch.tensor([1.0, 1.0, 0.0])
+    probs = torch.softmax(logits[0], -1)  # 0.644, 0.237, 0.087, 0.032
+    top_p = torch.tensor([float(probs[0] + probs[1]) + 1e-3, 0.5, 0.5])
+    cut = top_p_min_logit(logits, inv_t, top_p)
+    # Row 0: the first two reach 0.881 < top_p, so the third is kept too; row 1: two of four
+    # equal tokens reach 0.5, so the cut is their logit (ties at the cut all stay); row 2: greedy.
+    assert cut.tolist() == [0.0, 0.0, float("-inf")]
+
+
+def test_temperature_sampling_follows_seed_and_counter_and_spreads():
     logits = torch.zeros(1, 8)
     params = [SamplingParams(temperature=1.0)]
-    draws = [sample(logits, params, torch.Generator().manual_seed(s)).item() for s in range(40)]
-    again = [sample(logits, params, torch.Generator().manual_seed(s)).item() for s in range(40)]
-    assert draws == again and len(set(draws)) > 4
+    draws = [sample(logits, _rows(params, [s], [0])).item() for s in range(40)]
+    again = [sample(logits, _rows(params, [s], [0])).item() for s in range(40)]
+    steps = [sample(logits, _rows(params, [3], [c])).item() for c in range(40)]
+    assert draws == again and len(set(draws)) > 4 and len(set(steps)) > 4
+
+
+def test_a_seed_is_the_requests_own_or_drawn_and_wraps_to_int64():
+    draw = torch.Generator().manual_seed(0)
+    assert request_seed(SamplingParams(seed=7), draw) == 7
+    assert request_seed(SamplingParams(seed=2**64 + 5), draw) == 5
+    assert request_seed(SamplingParams(seed=2**63), draw) == -2**63
+    drawn = {request_seed(SamplingParams(), draw) for _ in range(4)}
+    assert len(drawn) == 4 and all(-2**63 <= s < 2**63 for s in drawn)
+    tiny = RowSampling.of([SamplingParams(temperature=1e-39)], [0], [0])
+    assert tiny.inv_temperature == [1e30]  # capped: fp32 holds it times a logit
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -131,7 +131,7 @@ def _tiny_engine(max_batch=4):
 
 def test_engine_cancel_frees_blocks_and_seeds_are_per_request():
     from adp_pass.runtime.engine import Request
-    from adp_pass.runtime.sampling import SamplingParams, sample
+    from adp_pass.runtime.sampling import RowSampling, SamplingParams, sample
 
     engine = _tiny_engine()
     engine.add(Request("a", [1, 2, 3], SamplingParams(8)))
@@ -145,15 +145,11 @@ def test_engine_cancel_frees_blocks_and_seeds_are_per_request():
     assert engine.cancel("c")  # still waiting: taken off the queue
     assert engine.cancel("b") and engine.cache.num_free_blocks == engine.cache.num_blocks
     assert not engine.has_work
-    # A seeded row draws the same token whatever shares its batch; others are not disturbed.
+    # A seeded row draws the same token whatever shares its batch.
     logits = torch.randn(3, 50)
     params = [SamplingParams(temperature=1.0, seed=5)] * 3
-
-    def seeded():
-        return torch.Generator().manual_seed(5)
-
-    alone = sample(logits[:1], params[:1], torch.Generator().manual_seed(0), [seeded()])
-    batch = sample(logits, params, torch.Generator().manual_seed(1), [seeded(), None, None])
+    alone = sample(logits[:1], RowSampling.of(params[:1], [5], [2]))
+    batch = sample(logits, RowSampling.of(params, [5, 6, 7], [2, 0, 1]))
     assert alone[0] == batch[0]
 
 

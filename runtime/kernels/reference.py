@@ -173,3 +173,95 @@ def paged_decode_attention(
     kernel's summation order, so ``num_splits`` has no counterpart here."""
     query_start_loc = torch.arange(q.shape[0] + 1, device=q.device)
     return varlen_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+
+
+# adp.sample_tokens (runtime/kernels/sample.py, whose docstring states the formula). The uint32
+# arithmetic of the kernel is emulated on int64 tensors holding values in [0, 2**32): products
+# are split so that nothing overflows, and every fp32 operation is the kernel's, in its order
+# (the kernel is launched without FMA contraction), so this reproduces its tokens bit for bit.
+_U32 = 0xFFFFFFFF
+
+
+def _mul_u32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``x * constant mod 2**32`` for int64 ``x`` in [0, 2**32): both partial products stay
+    below 2**48."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _U32
+
+
+def lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' lowbias32 integer hash on uint32 values held in an int64 tensor."""
+    x = x ^ (x >> 16)
+    x = _mul_u32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul_u32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def sample_keys(seeds: torch.Tensor, counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 32-bit keys (int64 tensors) of each (seed, counter) pair, from all 64 bits of
+    both."""
+    seeds, counters = seeds.long(), counters.long()
+    k0 = lowbias32((seeds & _U32) ^ 0x9E3779B9)
+    k0 = lowbias32(k0 ^ ((seeds >> 32) & _U32))
+    k0 = lowbias32(k0 ^ (counters & _U32))
+    k0 = lowbias32(k0 ^ ((counters >> 32) & _U32))
+    return k0, lowbias32(k0 ^ 0x85EBCA6B)
+
+
+# Cephes' logf polynomial, coefficients rounded to fp32 (written out exactly).
+_LOG_POLY = (0.07037683576345444, -0.11514610052108765, 0.11676998436450958, -0.12420140951871872,
+             0.14249323308467865, -0.16668057441711426, 0.2000071406364441, -0.24999994039535522,
+             0.3333333134651184)
+
+
+def sample_log(x: torch.Tensor) -> torch.Tensor:
+    """The sampler's natural log of positive normal fp32 values, with fp32 multiplies and adds
+    only (so every device computes the same bits): ``x = m * 2**e`` with m in [sqrt(1/2),
+    sqrt(2)), ``f = m - 1`` (exact), Cephes' ``log(1 + f)`` polynomial, ``e * ln 2`` in two
+    parts. Within 1 ulp of the true log over the sampler's inputs."""
+    bits = x.view(torch.int32)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # [1, 2)
+    big = m > 1.4142135381698608  # fp32 sqrt(2)
+    m = torch.where(big, m * 0.5, m)
+    e = torch.where(big, e + 1, e).to(torch.float32)
+    f = m - 1.0
+    z = f * f
+    y = torch.full_like(f, _LOG_POLY[0])
+    for c in _LOG_POLY[1:]:
+        y = y * f + c
+    y = y * f * z
+    y = y + e * -0.00021219444170128554
+    y = y - z * 0.5
+    return (f + y) + e * 0.693359375
+
+
+def gumbel_noise(seeds: torch.Tensor, counters: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """fp32 ``[B, n_cols]``: the Gumbel noise ``adp.sample_tokens`` adds to column i of row r,
+    a function of (seeds[r], counters[r], i) only."""
+    k0, k1 = sample_keys(seeds, counters)
+    cols = torch.arange(n_cols, dtype=torch.int64, device=seeds.device)
+    h = lowbias32(lowbias32(cols[None, :] ^ k0[:, None]) ^ k1[:, None])
+    u = ((h >> 9).to(torch.float32) + 0.5) * 2.0**-23  # exact, in (0, 1)
+    return -sample_log(-sample_log(u))
+
+
+def sample_scores(logits: torch.Tensor, inv_temperature: torch.Tensor, min_logit: torch.Tensor,
+                  seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[B, V]``: what adp.sample_tokens takes the argmax of. Greedy rows
+    (``inv_temperature == 0``): the logits; other rows: ``logits * inv_temperature + gumbel``
+    (each operation rounded to fp32), -inf where the logit is below ``min_logit``."""
+    x = logits.float()
+    scores = x * inv_temperature[:, None] + gumbel_noise(seeds, counters, x.shape[1])
+    scores = torch.where(x < min_logit[:, None], float("-inf"), scores)
+    return torch.where((inv_temperature == 0)[:, None], x, scores)
+
+
+def sample_tokens(logits: torch.Tensor, inv_temperature: torch.Tensor, min_logit: torch.Tensor,
+                  seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """adp.sample_tokens: int64 ``[B]``, the first index of each row's largest ``sample_scores``
+    (a NaN wins, as in argmax): greedy rows give ``argmax(logits[r])``, the others a draw from
+    ``softmax(logits[r] * inv_temperature[r])`` restricted to the logits not below
+    ``min_logit[r]``, keyed by (``seeds[r]``, ``counters[r]``)."""
+    return sample_scores(logits, inv_temperature, min_logit, seeds, counters).argmax(dim=-1)
