@@ -22,9 +22,10 @@ step t's tokens are read, its input tokens taken on the device from step t's tok
 host's work of a step (bookkeeping, block tables, the copy of the inputs) overlaps the GPU's
 step instead of sitting between two steps. Sampled rows run ahead too: a token's draw is keyed
 by the request's seed and the token's index (runtime/sampling.py), not by generator state the
-host advances, and it is taken inside the step's CUDA graphs. A sequence whose last token is certain to end it
-(its length limit) is not launched again; one that ends on a stop token wastes one row of the
-step in flight, whose token is dropped (docs/runtime.md, "Decoding one step ahead").
+host advances, and it is taken inside the step's CUDA graphs. A sequence whose last token is
+certain to end it (its length limit) is not launched again; one that ends on a stop token
+wastes one row of the step in flight, whose token is dropped (docs/runtime.md, "Decoding one
+step ahead").
 
 With a :class:`~adp_pass.runtime.lockstep.Lockstep` (mappings whose graph holds collectives:
 a sharded MLP, attention TP, the plain TP job), the ranks of a lockstep group agree on each
