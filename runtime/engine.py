@@ -768,7 +768,7 @@ class _DecodeGraphs:
     A step with sampled rows also replays a *sampling graph* of its size after the decode graph:
     ``choose_tokens`` over the decode graph's logits, from a third buffer (fp32: 1 / temperature,
     top_p) and the seeds and counters, into the rows' tokens. Two per size, with and without the
-    top-p sort, each captured the first time a step needs it (a greedy-only job never builds
+    top-p cut, each captured the first time a step needs it (a greedy-only job never builds
     them), in a memory pool of their own.
     """
 
@@ -830,7 +830,7 @@ class _DecodeGraphs:
         return batch <= self.sizes[-1]
 
     def _sampling_graph(self, size: int, cuts: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The sampling graph of ``size`` rows (with the top-p sort if ``cuts``) and its tokens
+        """The sampling graph of ``size`` rows (with the top-p cut if ``cuts``) and its tokens
         output, captured on first use."""
         if (size, cuts) not in self.sampling:
             longs, _ = self.device_buffers[size]
@@ -840,15 +840,23 @@ class _DecodeGraphs:
             def choose() -> torch.Tensor:
                 return choose_tokens(logits, floats[0], floats[1], longs[4], longs[5], cuts=cuts)
 
+            # Captured mid-serving, so not under ``torch.cuda.graph``: that synchronizes the
+            # device and empties the allocator's cache (the next eager prefill would pay for
+            # fresh cudaMallocs). The warm-up runs on the serving stream (its temporaries go back
+            # to that stream's cache), the capture on a side stream that waits for it.
+            with torch.no_grad():
+                choose()  # warm up: Triton compiles
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.no_grad():
-                choose()  # warm up: Triton compiles, the sort sizes its workspace
-            torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.sampling_pool), torch.no_grad():
-                tokens = choose()
-                self.last_tokens[:size].copy_(tokens)  # the next step's input, as greedy's
+            with torch.cuda.stream(stream), torch.no_grad():
+                graph.capture_begin(pool=self.sampling_pool, capture_error_mode="thread_local")
+                try:
+                    tokens = choose()
+                    self.last_tokens[:size].copy_(tokens)  # the next step's input, as greedy's
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(stream)
             self.sampling[size, cuts] = graph, tokens
         return self.sampling[size, cuts]
 

@@ -7,7 +7,7 @@ from those two numbers (``adp.sample_tokens``, runtime/kernels/sample.py), so it
 generator state, never syncs with the host and runs inside the decode step's CUDA graph; a
 seeded request gets the same tokens whatever batch, rank or step-ahead mode it decodes in.
 Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (the
-first always stays), as the logits not below the last kept token's (``top_p_min_logit``).
+first always stays), as the logits not below the last kept token's (``adp.top_p_cut``).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class RowSampling:
 
     @property
     def cuts(self) -> bool:
-        """Some sampled row keeps only its top-p tokens (the choice then sorts its logits)."""
+        """Some sampled row keeps only its top-p tokens (the choice then finds its cut)."""
         return any(t > 0 and p < 1 for t, p in zip(self.inv_temperature, self.top_p))
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -94,29 +94,17 @@ class RowSampling:
         return floats[0], floats[1], longs[0], longs[1]
 
 
-def top_p_min_logit(logits: torch.Tensor, inv_temperature: torch.Tensor,
-                    top_p: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[B]``: per row, the logit of the last token top-p keeps, sorting by probability
-    under the row's temperature (the smallest prefix whose mass reaches ``top_p``; the first token
-    always stays); -inf for greedy rows and ``top_p >= 1``. Tensor ops only: CUDA-graph safe."""
-    x = logits.float()
-    probs = torch.softmax(x * inv_temperature[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the mass ahead of each token
-    kept = (before < top_p[:, None]).sum(dim=-1).clamp(min=1)
-    cut = x.gather(-1, order.gather(-1, (kept - 1)[:, None])).squeeze(-1)
-    return torch.where((inv_temperature > 0) & (top_p < 1), cut, float("-inf"))
-
-
 def choose_tokens(logits: torch.Tensor, inv_temperature: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, counters: torch.Tensor, *, cuts: bool) -> torch.Tensor:
     """One token per row of ``[B, V]`` logits from device tensors (``RowSampling.tensors``);
-    ``cuts``: apply top-p (a sort of the logits), else every row keeps its whole vocabulary.
+    ``cuts``: apply top-p (``adp.top_p_cut``: a bisection over each row, no sort), else every
+    row keeps its whole vocabulary.
     No host sync: a decode graph captures it."""
-    from adp_pass.runtime.kernels import sample as _registers_the_op  # noqa: F401
+    import adp_pass.runtime.kernels.sample  # noqa: F401  (registers adp.sample_tokens)
+    import adp_pass.runtime.kernels.top_p  # noqa: F401  (registers adp.top_p_cut)
 
     if cuts:
-        min_logit = top_p_min_logit(logits, inv_temperature, top_p)
+        min_logit = torch.ops.adp.top_p_cut(logits, inv_temperature, top_p)
     else:
         min_logit = torch.full_like(inv_temperature, float("-inf"))
     return torch.ops.adp.sample_tokens(logits, inv_temperature, min_logit, seeds, counters)

@@ -37,9 +37,9 @@ def test_graph_replay_gives_the_eager_tokens(count):
     graphs, engine = _serve((1, 2, 4), requests)
     assert graphs == eager
     assert all(len(tokens) == 12 for tokens in graphs.values())
-    # The sampling ran in the sampling graph of the batch's size, with the top-p sort.
+    # The sampling ran in the sampling graph of the batch's size, with the top-p cut.
     assert set(engine._graphs.sampling) == {(4, True)}
-    # A sampled request alone: its graph without the sort, and its draws as in the batch.
+    # A sampled request alone: its graph without the cut, and its draws as in the batch.
     alone, engine = _serve((1, 2, 4), requests[1:2])
     assert alone["r1"] == graphs["r1"] and set(engine._graphs.sampling) == {(1, False)}
 

@@ -9,8 +9,8 @@ from transformers import Qwen3ForCausalLM
 from adp_pass.presets import qwen3_config
 from adp_pass.runtime.engine import RankEngine, Request
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job
-from adp_pass.runtime.sampling import (RowSampling, SamplingParams, request_seed, sample,
-                                       top_p_min_logit)
+from adp_pass.runtime.kernels import reference, top_p  # noqa: F401  (registers adp.top_p_cut)
+from adp_pass.runtime.sampling import RowSampling, SamplingParams, request_seed, sample
 
 GQA_CONFIG = qwen3_config("tiny", num_key_value_heads=2)  # 8 q heads share 2 kv heads
 
@@ -34,10 +34,11 @@ def test_top_p_cut_is_the_last_kept_logit():
     inv_t = torch.tensor([1.0, 1.0, 0.0])
     probs = torch.softmax(logits[0], -1)  # 0.644, 0.237, 0.087, 0.032
     top_p = torch.tensor([float(probs[0] + probs[1]) + 1e-3, 0.5, 0.5])
-    cut = top_p_min_logit(logits, inv_t, top_p)
     # Row 0: the first two reach 0.881 < top_p, so the third is kept too; row 1: two of four
     # equal tokens reach 0.5, so the cut is their logit (ties at the cut all stay); row 2: greedy.
-    assert cut.tolist() == [0.0, 0.0, float("-inf")]
+    for cut in (reference.top_p_min_logit(logits, inv_t, top_p),
+                torch.ops.adp.top_p_cut(logits, inv_t, top_p)):
+        assert cut.tolist() == [0.0, 0.0, float("-inf")]
 
 
 def test_temperature_sampling_follows_seed_and_counter_and_spreads():

@@ -265,3 +265,32 @@ def sample_tokens(logits: torch.Tensor, inv_temperature: torch.Tensor, min_logit
     ``softmax(logits[r] * inv_temperature[r])`` restricted to the logits not below
     ``min_logit[r]``, keyed by (``seeds[r]``, ``counters[r]``)."""
     return sample_scores(logits, inv_temperature, min_logit, seeds, counters).argmax(dim=-1)
+
+
+def top_p_min_logit(logits: torch.Tensor, inv_temperature: torch.Tensor,
+                    top_p: torch.Tensor) -> torch.Tensor:
+    """adp.top_p_cut by sorting (a copy of ``runtime.sampling.top_p_min_logit``). fp32 ``[B]``:
+    per row, the logit of the last token top-p keeps, sorting by probability under the row's
+    temperature (the smallest prefix whose mass reaches ``top_p``; the first token always stays);
+    -inf for greedy rows and ``top_p >= 1``. Tensor ops only: CUDA-graph safe."""
+    x = logits.float()
+    probs = torch.softmax(x * inv_temperature[:, None], dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the mass ahead of each token
+    kept = (before < top_p[:, None]).sum(dim=-1).clamp(min=1)
+    cut = x.gather(-1, order.gather(-1, (kept - 1)[:, None])).squeeze(-1)
+    return torch.where((inv_temperature > 0) & (top_p < 1), cut, float("-inf"))
+
+
+def top_p_cut(logits: torch.Tensor, inv_temperature: torch.Tensor,
+              top_p: torch.Tensor) -> torch.Tensor:
+    """adp.top_p_cut: ``top_p_min_logit`` (whose softmax turns rows with a NaN or an infinite
+    maximum into NaNs), with the kernel's answer on those rows when they are cut: -inf for a row
+    holding a NaN or only -inf, +inf for a row whose maximum is +inf."""
+    cut = top_p_min_logit(logits, inv_temperature, top_p)
+    x = logits.float()
+    top = x.max(dim=-1).values
+    has_nan = x.isnan().any(dim=-1)
+    cuts = (inv_temperature > 0) & (top_p < 1)
+    cut = torch.where(cuts & ~has_nan & (top == float("inf")), float("inf"), cut)
+    return torch.where(cuts & (has_nan | (top == float("-inf"))), float("-inf"), cut)
