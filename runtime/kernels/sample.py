@@ -66,10 +66,9 @@ import triton.language as tl
 
 from . import reference
 from .argmax import _BIG, _first_index_of_max, _row_argmax_kernel
-from .utils import eager_on_cpu, launch_guard, pdl, previous_kernel_done
+from .utils import check_logit_rows, eager_on_cpu, launch_guard, pdl, previous_kernel_done
 
 CHUNK = 4096  # columns per program of the first kernel (a power of two), read at each call
-_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -152,27 +151,10 @@ def _chunk_sample_kernel(logits_ptr, inv_temperature_ptr, min_logit_ptr, seed_pt
 
 def _check(logits: torch.Tensor, inv_temperature: torch.Tensor, min_logit: torch.Tensor,
            seeds: torch.Tensor, counters: torch.Tensor) -> None:
-    """Shapes, dtypes and devices (nothing that reads values: that would sync with the host)."""
-    if logits.dim() != 2:
-        raise ValueError(f"sample_tokens takes [rows, vocab] logits, got {tuple(logits.shape)}")
-    if logits.dtype not in _LOGIT_DTYPES:
-        raise ValueError(
-            f"sample_tokens: logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    rows, n_cols = logits.shape
-    if n_cols == 0:
-        raise ValueError("sample_tokens of an empty vocabulary")
-    if n_cols >= _BIG:
-        raise ValueError(f"vocabulary of {n_cols} columns exceeds int32 indexing")
-    for name, t, dtype in (("inv_temperature", inv_temperature, torch.float32),
-                           ("min_logit", min_logit, torch.float32),
-                           ("seeds", seeds, torch.int64), ("counters", counters, torch.int64)):
-        if t.shape != (rows,):
-            raise ValueError(f"sample_tokens: {name} must have shape ({rows},), one per logits "
-                             f"row, got {tuple(t.shape)}")
-        if t.dtype != dtype:
-            raise ValueError(f"sample_tokens: {name} must be {dtype}, got {t.dtype}")
-        if t.device != logits.device:
-            raise ValueError(f"sample_tokens: {name} is on {t.device}, logits on {logits.device}")
+    check_logit_rows("sample_tokens", logits, _BIG - 1, {
+        "inv_temperature": (inv_temperature, torch.float32),
+        "min_logit": (min_logit, torch.float32),
+        "seeds": (seeds, torch.int64), "counters": (counters, torch.int64)})
 
 
 @torch.library.custom_op("adp::sample_tokens", mutates_args=())

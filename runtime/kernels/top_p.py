@@ -82,14 +82,13 @@ from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import reference
-from .utils import eager_on_cpu, launch_guard, pdl, previous_kernel_done
+from .utils import check_logit_rows, eager_on_cpu, launch_guard, pdl, previous_kernel_done
 
 BLOCK = 8192  # columns per step of a full pass (a power of two), read at each call
 CAP = 2048  # groups of candidates held in registers by the last steps (a power of two)
 NUM_WARPS = 16
 WORDS = 8192  # group words per step of the listing pass (a power of two, >= 16)
 MAX_VOCAB = 2**25  # a group index shifted left by GROUP bits fits in int32
-_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # key(-inf) in each dtype's order key (see _key): the bisection's first lower end.
 _NEG_INF_KEY = {torch.float32: -2139095041, torch.bfloat16: -32641, torch.float16: -31745}
 
@@ -322,25 +321,8 @@ def _top_p_cut_kernel(logits_ptr, inv_temperature_ptr, top_p_ptr, out_ptr, words
 
 
 def _check(logits: torch.Tensor, inv_temperature: torch.Tensor, top_p: torch.Tensor) -> None:
-    """Shapes, dtypes and devices (nothing that reads values: that would sync with the host)."""
-    if logits.dim() != 2:
-        raise ValueError(f"top_p_cut takes [rows, vocab] logits, got {tuple(logits.shape)}")
-    if logits.dtype not in _LOGIT_DTYPES:
-        raise ValueError(
-            f"top_p_cut: logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    rows, n_cols = logits.shape
-    if n_cols == 0:
-        raise ValueError("top_p_cut of an empty vocabulary")
-    if n_cols > MAX_VOCAB:
-        raise ValueError(f"top_p_cut: a vocabulary of {n_cols} columns exceeds {MAX_VOCAB}")
-    for name, t in (("inv_temperature", inv_temperature), ("top_p", top_p)):
-        if t.shape != (rows,):
-            raise ValueError(f"top_p_cut: {name} must have shape ({rows},), one per logits row, "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"top_p_cut: {name} must be torch.float32, got {t.dtype}")
-        if t.device != logits.device:
-            raise ValueError(f"top_p_cut: {name} is on {t.device}, logits on {logits.device}")
+    check_logit_rows("top_p_cut", logits, MAX_VOCAB, {
+        "inv_temperature": (inv_temperature, torch.float32), "top_p": (top_p, torch.float32)})
 
 
 def _launch(logits: torch.Tensor, inv_temperature: torch.Tensor, top_p: torch.Tensor,

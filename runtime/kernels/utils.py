@@ -168,3 +168,30 @@ def launch_guard(kernel: object, *tensors: torch.Tensor) -> contextlib.AbstractC
             "before adp_pass.runtime.kernels is first imported"
         )
     return contextlib.nullcontext()
+
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_logit_rows(op: str, logits: torch.Tensor, max_cols: int,
+                     per_row: dict[str, tuple[torch.Tensor, torch.dtype]]) -> None:
+    """``[rows, vocab]`` logits (float, at most ``max_cols`` columns) and ``per_row`` tensors of
+    one value per row, by name: shapes, dtypes and devices, each with a ``ValueError`` naming
+    ``op``. Nothing that reads values: that would sync with the host (and break a CUDA graph)."""
+    if logits.dim() != 2:
+        raise ValueError(f"{op} takes [rows, vocab] logits, got {tuple(logits.shape)}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    rows, n_cols = logits.shape
+    if n_cols == 0:
+        raise ValueError(f"{op} of an empty vocabulary")
+    if n_cols > max_cols:
+        raise ValueError(f"{op}: a vocabulary of {n_cols} columns exceeds {max_cols}")
+    for name, (t, dtype) in per_row.items():
+        if t.shape != (rows,):
+            raise ValueError(f"{op}: {name} must have shape ({rows},), one per logits row, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+        if t.device != logits.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, logits on {logits.device}")
