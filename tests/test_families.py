@@ -64,7 +64,9 @@ def test_inv_freq_comes_from_the_family_rotary_class():
 # ----------------------------------------------------------------------------- parity on ranks
 @pytest.mark.multirank
 @pytest.mark.parametrize("name, mapping", [
-    ("llama-tiny", "tp=2,attn_dp=1"),  # replicated: no collective left
+    # replicated: no collective left (opt-in, CI time: llama's rank-0 rewrite of the TP capture
+    # generates transformers' tokens below, and qwen2 runs on two gloo ranks here)
+    pytest.param("llama-tiny", "tp=2,attn_dp=1", marks=pytest.mark.full),
     ("qwen2-tiny", "tp=2,attn_dp=1,attn_tp=2"),  # biased q/k/v stay column shards
     pytest.param("llama-tiny", "tp=2,attn_dp=1,mlp_tp=2", marks=pytest.mark.full),
     pytest.param("qwen2-tiny", "tp=2,attn_dp=1", marks=pytest.mark.full),

@@ -32,7 +32,12 @@ def _structure(gm: fx.GraphModule) -> list[tuple]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,layers,world", [("tiny", 4, 2), ("qwen2-tiny", 3, 4)])
+@pytest.mark.parametrize("preset,layers,world", [
+    ("tiny", 4, 2),
+    # another family and world size (opt-in, CI time: every family's capture is stamped, and
+    # tests/test_families.py checks qwen2's rewritten ranks against transformers)
+    pytest.param("qwen2-tiny", 3, 4, marks=pytest.mark.full),
+])
 def test_stamped_capture_equals_the_trace_of_every_layer(preset, layers, world):
     config = model_config(preset, num_hidden_layers=layers)
     full = capture_hf(config, world, 1, stamp=False)
