@@ -24,6 +24,19 @@ class CheckpointInvalid(AdpError):
     (exit code 1)."""
 
 
+class QuantizedCheckpoint(UsageError):
+    """The checkpoint stores quantized (FP8) weights, which adp-pass does not run yet: their raw
+    e4m3 values taken as weights would be a silently corrupt model (exit code 2)."""
+
+    default_hint = ("give the unquantized (bf16) release of the model, e.g. Qwen/Qwen3-8B "
+                    "rather than Qwen/Qwen3-8B-FP8")
+
+
+# Names the FP8 formats (Qwen/DeepSeek block-scaled, per-tensor compressed-tensors) give the
+# scales stored beside a quantized weight.
+_SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale")
+
+
 def check_out_dir(path: Path, flag: str = "--out") -> None:
     """``path`` is, or can be made as, a writable directory."""
     if path.exists() and not path.is_dir():
@@ -85,9 +98,12 @@ def check_checkpoint(root: Path, flag: str = "--checkpoint") -> dict:
     config = read_checkpoint_config(root, flag)
     files = _safetensors_files(root, flag)
     found: dict[str, tuple[tuple[int, ...], str]] = {}
+    dtypes: dict[str, str] = {}
     for path in files:
-        for name, shape in _header_shapes(path, flag).items():
+        for name, (shape, dtype) in _header_entries(path, flag).items():
             found[name] = (shape, path.name)
+            dtypes[name] = dtype
+    refuse_quantized(config, dtypes, root, flag)
     want = expected_tensors(config)
     missing = [n for n in want if n not in found]
     if missing:
@@ -126,9 +142,37 @@ def _safetensors_files(root: Path, flag: str) -> list[Path]:
     return files
 
 
-def _header_shapes(path: Path, flag: str) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header (8-byte length, then JSON), checking that the
-    file is long enough to hold the data the header promises."""
+def refuse_quantized(config: dict | None, dtypes: dict[str, str], root: Path,
+                     flag: str | None = "--checkpoint") -> None:
+    """Raise :class:`QuantizedCheckpoint` if the checkpoint is quantized: by its config
+    (``quantization_config``), by a tensor stored as float8, or by a weight scale beside a
+    weight. Any one suffices: a config without ``quantization_config`` whose linears are still
+    e4m3 is the case that used to load silently wrong. ``dtypes`` maps each tensor to its
+    safetensors dtype string ("BF16", "F8_E4M3", ...)."""
+    method = None
+    if isinstance(config, dict) and config.get("quantization_config") is not None:
+        quant = config["quantization_config"]
+        method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
+    fp8 = sorted(n for n, d in dtypes.items() if d.upper().startswith("F8"))
+    scales = sorted(n for n in dtypes if n.rsplit(".", 1)[-1] in _SCALE_SUFFIXES)
+    if method is None and not fp8 and not scales:
+        return
+    evidence = []
+    if method is not None:
+        evidence.append(f"config.json has quantization_config (quant_method {method!r})")
+    if fp8:
+        evidence.append(f"{len(fp8)} tensors are stored as {dtypes[fp8[0]]} (e.g. {fp8[0]})")
+    if scales:
+        evidence.append(f"{len(scales)} weight-scale tensors (e.g. {scales[0]})")
+    raise QuantizedCheckpoint(
+        f"{root} is a quantized (FP8) checkpoint: {'; '.join(evidence)}; adp-pass does not run "
+        "FP8 weights yet, and their stored values without the scales are not the model",
+        flag=flag)
+
+
+def _header_entries(path: Path, flag: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor shapes and dtypes from a safetensors header (8-byte length, then JSON), checking
+    that the file is long enough to hold the data the header promises."""
     size = path.stat().st_size
     try:
         with path.open("rb") as f:
@@ -138,7 +182,8 @@ def _header_shapes(path: Path, flag: str) -> dict[str, tuple[int, ...]]:
             header = json.loads(f.read(length))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
                   default=0)
-        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        entries = {k: (tuple(v["shape"]), str(v["dtype"])) for k, v in header.items()
+                   if k != "__metadata__"}
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as err:
         raise CheckpointInvalid(f"{path} is not a safetensors file ({err})", flag=flag,
                                 hint="re-download or re-save it") from None
@@ -146,7 +191,7 @@ def _header_shapes(path: Path, flag: str) -> dict[str, tuple[int, ...]]:
         raise CheckpointInvalid(
             f"{path} is truncated ({size} bytes, its header needs {8 + length + end})",
             flag=flag, hint="the download is incomplete: fetch the file again")
-    return shapes
+    return entries
 
 
 def check_requests(prompts: list[list[int]], new_tokens: int, *, vocab_size: int,

@@ -25,6 +25,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from adp_pass.plan import ParamSpec, Plan
 from adp_pass.attributes import owner_of
+from adp_pass.checks import refuse_quantized
 from adp_pass.runtime.kv_cache import PagedKVCache
 from adp_pass.errors import AdpError
 
@@ -88,6 +89,8 @@ def load_checkpoint(
         # Each file is opened (mmapped) once; its header answers every validation question.
         handles = {f.name: stack.enter_context(safe_open(str(f), "pt")) for f in files}
         where = {key: name for name, handle in handles.items() for key in handle.keys()}
+        dtypes = {key: handles[name].get_slice(key).get_dtype() for key, name in where.items()}
+        refuse_quantized(config.to_dict() if config is not None else None, dtypes, root, None)
         jobs = _plan_reads(gm, stored, handles, where, root)
         meter = _Progress(len(jobs), sum(job.nbytes for job in jobs), enabled=progress)
         for name, handle in handles.items():

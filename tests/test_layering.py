@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": (
         "adp_pass", "adp_pass.errors", "adp_pass.fx_vocab", "adp_pass.attributes",
         "adp_pass.mapping", "adp_pass.families", "adp_pass.families.*", "adp_pass.presets",
-        "adp_pass.tokenizer", "adp_pass.checks", "adp_pass.runtime",
+        "adp_pass.tokenizer", "adp_pass.checks", "adp_pass.fp8", "adp_pass.runtime",
     ),
     # Plain data between detect and rewrite; the site patterns already produce its Sites.
     "plan": ("adp_pass.plan",),
