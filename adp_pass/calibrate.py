@@ -20,9 +20,20 @@ same code at small sizes, with gloo ranks, so that it can be tested anywhere):
   Every collective is bounded by the process group's timeout, so a lost rank fails the job
   instead of hanging it.
 
-Not measured, carried over from the packaged default (``adp_pass/data/h200.json``) and named in
-``notes``: ``kernels_per_layer`` (a count of the lowered layer's kernels), ``step_overhead_us``
-(host work per serving step) and ``memory_reserve_gib``.
+* ``gemm_tflops_fp8``: the same reference GEMM in FP8 (``torch._scaled_mm``, row-wise scales:
+  the block-scaled kernels' own cost is ``fp8_gemm_efficiency`` in the profile), when the GPU
+  and torch build have it.
+* ``gemm_shapes``: the rate on the TP shard shapes of Qwen3-8B and Qwen3-32B (q|k|v, o,
+  gate|up, down for tp 1, 2, 4, 8) at 64-4096 tokens, bf16 and FP8: a TP-8 shard is a narrow
+  GEMM, and the cost model takes these over its wave law where they exist.
+* ``lockstep_agree_us``: the per-step host agreement of a lockstep group (runtime/lockstep.py: a
+  gloo all-reduce MAX of a few int64) for each group size.
+
+Not measured, carried over from the profile of this GPU (``adp_pass/data/<gpu>.json``; the
+H200's when none matches) and named in ``notes``: ``kernels_per_layer``, ``step_overhead_us``,
+``memory_reserve_gib``. ``adp plan --gpu FILE`` lays the result over that profile;
+``python -m adp_pass.profiles fold NAME FILE OUT`` makes it the packaged profile's measured
+block.
 """
 
 from __future__ import annotations
@@ -41,7 +52,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from adp_pass.cost_model import GB, GIB, OPS, default_calibration_path
+from adp_pass.cost_model import GB, GIB, OPS
+from adp_pass.profiles import DEFAULT_PROFILE, load_profile_data, profile_for_device
 
 CARRIED = ("kernels_per_layer", "step_overhead_us", "memory_reserve_gib")
 # NVLink multicast stays off on the shared machines (device notes); a child inherits these.
@@ -56,6 +68,9 @@ GPU_SIZES: dict[str, Any] = {
     "small_kernel": (64, 4096),
     "collective_bytes": (16 << 10, 1 << 20, 16 << 20),
     "warmup": 5, "iters": 20, "repeats": 3,
+    "shape_models": ("qwen3-8b", "qwen3-32b"),
+    "shape_tp": (1, 2, 4, 8),
+    "shape_tokens": (64, 256, 512, 1024, 2048, 4096),
 }
 CPU_SIZES: dict[str, Any] = {
     "copy_bytes": 32 << 20,
@@ -65,6 +80,9 @@ CPU_SIZES: dict[str, Any] = {
     "small_kernel": (64, 256),
     "collective_bytes": (4 << 10, 64 << 10, 1 << 20),
     "warmup": 2, "iters": 3, "repeats": 2,
+    "shape_models": ("tiny",),
+    "shape_tp": (1, 2),
+    "shape_tokens": (64,),
 }
 _FACTOR = {"allreduce": lambda g: 2 * (g - 1) / g, "allgather": lambda g: (g - 1) / g,
            "reducescatter": lambda g: (g - 1) / g}
@@ -132,6 +150,80 @@ def measure_gemm(device: torch.device, sizes: dict) -> dict[str, float]:
         seconds = timed(lambda: torch.mm(x, weight, out=out), device, **_timing(sizes))
         rates[str(tokens)] = 2 * tokens * hidden * 4 * hidden / seconds / 1e12
     return rates
+
+
+def _fp8_mm(tokens: int, n: int, k: int, device: torch.device) -> Callable[[], Any] | None:
+    """A [tokens x k] @ [k x n] FP8 product through ``torch._scaled_mm`` (row-wise scales), or
+    None where this GPU or torch build has no FP8 GEMM."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return None
+    try:
+        a = torch.randn(tokens, k, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device=device).to(torch.float8_e4m3fn).t()  # column-major
+        sa = torch.ones(tokens, 1, device=device)
+        sb = torch.ones(1, n, device=device)
+        fn = lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb,  # noqa: E731
+                                      out_dtype=torch.bfloat16)
+        fn()
+        return fn
+    except (RuntimeError, TypeError, AttributeError):
+        return None
+
+
+def measure_gemm_fp8(device: torch.device, sizes: dict) -> dict[str, float]:
+    """The reference GEMM in FP8, TFLOP/s by token count ({} without FP8 GEMMs)."""
+    hidden = sizes["gemm_hidden"]
+    rates = {}
+    for tokens in sizes["gemm_tokens"]:
+        fn = _fp8_mm(tokens, 4 * hidden, hidden, device)
+        if fn is None:
+            return {}
+        seconds = timed(fn, device, **_timing(sizes))
+        rates[str(tokens)] = 2 * tokens * hidden * 4 * hidden / seconds / 1e12
+    return rates
+
+
+def shard_shapes(models: tuple[str, ...], tps: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(n, k) of every linear of each model's TP shard (q|k|v, o, gate|up, down) for each tp
+    that divides it: the shapes the cost model asks rates of."""
+    from adp_pass.cost_model import ModelShape
+    from adp_pass.presets import PRESETS
+
+    shapes: set[tuple[int, int]] = set()
+    for name in models:
+        s = ModelShape.of(PRESETS[name])
+        for tp in tps:
+            if s.heads % tp or s.intermediate % tp:
+                continue
+            kv = -(-s.kv_heads // tp)
+            shapes |= {((s.heads // tp + 2 * kv) * s.head_dim, s.hidden),
+                       (s.hidden, s.heads * s.head_dim // tp),
+                       (2 * s.intermediate // tp, s.hidden), (s.hidden, s.intermediate // tp)}
+    return sorted(shapes)
+
+
+def measure_gemm_shapes(device: torch.device, sizes: dict,
+                        progress: Callable[[str], None]) -> dict[str, dict]:
+    """{"bf16": {"NxK": {tokens: TFLOP/s}}, "fp8": {...}} on the TP shard shapes."""
+    out: dict[str, dict] = {"bf16": {}, "fp8": {}}
+    shapes = shard_shapes(sizes["shape_models"], sizes["shape_tp"])
+    for n, k in shapes:
+        weight = torch.randn(k, n, device=device).to(torch.bfloat16)
+        for tokens in sizes["shape_tokens"]:
+            x = torch.randn(tokens, k, device=device).to(torch.bfloat16)
+            # cuBLAS as the runtime calls it; a shard small enough to stay in L2 reads faster than
+            # HBM, but the model takes max(weight read, compute), so only the compute side counts
+            seconds = timed(lambda x=x, w=weight: torch.mm(x, w), device, **_timing(sizes))
+            out["bf16"].setdefault(f"{n}x{k}", {})[str(tokens)] = round(
+                2 * tokens * n * k / seconds / 1e12, 3)
+            fn = _fp8_mm(tokens, n, k, device)
+            if fn is not None:
+                seconds = timed(fn, device, **_timing(sizes))
+                out["fp8"].setdefault(f"{n}x{k}", {})[str(tokens)] = round(
+                    2 * tokens * n * k / seconds / 1e12, 3)
+    progress(f"GEMM on {len(shapes)} shard shapes x {len(sizes['shape_tokens'])} token counts "
+             f"(bf16{', fp8' if out['fp8'] else ''})")
+    return {k: v for k, v in out.items() if v}
 
 
 def _kv_bytes(a: dict) -> int:
@@ -251,10 +343,27 @@ def collectives_rank(sizes: dict) -> dict | None:
     rank, world, device = init_rank()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results: dict[str, dict] = {op: {} for op in OPS}
+    results["lockstep_agree_us"] = {}
     for size in range(2, world + 1):
         chunks = [list(range(s, s + size)) for s in range(0, world - size + 1, size)]
         groups = [dist.new_group(chunk) for chunk in chunks]  # every rank makes every group
+        hosts = [dist.new_group(chunk, backend="gloo") for chunk in chunks]
         mine = next((g for c, g in zip(chunks, groups) if rank in c), None)
+        host = next((g for c, g in zip(chunks, hosts) if rank in c), None)
+        if host is not None:  # the lockstep agreement: runtime/lockstep.py's call, timed
+            values = torch.zeros(4, dtype=torch.int64)
+            for _ in range(sizes["warmup"] * 4):
+                dist.all_reduce(values, op=dist.ReduceOp.MAX, group=host)
+            runs = []
+            for _ in range(sizes["repeats"]):
+                begin = time.perf_counter()
+                for _ in range(sizes["iters"] * 5):
+                    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=host)
+                runs.append((time.perf_counter() - begin) / (sizes["iters"] * 5) * 1e6)
+            results["lockstep_agree_us"][str(size)] = round(sorted(runs)[len(runs) // 2], 2)
+            if rank == 0:
+                _stderr(f"lockstep agreement over {size} ranks (gloo): "
+                        f"{results['lockstep_agree_us'][str(size)]:.1f} us")
         if mine is not None:
             flag = torch.zeros(1, device=device, dtype=dtype)
 
@@ -327,11 +436,12 @@ def calibrate(gpus: int, *, sizes: dict | None = None, timeout_s: float = 120.0,
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     sizes = sizes or (GPU_SIZES if cuda else CPU_SIZES)
     started = time.perf_counter()
-    defaults = json.loads(default_calibration_path().read_text())
+    profile = profile_for_device(_device_name(device)) or DEFAULT_PROFILE
+    defaults, provenance, _, _ = load_profile_data(profile)
     notes = {}
     for key in CARRIED:
-        why = defaults.get("notes", {}).get(key)
-        notes[key] = "not measured: carried over from the packaged default" + (
+        why = provenance.get(key, {}).get("from")
+        notes[key] = f"not measured: carried over from the {profile} profile" + (
             f" ({why})" if why else "")
     if cuda:
         torch.cuda.set_device(device)
@@ -342,7 +452,14 @@ def calibrate(gpus: int, *, sizes: dict | None = None, timeout_s: float = 120.0,
              "tokens ...")
     gemm = measure_gemm(device, sizes)
     progress("GEMM " + ", ".join(f"{t} tokens {_num(r)} TFLOP/s" for t, r in gemm.items())
-             + "; decode attention ...")
+             + "; FP8 ...")
+    gemm_fp8 = measure_gemm_fp8(device, sizes)
+    if not gemm_fp8:
+        notes["gemm_tflops_fp8"] = "no FP8 GEMM on this device / torch build: not measured"
+    shapes = measure_gemm_shapes(device, sizes, progress) if cuda else {}
+    if not cuda:
+        notes["gemm_shapes"] = "shard shapes are measured on a GPU only"
+    progress("decode attention ...")
     sdpa = measure_attention_sdpa(device, sizes)
     paged, kernel = None, "scaled_dot_product_attention"
     if cuda:
@@ -360,6 +477,7 @@ def calibrate(gpus: int, *, sizes: dict | None = None, timeout_s: float = 120.0,
         torch.cuda.empty_cache()
 
     tables: dict[str, dict] = {op: {} for op in OPS}
+    agree: dict[str, float] = {}
     if gpus >= 2:
         for key, value in _SAFE_ENV.items():
             os.environ.setdefault(key, value)
@@ -368,6 +486,7 @@ def calibrate(gpus: int, *, sizes: dict | None = None, timeout_s: float = 120.0,
                  f"{', '.join(_size(b) for b in sizes['collective_bytes'])}) ...")
         results = launch(collectives_rank, gpus, sizes, timeout_s=timeout_s)
         tables = results[0]
+        agree = tables.pop("lockstep_agree_us", {})
     else:
         notes["allreduce"] = "one rank: no collective measured"
 
@@ -386,6 +505,10 @@ def calibrate(gpus: int, *, sizes: dict | None = None, timeout_s: float = 120.0,
         "gemm_tflops": {k: round(v, 3) for k, v in gemm.items()},
         "gemm_shape": f"bf16 [tokens x {sizes['gemm_hidden']}] @ "
                       f"[{sizes['gemm_hidden']} x {4 * sizes['gemm_hidden']}]",
+        **({"gemm_tflops_fp8": {k: round(v, 3) for k, v in gemm_fp8.items()}} if gemm_fp8
+           else {}),
+        **({"gemm_shapes": shapes} if shapes else {}),
+        **({"lockstep_agree_us": agree} if agree else {}),
         "attention_bandwidth_gbps": round(attention, 2),
         "attention_kernel": kernel,
         "attention_sdpa_bandwidth_gbps": round(sdpa, 2),

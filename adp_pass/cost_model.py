@@ -1,37 +1,38 @@
 """A first-order roofline model of one decode step per rank, and the mapping it picks.
 
-For a Qwen3 dense model, a mapping and a load (requests per GPU, prompt and generated lengths),
-``predict`` estimates one decode step on one rank as
+For a Qwen3 dense model, a mapping, a load (requests per GPU, prompt and generated lengths) and
+the dtypes (weights bf16 or fp8 block-scaled, KV cache bf16 or fp8, activations bf16),
+``predict`` estimates one decode step on one rank as the sum of named terms (``TERMS``):
 
-    step = weights_read + gemm_excess + kv_read + collectives + overhead
+* ``weights_ms``: the bytes of every linear a step reads (fp8: 1 byte a weight plus one fp32
+  scale per 128 x 128 tile; embedding, LM head and norms bf16) / copy bandwidth.
+* ``gemm_ms``: per linear, how much longer its GEMM takes at the reference shape's rate for its
+  tokens and dtype than reading its weights (0 when memory-bound).
+* ``gemm_shape_ms``: what the linear's own shape adds: a measured rate of that shard shape, else
+  the wave-quantisation law (``wave_utilisation``): a TP-8 shard is a narrow GEMM.
+* ``kv_ms``: KV-cache bytes at the mean context / attention bandwidth.
+* ``collectives_ms``: per collective, latency(op, group size) + NCCL's ring factor x bytes / bus
+  bandwidth; latencies of unmeasured group sizes come from the ring law (``profiles``), each with
+  a low / high range that gives ``step_ms_range``.
+* ``sampling_ms``: every row the rank samples reads its logits (TP: all N x b rows).
+* ``launch_ms``: each GEMM's ramp (``gemm_fixed_us``) and the small kernels.
+* ``host_ms``: the host's work per step and request; a lockstep group decodes in step with the
+  host, so it adds, for every request of the group; a rank alone decodes one step ahead and
+  waits only where the host is slower than the GPU.
+* ``agree_ms``: the lockstep group's per-step agreement (a host all-reduce).
+* ``overhead_ms``: ``step_overhead_us``, the one fitted constant.
 
-* ``weights_read`` = bytes of the weights a step reads on this rank / copy bandwidth. Every
-  linear weight (q/k/v/o, gate/up/down, LM head) and norm is read once per step; the embedding
-  table is not (a step reads only its tokens' rows), unless it is tied to the LM head.
-* ``gemm_excess`` = for each role (attention, MLP, LM head), how much longer its GEMMs take at
-  the calibrated GEMM rate for its token count than reading its weights: max(0, flops / rate -
-  bytes / copy bandwidth). 0 when the linears are memory-bound; the linear layers' time is
-  ``max(weights_read, flops / rate)`` per role, the roofline.
-* ``kv_read`` = KV-cache bytes the rank's attention reads at the mean context
-  (prompt + new_tokens / 2) / attention bandwidth (attention runs after the linears that feed
-  it, so it is added, not overlapped).
-* ``collectives`` = per collective and step: latency + factor * bytes / bus bandwidth, with
-  NCCL's ring factors (all-reduce 2(g-1)/g of the buffer, all-gather and reduce-scatter (g-1)/g
-  of the gathered size) and the latency and bus bandwidth calibrated for group size g.
-* ``overhead`` = step_overhead_us (host work per step: scheduling, sampling, graph launch) +
-  layers * kernels_per_layer * kernel_launch_us (the ramp and tail of each small kernel).
-
-Which collectives a mapping keeps or inserts, and its weights per rank, come from the rewrite's
-own rules: ``adp_pass.mapping.site_action`` and ``role_parts`` (torch-free). Every constant comes from the calibration (``adp calibrate``; the packaged
-default ``adp_pass/data/h200.json``). docs/cost_model.md has the formulas, the assumptions and
-what the model ignores.
+Which collectives a mapping keeps or inserts, its weights per rank and its lockstep group come
+from the rewrite's own rules (``adp_pass.mapping``, torch-free). Every constant comes from a
+hardware profile (``adp_pass.profiles``: ``adp_pass/data/<gpu>.json``, each constant with its
+source) or an ``adp calibrate`` output laid over one. docs/cost_model.md has the formulas, the
+assumptions and what the model ignores.
 
 Nothing here imports torch: ``adp plan`` answers in well under a second.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -57,8 +58,8 @@ REQUIRED_KEYS = {
     "gemm_tflops": "bf16 GEMM rate at decode shapes, by token count",
     "attention_bandwidth_gbps": "decode attention, bytes of K and V read per second / 1e9",
     "kernel_launch_us": "time of one small kernel inside a CUDA graph (>= 0)",
-    "kernels_per_layer": "kernels one decoder layer launches per decode step",
-    "step_overhead_us": "host work per decode step (>= 0)",
+    "kernels_per_layer": "small kernels one decoder layer launches per step besides its GEMMs",
+    "step_overhead_us": "fixed GPU-side work per decode step (>= 0)",
     "device_memory_gib": "memory of one device",
     "memory_reserve_gib": "memory kept for the CUDA context, activations, graphs (>= 0)",
     "allreduce": "latency_us and bus_bandwidth_gbps by group size",
@@ -66,7 +67,13 @@ REQUIRED_KEYS = {
     "reducescatter": "latency_us and bus_bandwidth_gbps by group size",
 }
 
-_ZERO_OK = {"memory_reserve_gib", "step_overhead_us", "kernel_launch_us"}  # may be 0
+# Optional constants of a profile (adp_pass/profiles.py): a calibration without them leaves
+# their term out (0), except FP8, which then needs peak_tflops.
+OPTIONAL_NUMBERS = ("gemm_fixed_us", "host_step_us", "host_per_request_us",
+                    "sampling_bandwidth_gbps", "sm_count", "fp8_gemm_efficiency")
+_ZERO_OK = {"memory_reserve_gib", "step_overhead_us", "kernel_launch_us", "gemm_fixed_us",
+            "host_step_us", "host_per_request_us"}  # may be 0
+GEMM_REF_HIDDEN = 4096  # adp calibrate's reference GEMM: [T x 4096] @ [4096 x 16384]
 
 
 class CalibrationError(UsageError):
@@ -138,10 +145,13 @@ class ModelShape:
 
 # ----------------------------------------------------------------------------- calibration
 class Calibration:
-    """The machine's constants (a calibration JSON), with the lookups the model needs."""
+    """The machine's constants (a profile or calibration, flat), with the lookups the model
+    needs. ``provenance`` says where each constant comes from (``adp_pass.profiles``)."""
 
-    def __init__(self, data: dict, where: str = "calibration") -> None:
+    def __init__(self, data: dict, where: str = "calibration",
+                 provenance: dict | None = None) -> None:
         self.data, self.where = data, where
+        self.provenance = provenance or {}
         self._check()
 
     def _check(self) -> None:
@@ -152,19 +162,28 @@ class Calibration:
         if missing:
             raise CalibrationError(f"{where} lacks {', '.join(missing)} "
                                    f"({REQUIRED_KEYS[missing[0]]})", flag="--calibration")
-        for key in REQUIRED_KEYS:
-            if key in ("gemm_tflops", *OPS):
+        for key in (*REQUIRED_KEYS, *OPTIONAL_NUMBERS):
+            if key in ("gemm_tflops", *OPS) or key not in data:
                 continue
             zero_ok = key in _ZERO_OK
             if not _number(data[key]) or data[key] < 0 or (data[key] == 0 and not zero_ok):
                 sign = "non-negative" if zero_ok else "positive"
                 raise CalibrationError(f"{where}: {key} must be a {sign} number, got "
                                        f"{data[key]!r}", flag="--calibration")
-        gemm = data["gemm_tflops"]
-        if (not isinstance(gemm, dict) or not gemm
-                or not all(_intkey(k) and _number(v) and v > 0 for k, v in gemm.items())):
-            raise CalibrationError(f"{where}: gemm_tflops must map token counts to positive "
-                                   f"TFLOP/s, e.g. {{\"64\": 235}}, got {gemm!r}",
+        for key in ("gemm_tflops", "gemm_tflops_fp8", "lockstep_agree_us"):
+            if key not in data:
+                continue
+            table = data[key]
+            if (not isinstance(table, dict) or not table
+                    or not all(_intkey(k) and _number(v) and v > 0 for k, v in table.items())):
+                raise CalibrationError(f"{where}: {key} must map token counts (or group sizes) "
+                                       f"to positive numbers, e.g. {{\"64\": 235}}, got "
+                                       f"{table!r}", flag="--calibration")
+        peaks = data.get("peak_tflops")
+        if peaks is not None and not (isinstance(peaks, dict) and all(
+                _number(v) and v > 0 for v in peaks.values())):
+            raise CalibrationError(f"{where}: peak_tflops must map dtypes to positive TFLOP/s, "
+                                   f"e.g. {{\"bf16\": 989, \"fp8\": 1979}}, got {peaks!r}",
                                    flag="--calibration")
         for op in OPS:
             table = data[op]
@@ -185,6 +204,9 @@ class Calibration:
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
 
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
     @property
     def name(self) -> str:
         return str(self.data.get("gpu", "unknown device"))
@@ -193,11 +215,15 @@ class Calibration:
     def source(self) -> str:
         return str(self.data.get("source", "measured"))
 
-    def gemm_tflops(self, tokens: int) -> float:
-        """GEMM rate for ``tokens`` rows: measured points, interpolated linearly in log(tokens);
-        below the smallest point the rate falls in proportion (memory-bound: same time), above
-        the largest it stays."""
-        points = sorted((int(k), float(v)) for k, v in self.data["gemm_tflops"].items())
+    @property
+    def notes(self) -> list[str]:
+        return list(self.data.get("notes_overlay", []))
+
+    def _curve(self, key: str, tokens: int) -> float:
+        """A rate measured at a few token counts, interpolated linearly in log(tokens); below
+        the smallest point it falls in proportion (memory-bound: the same time), above the
+        largest it stays."""
+        points = sorted((int(k), float(v)) for k, v in self.data[key].items())
         tokens = max(1, tokens)
         if tokens <= points[0][0]:
             return points[0][1] * tokens / points[0][0]
@@ -209,10 +235,44 @@ class Calibration:
                 return r0 + w * (r1 - r0)
         raise AssertionError("unreachable")
 
+    def gemm_tflops(self, tokens: int, dtype: str = "bf16") -> float:
+        """GEMM rate of the reference shape for ``tokens`` rows in ``dtype``. FP8: the measured
+        ``gemm_tflops_fp8`` curve, else the bf16 curve x (fp8 peak / bf16 peak) x
+        ``fp8_gemm_efficiency`` (block scaling's cost)."""
+        if dtype != "fp8":
+            return self._curve("gemm_tflops", tokens)
+        if "gemm_tflops_fp8" in self.data:
+            return self._curve("gemm_tflops_fp8", tokens)
+        peaks = self.data.get("peak_tflops") or {}
+        if not peaks.get("fp8") or not peaks.get("bf16"):
+            raise CalibrationError(
+                f"{self.where} has no FP8 GEMM rate (neither gemm_tflops_fp8 nor peak_tflops "
+                "for bf16 and fp8)", flag="--weights",
+                hint="use --weights bf16, or a profile with FP8 figures: --gpu h20|h100|h200|b200")
+        return (self._curve("gemm_tflops", tokens) * peaks["fp8"] / peaks["bf16"]
+                * float(self.data.get("fp8_gemm_efficiency", 1.0)))
+
+    def shape_rate(self, tokens: int, n: int, k: int, dtype: str) -> tuple[float, str]:
+        """(TFLOP/s, how) for a [tokens x k] @ [k x n] GEMM: the measured rate of this exact
+        shard shape when ``gemm_shapes`` has it, else the reference curve x the shape's wave
+        utilisation over the reference shape's (``wave_utilisation``)."""
+        shapes = (self.data.get("gemm_shapes") or {}).get(dtype) or {}
+        measured = shapes.get(f"{n}x{k}")
+        if isinstance(measured, dict) and measured:
+            points = sorted((int(t), float(r)) for t, r in measured.items())
+            return _interp(points, tokens), "measured shape"
+        base = self.gemm_tflops(tokens, dtype)
+        sms = self.data.get("sm_count")
+        if not sms:
+            return base, "reference shape"
+        ratio = (wave_utilisation(tokens, n, k, int(sms))
+                 / wave_utilisation(tokens, 4 * GEMM_REF_HIDDEN, GEMM_REF_HIDDEN, int(sms)))
+        return base * min(1.0, ratio), "wave law"
+
     def collective(self, op: str, group: int) -> tuple[float, float, str | None]:
         """(latency s, bus bandwidth bytes/s, note) for ``op`` over ``group`` ranks. A group
         size that was not measured takes the nearest measured one (the larger on a tie) and a
-        note saying so."""
+        note saying so (profiles fill 3..8 by the latency law first)."""
         table = {int(k): v for k, v in self.data[op].items()}
         if not table:
             raise CalibrationError(f"{self.where}: {op} has no group sizes; the mapping needs "
@@ -223,6 +283,49 @@ class Calibration:
         note = None if size == group else (
             f"{_OP_WORDS[op]} over {group} ranks uses the calibration's figures for {size}")
         return entry["latency_us"] * 1e-6, entry["bus_bandwidth_gbps"] * GB, note
+
+    def latency_range(self, op: str, group: int) -> tuple[float, float]:
+        """(low, high) multipliers of the nominal latency (``profiles.latency_range``)."""
+        from adp_pass.profiles import latency_range
+
+        return latency_range(self.data, op, group)
+
+    def agree_us(self, group: int) -> float:
+        """Host agreement of a lockstep group per step: measured for ``group``, else gloo's ring
+        law from the nearest measured size: latency(g) = latency(m) x (g - 1) / (m - 1)."""
+        table = {int(k): float(v) for k, v in (self.data.get("lockstep_agree_us") or {}).items()}
+        if group < 2 or not table:
+            return 0.0
+        if group in table:
+            return table[group]
+        m = min(table, key=lambda s: (abs(s - group), -s))
+        return table[m] * (group - 1) / max(1, m - 1)
+
+
+def wave_utilisation(tokens: int, n: int, k: int, sms: int) -> float:
+    """Share of the SMs' tile slots a GEMM's output tiles fill (wave quantisation), with
+    split-K up to K/512 ways where it fills more: tiles of 64 (tokens <= 64) or 128 rows x 128
+    columns, ``sms`` tiles per wave."""
+    tm = 64 if tokens <= 64 else 128
+    tiles = math.ceil(tokens / tm) * math.ceil(n / 128)
+    best = 0.0
+    for split in range(1, max(1, min(16, k // 512)) + 1):
+        work = tiles * split
+        best = max(best, work / (math.ceil(work / sms) * sms))
+    return best
+
+
+def _interp(points: list[tuple[int, float]], tokens: int) -> float:
+    tokens = max(1, tokens)
+    if tokens <= points[0][0]:
+        return points[0][1] * tokens / points[0][0]
+    if tokens >= points[-1][0]:
+        return points[-1][1]
+    for (t0, r0), (t1, r1) in zip(points, points[1:]):
+        if t0 <= tokens <= t1:
+            w = (math.log(tokens) - math.log(t0)) / (math.log(t1) - math.log(t0))
+            return r0 + w * (r1 - r0)
+    return points[-1][1]
 
 
 def _number(value: Any) -> bool:
@@ -241,26 +344,22 @@ def default_calibration_path() -> Path:
 
 
 def load_calibration(source: "str | Path | dict | Calibration | None" = None) -> Calibration:
-    """A Calibration from a path, a dict, or (None) the packaged H200 default."""
+    """A Calibration from a profile name (h20, h100, h200, b200), a profile file, an
+    ``adp calibrate`` output (laid over the profile of its GPU), a dict (taken as it is), or
+    None: the profile of this machine's GPU (``ADP_GPU`` overrides), else H200."""
     if isinstance(source, Calibration):
         return source
     if isinstance(source, dict):
         return Calibration(source)
-    path = default_calibration_path() if source is None else Path(source)
+    from adp_pass.profiles import load_profile_data
+
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration file {path} does not exist",
-                               flag="--calibration") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise CalibrationError(f"cannot read calibration file {path}: {err}",
-                               flag="--calibration") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CalibrationError(f"calibration file {path} is not valid JSON: {err}",
-                               flag="--calibration") from None
-    return Calibration(data, str(path))
+        flat, provenance, where, _ = load_profile_data(source)
+    except CalibrationError:
+        raise
+    except UsageError as err:  # a ProfileError: the same class of problem, the same exit code
+        raise CalibrationError(str(err), flag=err.flag, hint=err.hint) from None
+    return Calibration(flat, where, provenance)
 
 
 # ----------------------------------------------------------------------------- mappings
@@ -337,7 +436,9 @@ def valid_mappings(config: Any, gpus: int) -> list[Mapping]:
 @dataclass(frozen=True)
 class CollectiveCost:
     """One kind of collective in a step: ``count`` of them, each of ``nbytes`` (all-reduce: the
-    buffer; all-gather: the gathered output; reduce-scatter: the input) over ``group`` ranks."""
+    buffer; all-gather: the gathered output; reduce-scatter: the input) over ``group`` ranks;
+    ``latency_ms`` + ``transfer_ms`` = ``ms_each``; ``latency_range`` the low / high multipliers
+    of the latency (profiles.latency_range)."""
 
     site: str
     op: str
@@ -345,10 +446,34 @@ class CollectiveCost:
     nbytes: int
     count: int
     ms_each: float
+    latency_ms: float = 0.0
+    transfer_ms: float = 0.0
+    latency_range: tuple[float, float] = (1.0, 1.0)
 
     @property
     def ms(self) -> float:
         return self.count * self.ms_each
+
+
+@dataclass(frozen=True)
+class GemmCost:
+    """One linear of a layer (or the LM head) on one rank: [tokens x k] @ [k x n] in ``dtype``,
+    ``count`` times a step. ``read_ms`` its weight read, ``compute_ms`` at the reference
+    shape's rate, ``shape_ms`` what its own shape adds (``rate_how``), ``fixed_ms`` its ramp."""
+
+    name: str
+    role: str
+    tokens: int
+    n: int
+    k: int
+    dtype: str
+    count: int
+    weight_bytes: int
+    read_ms: float
+    compute_ms: float
+    shaped_ms: float
+    fixed_ms: float
+    rate_how: str
 
 
 @dataclass
@@ -374,6 +499,10 @@ class Prediction:
     tokens: dict[str, int]  # tokens per GEMM by role on this rank
     collectives: list[CollectiveCost] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    gemms: list[GemmCost] = field(default_factory=list)
+    step_ms_range: tuple[float, float] = (0.0, 0.0)  # collective latencies at their low / high
+    dtypes: dict[str, str] = field(default_factory=dict)
+    in_step: bool = False  # the host's work and the agreement add to the step (lockstep)
 
     @property
     def reference(self) -> bool:
@@ -389,33 +518,111 @@ class Prediction:
         out["mapping"] = self.name
         out["reference"] = self.reference
         out["collectives"] = [{**asdict(c), "ms": c.ms} for c in self.collectives]
+        out["tok_s_per_gpu_range"] = [self.tokens_per_s(self.step_ms_range[1]),
+                                      self.tokens_per_s(self.step_ms_range[0])]
         return out
+
+    def tokens_per_s(self, step_ms: float) -> float:
+        return self.tok_s_per_gpu * self.step_ms / step_ms if step_ms else 0.0
+
+
+# The terms of a step, in the table's order: (breakdown key, column, meaning).
+TERMS = (
+    ("weights_ms", "w", "weights read at copy bandwidth"),
+    ("gemm_ms", "gemm", "GEMM time beyond the weight read, at the reference shape's rate"),
+    ("gemm_shape_ms", "shape", "what the shard shapes add (narrow GEMMs fill fewer SMs)"),
+    ("kv_ms", "kv", "KV cache read at attention bandwidth"),
+    ("collectives_ms", "coll", "collectives: latency (by group size) + bytes / bus bandwidth"),
+    ("sampling_ms", "samp", "sampling: every row's logits read once"),
+    ("launch_ms", "launch", "each GEMM's ramp (gemm_fixed_us) + the small kernels"),
+    ("host_ms", "host", "host work per step and request, where the GPU waits for it"),
+    ("agree_ms", "sync", "lockstep agreement on each step's shapes (host all-reduce)"),
+    ("overhead_ms", "ovh", "fixed per-step overhead (step_overhead_us)"),
+)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+FP8_BLOCK = 128  # adp_pass.fp8.WEIGHT_BLOCK: one fp32 scale per 128 x 128 weight tile
+
+
+def _linear_bytes(n: int, k: int, dtype: str) -> int:
+    """A [n, k] weight in ``dtype``; fp8 block-scaled carries one fp32 scale per tile."""
+    size = n * k * DTYPE_BYTES[dtype]
+    if dtype == "fp8":
+        size += 4 * math.ceil(n / FP8_BLOCK) * math.ceil(k / FP8_BLOCK)
+    return size
+
+
+def _fp8_problem(shape: "ModelShape", gpus: int) -> str | None:
+    """Why a TP split over ``gpus`` ranks cuts through FP8's 128 x 128 scale blocks, or None."""
+    kv_split = min(gpus, shape.kv_heads)
+    for what, width, parts in (("hidden size", shape.hidden, 1),
+                               ("query width (heads x head_dim)", shape.heads * shape.head_dim,
+                                gpus),
+                               ("key/value width (kv heads x head_dim)",
+                                shape.kv_heads * shape.head_dim, kv_split),
+                               ("intermediate size", shape.intermediate, gpus)):
+        if width % parts or (width // parts) % FP8_BLOCK:
+            split = f" split {parts} ways is {width // parts} per rank," if parts > 1 else ""
+            return f"{what} {width}{split} not a multiple of"
+    return None
+
+
+def check_fp8(config: Any, gpus: int, model: str = "the model") -> None:
+    """Raise a UsageError when the model, or a TP shard of ``gpus`` ranks (the finest split any
+    mapping of ``gpus`` uses), cuts through the 128 x 128 scale blocks of block-scaled FP8."""
+    shape = ModelShape.of(config)
+    problem = _fp8_problem(shape, gpus)
+    if problem is None:
+        return
+    good = [g for g in working_gpu_counts(shape) if _fp8_problem(shape, g) is None]
+    raise UsageError(
+        f"--weights fp8: {model}'s {problem} the {FP8_BLOCK}-wide scale blocks of block-scaled "
+        "FP8", flag="--weights",
+        hint="use --weights bf16" + (f", or --gpus {', '.join(map(str, good))}" if good
+                                     else " (this model's shapes cannot be FP8 block-scaled)"))
 
 
 def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt: int,
             new_tokens: int, calibration: "Calibration | dict | str | Path | None" = None,
-            dtype_bytes: int = 2, gpu_memory_bytes: int | None = None) -> Prediction:
+            dtype_bytes: int | None = None, gpu_memory_bytes: int | None = None,
+            weights: str = "bf16", kv_cache: str = "bf16") -> Prediction:
     """Predict one decode step on one rank of ``mapping`` (see the module docstring).
 
     ``batch_per_gpu`` is requests per GPU: the TP group serves tp x batch requests, a DP group
-    of attn_tp ranks attn_tp x batch, a replicated rank batch. ``gpu_memory_bytes`` defaults to
-    the calibration's device memory.
+    of attn_tp ranks attn_tp x batch, a replicated rank batch. ``weights`` (bf16 or fp8
+    block-scaled: linears only; embedding, LM head and norms stay bf16 as the FP8 releases
+    ship them) and ``kv_cache`` (bf16, fp8) are counted at their own sizes; activations and
+    collectives are bf16. ``dtype_bytes`` (4: fp32 everything) is the older single-dtype form.
+    ``gpu_memory_bytes`` defaults to the calibration's device memory.
     """
     shape = ModelShape.of(config)
     mapping = Mapping.load(mapping)
     cal = load_calibration(calibration)
     for name, value, low in (("batch_per_gpu", batch_per_gpu, 1), ("prompt", prompt, 1),
-                             ("new_tokens", new_tokens, 1), ("dtype_bytes", dtype_bytes, 1)):
+                             ("new_tokens", new_tokens, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UsageError(f"{name} must be an integer >= {low}, got {value!r}",
                              flag="--" + name.replace("_", "-"))
+    act = "bf16"
+    if dtype_bytes is not None:
+        if dtype_bytes not in (2, 4):
+            raise UsageError(f"dtype_bytes must be 2 or 4, got {dtype_bytes!r}", flag="--dtype")
+        if dtype_bytes == 4:
+            weights = kv_cache = act = "fp32"
+    for flag, value, allowed in (("--weights", weights, ("bf16", "fp8", "fp16", "fp32")),
+                                 ("--kv-cache", kv_cache, ("bf16", "fp8", "fp16", "fp32"))):
+        if value not in allowed:
+            raise UsageError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}",
+                             flag=flag)
+    if weights == "fp8":
+        check_fp8(shape, mapping.tp_size)
+    lm_dtype = act  # embedding and LM head: bf16 even in FP8 releases
     if gpu_memory_bytes is None:
         gpu_memory_bytes = int(cal["device_memory_gib"] * GIB)
     parts = role_parts(mapping)
     params = shape.role_params()
     n, attn_group = mapping.tp_size, (mapping.attn_tp_size if mapping.enable_attention_dp
                                       else mapping.tp_size)
-    notes: list[str] = []
+    notes: list[str] = list(cal.notes)
 
     # Tokens each rank runs per step: its attention group's requests, one token each.
     seqs = attn_group * batch_per_gpu
@@ -424,25 +631,55 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
     tokens = {"attention": seqs, "mlp": seqs * (mlp_group if mlp_action == "gather_scatter" else 1),
               "vocab": seqs}
 
+    # The linears of one rank: (name, role, n out, k in, dtype, count per step).
+    h, hd = shape.hidden, shape.head_dim
+    a, m, v = parts["attention"], parts["mlp"], parts["vocab"]
+    kv_rank = math.ceil(shape.kv_heads / a)
+    linears = [
+        ("qkv", "attention", (shape.heads // a + 2 * kv_rank) * hd, h, weights, shape.layers),
+        ("o", "attention", h, shape.heads * hd // a, weights, shape.layers),
+        ("gate_up", "mlp", 2 * shape.intermediate // m, h, weights, shape.layers),
+        ("down", "mlp", h, shape.intermediate // m, weights, shape.layers),
+        ("lm_head", "vocab", math.ceil(shape.vocab / v), h, lm_dtype, 1),
+    ]
     # Weights: held (footprint) and read per step.
-    held = {role: math.ceil(params[role] / parts[role]) * dtype_bytes
+    wbytes = DTYPE_BYTES[weights]
+    held = {role: math.ceil(params[role] / parts[role]) * (wbytes if role != "vocab"
+                                                           else DTYPE_BYTES[lm_dtype])
             for role in ("attention", "mlp", "vocab")}
-    held["replicated"] = params["replicated"] * dtype_bytes
+    if weights == "fp8":  # the scales of each rank's tiles
+        held["attention"] += sum(_linear_bytes(nn, kk, "fp8") - nn * kk
+                                 for _, r, nn, kk, _, _ in linears if r == "attention") * shape.layers
+        held["mlp"] += sum(_linear_bytes(nn, kk, "fp8") - nn * kk
+                           for _, r, nn, kk, _, _ in linears if r == "mlp") * shape.layers
+    held["replicated"] = params["replicated"] * DTYPE_BYTES[act]
     weights_bytes = sum(held.values())
-    lm_head_bytes = math.ceil(shape.vocab * shape.hidden / parts["vocab"]) * dtype_bytes
-    read = {"attention": held["attention"], "mlp": held["mlp"], "vocab": lm_head_bytes,
-            "replicated": held["replicated"]}
     copy_bw = cal["copy_bandwidth_gbps"] * GB
-    weights_ms = sum(read.values()) / copy_bw * 1e3
-    gemm_ms = 0.0
-    for role in ("attention", "mlp", "vocab"):
-        flops = 2 * tokens[role] * read[role] / dtype_bytes
-        compute_s = flops / (cal.gemm_tflops(tokens[role]) * 1e12)
-        gemm_ms += max(0.0, compute_s - read[role] / copy_bw) * 1e3
+    fixed_s = float(cal.get("gemm_fixed_us", 0.0)) * 1e-6
+    gemms: list[GemmCost] = []
+    weights_ms = gemm_ms = shape_ms = fixed_ms = 0.0
+    read_bytes = held["replicated"]
+    for name, role, nn, kk, dtype, count in linears:
+        t = tokens[role]
+        nbytes = _linear_bytes(nn, kk, dtype)
+        read_bytes += nbytes * count
+        read_s = nbytes / copy_bw
+        flops = 2 * t * nn * kk
+        ref_s = flops / (cal.gemm_tflops(t, dtype) * 1e12)
+        rate, how = cal.shape_rate(t, nn, kk, dtype)
+        own_s = flops / (rate * 1e12)
+        gemm = max(0.0, ref_s - read_s)
+        shaped = max(0.0, own_s - read_s) - gemm
+        weights_ms += read_s * count * 1e3
+        gemm_ms += gemm * count * 1e3
+        shape_ms += shaped * count * 1e3
+        fixed_ms += fixed_s * count * 1e3
+        gemms.append(GemmCost(name, role, t, nn, kk, dtype, count, nbytes, read_s * 1e3,
+                              gemm * 1e3, shaped * 1e3, fixed_s * 1e3, how))
+    weights_ms += held["replicated"] / copy_bw * 1e3
 
     # KV cache: each rank holds its share of the kv heads of its attention group's sequences.
-    kv_heads_rank = math.ceil(shape.kv_heads / parts["attention"])
-    per_token = shape.kv_bytes_per_token(kv_heads_rank, dtype_bytes)
+    per_token = shape.kv_bytes_per_token(kv_rank, DTYPE_BYTES[kv_cache])
     mean_context = prompt + new_tokens / 2
     full_context = math.ceil((prompt + new_tokens) / BLOCK_SIZE) * BLOCK_SIZE
     kv_bytes = int(seqs * mean_context * per_token)
@@ -450,34 +687,65 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
     kv_peak = seqs * per_seq
     kv_ms = kv_bytes / (cal["attention_bandwidth_gbps"] * GB) * 1e3
 
-    # Collectives per step.
-    act = shape.hidden * dtype_bytes  # one token's hidden state
+    # Collectives per step (bf16 activations).
+    act_bytes = shape.hidden * DTYPE_BYTES[act]  # one token's hidden state
     plan: list[tuple[str, str, int, int, int]] = []  # site, op, group, bytes, count
     if attn_action == "keep" and attn_size > 1:
-        plan.append(("attention_out", "allreduce", attn_size, seqs * act, shape.layers))
+        plan.append(("attention_out", "allreduce", attn_size, seqs * act_bytes, shape.layers))
     if mlp_action == "keep" and mlp_group > 1:
-        plan.append(("mlp_out", "allreduce", mlp_group, seqs * act, shape.layers))
+        plan.append(("mlp_out", "allreduce", mlp_group, seqs * act_bytes, shape.layers))
     elif mlp_action == "gather_scatter":
-        gathered = mlp_group * seqs * act
+        gathered = mlp_group * seqs * act_bytes
         plan.append(("mlp_out", "allgather", mlp_group, gathered, shape.layers))
         plan.append(("mlp_out", "reducescatter", mlp_group, gathered, shape.layers))
     if parts["vocab"] > 1:  # TP: vocab-parallel embedding and LM head
-        plan.append(("embedding", "allreduce", n, seqs * act, 1))
-        plan.append(("lm_head_gather", "allgather", n, seqs * shape.vocab * dtype_bytes, 1))
+        plan.append(("embedding", "allreduce", n, seqs * act_bytes, 1))
+        plan.append(("lm_head_gather", "allgather", n,
+                     seqs * shape.vocab * DTYPE_BYTES[act], 1))
     collectives = []
     for site, op, group, nbytes, count in plan:
         latency, bus_bw, note = cal.collective(op, group)
         if note and note not in notes:
             notes.append(note)
-        each = (latency + _FACTOR[op](group) * nbytes / bus_bw) * 1e3
-        collectives.append(CollectiveCost(site, op, group, nbytes, count, each))
+        transfer = _FACTOR[op](group) * nbytes / bus_bw
+        collectives.append(CollectiveCost(site, op, group, nbytes, count,
+                                          (latency + transfer) * 1e3, latency * 1e3,
+                                          transfer * 1e3, cal.latency_range(op, group)))
     collectives_ms = sum(c.ms for c in collectives)
-    overhead_ms = (cal["step_overhead_us"]
-                   + shape.layers * cal["kernels_per_layer"] * cal["kernel_launch_us"]) / 1e3
+    coll_low = sum(c.count * (c.latency_ms * c.latency_range[0] + c.transfer_ms)
+                   for c in collectives)
+    coll_high = sum(c.count * (c.latency_ms * c.latency_range[1] + c.transfer_ms)
+                    for c in collectives)
 
-    breakdown = {"weights_ms": weights_ms, "gemm_ms": gemm_ms, "kv_ms": kv_ms,
-                 "collectives_ms": collectives_ms, "overhead_ms": overhead_ms}
+    # Sampling: every rank samples its group's rows over the whole vocabulary.
+    sampling_bw = cal.get("sampling_bandwidth_gbps")
+    sampling_ms = (seqs * shape.vocab * DTYPE_BYTES[act] / (sampling_bw * GB) * 1e3
+                   if sampling_bw else 0.0)
+    launch_ms = fixed_ms + shape.layers * cal["kernels_per_layer"] * cal["kernel_launch_us"] / 1e3
+    overhead_ms = cal["step_overhead_us"] / 1e3
+
+    # Host: in step with it (a lockstep group), its work adds and so does the agreement; one
+    # step ahead (a rank alone), the GPU waits only where the host is the slower.
+    host_ms_total = (cal.get("host_step_us", 0.0)
+                     + cal.get("host_per_request_us", 0.0) * seqs) / 1e3
+    lockstep = mapping.lockstep_size
+    in_step = bool(cal.get("lockstep_in_step", False)) and lockstep > 1
+    agree_ms = cal.agree_us(lockstep) / 1e3 if in_step else 0.0
+    gpu_terms = {"weights_ms": weights_ms, "gemm_ms": gemm_ms, "gemm_shape_ms": shape_ms,
+                 "kv_ms": kv_ms, "collectives_ms": collectives_ms, "sampling_ms": sampling_ms,
+                 "launch_ms": launch_ms}
+
+    def host_term(gpu_ms: float) -> float:
+        return host_ms_total if in_step else max(0.0, host_ms_total - gpu_ms)
+
+    gpu_ms = sum(gpu_terms.values()) + overhead_ms
+    breakdown = {**gpu_terms, "host_ms": host_term(gpu_ms), "agree_ms": agree_ms,
+                 "overhead_ms": overhead_ms}
     step_ms = sum(breakdown.values())
+    ranged = []
+    for coll in (coll_low, coll_high):
+        g = gpu_ms - collectives_ms + coll
+        ranged.append(g + host_term(g) + agree_ms)
 
     # Memory.
     usable = gpu_memory_bytes - int(cal["memory_reserve_gib"] * GIB)
@@ -495,25 +763,29 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
     return Prediction(
         mapping=mapping, name=short_name(mapping), description=describe(mapping),
         step_ms=step_ms, tok_s_per_gpu=batch_per_gpu / step_ms * 1e3,
-        weights_bytes_per_gpu=weights_bytes, weights_read_bytes_per_gpu=sum(read.values()),
+        weights_bytes_per_gpu=weights_bytes, weights_read_bytes_per_gpu=read_bytes,
         kv_bytes_per_gpu=kv_bytes,
         kv_peak_bytes_per_gpu=kv_peak, memory_bytes_per_gpu=weights_bytes + kv_peak,
         usable_bytes_per_gpu=usable, kv_capacity_seqs=int(capacity), seqs_per_group=seqs,
         fits=not reason, reason=reason, breakdown=breakdown, tokens=tokens,
-        collectives=collectives, notes=notes,
+        collectives=collectives, notes=notes, gemms=gemms,
+        step_ms_range=(min(ranged), max(ranged)),
+        dtypes={"weights": weights, "kv_cache": kv_cache, "activations": act},
+        in_step=in_step,
     )
 
 
 def rank_mappings(config: Any, gpus: int, *, batch_per_gpu: int, prompt: int, new_tokens: int,
                   calibration: "Calibration | dict | str | Path | None" = None,
                   gpu_memory_bytes: int | None = None,
-                  dtype_bytes: int = 2) -> list[tuple[Mapping, Prediction]]:
+                  dtype_bytes: int | None = None, weights: str = "bf16",
+                  kv_cache: str = "bf16") -> list[tuple[Mapping, Prediction]]:
     """Every valid mapping of ``gpus`` GPUs with its prediction, fastest first (tokens/s per
     GPU), the ones that fit before the ones that do not; tp=1 (one GPU, for reference) last."""
     cal = load_calibration(calibration)
     rows = [(m, predict(config, m, batch_per_gpu=batch_per_gpu, prompt=prompt,
                         new_tokens=new_tokens, calibration=cal, dtype_bytes=dtype_bytes,
-                        gpu_memory_bytes=gpu_memory_bytes))
+                        gpu_memory_bytes=gpu_memory_bytes, weights=weights, kv_cache=kv_cache))
             for m in valid_mappings(config, gpus)]
     return sorted(rows, key=lambda r: (r[1].reference and gpus > 1, not r[1].fits,
                                        -r[1].tok_s_per_gpu))
@@ -532,14 +804,16 @@ class Pick:
 
 def pick(config: Any, gpus: int, *, batch_per_gpu: int, prompt: int, new_tokens: int,
          calibration: "Calibration | dict | str | Path | None" = None,
-         gpu_memory_bytes: int | None = None, dtype_bytes: int = 2,
+         gpu_memory_bytes: int | None = None, dtype_bytes: int | None = None,
+         weights: str = "bf16", kv_cache: str = "bf16",
          ranked: list[tuple[Mapping, Prediction]] | None = None) -> Pick:
     """The mapping of ``gpus`` GPUs with the most tokens/s per GPU among those that fit, with a
     one-line reason. Raises NothingFits when none holds the weights and the batch's KV."""
     if ranked is None:
         ranked = rank_mappings(config, gpus, batch_per_gpu=batch_per_gpu, prompt=prompt,
                                new_tokens=new_tokens, calibration=calibration,
-                               gpu_memory_bytes=gpu_memory_bytes, dtype_bytes=dtype_bytes)
+                               gpu_memory_bytes=gpu_memory_bytes, dtype_bytes=dtype_bytes,
+                               weights=weights, kv_cache=kv_cache)
     candidates = [r for r in ranked if not r[1].reference or gpus == 1]
     fitting = [r for r in candidates if r[1].fits]
     if not fitting:
@@ -590,26 +864,29 @@ def format_table(ranked: list[tuple[Mapping, Prediction]], chosen: Prediction | 
     several = len(ranked) > 1
     names = [p.name + (" (1 GPU, ref.)" if p.reference and several else "") for _, p in ranked]
     w = max([len("mapping"), *map(len, names)])
-    terms = ("w", "gemm", "kv", "coll", "ovh")
-    head = (f"{'mapping':<{w}} {'step ms':>8} {'tok/s/GPU':>10} {'weights':>8} {'KV':>7} "
-            f"{'memory':>8} {'KV room':>12} {'fits':>4}  " + " ".join(f"{t:>6}" for t in terms))
-    units = (f"{'':<{w}} {'':>8} {'':>10} {'GB/GPU':>8} {'GB/GPU':>7} {'GB/GPU':>8} "
-             f"{'seqs/need':>12} {'':>4}  " + " ".join(f"{'ms':>6}" for _ in terms))
+    cols = [column for _, column, _ in TERMS]
+    head = (f"{'mapping':<{w}} {'step ms':>8} {'range':>11} {'tok/s/GPU':>10} {'weights':>8} "
+            f"{'KV':>6} {'memory':>7} {'KV room':>11} {'fits':>4}  "
+            + " ".join(f"{t:>6}" for t in cols))
+    units = (f"{'':<{w}} {'':>8} {'ms':>11} {'':>10} {'GB/GPU':>8} {'GB/GPU':>6} "
+             f"{'GB/GPU':>7} {'seqs/need':>11} {'':>4}  " + " ".join(f"{'ms':>6}" for _ in cols))
     lines = [head, units]
     for name, (_, p) in zip(names, ranked):
-        b = p.breakdown
-        cells = (b["weights_ms"], b["gemm_ms"], b["kv_ms"], b["collectives_ms"], b["overhead_ms"])
         room = f"{p.kv_capacity_seqs}/{p.seqs_per_group}"
+        lo, hi = p.step_ms_range
+        span = f"{lo:.1f}-{hi:.1f}" if hi - lo >= 0.05 else "-"
         lines.append(
-            f"{name:<{w}} {p.step_ms:>8.2f} {p.tok_s_per_gpu:>10,.0f} "
-            f"{p.weights_bytes_per_gpu / GB:>8.1f} {p.kv_bytes_per_gpu / GB:>7.1f} "
-            f"{p.memory_bytes_per_gpu / GB:>8.1f} {room:>12} {'yes' if p.fits else 'no':>4}  "
-            + " ".join(f"{c:>6.2f}" for c in cells) + ("  <- pick" if p is chosen else ""))
+            f"{name:<{w}} {p.step_ms:>8.2f} {span:>11} {p.tok_s_per_gpu:>10,.0f} "
+            f"{p.weights_bytes_per_gpu / GB:>8.1f} {p.kv_bytes_per_gpu / GB:>6.1f} "
+            f"{p.memory_bytes_per_gpu / GB:>7.1f} {room:>11} {'yes' if p.fits else 'no':>4}  "
+            + " ".join(f"{p.breakdown[key]:>6.2f}" for key, _, _ in TERMS)
+            + ("  <- pick" if p is chosen else ""))
     lines += [
         "",
-        "KV: the cache a step reads (mean context); memory: weights + KV at the full context;",
-        "KV room: sequences of prompt + new tokens that fit per GPU (or DP group) / sequences it",
-        "serves; w + gemm + kv + coll + ovh = step ms: weights read, GEMM time beyond it, KV read,",
-        "collectives, fixed overhead (docs/cost_model.md).",
+        "range: the step with every collective latency at the low / high end of its stated",
+        "range; KV: the cache a step reads (mean context); memory: weights + KV at the full",
+        "context; KV room: sequences that fit per GPU (or DP group) / sequences it serves.",
+        "Terms (ms, they add up to the step): " + "; ".join(
+            f"{column} = {meaning}" for _, column, meaning in TERMS) + " (docs/cost_model.md).",
     ]
     return "\n".join(lines)

@@ -18,7 +18,8 @@ from adp_pass import cli
 from adp_pass.checks import expected_tensors
 from adp_pass.cost_model import (
     GB, GIB, REQUIRED_KEYS, Calibration, CalibrationError, Mapping, NothingFits, ModelShape,
-    load_calibration, pick, predict, rank_mappings, short_name, valid_mappings)
+    TERMS, load_calibration, pick, predict, rank_mappings, short_name, valid_mappings)
+from adp_pass.errors import UsageError
 from adp_pass.presets import PRESETS
 from adp_pass.mapping import role_parts
 
@@ -98,7 +99,7 @@ def test_breakdown_adds_up_and_throughput_follows():
     p = predict(_config("qwen3-8b"), "tp=8", calibration=CAL, **LOAD)
     assert sum(p.breakdown.values()) == pytest.approx(p.step_ms)
     assert p.tok_s_per_gpu == pytest.approx(64 / p.step_ms * 1e3)
-    assert set(p.breakdown) == {"weights_ms", "gemm_ms", "kv_ms", "collectives_ms", "overhead_ms"}
+    assert set(p.breakdown) == {key for key, _, _ in TERMS}
 
 
 def test_tp_pays_collectives_replicated_none():
@@ -208,21 +209,18 @@ def test_gemm_rate_interpolates_and_scales_below_the_smallest_point():
 
 
 # ----------------------------------------------------------------------------- calibration
-def test_the_packaged_default_is_an_h200_calibration():
-    cal = load_calibration()
-    # Single-GPU constants measured by adp calibrate on one H200, the step overhead refitted on
-    # it; the collectives of 2 ranks measured on two H200, larger groups scaled from them.
-    assert "measured by `adp calibrate --gpus 1`" in cal.source and "H200" in cal.name
-    assert "measured by `adp calibrate --gpus 2`" in cal.source
+def test_the_h200_profile_carries_the_h200_measurements():
+    cal = load_calibration("h200")
+    assert "H200" in cal.name and cal.provenance["copy_bandwidth_gbps"]["source"] == "measured"
     assert cal["copy_bandwidth_gbps"] == pytest.approx(4236.92)
     assert cal["attention_bandwidth_gbps"] == pytest.approx(4282.85)
     results = Path(__file__).parents[1] / "bench" / "results"
     measured = json.loads((results / "calibrate-h200-2gpu.json").read_text())
     for op in ("allreduce", "allgather", "reducescatter"):
         assert {"2", "4", "8"} <= set(cal[op])
-        assert cal[op]["2"] == {k: measured[op]["2"][k] for k in ("latency_us",
-                                                                  "bus_bandwidth_gbps")}
-        assert all(cal[op][g]["latency_us"] >= cal[op]["2"]["latency_us"] for g in cal[op])
+        assert {k: cal[op]["2"][k] for k in ("latency_us", "bus_bandwidth_gbps")} == {
+            k: measured[op]["2"][k] for k in ("latency_us", "bus_bandwidth_gbps")}
+        assert cal.provenance[op]["law_sizes"] == [3, 4, 5, 6, 7, 8]
 
 
 @pytest.mark.parametrize("change, words", [
@@ -267,7 +265,9 @@ def test_adp_plan_json_and_checkpoint_config(capsys, tmp_path):
     assert code == 0, err
     data = json.loads(out)
     assert len(data["predictions"]) == 1 + 9 + 1 and data["pick"] and data["reason"]
-    assert data["calibration_source"] == "tests"
+    assert str(cal) in data["calibration"]  # laid over the profile of its GPU (h200: unknown)
+    assert data["profile"]["provenance"]["copy_bandwidth_gbps"]["source"] == "measured"
+    assert data["profile"]["constants"]["copy_bandwidth_gbps"] == 4000.0  # the file's figure
     assert all(p["usable_bytes_per_gpu"] == int(80 * GIB) - int(8 * GIB)
                for p in data["predictions"])
 
@@ -291,12 +291,12 @@ def test_adp_plan_errors_name_the_fix(capsys, args, code, words):
         assert word in err, (word, err)
 
 
-def test_adp_plan_rejects_a_calibration_without_a_key(capsys, tmp_path):
-    data = {k: v for k, v in CAL.items() if k != "allgather"}
+def test_adp_plan_rejects_a_calibration_with_a_bad_value(capsys, tmp_path):
     path = tmp_path / "cal.json"
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps({**CAL, "copy_bandwidth_gbps": -3}))
     code, _, err = _plan(capsys, "--calibration", str(path))
-    assert code == 2 and "lacks allgather" in err and "adp calibrate" in err
+    assert code == 2 and "copy_bandwidth_gbps must be a positive number" in err
+    assert "adp calibrate" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- adp calibrate
@@ -354,3 +354,204 @@ def test_fit_collective_recovers_latency_and_bandwidth():
     fit = fit_collective("allreduce", 2, points)
     assert fit["latency_us"] == pytest.approx(10, rel=0.02)
     assert fit["bus_bandwidth_gbps"] == pytest.approx(100, rel=0.05)
+
+
+# ----------------------------------------------------------------------------- profiles (#26)
+from adp_pass.cost_model import GemmCost, check_fp8, wave_utilisation  # noqa: E402
+from adp_pass.profiles import PROFILE_NAMES, SOURCES, profile_for_device, profile_path  # noqa: E402
+
+
+@pytest.mark.parametrize("name", PROFILE_NAMES)
+def test_every_constant_of_every_profile_says_where_it_comes_from(name):
+    raw = json.loads(profile_path(name).read_text())
+    assert raw["schema"] == 2 and raw["constants"]
+    for key, entry in raw["constants"].items():
+        assert entry["source"] in SOURCES, key
+        assert len(entry["from"]) > 20, key  # a sentence, not a tag
+        if entry["source"] == "measured":
+            assert entry.get("date") and entry.get("versions", {}).get("torch"), key
+        if entry["source"] == "datasheet" and key.endswith("_gbps"):
+            assert "derat" in entry["from"], key  # a datasheet bandwidth states its derating
+        if entry["source"] == "assumed":
+            assert "range" in entry or key == "collective_law", key
+    cal = load_calibration(name)
+    assert set(REQUIRED_KEYS) <= set(cal.data) and set(cal.provenance) >= set(raw["constants"])
+
+
+@pytest.mark.parametrize("device, name", [
+    ("NVIDIA H200", "h200"), ("NVIDIA H20", "h20"), ("NVIDIA H100 80GB HBM3", "h100"),
+    ("NVIDIA B200", "b200"), ("Tesla T4", None), ("", None)])
+def test_the_profile_follows_the_device_name(device, name):
+    assert profile_for_device(device) == name
+
+
+def test_a_measured_calibration_overrides_only_what_it_measures(tmp_path):
+    path = tmp_path / "h100-cal.json"
+    path.write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-01",
+                                "versions": {"torch": "2.11"}, "copy_bandwidth_gbps": 3000.0,
+                                "gemm_tflops": {"64": 200.0, "1024": 700.0}}))
+    cal = load_calibration(path)
+    base = load_calibration("h100")
+    assert cal["copy_bandwidth_gbps"] == 3000.0 and cal.provenance["copy_bandwidth_gbps"][
+        "source"] == "measured" and cal.provenance["copy_bandwidth_gbps"]["date"] == "2026-12-01"
+    assert cal["attention_bandwidth_gbps"] == base["attention_bandwidth_gbps"]  # not measured
+    # 64 tokens at 200 TFLOP/s is the weight read (memory-bound): not taken as a compute rate
+    assert cal["gemm_tflops"]["64"] == base["gemm_tflops"]["64"]
+    assert cal["gemm_tflops"]["1024"] == 700.0
+    assert any("memory-bound" in n for n in cal.notes)
+
+
+def test_fp8_weights_and_kv_are_counted_at_their_own_size():
+    config = _config("qwen3-32b")
+    bf16 = predict(config, "tp=8,attn_dp=1", calibration="h20", **LOAD)
+    fp8 = predict(config, "tp=8,attn_dp=1", calibration="h20", weights="fp8", **LOAD)
+    kv8 = predict(config, "tp=8,attn_dp=1", calibration="h20", kv_cache="fp8", **LOAD)
+    shape = ModelShape.of(config)
+    params = shape.role_params()
+    lm = shape.vocab * shape.hidden * 2 * 2  # embedding + LM head stay bf16
+    h, hd, i = shape.hidden, shape.head_dim, shape.intermediate
+    tiles = shape.layers * sum(math.ceil(n / 128) * math.ceil(k / 128) for n, k in (
+        ((shape.heads + 2 * shape.kv_heads) * hd, h), (h, shape.heads * hd), (2 * i, h), (h, i)))
+    assert fp8.weights_bytes_per_gpu == (params["attention"] + params["mlp"] + 4 * tiles + lm
+                                         + params["replicated"] * 2)
+    assert kv8.kv_bytes_per_gpu * 2 == bf16.kv_bytes_per_gpu
+    assert fp8.dtypes == {"weights": "fp8", "kv_cache": "bf16", "activations": "bf16"}
+    # collectives stay bf16: the same bytes under fp8 weights
+    tp_bf16 = predict(config, "tp=8", calibration="h20", **LOAD)
+    tp_fp8 = predict(config, "tp=8", calibration="h20", weights="fp8", **LOAD)
+    assert [c.nbytes for c in tp_fp8.collectives] == [c.nbytes for c in tp_bf16.collectives]
+    assert tp_fp8.breakdown["weights_ms"] < tp_bf16.breakdown["weights_ms"] / 1.9
+
+
+def test_fp8_is_refused_where_a_shard_cuts_the_scale_blocks(capsys):
+    with pytest.raises(UsageError) as info:
+        check_fp8(_config("tiny"), 2, "tiny")
+    assert "128-wide scale blocks" in str(info.value) and "--weights bf16" in info.value.hint
+    code, _, err = _plan(capsys, "--preset", "tiny", "--gpus", "2", "--weights", "fp8",
+                         "--prompt", "64", "--new-tokens", "16")
+    assert code == 2 and "--weights" in err and "scale blocks" in err and "fix:" in err
+    check_fp8(_config("qwen3-32b"), 8)  # 25600 / 8 = 3200 = 25 x 128: fine
+
+
+def test_the_collective_latency_law_and_its_range():
+    cal = load_calibration("h200")
+    law = cal["collective_law"]
+    two, eight = cal["allreduce"]["2"]["latency_us"], cal["allreduce"]["8"]["latency_us"]
+    assert eight == pytest.approx(two + law["hop_us"] * (2 * 7 - 2))  # ring: 2(g-1) steps
+    ag8 = cal["allgather"]["8"]["latency_us"]
+    assert ag8 == pytest.approx(cal["allgather"]["2"]["latency_us"] + law["hop_us"] * 6)
+    lo2, hi2 = cal.latency_range("allreduce", 2)
+    lo8, hi8 = cal.latency_range("allreduce", 8)
+    assert (lo2, hi2) == (law["graph_fraction"], 1.0)  # measured: a graph pays less
+    assert lo8 < lo2 and hi8 > 1.0  # law-filled: the hop's range too
+    p = predict(_config("qwen3-8b"), "tp=8", calibration=cal, **LOAD)
+    assert p.step_ms_range[0] < p.step_ms < p.step_ms_range[1]
+    rep = predict(_config("qwen3-8b"), "tp=8,attn_dp=1", calibration=cal, **LOAD)
+    assert rep.step_ms_range == (pytest.approx(rep.step_ms), pytest.approx(rep.step_ms))
+
+
+def test_tp_pays_host_work_for_its_whole_group_in_step():
+    cal = load_calibration("h200")
+    config = _config("qwen3-8b")
+    tp = predict(config, "tp=8", calibration=cal, **LOAD)
+    rep = predict(config, "tp=8,attn_dp=1", calibration=cal, **LOAD)
+    host_us = cal["host_step_us"] + cal["host_per_request_us"] * 8 * 64
+    assert tp.in_step and tp.breakdown["host_ms"] == pytest.approx(host_us / 1e3)
+    assert tp.breakdown["agree_ms"] == pytest.approx(cal["lockstep_agree_us"]["2"] * 7 / 1e3)
+    # a replicated rank runs one step ahead: its 64 requests' host work hides under the GPU
+    assert not rep.in_step and rep.breakdown["host_ms"] == 0 == rep.breakdown["agree_ms"]
+    # sampling: TP samples all 512 rows on every rank
+    assert tp.breakdown["sampling_ms"] == pytest.approx(8 * rep.breakdown["sampling_ms"])
+
+
+def test_narrow_shards_fill_fewer_sms():
+    ref = wave_utilisation(512, 16384, 4096, 78)
+    assert wave_utilisation(512, 1280, 5120, 78) < ref  # Qwen3-32B q|k|v over 8 ranks
+    assert wave_utilisation(64, 10240, 5120, 78) <= 1.0
+    p = predict(_config("qwen3-32b"), "tp=8", calibration="h20", weights="fp8", **LOAD)
+    assert p.breakdown["gemm_shape_ms"] > 0
+    assert {g.name for g in p.gemms} == {"qkv", "o", "gate_up", "down", "lm_head"}
+    assert all(isinstance(g, GemmCost) and g.rate_how == "wave law" for g in p.gemms)
+
+
+def test_the_seed_table_as_docs_cost_model_states_it():
+    """Qwen3-32B FP8 on 8 H20 at 64 requests per GPU (prompt 512 + 128): TP1, TP8, attention-DP
+    8; the seed measured 32.53 / 43.30 / 32.42 ms with TensorRT-LLM."""
+    ranked = {p.name: p for _, p in rank_mappings(_config("qwen3-32b"), 8, calibration="h20",
+                                                    weights="fp8", **LOAD)}
+    tp1, tp8, adp = (ranked[n].step_ms for n in ("tp=1", "tp=8", "tp=8,attn_dp=1"))
+    assert adp / tp1 == pytest.approx(1.0)
+    assert tp8 / tp1 == pytest.approx(1.464, abs=0.01)
+    assert (tp1, tp8) == (pytest.approx(28.48, abs=0.05), pytest.approx(41.68, abs=0.05))
+
+
+KNOWN_MISSES = {  # (file, mapping, requests): why; the test fails once a row is back within 15%
+    ("mappings-qwen3-8b-2.json", "tp=2,attn_dp=0", 256):
+        "the host's per-request work, measured in step on one rank between 16 and 64 rows, "
+        "does not extrapolate to the 512 rows of a TP2 rank (docs/cost_model.md)",
+}
+
+
+def test_every_committed_row_within_15_percent():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "bench" / "check_cost_model.py"
+    spec = importlib.util.spec_from_file_location("check_cost_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [r for r in module.check(module.measured_rows()) if r["checked"]]
+    assert len(rows) >= 20
+    misses = {(r["file"], r["mapping"], r["batch"]) for r in rows if abs(r["error"]) > 0.15}
+    assert misses == set(KNOWN_MISSES)
+    assert all(p["agree"] for p in module.picks(rows))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--gpu", "a100"], ["unknown GPU profile 'a100'", "h20, h100, h200, b200"]),
+    (["--gpu", "/nonexistent/prof.json"], ["does not exist", "adp calibrate --out"]),
+    (["--sweep"], ["--out FILE.png"]),
+    (["--out", "x.png"], ["add --sweep"]),
+    (["--gpu", "h200", "--calibration", "x.json"], ["--gpu or --calibration"]),
+])
+def test_adp_plan_profile_errors_name_the_fix(capsys, args, words):
+    code, _, err = _plan(capsys, *args)
+    assert code == 2 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_a_profile_constant_without_a_source_is_named(capsys, tmp_path):
+    raw = json.loads(profile_path("h20").read_text())
+    raw["constants"]["copy_bandwidth_gbps"]["from"] = ""
+    path = tmp_path / "prof.json"
+    path.write_text(json.dumps(raw))
+    code, _, err = _plan(capsys, "--gpu", str(path))
+    assert code == 2 and "copy_bandwidth_gbps does not say where it comes from" in err
+
+
+def test_adp_plan_json_carries_terms_provenance_and_uncertainty(capsys):
+    code, out, err = _plan(capsys, "--preset", "qwen3-32b", "--gpu", "h20", "--weights", "fp8",
+                           "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data["profile"]["provenance"]) >= set(json.loads(
+        profile_path("h20").read_text())["constants"])
+    tp8 = next(p for p in data["predictions"] if p["mapping"] == "tp=8")
+    assert set(tp8["breakdown"]) == {key for key, _, _ in TERMS} == set(data["terms"])
+    assert tp8["step_ms_range"][0] < tp8["step_ms"] < tp8["step_ms_range"][1]
+    assert all("latency_range" in c for c in tp8["collectives"]) and tp8["gemms"]
+
+
+def test_sweep_marks_picks_that_the_latency_range_can_flip():
+    from adp_pass.plan_sweep import CONTEXTS, REQUESTS, sweep
+
+    result = sweep(_config("qwen3-8b"), 2, calibration=load_calibration("h200"))
+    assert len(result.cells) == len(REQUESTS) * len(CONTEXTS)
+    fitting = [c for c in result.cells if c.pick]
+    assert fitting and all(c.margin >= 0 for c in fitting)
+    assert all(c.stable for c in fitting if c.margin > 0.5)  # a wide lead cannot flip
+    flat = copy.deepcopy(load_calibration("h200").data)
+    flat["collective_law"] = {**flat["collective_law"], "graph_fraction": 1.0,
+                              "hop_us_range": [1.0, 1.0]}
+    no_range = sweep(_config("qwen3-8b"), 2, calibration=Calibration(flat))
+    assert all(c.stable for c in no_range.cells)
