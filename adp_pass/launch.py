@@ -1,9 +1,21 @@
-"""Start ranks with torchrun's own machinery and collect what each returns.
+"""The one launcher: every way ranks start, with one failure record and one log capture.
 
-``launch`` is ``torchrun --standalone --nproc-per-node N`` called from Python (torch's
-``elastic_launch``): when one rank fails, torchrun stops the others and the error names the
-failing rank. Ranks create their process group with :func:`init_rank`, whose timeout bounds
-every collective, so a rank waiting on a dead peer fails instead of hanging.
+Ways ranks start (each with torchrun's machinery, so a failed rank stops its job's others):
+
+- :func:`launch`: a Python function on N local ranks (``elastic_launch``; ``adp verify``,
+  ``adp calibrate``, tests), their return values collected;
+- a worker module (``runtime/worker.py``, ``runtime/serve_worker.py``) over a job directory:
+  :func:`torchrun_command` builds the command line of each form — one standalone job of N ranks
+  (``adp run --torchrun``, ``adp serve`` with collectives), one job per rank (isolated serving
+  ranks), one agent per node meeting at a c10d rendezvous (``adp serve --nnodes``) — and
+  ``runtime/in_process.py`` runs the same in this process (the one rank of a one-rank job, or
+  torchrun's agent).
+
+Every rank that fails leaves one :class:`~adp_pass.runtime.contract.RankFailure`
+(:func:`record_failure`); :func:`job_failure` turns the first into :class:`RankFailed`. Every
+process's output goes through :func:`pump_lines` into the job's log, the ranks' progress lines
+echoed. Ranks create their process group with :func:`init_rank`, whose timeout bounds every
+collective, so a rank waiting on a dead peer fails instead of hanging.
 """
 
 from __future__ import annotations
@@ -12,9 +24,12 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -99,10 +114,7 @@ def _recording_errors(error_dir: str, entrypoint: Callable[..., Any], *args: Any
     except BaseException as exc:
         rank = int(os.environ.get("RANK", -1))
         message = f"{type(exc).__name__}: {exc}"
-        record = {"rank": rank, "time": time.time(), "message": message,
-                  "traceback": traceback.format_exc()}
-        with contextlib.suppress(OSError):
-            Path(error_dir, f"rank{rank}.json").write_text(json.dumps(record))
+        record_failure(error_dir, rank, exc)
         if any(lost in message for lost in _PEER_LOST):
             # Only a peer's disappearance: end here, traceback in this rank's log. Unwinding
             # would restore the console as stderr before the interpreter's teardown, where the
@@ -129,11 +141,13 @@ def _culprit(failures: dict, error_dir: Path) -> tuple[int, str]:
         detail = failure.message
         return str(detail.get("message", detail) if isinstance(detail, dict) else detail)
 
+    from adp_pass.runtime.contract import ContractError, RankFailure, from_json
+
     recorded = []
-    for path in error_dir.glob("rank*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            record = json.loads(path.read_text())
-            recorded.append((record["time"], record["rank"], record["message"]))
+    for path in error_dir.glob("rank*.error.json"):
+        with contextlib.suppress(OSError, ValueError, ContractError):
+            failure = from_json(RankFailure, json.loads(path.read_text()))
+            recorded.append((failure.time, failure.rank, f"{failure.type}: {failure.message}"))
     seen = {rank for _, rank, _ in recorded}
     recorded += [(f.timestamp, rank, message(f)) for rank, f in failures.items()
                  if rank not in seen]
@@ -163,6 +177,108 @@ def _last_line(text: str) -> str:
     """A recorded failure may carry the traceback; the exception's own line is the last one."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else text
+
+
+def record_failure(job_dir: str | os.PathLike, rank: int, err: BaseException) -> None:
+    """Leave rank ``rank``'s own error where :func:`job_failure` looks for it (torchrun reports
+    only an exit code for a ``-m`` module)."""
+    from adp_pass.runtime.contract import RankFailure, to_json
+
+    failure = RankFailure.of(rank, err)
+    with contextlib.suppress(OSError):
+        failure.path(job_dir).write_text(json.dumps(to_json(failure)))
+
+
+def job_failure(job_dir: str | os.PathLike, returncode: int, log: str | os.PathLike
+                ) -> RankFailed:
+    """The error of a job that exited ``returncode``: its first rank's own, when one left it."""
+    from adp_pass.runtime.contract import ContractError, RankFailure, from_json
+
+    failures = []
+    for path in Path(job_dir).glob("rank*.error.json"):
+        with contextlib.suppress(OSError, ValueError, ContractError):
+            failures.append(from_json(RankFailure, json.loads(path.read_text())))
+    if not failures:
+        return RankFailed(
+            f"the job's ranks exited (code {returncode}) without an error message: killed, or "
+            "out of memory?", log=str(log), hint=f"every rank's output is in {log}")
+    first = min(failures, key=lambda f: f.time)
+    return RankFailed(f"rank {first.rank} failed: {first.type}: {first.message}",
+                      rank=first.rank, log=str(log), hint=first.hint)
+
+
+def torchrun_command(worker: str, job_dir: str | os.PathLike, nproc: int, *, nnodes: int = 1,
+                     rdzv_endpoint: str | None = None, run_id: str | None = None) -> list[str]:
+    """The command line of a torchrun job running ``worker`` (a module) over ``job_dir``: one
+    standalone job of ``nproc`` ranks, or with ``rdzv_endpoint`` one of ``nnodes`` agents of
+    ``nproc`` ranks each, meeting at a c10d rendezvous (torchrun hands out the ranks in the
+    order the agents join)."""
+    if rdzv_endpoint is None:
+        placement = ["--standalone", f"--nproc-per-node={nproc}"]
+    else:
+        placement = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={run_id}",
+                     "--max-restarts=0"]
+    job = Path(job_dir)
+    return [sys.executable, "-m", "torch.distributed.run", *placement, "--monitor-interval=0.2",
+            "-m", worker, str(job / "job.json"), str(job)]
+
+
+def rank_environment(**extra: str) -> dict[str, str]:
+    """The environment a rank process starts with: this one's, one CPU thread per rank unless
+    told (ranks share the machine's cores), and ``extra``."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **extra)
+    if "ADP_SERVE_RANK" not in extra:
+        env.pop("ADP_SERVE_RANK", None)
+    return env
+
+
+def pump_lines(lines, sink, echo_to=None, lock=None) -> None:
+    """Each line of ``lines`` into the log ``sink`` (flushed, so the log is whole up to there
+    even if this process dies); the ranks' own progress lines (``[rank N ...]``) also to the
+    stream ``echo_to``, if given. ``lock`` serialises writers sharing one log."""
+    for line in lines:
+        with lock if lock is not None else contextlib.nullcontext():
+            sink.write(line)
+            sink.flush()
+        if echo_to is not None and line.startswith("[rank "):
+            with contextlib.suppress(Exception):
+                echo_to.write(line)
+                echo_to.flush()
+
+
+def default_log_path(kind: str = "run", suffix: str = ".log") -> Path:
+    """Where a job's rank logs go unless told: one file (or, with ``suffix=""``, directory) per
+    job under the temp dir."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(tempfile.gettempdir()) / "adp-logs" / f"{kind}-{stamp}-{os.getpid()}{suffix}"
+
+
+def run_logged(command: list[str], env: dict, log: Path, timeout_s: float, echo: bool) -> int:
+    """Run ``command`` with its output into ``log``; show rank progress lines; kill the whole
+    process group (torchrun and its ranks) on timeout."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        timer = threading.Timer(timeout_s, kill_group, [process])
+        timer.start()
+        try:
+            pump_lines(process.stdout, sink, sys.stderr if echo else None)
+            returncode = process.wait()
+        finally:
+            timer.cancel()
+            if process.poll() is None:  # interrupted: take the ranks down with us
+                kill_group(process, timed_out=False)
+    if getattr(process, "timed_out", False):
+        raise RankFailed(f"the job did not finish within {timeout_s:.0f} s", log=str(log),
+                         hint=f"every rank's output is in {log}")
+    return returncode
+
+
+def kill_group(process: subprocess.Popen, timed_out: bool = True) -> None:
+    process.timed_out = timed_out
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def free_port() -> int:

@@ -93,13 +93,13 @@ def _rank_main(
     seed: int,
     lower_ops: bool,
     self_check: bool = True,
-    mapping_spec: str | None = None,
+    mapping: Mapping | None = None,
     dump_dir: str | None = None,
 ) -> dict:
-    from adp_pass.runtime.groups import bind_groups, create_groups
+    from adp_pass.runtime.rank import join_groups
 
     rank, world_size, device = init_rank()
-    mapping = Mapping.load(mapping_spec or f"tp={world_size},attn_dp=1")
+    mapping = mapping or Mapping(tp_size=world_size, enable_attention_dp=True)
     pipeline = Pipeline(f"{dump_dir}/rank{rank}" if dump_dir is not None else None)
     tp_model, full_state = source(config, world_size, rank, seed)
     tp_model = tp_model.to(device)
@@ -115,7 +115,7 @@ def _rank_main(
     gm = pipeline.rewrite(captured.gm, plan, state_dict=full_state, self_check=self_check)
     if plan.replicated_only:  # every tensor whole: the unsharded state dict loads as it is
         gm.load_state_dict(full_state, strict=True)
-    bind_groups(gm, create_groups(mapping).names)
+    join_groups(mapping, gm, rank)
     dp_rank = mapping.dp_rank(rank)
     start = sum(splits[:dp_rank])
     mine = ids[start : start + splits[dp_rank]]
@@ -184,7 +184,7 @@ def verify(
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
     results = launch(
         _rank_main, world_size, config, source, ids, splits, seed, lower_ops, self_check,
-        str(mapping), str(dump_dir) if dump_dir is not None else None, timeout_s=timeout_s,
+        mapping, str(dump_dir) if dump_dir is not None else None, timeout_s=timeout_s,
         log_dir=log_dir,
     )
     reference = build_hf(config, seed=seed)

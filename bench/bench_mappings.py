@@ -26,7 +26,8 @@ from adp_pass.cost_model import load_calibration, predict
 from adp_pass.mapping import Mapping
 from adp_pass.presets import qwen3_config
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
-from adp_pass.runtime.job import request_dict
+from adp_pass.runtime.contract import to_json
+from adp_pass.runtime.serving_config import ServingConfig
 from adp_pass.runtime.sampling import SamplingParams
 
 BLOCK = 16
@@ -74,11 +75,11 @@ def run_mapping(spec: str, args, config, workloads: list[tuple[int, int]], log_d
         phases.append(assign_by_load(requests, mapping.dp_size))
     sizes = sorted({s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if s < per_group}
                    | {per_group})
-    job = make_job(str(mapping), phases[0], preset=args.preset, dtype=args.dtype,
-                   num_blocks=blocks, block_size=BLOCK, max_position=seq_max + 16,
-                   max_seq_len=seq_max, max_batch=per_group, cuda_graph_sizes=sizes,
-                   check_first_step=not args.no_check)
-    job.later_phases = [[[request_dict(r) for r in rank] for rank in phase] for phase in phases[1:]]
+    serving = ServingConfig(num_blocks=blocks, block_size=BLOCK, max_position=seq_max + 16,
+                            max_seq_len=seq_max, max_batch=per_group,
+                            cuda_graph_sizes=tuple(sizes))
+    job = make_job(mapping, phases[0], workloads=phases[1:], preset=args.preset,
+                   dtype=args.dtype, serving=serving, check_first_step=not args.no_check)
     print(f"\n== {spec}: {ranks} rank(s), {per_group} requests per DP group at most, "
           f"{blocks} KV blocks per rank", flush=True)
     try:
@@ -88,21 +89,21 @@ def run_mapping(spec: str, args, config, workloads: list[tuple[int, int]], log_d
         print(f"   failed: {err}", flush=True)
         return [{"mapping": spec, "error": str(err), "batch_per_gpu": b, "prompt": p}
                 for b, p in workloads]
-    leaders = [r for r in report.ranks if r.get("leader", True)]
+    leaders = report.leaders
     rows = []
     for index, (batch, prompt) in enumerate(workloads):
-        phase = [r["phases"][index] for r in leaders]
-        step = sum(p["mean_decode_step_ms"] for p in phase) / len(phase)
-        tokens = sum(p["decode_tokens_per_s"] for p in phase)
+        phase = [r.phases[index] for r in leaders]
+        step = sum(p.mean_decode_step_ms for p in phase) / len(phase)
+        tokens = sum(p.decode_tokens_per_s for p in phase)
         rows.append({
             "mapping": spec, "gpus": gpus, "batch_per_gpu": batch, "prompt": prompt,
             "new_tokens": args.new_tokens, "step_ms": step, "tok_s_total": tokens,
             "tok_s_per_gpu": tokens / gpus,
-            "ttft_ms": sum(p["mean_ttft_ms"] for p in phase) / len(phase),
-            "memory_gib_per_gpu": max(r.get("memory_allocated_gib") or 0 for r in report.ranks),
+            "ttft_ms": sum(p.mean_ttft_ms for p in phase) / len(phase),
+            "memory_gib_per_gpu": max(r.memory_allocated_gib or 0 for r in report.ranks),
             "kv_capacity_seqs_per_group": blocks // -(-seq_max // BLOCK),
-            "first_step_check": leaders[0].get("first_step_check"),
-            "build_s": sum(leaders[0]["timings"].values()),
+            "first_step_check": to_json(leaders[0].first_step_check),
+            "build_s": sum(leaders[0].timings.values()),
             "fits": True,
         })
         print(f"   {batch:>4} x {prompt:<5} step {step:7.2f} ms  {tokens / gpus:9.0f} tok/s/GPU  "

@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from adp_pass.launch import RankFailed
-from adp_pass.runtime.engine import Request
-from adp_pass.runtime.job import Job, request_dict
-from adp_pass.runtime.sampling import SamplingParams
+from adp_pass.launch import (default_log_path, job_failure, rank_environment, run_logged,
+                             torchrun_command)
+from adp_pass.mapping import Mapping
+from adp_pass.runtime.contract import (
+    Job, RankRecord, Request, Result, SamplingParams, from_json, record_path)
 
 
 def assign_by_load(requests: list[Request], dp_size: int) -> list[list[Request]]:
@@ -53,32 +48,32 @@ def synthetic_requests(
 
 @dataclass
 class JobReport:
-    ranks: list[dict]
+    ranks: list[RankRecord]
     log: str | None = None  # every rank's output
 
     @property
-    def leaders(self) -> list[dict]:
+    def leaders(self) -> list[RankRecord]:
         """One record per DP group: its first rank's (the others served the same requests)."""
-        return [r for r in self.ranks if r.get("leader", True)]
+        return [r for r in self.ranks if r.leader]
 
     @property
-    def results(self) -> list[dict]:
+    def results(self) -> list[Result]:
         """Every request's result, once (from the leaders)."""
-        return [result for r in self.leaders for result in r["results"]]
+        return [result for r in self.leaders for result in r.results]
 
     @property
     def total_decode_tokens_per_s(self) -> float:
-        return sum(r["decode_tokens_per_s"] for r in self.leaders)
+        return sum(r.first.decode_tokens_per_s for r in self.leaders)
 
     def __str__(self) -> str:
         lines = [f"{'rank':>4} {'dp':>3} {'device':<24} {'requests':>8} {'decode tok/s':>13} "
                  f"{'step ms':>8} {'wall s':>7}"]
         for r in self.ranks:
-            dp = f"{r.get('dp_rank', r['rank'])}{'' if r.get('leader', True) else '*'}"
+            dp = f"{r.dp_rank}{'' if r.leader else '*'}"
             lines.append(
-                f"{r['rank']:>4} {dp:>3} {r['device'][:24]:<24} {r['requests']:>8} "
-                f"{r['decode_tokens_per_s']:>13.1f} {r['mean_decode_step_ms']:>8.2f} "
-                f"{r['wall_s']:>7.2f}"
+                f"{r.rank:>4} {dp:>3} {r.device[:24]:<24} {r.first.requests:>8} "
+                f"{r.first.decode_tokens_per_s:>13.1f} {r.first.mean_decode_step_ms:>8.2f} "
+                f"{r.first.wall_s:>7.2f}"
             )
         total = f"total decode tokens/s: {self.total_decode_tokens_per_s:.1f}"
         if len(self.leaders) < len(self.ranks):
@@ -87,13 +82,6 @@ class JobReport:
                       "requests again)")
         lines.append(total)
         return "\n".join(lines)
-
-
-def default_log_path(kind: str = "run", suffix: str = ".log") -> Path:
-    """Where a job's rank logs go unless told: one file (or, with ``suffix=""``, directory) per
-    job under the temp dir."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(tempfile.gettempdir()) / "adp-logs" / f"{kind}-{stamp}-{os.getpid()}{suffix}"
 
 
 def run_job(job: Job, world_size: int, *, timeout_s: float = 1800, out_dir: str | None = None,
@@ -125,75 +113,29 @@ def run_job(job: Job, world_size: int, *, timeout_s: float = 1800, out_dir: str 
         job_path = out / "job.json"
         job.write(job_path)
         if torchrun or not in_process.can_run_here():
-            command = [
-                sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={world_size}", "-m", "adp_pass.runtime.worker",
-                str(job_path), str(out),
-            ]
-            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-            returncode = _run_logged(command, env, log, timeout_s, echo)
+            command = torchrun_command("adp_pass.runtime.worker", out, world_size)
+            returncode = run_logged(command, rank_environment(), log, timeout_s, echo)
         else:
             with in_process.output_into(log, echo) as say, \
                     in_process.deadline(timeout_s, log, say):
                 returncode = in_process.serve_here(job_path, out, world_size)
         if returncode != 0:
-            raise _rank_failure(out, returncode, log)
-        report = JobReport([json.loads((out / f"rank{r}.json").read_text())
+            raise job_failure(out, returncode, log)
+        report = JobReport([from_json(RankRecord, json.loads(record_path(out, r).read_text()))
                             for r in range(world_size)])
     report.log = str(log)
     return report
 
 
-def _run_logged(command: list[str], env: dict, log: Path, timeout_s: float, echo: bool) -> int:
-    """Run ``command`` with its output into ``log``; show rank progress lines; kill the whole
-    process group (torchrun and its ranks) on timeout."""
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        timer = threading.Timer(timeout_s, _kill_group, [process])
-        timer.start()
-        try:
-            for line in process.stdout:
-                sink.write(line)
-                if echo and line.startswith("[rank "):
-                    print(line, end="", file=sys.stderr, flush=True)
-            returncode = process.wait()
-        finally:
-            timer.cancel()
-            if process.poll() is None:  # interrupted: take the ranks down with us
-                _kill_group(process, timed_out=False)
-    if getattr(process, "timed_out", False):
-        raise RankFailed(f"the job did not finish within {timeout_s:.0f} s", log=str(log),
-                         hint=f"every rank's output is in {log}")
-    return returncode
-
-
-def _kill_group(process: subprocess.Popen, timed_out: bool = True) -> None:
-    process.timed_out = timed_out
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-def _rank_failure(out: Path, returncode: int, log: Path) -> RankFailed:
-    """The first rank's own error (ranks record theirs in ``rank{N}.error.json``)."""
-    records = [json.loads(p.read_text()) for p in out.glob("rank*.error.json")]
-    if not records:
-        return RankFailed(
-            f"the job's ranks exited (code {returncode}) without an error message: killed, or "
-            "out of memory?", log=str(log), hint=f"every rank's output is in {log}")
-    first = min(records, key=lambda r: r["time"])
-    return RankFailed(f"rank {first['rank']} failed: {first['type']}: {first['message']}",
-                      rank=first["rank"], log=str(log), hint=first.get("hint"))
-
-
-def make_job(mapping: str, assignments: list[list[Request]], **settings) -> Job:
-    """A job serving ``assignments[g]`` on DP group ``g`` (at most ``dp_size`` lists)."""
-    from adp_pass.mapping import Mapping
-
-    dp_size = Mapping.load(mapping).dp_size
-    if len(assignments) > dp_size:
-        raise ValueError(f"{len(assignments)} request lists for mapping {mapping!r}, which has "
-                         f"{dp_size} DP groups: spread them with assign_by_load(requests, "
-                         f"{dp_size})")
-    return Job(mapping=mapping, assignments=[[request_dict(r) for r in rank] for rank in assignments],
-               **settings)
+def make_job(mapping: Mapping | str, assignments: list[list[Request]], *,
+             workloads: list[list[list[Request]]] = (), **settings) -> Job:
+    """A job serving ``assignments[g]`` on DP group ``g`` (at most ``dp_size`` lists), then each
+    of ``workloads`` (more such lists, each measured on its own). ``settings``: the other
+    :class:`Job` fields."""
+    mapping = Mapping.load(mapping)
+    for lists in (assignments, *workloads):
+        if len(lists) > mapping.dp_size:
+            raise ValueError(f"{len(lists)} request lists for mapping {mapping}, which has "
+                             f"{mapping.dp_size} DP groups: spread them with "
+                             f"assign_by_load(requests, {mapping.dp_size})")
+    return Job(mapping=mapping, workloads=[list(assignments), *workloads], **settings)

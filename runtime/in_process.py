@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from adp_pass.launch import RankFailed, free_port
+from adp_pass.launch import RankFailed, free_port, pump_lines, record_failure, torchrun_command
 
 # After the timeout, how long the job may take to stop before this process exits without it
 # (a rank stuck in a C call cannot be interrupted, only killed with its process).
@@ -85,7 +85,7 @@ def _serve_one_rank(job_path: Path, out: Path, threads: int) -> int:
     except (KeyboardInterrupt, _TimeUp):
         raise
     except BaseException as err:  # noqa: BLE001 - as worker.py's __main__ under torchrun
-        worker._record_failure(str(out), err)
+        record_failure(out, 0, err)
         traceback.print_exc()  # into the log, as the rank process printed it
         return 1
     finally:
@@ -105,9 +105,9 @@ def _run_agent(job_path: Path, out: Path, world_size: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args([
-        "--standalone", f"--nproc-per-node={world_size}", "-m", "adp_pass.runtime.worker",
-        str(job_path), str(out)])
+    # torchrun's own arguments: the launcher's command line without "python -m <torchrun>".
+    command = torchrun_command("adp_pass.runtime.worker", out, world_size)
+    args = get_args_parser().parse_args(command[3:])
     handlers = {sig: signal.getsignal(sig) for sig in _AGENT_SIGNALS}
     try:
         # The agent sets this in the environment of the process it runs in: undone after.
@@ -214,13 +214,7 @@ def _real_stderr() -> tuple[TextIO, bool]:
 
 def _pump(read_end: int, log: Path, echo_to: TextIO | None) -> None:
     with open(read_end, errors="replace") as source, log.open("w") as sink:
-        for line in source:
-            sink.write(line)
-            sink.flush()  # the log is whole up to here even if this process dies
-            if echo_to is not None and line.startswith("[rank "):
-                with contextlib.suppress(Exception):
-                    echo_to.write(line)
-                    echo_to.flush()
+        pump_lines(source, sink, echo_to)
 
 
 @contextlib.contextmanager

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from adp_pass import cli
 from adp_pass.launch import RankFailed
-from adp_pass.runtime import frontend, in_process, worker
+from adp_pass.runtime import frontend, in_process, rank, worker
 from adp_pass.runtime.frontend import make_job, run_job, synthetic_requests
-from adp_pass.runtime.job import Job
+from adp_pass.runtime.contract import Job
 from adp_pass.runtime.sampling import SamplingParams
 from adp_pass.runtime.weights import CheckpointError
 
@@ -51,7 +51,7 @@ def test_the_rank_runs_here_and_leaves_the_process_as_it_was(tmp_path, cache_dir
         return serve(*args)
 
     serve = worker.main
-    monkeypatch.setattr(frontend, "_run_logged", no_torchrun)
+    monkeypatch.setattr(frontend, "run_logged", no_torchrun)
     monkeypatch.setattr(in_process, "_run_agent", no_torchrun)
     monkeypatch.setattr(worker, "main", main_here)
     params = SamplingParams(max_new_tokens=2)
@@ -59,7 +59,7 @@ def test_the_rank_runs_here_and_leaves_the_process_as_it_was(tmp_path, cache_dir
                    cache_dir=str(cache_dir))
     threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGALRM)
     report = run_job(job, 1, log_path=tmp_path / "run.log")
-    assert len(report.results[0]["tokens"]) == 2 and ran_in == [os.getpid()]
+    assert len(report.results[0].tokens) == 2 and ran_in == [os.getpid()]
     out, err = capfd.readouterr()
     log = (tmp_path / "run.log").read_text()
     assert "served 1 requests" in log and "served 1 requests" in err  # echoed from the log
@@ -104,7 +104,7 @@ def test_a_failed_rank_in_the_cli_process_is_reported_as_under_torchrun(tmp_path
     def unreadable(*args, **kwargs):
         raise CheckpointError("shard 2 is unreadable", hint="re-download the checkpoint")
 
-    monkeypatch.setattr(worker, "build_rank", unreadable)
+    monkeypatch.setattr(rank, "build_rank", unreadable)
     code = cli.main(["run", "--world-size", "1", "--requests", "1", "--log-dir", str(tmp_path)])
     err = capsys.readouterr().err
     (log,) = tmp_path.glob("run-*.log")
@@ -122,14 +122,14 @@ def test_ctrl_c_in_the_rank_interrupts_adp_run(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(worker, "build_rank", interrupted)
+    monkeypatch.setattr(rank, "build_rank", interrupted)
     code = cli.main(["run", "--world-size", "1", "--requests", "1", "--log-dir", str(tmp_path)])
     assert code == 130 and "adp run: error: interrupted" in capsys.readouterr().err
     assert not dist.is_initialized()
 
 
 def test_a_rank_past_its_timeout_is_stopped(tmp_path, monkeypatch):
-    monkeypatch.setattr(worker, "build_rank", lambda *args, **kwargs: time.sleep(60))
+    monkeypatch.setattr(rank, "build_rank", lambda *args, **kwargs: time.sleep(60))
     start = time.monotonic()
     with pytest.raises(RankFailed, match="the job did not finish within 1 s") as caught:
         run_job(Job(mapping="tp=1,attn_dp=1"), 1, timeout_s=1, log_path=tmp_path / "run.log")

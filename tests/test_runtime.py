@@ -11,6 +11,7 @@ from adp_pass.runtime.engine import RankEngine, Request
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job
 from adp_pass.runtime.kernels import reference, top_p  # noqa: F401  (registers adp.top_p_cut)
 from adp_pass.runtime.sampling import RowSampling, SamplingParams, request_seed, sample
+from adp_pass.runtime.serving_config import ServingConfig
 
 GQA_CONFIG = qwen3_config("tiny", num_key_value_heads=2)  # 8 q heads share 2 kv heads
 
@@ -108,11 +109,11 @@ def test_generation_on_gloo_ranks_matches_transformers(checkpoint, per_rank):
         for i, n in enumerate(lengths)
     ]
     assignments = [requests[: per_rank[0]], requests[per_rank[0]:]]
-    job = make_job("tp=2,attn_dp=1", assignments, checkpoint=checkpoint, num_blocks=16,
-                   max_position=64)
+    job = make_job("tp=2,attn_dp=1", assignments, checkpoint=checkpoint,
+                   serving=ServingConfig(num_blocks=16, max_position=64))
     report = run_job(job, 2, timeout_s=600)
-    served = {r["request_id"]: r["tokens"] for rank in report.ranks for r in rank["results"]}
-    assert [rank["requests"] for rank in report.ranks] == per_rank
+    served = {r.request_id: r.tokens for rank in report.ranks for r in rank.results}
+    assert [rank.first.requests for rank in report.ranks] == per_rank
     for request in requests:
         assert served[request.request_id] == _hf_greedy(config, checkpoint, request.prompt, 16)
 

@@ -32,8 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from adp_pass.launch import RankFailed, free_port, job_device
+from adp_pass.launch import (RankFailed, free_port, job_device, job_failure, pump_lines,
+                             rank_environment, torchrun_command)
 from adp_pass.mapping import Mapping
+from adp_pass.runtime.contract import (
+    Bye, ContractError, Hello, Message, RankFailure, RankLoad, Step, Stop, decode_message,
+    encode_message, from_json)
+
+SERVE_WORKER = "adp_pass.runtime.serve_worker"
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,9 @@ class NodeSpec:
 def agent_command(job_dir: Path, world: int, nnodes: int, rdzv_endpoint: str,
                   run_id: str) -> list[str]:
     """One torchrun agent of ``world // nnodes`` serving ranks, meeting the others at a c10d
-    rendezvous (torchrun hands out the ranks in the order the agents join)."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-            f"--nproc-per-node={world // nnodes}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={run_id}", "--max-restarts=0",
-            "--monitor-interval=0.2", "-m", "adp_pass.runtime.serve_worker",
-            str(job_dir / "job.json"), str(job_dir)]
+    rendezvous."""
+    return torchrun_command(SERVE_WORKER, job_dir, world // nnodes, nnodes=nnodes,
+                            rdzv_endpoint=rdzv_endpoint, run_id=run_id)
 
 
 def run_id_for(token: str) -> str:
@@ -82,7 +85,7 @@ class RankInfo:
     pid: int | None = None
     host: str | None = None
     writer: asyncio.StreamWriter | None = None
-    stats: dict = field(default_factory=dict)
+    load: RankLoad = field(default_factory=RankLoad)
     error: str | None = None
     last_seen: float = 0.0  # monotonic time of its last message
 
@@ -93,7 +96,7 @@ class RankSet:
     def __init__(self, mapping: Mapping, job_dir: Path, log_path: Path, *, nnodes: int = 1,
                  node: NodeSpec | None = None, bind_host: str = "127.0.0.1", echo: bool = True,
                  silence_timeout_s: float | None = None,
-                 on_step: Callable[[RankInfo, dict], None] | None = None,
+                 on_step: Callable[[RankInfo, Step], None] | None = None,
                  on_lost: Callable[[RankInfo, str], None] | None = None) -> None:
         self.mapping, self.job_dir, self.log_path = mapping, job_dir, log_path
         self.nnodes, self.bind_host, self.echo = nnodes, bind_host, echo
@@ -117,14 +120,9 @@ class RankSet:
         self._server = await asyncio.start_server(self._connection, bind, port, limit=1 << 24)
         port = self._server.sockets[0].getsockname()[1]
         host = "127.0.0.1" if self.node else self.bind_host
-        env = dict(os.environ, ADP_SERVE_ADDR=f"{host}:{port}", ADP_SERVE_TOKEN=self.token,
-                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        env.pop("ADP_SERVE_RANK", None)
+        env = rank_environment(ADP_SERVE_ADDR=f"{host}:{port}", ADP_SERVE_TOKEN=self.token)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_text("")
-        worker = ["-m", "adp_pass.runtime.serve_worker", str(self.job_dir / "job.json"),
-                  str(self.job_dir)]
-        run = [sys.executable, "-m", "torch.distributed.run"]
         world = self.mapping.world_size
         if self.isolated:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -137,14 +135,14 @@ class RankSet:
                 rank_env = dict(env, ADP_SERVE_RANK=str(r))
                 if on_gpus:
                     rank_env["CUDA_VISIBLE_DEVICES"] = devices[r % len(devices)]
-                self._spawn([r], run + ["--standalone", "--nproc-per-node=1"] + worker, rank_env)
+                self._spawn([r], torchrun_command(SERVE_WORKER, self.job_dir, 1), rank_env)
         elif self.node is not None:  # this machine's agent; the others start theirs
             self._spawn(list(range(world)), agent_command(
                 self.job_dir, world, self.nnodes, self.node.rdzv_endpoint,
                 run_id_for(self.token)), env)
         elif self.nnodes == 1:
-            self._spawn(list(range(world)), run + ["--standalone", f"--nproc-per-node={world}",
-                                                   "--monitor-interval=0.2"] + worker, env)
+            self._spawn(list(range(world)), torchrun_command(SERVE_WORKER, self.job_dir, world),
+                        env)
         else:
             rdzv, run_id = f"127.0.0.1:{free_port()}", f"adp-serve-{uuid.uuid4().hex[:8]}"
             for _ in range(self.nnodes):  # one agent per "node", met at one rendezvous
@@ -159,14 +157,8 @@ class RankSet:
         self.processes.append((ranks, process))
 
     def _pump(self, process: subprocess.Popen) -> None:
-        """Every line into the log; the ranks' own progress lines also on stderr."""
         with self.log_path.open("a") as sink:
-            for line in process.stdout:
-                with self._log_lock:
-                    sink.write(line)
-                    sink.flush()
-                if self.echo and line.startswith("[rank "):
-                    print(line, end="", file=sys.stderr, flush=True)
+            pump_lines(process.stdout, sink, sys.stderr if self.echo else None, self._log_lock)
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Until every rank has said hello; a rank that fails first raises its own error."""
@@ -184,30 +176,29 @@ class RankSet:
             await asyncio.sleep(0.1)
 
     def _failure(self, returncode: int) -> RankFailed:
-        from adp_pass.runtime.frontend import _rank_failure
-
-        return _rank_failure(self.job_dir, returncode, self.log_path)
+        return job_failure(self.job_dir, returncode, self.log_path)
 
     def rank_error(self, rank: int) -> str | None:
         """A rank's own error record, if it left one."""
-        path = self.job_dir / f"rank{rank}.error.json"
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            record = json.loads(path.read_text())
-            return f"{record['type']}: {record['message']}"
+        path = RankFailure(rank, "", "").path(self.job_dir)
+        with contextlib.suppress(OSError, ValueError, ContractError):
+            failure = from_json(RankFailure, json.loads(path.read_text()))
+            return f"{failure.type}: {failure.message}"
         return None
 
     # ------------------------------------------------------------------ connections
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         info = None
         try:
-            hello = json.loads(await asyncio.wait_for(reader.readline(), 30))
-            if hello.get("type") != "hello" or hello.get("token") != self.token:
+            hello = decode_message(await asyncio.wait_for(reader.readline(), 30))
+            if not isinstance(hello, Hello) or not secrets.compare_digest(hello.token,
+                                                                          self.token):
                 writer.close()
                 return
-            info = self.ranks[int(hello["rank"])]
-            info.dp_rank, info.reports = hello["dp_rank"], hello["reports"]
-            info.lockstep_leader, info.pid, info.host = (hello["lockstep_leader"], hello["pid"],
-                                                         hello["host"])
+            info = self.ranks[hello.rank]
+            info.dp_rank, info.reports = hello.dp_rank, hello.reports
+            info.lockstep_leader, info.pid, info.host = (hello.lockstep_leader, hello.pid,
+                                                         hello.host)
             info.writer, info.state = writer, "ready"
             info.last_seen = time.monotonic()
             while True:
@@ -215,12 +206,12 @@ class RankSet:
                 if not line:
                     break
                 info.last_seen = time.monotonic()
-                message = json.loads(line)
-                if message.get("type") == "step":
-                    info.stats = message["stats"]
+                message = decode_message(line)
+                if isinstance(message, Step):
+                    info.load = message.load
                     if self.on_step is not None:
                         self.on_step(info, message)
-                elif message.get("type") == "bye":
+                elif isinstance(message, Bye):
                     info.state = "stopped"
         except (asyncio.TimeoutError, ConnectionError, ValueError, KeyError):
             pass
@@ -286,11 +277,11 @@ class RankSet:
         member = next(i for i in self.ranks.values() if i.dp_rank == group)
         return self.ranks[member.lockstep_leader]
 
-    def send(self, group: int, message: dict) -> bool:
+    def send(self, group: int, message: Message) -> bool:
         info = self.leader_of(group)
         if info.state != "ready" or info.writer is None:
             return False
-        info.writer.write(json.dumps(message).encode() + b"\n")
+        info.writer.write(encode_message(message))
         return True
 
     def groups(self) -> int:
@@ -303,8 +294,7 @@ class RankSet:
         for info in self.ranks.values():
             if info.writer is not None and info.state == "ready":
                 with contextlib.suppress(Exception):
-                    info.writer.write(json.dumps({"type": "stop", "reason": "server shutdown"})
-                                      .encode() + b"\n")
+                    info.writer.write(encode_message(Stop("server shutdown")))
                     await info.writer.drain()
         deadline = time.monotonic() + timeout_s
         while any(p.poll() is None for _, p in self.processes) and time.monotonic() < deadline:

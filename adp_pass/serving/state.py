@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from adp_pass.runtime.contract import Add, Cancel, Request, SamplingParams, Step
 from adp_pass.serving.metrics import (
     E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, Histogram, family)
 from adp_pass.serving.protocol import APIError, Generation, ModelLimits
@@ -106,12 +107,12 @@ class ServingState:
         except NoLiveRank as err:
             raise APIError(503, f"{err}: every rank has died", type="server_error",
                            code="no_live_rank") from None
-        stop_ids = [] if gen.ignore_eos else list(self.tokenizer.eos_token_ids)
-        request = {"request_id": request_id, "prompt": prompt, "max_new_tokens": gen.max_tokens,
-                   "temperature": gen.temperature, "top_p": gen.top_p, "stop": stop_ids,
-                   "seed": seed}
+        stop_ids = () if gen.ignore_eos else tuple(self.tokenizer.eos_token_ids)
+        request = Request(request_id, list(prompt), SamplingParams(
+            max_new_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
+            stop_token_ids=stop_ids, seed=seed))
         flight = Flight(request_id, group, len(prompt), gen.max_tokens, time.monotonic())
-        if not self.ranks.send(group, {"type": "add", "dp_rank": group, "request": request}):
+        if not self.ranks.send(group, Add(group, request)):
             raise APIError(503, f"DP group {group}'s rank is not reachable", type="server_error",
                            code="rank_unreachable")
         self.router.add(group, request_id, len(prompt), gen.max_tokens)
@@ -124,8 +125,7 @@ class ServingState:
         if flight.done:
             return
         self._finish(flight, outcome)
-        self.ranks.send(flight.group, {"type": "cancel", "dp_rank": flight.group,
-                                       "request_id": flight.request_id})
+        self.ranks.send(flight.group, Cancel(flight.group, flight.request_id))
 
     def _finish(self, flight: Flight, outcome: str) -> None:
         flight.done = True
@@ -154,9 +154,11 @@ class ServingState:
                 return
 
     # ------------------------------------------------------------------ from the ranks
-    def _on_step(self, info: RankInfo, message: dict) -> None:
+    def _on_step(self, info: RankInfo, message: Step) -> None:
         now = time.monotonic()
-        for request_id, tokens, finish, error in message["events"]:
+        for event in message.events:
+            request_id, tokens, finish, error = (event.request_id, event.tokens,
+                                                 event.finish_reason, event.error)
             flight = self.flights.get(request_id)
             if flight is None:
                 continue  # cancelled meanwhile
@@ -240,7 +242,7 @@ class ServingState:
         per_rank = [i for i in self.ranks.ranks.values() if i.reports]
 
         def by_rank(key):
-            return [({"rank": str(i.rank), "dp_rank": str(i.dp_rank)}, i.stats.get(key, 0))
+            return [({"rank": str(i.rank), "dp_rank": str(i.dp_rank)}, getattr(i.load, key))
                     for i in per_rank]
 
         lines = []
@@ -264,7 +266,7 @@ class ServingState:
                         by_rank("kv_used"))
         lines += family("adp_kv_cache_usage_ratio", "gauge", "KV-cache blocks in use / total",
                         [({"rank": str(i.rank), "dp_rank": str(i.dp_rank)},
-                          i.stats.get("kv_used", 0) / max(i.stats.get("kv_total", 1), 1))
+                          i.load.kv_used / max(i.load.kv_total, 1))
                          for i in per_rank])
         lines += family("adp_tokens_in_flight", "gauge", "Router load per DP group: prompt + "
                         "tokens still to generate of its requests in flight",

@@ -1,0 +1,71 @@
+"""A batch rank's first-step check (``Job.check_first_step``): one prompt's prefill logits on
+the rank against transformers' model holding the same tensors, in the rank's dtype and in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from adp_pass.runtime.contract import FirstStepCheck, Request
+from adp_pass.runtime.rank import RankSession
+
+
+def first_step_check(session: RankSession, requests: list[Request]) -> FirstStepCheck | None:
+    """Collective: every rank calls it, with or without requests. Sharded weights (a sharded
+    MLP, attention TP, the plain TP job) are gathered from the peers for the reference, and the
+    model call goes through ``engine.prefill_logits``, padded to the lockstep group's shape.
+    None for a rank without requests."""
+    from transformers import AutoModelForCausalLM
+
+    config, device = session.job.model_config(), session.device
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(config).eval()
+    weights, skipped = _full_weights(session.built.model, reference)
+    got = session.engine.prefill_logits(requests[0].prompt if requests else None)
+    if not requests or weights is None:
+        del reference
+        return FirstStepCheck(skipped=skipped) if requests else None
+    reference.load_state_dict(weights, strict=False, assign=True)  # shares the rank's tensors
+    with torch.device(device):  # inv_freq is not in the state dict: build it for real
+        reference.model.rotary_emb = type(reference.model.rotary_emb)(config)
+    prompt = torch.tensor([requests[0].prompt], device=device)
+    with torch.no_grad():
+        want = reference(input_ids=prompt, use_cache=False).logits[0, -1].float()
+        got = got.float()
+        # The same weights in fp32: how far either bf16 path is from exact arithmetic.
+        exact = reference.float()(input_ids=prompt, use_cache=False).logits[0, -1]
+    del reference
+    return FirstStepCheck(
+        max_abs_diff=(got - want).abs().max().item(),
+        max_abs_logit=want.abs().max().item(),
+        same_argmax=bool(got.argmax() == want.argmax()),
+        ours_vs_fp32=(got - exact).abs().max().item(),
+        transformers_vs_fp32=(want - exact).abs().max().item(),
+    )
+
+
+def _full_weights(model, reference) -> tuple[dict | None, str | None]:
+    """The rank's weights at the reference's full shapes: its own tensors where they are full,
+    else the shards of the ``full // local`` consecutive ranks around it, all-gathered over the
+    world and concatenated along the one sharded dim (shards are contiguous, in rank order).
+
+    Collective when a weight is sharded; every rank holds the same names and shapes, so all of
+    them gather the same tensors in the same order (or all skip)."""
+    from adp_pass.runtime.lower.fuse_projections import unfused_state_dict
+
+    full = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    weights = {k: v for k, v in unfused_state_dict(model).items() if not k.startswith("kv_cache")}
+    for name, tensor in weights.items():
+        want = full.get(name)
+        if want is None or tuple(tensor.shape) == want:
+            continue
+        dims = [d for d, (a, b) in enumerate(zip(tensor.shape, want)) if a != b]
+        if len(tensor.shape) != len(want) or len(dims) != 1 or want[dims[0]] % tensor.shape[dims[0]]:
+            return None, f"{name} is {list(tensor.shape)}, not a shard of {list(want)}"
+        dim, parts = dims[0], want[dims[0]] // tensor.shape[dims[0]]
+        pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(pieces, tensor.contiguous())
+        first = dist.get_rank() // parts * parts
+        weights[name] = torch.cat(pieces[first:first + parts], dim=dim)
+    return weights, None
