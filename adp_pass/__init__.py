@@ -7,9 +7,8 @@ ops) -> execute per rank, sequenced by ``Pipeline`` (adp_pass/pipeline.py). See 
 import importlib
 import os
 import sys
-import types
 
-from adp_pass.errors import AdpError, UsageError
+from adp_pass.errors import AdpError, RewriteError, UsageError
 
 
 # Without a GPU, Triton kernels run only through Triton's interpreter, which Triton picks when
@@ -44,14 +43,16 @@ if "TRITON_INTERPRET" not in os.environ:
     elif not any(isinstance(f, _BeforeTriton) for f in sys.meta_path):
         sys.meta_path.insert(0, _BeforeTriton())
 
-# Public names, imported on first use (PEP 562) so that ``import adp_pass`` stays cheap.
+# Public names, imported on first use (PEP 562) so that ``import adp_pass`` stays cheap. The
+# stage functions named like their modules (capture, detect, rewrite) are imported from those
+# modules: importing ``adp_pass.detect`` binds the module on the package under that name.
 _LAZY = {
     "CapturedGraph": "adp_pass.capture",
-    "capture": "adp_pass.capture",
-    "capture_hf_qwen3": "adp_pass.capture",
+    "capture_hf": "adp_pass.capture",
     "fake_process_group": "adp_pass.capture",
     "DetectError": "adp_pass.detect",
-    "detect": "adp_pass.detect",
+    "GraphRecord": "adp_pass.graph_record",
+    "RewriteReport": "adp_pass.graph_record",
     "Mapping": "adp_pass.mapping",
     "MappingError": "adp_pass.mapping",
     "NotSupportedYet": "adp_pass.mapping",
@@ -61,27 +62,7 @@ _LAZY = {
     "Plan": "adp_pass.plan",
     "ShapeFix": "adp_pass.plan",
     "Site": "adp_pass.plan",
-    "RewriteError": "adp_pass.rewrite",
-    "rewrite": "adp_pass.rewrite",
 }
-
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``adp_pass.capture`` (or ``.detect``, ``.rewrite``) binds it on
-    the package under the same name as the public function; keep the function there, as the
-    eager ``from adp_pass.capture import capture`` of earlier versions did."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _NAMED_LIKE_THEIR_MODULE and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-_NAMED_LIKE_THEIR_MODULE = {"capture", "detect", "rewrite"}
-sys.modules[__name__].__class__ = _Package
-for _name in _NAMED_LIKE_THEIR_MODULE:  # already imported before this module finished
-    if isinstance(globals().get(_name), types.ModuleType):
-        globals()[_name] = getattr(globals()[_name], _name)
 
 
 def __getattr__(name: str):
@@ -92,4 +73,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'adp_pass' has no attribute {name!r}")
 
 
-__all__ = ["AdpError", "UsageError", *_LAZY]
+__all__ = ["AdpError", "RewriteError", "UsageError", *_LAZY]

@@ -19,6 +19,7 @@ from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from adp_pass.capture import CapturedGraph, params_as_attributes
+from adp_pass.graph_record import graph_record
 from adp_pass.mapping import Mapping
 from adp_pass.pipeline import Pipeline
 from adp_pass.plan import Plan
@@ -99,11 +100,12 @@ def adp_backend(
                 user_inputs,
             )
             # What capture() records for detect: the traced job's TP degree and this rank.
-            module.meta["adp_world_size"], module.meta["adp_rank"] = world, rank
+            record = graph_record(module)
+            record.world_size, record.rank = world, rank
             return CapturedGraph(module, rank, world)
 
         module = pipeline.capture(lift_parameters).gm
-        positions = module.meta["adp_user_input_positions"]
+        positions = graph_record(module).user_input_positions
         plan = pipeline.detect(module, mapping)
         module = pipeline.rewrite(module, plan,
                                   state_dict=_gather_full_weights(module, plan, world))

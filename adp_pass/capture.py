@@ -27,6 +27,7 @@ import torch.fx as fx
 from adp_pass.attributes import set_attr
 from adp_pass.errors import AdpError
 from adp_pass.families import family_of
+from adp_pass.graph_record import graph_record
 
 # AOTAutograd and transformers' modeling modules are imported when a capture runs: a rank
 # loaded from the build cache imports this module (runtime/prepare.py) but never captures.
@@ -156,8 +157,8 @@ def capture(
     gm = params_as_attributes(
         recorded["gm"], recorded["inputs"], names_by_id, state_keys, inputs
     )
-    gm.meta["adp_world_size"] = world_size
-    gm.meta["adp_rank"] = rank
+    record = graph_record(gm)
+    record.world_size, record.rank = world_size, rank
     return CapturedGraph(
         gm=gm,
         rank=rank,
@@ -244,7 +245,7 @@ def params_as_attributes(
         _replace_size_placeholder(gm.graph, node, user_nodes)
     # Where the user inputs sit among the compiled function's arguments (a compile backend
     # receives every original argument and passes the user inputs on).
-    gm.meta["adp_user_input_positions"] = [all_placeholders.index(n) for n in user_nodes]
+    graph_record(gm).user_input_positions = [all_placeholders.index(n) for n in user_nodes]
     gm.graph.lint()
     gm.recompile()
     return gm

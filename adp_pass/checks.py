@@ -6,10 +6,13 @@ No torch or transformers here: a bad input must be reported in well under a seco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import struct
+import tempfile
 from pathlib import Path
 
 from adp_pass.errors import AdpError, UsageError
@@ -25,20 +28,33 @@ class CheckpointInvalid(AdpError):
 
 
 class QuantizedCheckpoint(UsageError):
-    """The checkpoint stores quantized (FP8) weights, which adp-pass does not run yet: their raw
-    e4m3 values taken as weights would be a silently corrupt model (exit code 2)."""
+    """The checkpoint is quantized in a way adp-pass does not run (another method than FP8
+    block-scaled, or FP8 with another block, format or activation scheme): its stored values
+    taken as weights would be a silently corrupt model (exit code 2)."""
 
-    default_hint = ("give the unquantized (bf16) release of the model, e.g. Qwen/Qwen3-8B "
-                    "rather than Qwen/Qwen3-8B-FP8")
+    default_hint = ("give the unquantized (bf16) release, e.g. Qwen/Qwen3-8B, or an FP8 "
+                    "block-scaled one (e.g. Qwen/Qwen3-8B-FP8, or `adp quantize --checkpoint "
+                    "BF16DIR --out DIR`)")
 
 
-# Names the FP8 formats (Qwen/DeepSeek block-scaled, per-tensor compressed-tensors) give the
-# scales stored beside a quantized weight.
-_SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale")
+# The one quantized format adp-pass runs: the official Qwen3-FP8 (and DeepSeek) block-scaled one.
+FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [128, 128]}
+FP8_DTYPE = "F8_E4M3"  # safetensors' name of float8_e4m3fn
+SCALE_DTYPES = ("BF16", "F16", "F32")  # weight_scale_inv as the releases store it
+SCALE_SUFFIX = "_scale_inv"  # "...proj.weight" -> "...proj.weight_scale_inv"
+# Scales of formats adp-pass does not run (per-tensor or static FP8: compressed-tensors, ...).
+_OTHER_SCALES = ("weight_scale", "input_scale")
+# The linears of a decoder layer: the weights the format stores as fp8.
+DECODER_LINEAR = re.compile(
+    r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 
 
 def check_out_dir(path: Path, flag: str = "--out") -> None:
-    """``path`` is, or can be made as, a writable directory."""
+    """``path`` is, or can be made as, a directory this process can write to. Proven by doing
+    it: the missing directories are made and a probe file is created in ``path``, then what the
+    check made is removed. Permission bits (``os.access``) tell nothing true for root, /proc or
+    a read-only mount, where only the write itself fails, after the work."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} exists and is not a directory", flag=flag,
                          hint="give a new or existing directory")
@@ -48,9 +64,56 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
     if not probe.is_dir():
         raise UsageError(f"{flag} {path} cannot be created: {probe} is a file, not a directory",
                          flag=flag, hint="choose a directory path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path} is not writable ({probe} denies writing)", flag=flag,
-                         hint="choose a directory you can write to")
+    made = [p for p in [path, *path.parents] if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".adp-write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        raise UsageError(f"{flag} {path} is not writable: {err.strerror or err}", flag=flag,
+                         hint="choose a directory you can write to") from None
+    finally:
+        for directory in made:  # innermost first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+# Keys every file that `adp calibrate` writes holds: such a file may be replaced without --force.
+CALIBRATION_KEYS = ("gpu", "copy_bandwidth_gbps", "allreduce")
+
+
+def check_out_file(path: Path, flag: str = "--out", *, force: bool = False,
+                   marks: tuple[str, ...] = ()) -> None:
+    """``path`` can be written as a file: not a directory, in a writable directory (probed),
+    and not an existing file of something else: one is replaced only when it is a JSON object
+    with every key of ``marks`` (a file this command wrote before) or with ``--force``."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name", flag=flag,
+                         hint=f"e.g. {flag} {path / 'out.json'}")
+    check_out_dir(path.parent if str(path.parent) else Path("."), flag)
+    if not path.exists() or force:
+        return
+    if not _is_ours(path, marks):
+        raise UsageError(f"{flag} {path} exists and was not written by this command; it is "
+                         "left alone", flag=flag,
+                         hint="give a new file name, or add --force to replace it")
+    try:
+        with path.open("ab"):  # writable as it stands (opened, not changed)
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag} {path} cannot be replaced: {err.strerror or err}", flag=flag,
+                         hint="give another file name") from None
+
+
+def _is_ours(path: Path, marks: tuple[str, ...]) -> bool:
+    if not marks or not path.is_file() or path.stat().st_size > 64 << 20:
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in marks)
 
 
 def read_checkpoint_config(root: Path, flag: str = "--checkpoint") -> dict:
@@ -94,16 +157,17 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
 
 def check_checkpoint(root: Path, flag: str = "--checkpoint") -> dict:
     """Validate a checkpoint directory from its config and safetensors headers; return the
-    config. Names every missing, mis-shaped or truncated tensor file."""
+    config. Names every missing, mis-shaped or truncated tensor file, and every flaw of an FP8
+    checkpoint (:func:`check_quantization`)."""
     config = read_checkpoint_config(root, flag)
     files = _safetensors_files(root, flag)
     found: dict[str, tuple[tuple[int, ...], str]] = {}
-    dtypes: dict[str, str] = {}
+    entries: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in files:
-        for name, (shape, dtype) in _header_entries(path, flag).items():
+        for name, (shape, dtype) in header_entries(path, flag).items():
             found[name] = (shape, path.name)
-            dtypes[name] = dtype
-    refuse_quantized(config, dtypes, root, flag)
+            entries[name] = (shape, dtype)
+    check_quantization(config, entries, root, flag)
     want = expected_tensors(config)
     missing = [n for n in want if n not in found]
     if missing:
@@ -142,37 +206,129 @@ def _safetensors_files(root: Path, flag: str) -> list[Path]:
     return files
 
 
-def refuse_quantized(config: dict | None, dtypes: dict[str, str], root: Path,
-                     flag: str | None = "--checkpoint") -> None:
-    """Raise :class:`QuantizedCheckpoint` if the checkpoint is quantized: by its config
-    (``quantization_config``), by a tensor stored as float8, or by a weight scale beside a
-    weight. Any one suffices: a config without ``quantization_config`` whose linears are still
-    e4m3 is the case that used to load silently wrong. ``dtypes`` maps each tensor to its
-    safetensors dtype string ("BF16", "F8_E4M3", ...)."""
-    method = None
-    if isinstance(config, dict) and config.get("quantization_config") is not None:
-        quant = config["quantization_config"]
-        method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
-    fp8 = sorted(n for n, d in dtypes.items() if d.upper().startswith("F8"))
-    scales = sorted(n for n in dtypes if n.rsplit(".", 1)[-1] in _SCALE_SUFFIXES)
-    if method is None and not fp8 and not scales:
-        return
-    evidence = []
-    if method is not None:
-        evidence.append(f"config.json has quantization_config (quant_method {method!r})")
-    if fp8:
-        evidence.append(f"{len(fp8)} tensors are stored as {dtypes[fp8[0]]} (e.g. {fp8[0]})")
-    if scales:
-        evidence.append(f"{len(scales)} weight-scale tensors (e.g. {scales[0]})")
-    raise QuantizedCheckpoint(
-        f"{root} is a quantized (FP8) checkpoint: {'; '.join(evidence)}; adp-pass does not run "
-        "FP8 weights yet, and their stored values without the scales are not the model",
-        flag=flag)
+def check_quantization(config: dict | None, entries: dict[str, tuple[tuple[int, ...], str]],
+                       root: Path, flag: str | None = "--checkpoint") -> list[str]:
+    """Validate how a checkpoint is quantized, from config.json and the safetensors headers
+    (``entries``: tensor name -> (shape, dtype string such as "BF16", "F8_E4M3")); return the
+    names of its fp8 weights (none for an unquantized checkpoint).
+
+    An FP8 block-scaled checkpoint (``FP8_QUANT_CONFIG``) passes when every fp8 tensor is a 2-D
+    float8_e4m3fn weight with its ``<name>_scale_inv`` of the ceil grid of 128 x 128 tiles in
+    bf16, fp16 or fp32, every scale has its fp8 weight, and every decoder linear not listed in
+    ``modules_to_not_convert`` is fp8: an fp8 value is never taken without its scale. Another
+    quantization method, block, format or activation scheme is :class:`QuantizedCheckpoint`;
+    fp8 tensors or scales without ``quantization_config``, or a broken tensor, is
+    :class:`CheckpointInvalid` naming the tensor."""
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    fp8 = sorted(n for n, (_, d) in entries.items() if d.upper().startswith("F8"))
+    scales = sorted(n for n in entries if n.endswith("weight" + SCALE_SUFFIX))
+    others = sorted(n for n in entries if n.rsplit(".", 1)[-1] in _OTHER_SCALES)
+    if quant is None:
+        if fp8 or scales or others:
+            evidence = []
+            if fp8:
+                evidence.append(f"{len(fp8)} tensors are stored as {entries[fp8[0]][1]} "
+                                f"(e.g. {fp8[0]})")
+            if scales or others:
+                evidence.append(f"{len(scales) + len(others)} weight-scale tensors (e.g. "
+                                f"{(scales or others)[0]})")
+            raise CheckpointInvalid(
+                f"{root} is an inconsistent checkpoint: {'; '.join(evidence)}, but config.json "
+                "has no quantization_config, so nothing says how to read them", flag=flag,
+                hint="restore the checkpoint's own config.json (an FP8 release carries "
+                f"quantization_config = {json.dumps(FP8_QUANT_CONFIG)}), or re-quantize the "
+                "bf16 release with `adp quantize --checkpoint BF16DIR --out DIR`")
+        return []
+    _check_fp8_config(quant, root, flag)
+    skip = quant.get("modules_to_not_convert") or []
+    problems = []
+    for name in others:
+        problems.append(f"{name}: a per-tensor or static scale ({name.rsplit('.', 1)[-1]}) is "
+                        "not part of the block-scaled format (weight_scale_inv per 128x128 tile)")
+    for name in scales:
+        weight = name[: -len(SCALE_SUFFIX)]
+        if weight not in entries:
+            problems.append(f"{name} is a weight scale without its weight: {weight} is not in "
+                            "the checkpoint")
+        elif not entries[weight][1].upper().startswith("F8"):
+            problems.append(f"{name} is a weight scale beside {weight}, which is stored as "
+                            f"{entries[weight][1]}, not {FP8_DTYPE}: only fp8 weights carry one")
+    for name in fp8:
+        shape, dtype = entries[name]
+        scale = name + SCALE_SUFFIX
+        if dtype.upper() != FP8_DTYPE:
+            problems.append(f"{name} is stored as {dtype}; quantization_config fmt e4m3 needs "
+                            f"{FP8_DTYPE} (float8_e4m3fn)")
+        elif len(shape) != 2:
+            problems.append(f"{name} is an fp8 tensor of shape {list(shape)}; only 2-D linear "
+                            "weights are quantized")
+        elif scale not in entries:
+            problems.append(f"{name} is fp8 but its scale {scale} is missing")
+        else:
+            want = [math.ceil(shape[0] / 128), math.ceil(shape[1] / 128)]
+            got, scale_dtype = entries[scale]
+            if list(got) != want:
+                problems.append(f"{scale} is {list(got)}; its weight {name} of {list(shape)} "
+                                f"with 128x128 blocks needs {want}")
+            elif scale_dtype.upper() not in SCALE_DTYPES:
+                problems.append(f"{scale} is stored as {scale_dtype}; a scale is BF16, F16 or "
+                                "F32")
+    for name in sorted(entries):
+        module = name.rsplit(".", 1)[0]
+        if (DECODER_LINEAR.fullmatch(name) and name not in fp8
+                and not any(f".{m}." in f".{module}." for m in skip)):
+            problems.append(f"{name} is stored as {entries[name][1]} in an FP8 checkpoint and "
+                            "is not in modules_to_not_convert: every decoder linear is "
+                            f"{FP8_DTYPE} with a weight_scale_inv")
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CheckpointInvalid(f"{root}: FP8 checkpoint: {problems[0]}{more}", flag=flag,
+                                hint="the files are damaged or were not written in the FP8 "
+                                "block-scaled format: re-download them, or re-quantize the bf16 "
+                                "release with `adp quantize --checkpoint BF16DIR --out DIR`")
+    return fp8
 
 
-def _header_entries(path: Path, flag: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Tensor shapes and dtypes from a safetensors header (8-byte length, then JSON), checking
-    that the file is long enough to hold the data the header promises."""
+def _check_fp8_config(quant: object, root: Path, flag: str | None) -> None:
+    """``quantization_config`` is FP8 block-scaled as the kernels run it; anything else is
+    refused by name (method, format, activation scheme or block)."""
+    if not isinstance(quant, dict):
+        raise CheckpointInvalid(f"{root / 'config.json'}: quantization_config is "
+                                f"{type(quant).__name__}, not an object", flag=flag)
+    method = quant.get("quant_method", "unnamed")
+    if method != "fp8":
+        raise QuantizedCheckpoint(
+            f"{root} is quantized with quant_method {method!r}, which adp-pass does not run: it "
+            "runs unquantized checkpoints and FP8 block-scaled ones (quant_method fp8, e4m3, "
+            "128x128 weight blocks, dynamic activation scales)", flag=flag)
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise QuantizedCheckpoint(f"{root}: quantization_config fmt {fmt!r} is not supported: "
+                                  "the FP8 kernels run e4m3 (float8_e4m3fn) weights", flag=flag)
+    scheme = quant.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise QuantizedCheckpoint(
+            f"{root}: quantization_config activation_scheme {scheme!r} is not supported: the "
+            "FP8 kernels quantize activations dynamically (per token and 128-wide group), not "
+            "with stored input scales", flag=flag)
+    block = quant.get("weight_block_size")
+    if block is None:
+        raise QuantizedCheckpoint(
+            f"{root}: quantization_config has no weight_block_size: per-tensor FP8 scales are "
+            "not supported; the FP8 kernels support 128x128 weight blocks", flag=flag)
+    if list(block) != FP8_QUANT_CONFIG["weight_block_size"]:
+        raise QuantizedCheckpoint(
+            f"{root}: quantization_config weight_block_size {list(block)} is not supported: the "
+            "FP8 kernels support 128x128 weight blocks only", flag=flag,
+            hint="re-quantize the bf16 release with 128x128 blocks: `adp quantize --checkpoint "
+            "BF16DIR --out DIR`")
+
+
+def header_entries(path: Path, flag: str | None = "--checkpoint"
+                   ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype string) from a safetensors header (8-byte length, then
+    JSON), checking that the file is long enough to hold the data the header promises:
+    :class:`CheckpointInvalid` for a file that is not one or is truncated (no data read)."""
     size = path.stat().st_size
     try:
         with path.open("rb") as f:

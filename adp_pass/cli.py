@@ -21,13 +21,16 @@ from pathlib import Path
 
 # Nothing imported here loads torch or transformers: `adp --help` and every input error must
 # answer at once. The commands import them after validation.
-from adp_pass.checks import check_checkpoint, check_out_dir, check_requests
+from adp_pass.checks import (
+    CALIBRATION_KEYS, check_checkpoint, check_out_dir, check_out_file, check_requests)
 from adp_pass.errors import AdpError, UsageError
 from adp_pass.mapping import Mapping, MappingError
 from adp_pass.presets import PRESETS
+from adp_pass.quantize_cli import add_quantize_parser, cmd_quantize
 from adp_pass.quick_exit import exit_without_teardown
+from adp_pass.runtime.serving_config import ServingConfig
 
-BLOCK_SIZE = 16  # the serving job's KV-cache block size (Job.block_size)
+BLOCK_SIZE = ServingConfig.block_size  # the serving job's KV-cache block size, defined once
 DEFAULT_MAPPING = "tp=2,attn_dp=1"
 MAX_MESSAGE_LINES = 3  # of one error's message; the rest is in the rank log / --debug
 
@@ -89,6 +92,44 @@ def _int_list(low: int, *, allow_empty: bool = False):
 
 
 _positive = _int_at_least(1)
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1..65535, got {value}")
+    return value
+
+
+def _name(text: str) -> str:
+    """A name clients send back (``--served-model-name``): not empty, no control characters."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty: clients send it as 'model'")
+    if text != text.strip() or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be printable, without leading or trailing "
+                                         f"spaces, got {text!r}")
+    return text
+
+
+def _api_key(text: str) -> str:
+    """A key sent in an HTTP header: printable ASCII, no spaces (the value is never echoed)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    if not (text.isascii() and text.isprintable()) or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError("must be printable ASCII without spaces (it travels "
+                                         "in the Authorization header)")
+    return text
+
+
+def _origins(text: str) -> list[str]:
+    origins = [o.strip().rstrip("/") for o in text.split(",") if o.strip()]
+    if not origins:
+        raise argparse.ArgumentTypeError("expected comma-separated origins, got nothing")
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise argparse.ArgumentTypeError(f"an origin is scheme://host[:port] (or *), got "
+                                             f"{origin!r}")
+    return origins
 
 
 # ----------------------------------------------------------------------------- parser
@@ -233,15 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per request")
     p.add_argument("--new-tokens", metavar="N", type=_positive, default=128,
                    help="tokens generated per request")
-    p.add_argument("--calibration", metavar="FILE", type=Path, default=None,
-                   help="'adp calibrate' output; if not given, the packaged H200 estimate "
-                   "(adp_pass/data/h200.json)")
-    p.add_argument("--gpu-memory-gib", metavar="GIB", type=_float_in(0, low_open=True),
-                   default=None, help="memory per GPU; if not given, the calibration's")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="weights and KV cache")
-    p.add_argument("--json", action="store_true",
-                   help="print the predictions and the pick as JSON instead of a table")
+    from adp_pass.plan_cli import add_plan_arguments  # torch-free
+
+    add_plan_arguments(p)
 
     p = sub.add_parser("calibrate", parents=[common], formatter_class=fmt,
                        help="measure this machine's constants for 'adp plan' (bandwidths, GEMM "
@@ -259,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "gloo ranks without a GPU")
     p.add_argument("--timeout", metavar="S", type=_float_in(0, low_open=True), default=120.0,
                    help="seconds any one collective may wait; a lost rank fails the job")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace an existing file that is not a calibration")
     _add_serve_parsers(sub, common, fmt)
+    add_quantize_parser(sub, common, fmt)
     return parser
 
 
@@ -284,8 +322,8 @@ def _add_serve_parsers(sub, common, fmt) -> None:
                    "tp=--world-size,attn_dp=1 (replicated: a rank that dies fails only its own "
                    "requests)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
-    p.add_argument("--port", metavar="N", type=_int_at_least(1), default=8000, help="HTTP port")
-    p.add_argument("--served-model-name", metavar="NAME", default=None,
+    p.add_argument("--port", metavar="N", type=_port, default=8000, help="HTTP port")
+    p.add_argument("--served-model-name", metavar="NAME", type=_name, default=None,
                    help="the model name clients send; if not given, the preset name or the "
                    "--checkpoint path as typed")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -314,7 +352,7 @@ def _add_serve_parsers(sub, common, fmt) -> None:
                    "the others join it (same arguments, ADP_SERVE_TOKEN set alike on all)")
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", default=None,
                    help="with --node-rank: the c10d rendezvous, on node 0's address")
-    p.add_argument("--link-port", metavar="N", type=_int_at_least(1), default=None,
+    p.add_argument("--link-port", metavar="N", type=_port, default=None,
                    help="with --node-rank: the port on node 0 where every rank connects to the "
                    "front end (at the --rdzv-endpoint host)")
     p.add_argument("--start-timeout", metavar="S", type=_float_in(0, low_open=True),
@@ -332,6 +370,24 @@ def _add_serve_parsers(sub, common, fmt) -> None:
                    help="build cache of the ranks' graphs (docs/build_cache.md); if not given, "
                    "$XDG_CACHE_HOME/adp-pass or ~/.cache/adp-pass")
     p.add_argument("--no-cache", action="store_true", help="build every rank's graph; no cache")
+    p.add_argument("--api-key", metavar="KEY", type=_api_key, action="append", default=None,
+                   help="clients must send 'Authorization: Bearer KEY' on /v1/* and /metrics "
+                   "(repeatable: several keys; also $ADP_API_KEY, comma-separated); if not "
+                   "given, no key is needed (docs/serving.md, Security)")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="with --api-key: serve /metrics without a key (to a scraper)")
+    p.add_argument("--allowed-origins", metavar="ORIGINS", type=_origins, default=None,
+                   help="web pages (https://app.example,...; * for any) whose scripts may call "
+                   "the API from a browser (CORS); if not given, none")
+    p.add_argument("--ssl-keyfile", metavar="FILE", type=Path, default=None,
+                   help="serve HTTPS with this private key (PEM), with --ssl-certfile")
+    p.add_argument("--ssl-certfile", metavar="FILE", type=Path, default=None,
+                   help="serve HTTPS with this certificate chain (PEM), with --ssl-keyfile")
+    p.add_argument("--read-timeout", metavar="S", type=_float_in(0, low_open=True), default=30.0,
+                   help="seconds a client may take to send a request's headers, and again its "
+                   "body, before it gets 408")
+    p.add_argument("--keep-alive-timeout", metavar="S", type=_float_in(0, low_open=True),
+                   default=5.0, help="seconds an idle connection is kept open")
 
     p = sub.add_parser("bench-serve", parents=[common], formatter_class=fmt,
                        help="benchmark a running 'adp serve' (or any OpenAI server): Poisson "
@@ -340,15 +396,18 @@ def _add_serve_parsers(sub, common, fmt) -> None:
                        "random token ids to --url, arriving as a Poisson process of --rate "
                        "requests/s, each generating exactly --output-len tokens (ignore_eos); "
                        "report throughput and TTFT, TPOT, ITL and latency mean/p50/p99.")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the server's base URL (a trailing /v1 is allowed)")
     p.add_argument("--model", default=None, help="model name; if not given, the server's first")
     p.add_argument("--rate", metavar="R", type=_float_in(0, low_open=True), default=math.inf,
                    help="requests per second (Poisson); inf: all at once")
     p.add_argument("--num-prompts", metavar="N", type=_positive, default=100, help="requests")
-    p.add_argument("--input-len", metavar="N", type=_positive, default=512,
-                   help="prompt tokens per request")
-    p.add_argument("--output-len", metavar="N", type=_positive, default=128,
-                   help="tokens generated per request")
+    p.add_argument("--input-len", metavar="N", type=_positive, default=None,
+                   help="prompt tokens per request; if not given, 512, or 3/4 of the server's "
+                   "max_model_len when 512 + --output-len does not fit it")
+    p.add_argument("--output-len", metavar="N", type=_positive, default=None,
+                   help="tokens generated per request; if not given, 128, or the rest of the "
+                   "server's max_model_len after --input-len")
     p.add_argument("--max-concurrency", metavar="N", type=_positive, default=None,
                    help="requests in flight at most; if not given, no limit")
     p.add_argument("--seed", metavar="N", type=_int_at_least(0), default=0,
@@ -357,6 +416,8 @@ def _add_serve_parsers(sub, common, fmt) -> None:
                    help="seconds one request may take")
     p.add_argument("--out", metavar="FILE", type=Path, default=None,
                    help="also write the results (and every request's figures) as JSON")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace an existing file that is not a bench-serve report")
 
 
 # ----------------------------------------------------------------------------- progress
@@ -411,20 +472,25 @@ def _ranks_device(args: argparse.Namespace) -> str:
 
 
 def _check_ranks_fit_machine(world_size: int, device: str) -> None:
-    """One rank per GPU; on the CPU, one per core (gloo ranks on fewer cores crawl)."""
+    """One rank per GPU. gloo ranks on the CPU share the cores when there are more ranks than
+    cores (slower, but right: how a tp=8 mapping is verified on a laptop): a warning, and one
+    thread per rank (OMP_NUM_THREADS, which the ranks inherit) so they do not fight over them."""
     import torch
 
     if device == "cuda":
-        limit, what = torch.cuda.device_count(), f"{torch.cuda.device_count()} GPUs"
-        hint = f"use --world-size {limit} or less, or --device cpu (gloo ranks on the CPU)"
-    else:
-        limit = os.cpu_count() or 1
-        what = f"{limit} CPU cores" + ("" if torch.cuda.is_available() else " and no GPU")
-        hint = f"use --world-size {limit} or less"
-    if world_size > limit:
-        raise UsageError(
-            f"--world-size {world_size} is more ranks than this machine can run: it has {what}",
-            flag="--world-size", hint=hint)
+        limit = torch.cuda.device_count()
+        if world_size > limit:
+            raise UsageError(f"--world-size {world_size} is more ranks than this machine can "
+                             f"run: it has {limit} GPUs", flag="--world-size",
+                             hint=f"use --world-size {limit} or less, or --device cpu (gloo "
+                             "ranks on the CPU)")
+        return
+    cores = os.cpu_count() or 1
+    if world_size > cores:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        print(f"adp: warning: --world-size {world_size} gloo ranks share {cores} CPU core"
+              f"{'s' * (cores != 1)}, {os.environ['OMP_NUM_THREADS']} thread(s) each: slower, "
+              "with the same results", file=sys.stderr, flush=True)
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -474,7 +540,7 @@ def cmd_verify(args: argparse.Namespace, stage: _Stages) -> int:
     _check_ranks_fit_machine(args.world_size, _ranks_device(args))
 
     from adp_pass.presets import qwen3_config
-    from adp_pass.runtime.frontend import default_log_path
+    from adp_pass.launch import default_log_path
     from adp_pass.verify import verify
 
     log_dir = log_dir or default_log_path("verify", suffix="")
@@ -650,10 +716,10 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
     _check_ranks_fit_machine(world_size, _ranks_device(args))
 
     from adp_pass.runtime.build_cache import default_cache_dir
-    from adp_pass.runtime.engine import Request
+    from adp_pass.runtime.contract import Request, SamplingParams
     from adp_pass.runtime.frontend import (
         assign_by_load, default_log_path, make_job, run_job, synthetic_requests)
-    from adp_pass.runtime.sampling import SamplingParams
+    from adp_pass.runtime.serving_config import ServingConfig
 
     cache_dir = None if args.no_cache else str(args.cache_dir or default_cache_dir())
     params = SamplingParams(args.new_tokens, args.temperature, args.top_p)
@@ -662,13 +728,16 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
     else:
         requests = synthetic_requests(args.requests, args.prompt_len, params, vocab)
     longest = max(len(r.prompt) for r in requests) + args.new_tokens
-    job = make_job(
-        str(mapping), assign_by_load(requests, mapping.dp_size), preset=preset,
-        checkpoint=str(args.checkpoint) if args.checkpoint else None, dtype=args.dtype,
+    serving = ServingConfig(
         num_blocks=args.num_blocks, block_size=BLOCK_SIZE,
         max_position=min(longest + 16, max_position), max_seq_len=longest,
-        cuda_graph_sizes=args.cuda_graphs,  # argparse parses a string default with its type
-        cache_dir=cache_dir, dump_dir=str(args.dump_dir) if args.dump_dir is not None else None,
+        # argparse parses a string default with its type
+        cuda_graph_sizes=tuple(args.cuda_graphs or ()))
+    job = make_job(
+        mapping, assign_by_load(requests, mapping.dp_size), preset=preset,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None, dtype=args.dtype,
+        serving=serving, cache_dir=cache_dir,
+        dump_dir=str(args.dump_dir) if args.dump_dir is not None else None,
     )
     log = (args.log_dir / Path(default_log_path()).name) if args.log_dir else default_log_path()
     groups = (f" in {mapping.dp_size} DP group{'s' * (mapping.dp_size != 1)} ({mapping})"
@@ -679,14 +748,14 @@ def cmd_run(args: argparse.Namespace, stage: _Stages) -> int:
         report = run_job(job, world_size, log_path=log, torchrun=args.torchrun)
     texts = dict(zip((r.request_id for r in requests), args.prompt or []))
     for rank in report.leaders:  # the other ranks of a DP group served the same requests
-        for result in rank["results"]:
-            tokens, rid = result["tokens"], result["request_id"]
+        for result in rank.results:
+            tokens, rid = result.tokens, result.request_id
             if tokenizer is not None:
-                print(f"  rank {rank['rank']} {rid}: {texts[rid]!r} -> "
-                      f"{tokenizer.decode(tokens)!r} ({result['finish_reason']})")
+                print(f"  rank {rank.rank} {rid}: {texts[rid]!r} -> "
+                      f"{tokenizer.decode(tokens)!r} ({result.finish_reason})")
                 print(f"      ids {tokens}")
             else:
-                print(f"  rank {rank['rank']} {rid}: {tokens} ({result['finish_reason']})")
+                print(f"  rank {rank.rank} {rid}: {tokens} ({result.finish_reason})")
     print(report)
     print(f"rank logs: {report.log}", file=sys.stderr)
     return 0
@@ -715,6 +784,7 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
             raise UsageError(f"--nnodes {args.nnodes} does not divide the {mapping.world_size} "
                              "ranks", flag="--nnodes", hint="give a divisor of the world size")
     node = _node_spec(args)
+    api_keys = _serve_security(args, http=node is None or node.node_rank == 0)
     if args.log_dir is not None:
         check_out_dir(args.log_dir, "--log-dir")
     if args.no_cache and args.cache_dir is not None:
@@ -739,7 +809,8 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
                              _ranks_device(args))
 
     from adp_pass.runtime.build_cache import default_cache_dir
-    from adp_pass.runtime.frontend import default_log_path
+    from adp_pass.launch import default_log_path
+    from adp_pass.serving.guard import HTTPLimits
     from adp_pass.serving.server import ServeOptions, serve
 
     log = (args.log_dir / Path(default_log_path("serve")).name if args.log_dir
@@ -758,9 +829,58 @@ def cmd_serve(args: argparse.Namespace, stage: _Stages) -> int:
         cache_dir=None if args.no_cache else str(args.cache_dir or default_cache_dir()),
         log_path=log, start_timeout_s=args.start_timeout,
         shutdown_timeout_s=args.shutdown_timeout, rank_timeout_s=args.rank_timeout,
-        nnodes=args.nnodes, node=node)
+        nnodes=args.nnodes, node=node, api_keys=api_keys, metrics_public=args.metrics_public,
+        allowed_origins=tuple(args.allowed_origins or ()),
+        ssl_keyfile=str(args.ssl_keyfile) if args.ssl_keyfile else None,
+        ssl_certfile=str(args.ssl_certfile) if args.ssl_certfile else None,
+        limits=HTTPLimits(read_timeout_s=args.read_timeout,
+                          keep_alive_timeout_s=args.keep_alive_timeout))
     with stage(what):
         return _serve(serve, options)
+
+
+def _serve_security(args: argparse.Namespace, http: bool) -> tuple[str, ...]:
+    """The API keys (--api-key and $ADP_API_KEY), checked with TLS and CORS; a server that other
+    machines can reach without a key is warned about. The keys are never printed."""
+    keys = list(args.api_key or [])
+    # Read once and dropped: the ranks, which inherit this environment, have no use for it.
+    for key in os.environ.pop("ADP_API_KEY", "").split(","):
+        if key.strip():
+            try:
+                keys.append(_api_key(key.strip()))
+            except argparse.ArgumentTypeError as err:
+                raise UsageError(f"ADP_API_KEY: a key {err}", flag="--api-key",
+                                 hint="set ADP_API_KEY to one key, or several separated by "
+                                 "commas") from None
+    if args.metrics_public and not keys:
+        raise UsageError("--metrics-public opens /metrics on a server that needs no key anyway",
+                         flag="--metrics-public", hint="drop it, or add --api-key")
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise UsageError("give --ssl-keyfile and --ssl-certfile together", flag="--ssl-keyfile",
+                         hint="both PEM files: the private key and its certificate chain")
+    if args.ssl_certfile is not None:
+        import ssl
+
+        for flag, path in (("--ssl-certfile", args.ssl_certfile),
+                           ("--ssl-keyfile", args.ssl_keyfile)):
+            if not path.is_file():
+                raise UsageError(f"{flag} {path} is not a file", flag=flag,
+                                 hint="give the PEM file's path")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.ssl_certfile,
+                                                                    args.ssl_keyfile)
+        except (ssl.SSLError, OSError) as err:
+            raise UsageError(f"--ssl-certfile {args.ssl_certfile} with --ssl-keyfile "
+                             f"{args.ssl_keyfile} cannot be loaded: {err}",
+                             flag="--ssl-certfile", hint="give a PEM certificate chain and the "
+                             "private key that belongs to it (unencrypted)") from None
+    from adp_pass.serving.guard import is_loopback
+
+    if http and not keys and not is_loopback(args.host):
+        print(f"adp serve: warning: --host {args.host} is reachable from other machines and no "
+              "--api-key is set: anyone who reaches the port can use the model", file=sys.stderr,
+              flush=True)
+    return tuple(keys)
 
 
 def _node_spec(args: argparse.Namespace):
@@ -821,13 +941,14 @@ def _check_port_free(host: str, port: int, flag: str = "--port") -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace, stage: _Stages) -> int:
-    if args.out is not None:
-        if args.out.exists() and args.out.is_dir():
-            raise UsageError(f"--out {args.out} is a directory; give a file name", flag="--out")
-        check_out_dir(args.out.parent if str(args.out.parent) else Path("."), "--out")
-    from adp_pass.serving.bench import bench_serve, format_report
+    from adp_pass.serving.bench import REPORT_KEYS, base_url, bench_serve, format_report
 
-    report = bench_serve(args.url, model=args.model, rate=args.rate,
+    url = base_url(args.url)
+    if args.out is not None:
+        check_out_file(args.out, "--out", force=args.force, marks=REPORT_KEYS)
+
+    key = os.environ.get("ADP_API_KEY", "").split(",")[0].strip()  # never another service's key
+    report = bench_serve(url, api_key=key or None, model=args.model, rate=args.rate,
                          num_prompts=args.num_prompts, input_len=args.input_len,
                          output_len=args.output_len, max_concurrency=args.max_concurrency,
                          seed=args.seed, timeout_s=args.timeout, out=args.out)
@@ -835,71 +956,10 @@ def cmd_bench_serve(args: argparse.Namespace, stage: _Stages) -> int:
     return 0 if report["completed"] == args.num_prompts else 1
 
 
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
 def cmd_plan(args: argparse.Namespace, stage: _Stages) -> int:
-    if args.checkpoint is not None and args.preset is not None:
-        raise UsageError("give --preset or --checkpoint, not both", flag="--checkpoint",
-                         hint="a checkpoint brings its own shape (config.json)")
-    from adp_pass.checks import read_checkpoint_config
-    from adp_pass.cost_model import (
-        GIB, NothingFits, format_table, load_calibration, pick, rank_mappings)
+    from adp_pass.plan_cli import run_plan  # the plan command lives beside the cost model
 
-    if args.checkpoint is not None:
-        config = read_checkpoint_config(args.checkpoint)
-        model = str(args.checkpoint)
-        max_position = config.get("max_position_embeddings")
-    else:
-        model = args.preset or "qwen3-8b"
-        config = PRESETS[model]
-        max_position = config.max_position_embeddings
-    if max_position and args.prompt + args.new_tokens > max_position:
-        raise UsageError(f"--prompt {args.prompt} + --new-tokens {args.new_tokens} is longer than "
-                         f"{model}'s {max_position} positions", flag="--prompt",
-                         hint=f"keep prompt + new tokens within {max_position}")
-    calibration = load_calibration(args.calibration)
-    memory = None if args.gpu_memory_gib is None else int(args.gpu_memory_gib * GIB)
-    dtype_bytes = _DTYPE_BYTES[args.dtype]
-    ranked = rank_mappings(config, args.gpus, batch_per_gpu=args.batch_per_gpu,
-                           prompt=args.prompt, new_tokens=args.new_tokens,
-                           calibration=calibration, gpu_memory_bytes=memory,
-                           dtype_bytes=dtype_bytes)
-    try:
-        chosen, failure = pick(config, args.gpus, batch_per_gpu=args.batch_per_gpu,
-                               prompt=args.prompt, new_tokens=args.new_tokens, ranked=ranked), None
-    except NothingFits as err:
-        chosen, failure = None, err
-    if args.json:
-        import json
-
-        print(json.dumps({
-            "model": model, "gpus": args.gpus, "batch_per_gpu": args.batch_per_gpu,
-            "prompt": args.prompt, "new_tokens": args.new_tokens, "dtype": args.dtype,
-            "calibration": calibration.where, "calibration_source": calibration.source,
-            "predictions": [p.as_dict() for _, p in ranked],
-            "pick": None if chosen is None else chosen.prediction.name,
-            "reason": str(failure) if chosen is None else chosen.reason,
-        }, indent=1))
-    else:
-        gib = (args.gpu_memory_gib if args.gpu_memory_gib is not None
-               else calibration["device_memory_gib"])
-        print(f"plan: {model} on {args.gpus} GPU{'s' * (args.gpus != 1)}, "
-              f"{args.batch_per_gpu} requests per GPU, prompt {args.prompt} + "
-              f"{args.new_tokens} new tokens, {args.dtype}")
-        print(f"calibration: {calibration.name} ({calibration.source}); {gib:g} GiB per GPU, "
-              f"{calibration['memory_reserve_gib']:g} GiB reserved")
-        print()
-        print(format_table(ranked, None if chosen is None else chosen.prediction))
-        notes = sorted({n for _, p in ranked for n in p.notes})
-        for note in notes:
-            print(f"note: {note}")
-        print()
-        if chosen is not None:
-            print(f"pick: {chosen}")
-    if failure is not None:
-        raise failure
-    return 0
+    return run_plan(args)
 
 
 def cmd_calibrate(args: argparse.Namespace, stage: _Stages) -> int:
@@ -908,6 +968,7 @@ def cmd_calibrate(args: argparse.Namespace, stage: _Stages) -> int:
         raise UsageError(f"--out {out} is a directory; give a file name", flag="--out",
                          hint=f"e.g. --out {out / 'calibration.json'}")
     check_out_dir(out.parent if str(out.parent) else Path("."), "--out")
+    check_out_file(out, "--out", force=args.force, marks=CALIBRATION_KEYS)
     import torch
 
     if torch.cuda.is_available():
@@ -941,7 +1002,16 @@ def cmd_calibrate(args: argparse.Namespace, stage: _Stages) -> int:
                  for g, e in data[op].items()]
         if cells:
             print(f"  {words:<15}" + "; ".join(cells))
-    print(f"  use it: adp plan --calibration {out} --gpus {gpus} ...")
+    if data.get("gemm_tflops_fp8"):
+        print("  GEMM fp8 (TFLOP/s) " + ", ".join(f"{t} tokens {r:g}"
+                                               for t, r in data["gemm_tflops_fp8"].items()))
+    if data.get("gemm_shapes"):
+        print(f"  GEMM on {len(data['gemm_shapes'].get('bf16', {}))} TP shard shapes "
+              f"({', '.join(data['gemm_shapes'])})")
+    if data.get("lockstep_agree_us"):
+        print("  lockstep agreement (gloo) " + "; ".join(
+            f"{g}: {us:g} us" for g, us in data["lockstep_agree_us"].items()))
+    print(f"  use it: adp plan --gpu {out} --gpus {gpus} ... (laid over its GPU's profile)")
     return 0
 
 
@@ -994,7 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     commands = {"verify": cmd_verify, "rewrite": cmd_rewrite, "run": cmd_run, "plan": cmd_plan,
-                "calibrate": cmd_calibrate, "serve": cmd_serve, "bench-serve": cmd_bench_serve}
+                "calibrate": cmd_calibrate, "serve": cmd_serve, "bench-serve": cmd_bench_serve,
+                "quantize": cmd_quantize}
     command = next((a for a in argv if a in commands), None)  # for the error prefix only
     try:
         args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from adp_pass.errors import AdpError
 from adp_pass.fx_vocab import ALL_GATHER_OPS, COLLECTIVE_OPS, descendants, is_op, nodes_between
+from adp_pass.graph_record import graph_record
 from adp_pass.mapping import ROLE_OF_KIND, Mapping, MappingError, role_parts, site_action
 from adp_pass.patterns import SITE_PATTERNS
 from adp_pass.patterns.structure import annotate_positions
@@ -48,13 +49,13 @@ def graph_world_size(gm: fx.GraphModule, collectives: list[fx.Node]) -> int | No
     for node in collectives:
         if is_op(node, ALL_GATHER_OPS):
             return int(node.args[1])
-    return gm.meta.get("adp_world_size")
+    return graph_record(gm).world_size
 
 
 def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -> Plan:
     """Plan the attention-DP rewrite of ``gm`` under ``mapping``."""
     mapping = Mapping.load(mapping)
-    if gm.meta.get("adp_rewritten"):
+    if graph_record(gm).rewritten:
         raise DetectError(
             "this graph is already rewritten (attention-DP form); detect the captured TP graph"
         )
@@ -110,7 +111,7 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
                                                                     mapping)
     plan = Plan(
         mapping=mapping,
-        rank=int(gm.meta.get("adp_rank", 0)),
+        rank=graph_record(gm).rank or 0,
         sites=sites,
         params=params,
         shape_fixes=shape_fixes,

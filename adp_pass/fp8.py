@@ -50,10 +50,32 @@ def quantize_weight(weight: torch.Tensor, block: tuple[int, int] = WEIGHT_BLOCK
     tiles, out, inn = _tile_view(weight.detach().float(), block)
     amax = tiles.abs().amax(dim=(1, 3)).clamp_min(_MIN_AMAX)
     scale = amax / E4M3_MAX
+    return _quantize_tiles(tiles, scale, out, inn, block), scale
+
+
+def quantize_weight_stored(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16,
+                           block: tuple[int, int] = WEIGHT_BLOCK
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight_fp8, weight_scale_inv)`` as a checkpoint stores them, the scale in
+    ``scale_dtype`` (bf16, fp16 or fp32). The weight is quantized against the scale *as stored*
+    (rounded to ``scale_dtype`` first), so ``dequantize_weight`` of the pair is the closest the
+    file can hold; a bf16 scale that rounded down only saturates a tile's largest values at 448
+    (at most 2^-8 of them, below e4m3's own 2^-4 rounding). Scales are kept inside the storage
+    dtype's normal range, so an fp16 scale of a near-zero tile never becomes 0 (0/0)."""
+    if scale_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"scale dtype {scale_dtype} is not one of bf16, fp16, fp32")
+    tiles, out, inn = _tile_view(weight.detach().float(), block)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp_min(_MIN_AMAX)
+    info = torch.finfo(scale_dtype)
+    stored = (amax / E4M3_MAX).clamp(info.tiny, info.max).to(scale_dtype)
+    return _quantize_tiles(tiles, stored.float(), out, inn, block), stored
+
+
+def _quantize_tiles(tiles: torch.Tensor, scale: torch.Tensor, out: int, inn: int,
+                    block: tuple[int, int]) -> torch.Tensor:
     quantized = (tiles / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     rows, cols = scale.shape
-    flat = quantized.view(rows * block[0], cols * block[1])[:out, :inn].contiguous()
-    return flat, scale
+    return quantized.view(rows * block[0], cols * block[1])[:out, :inn].contiguous()
 
 
 def dequantize_weight(weight_fp8: torch.Tensor, scale_inv: torch.Tensor,

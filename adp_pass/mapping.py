@@ -175,10 +175,15 @@ class Mapping:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Mapping":
         """The keys and values of the string form, as a dict: ``{"tp": 8, "attn_dp": 1}``
-        (long field names and JSON/TOML booleans are accepted too, as in the string form)."""
+        (long field names are accepted too, as in the string form; booleans only for attn_dp)."""
         items = []
         for key, value in values.items():
             if isinstance(value, bool):
+                field_name = _SHORT_KEYS.get(str(key), str(key) if str(key) in _KEY_OF else None)
+                if field_name not in (None, "enable_attention_dp"):
+                    # JSON true is Python 1: taken as a count, "tp": true would be tp=1.
+                    raise MappingError(f"{key} must be {_WANTS[field_name]}, got "
+                                       f"{json.dumps(value)} (a boolean)")
                 raw = "1" if value else "0"
             elif isinstance(value, (int, str)):
                 raw = str(value).strip()

@@ -27,6 +27,14 @@ class UnknownPreset(UsageError, KeyError):
 
 
 PRESETS: dict[str, PresetShape] = all_presets()
+# FP8 test shape (docs/fp8.md): every rank's part of q/k/v/o and gate/up/down is whole 128 x 128
+# scale tiles at tp 2 and 4, attention and MLP split alike: at tp 4 q and o hold 256 rows /
+# columns (8 heads x 128 / 4), k and v 128 rows (4 kv heads x 128 / 4), gate/up/down 128 of the
+# 512 intermediate. The rest is small for the CPU tests: 2 layers, hidden 192 (a partial tile
+# along the input dim), vocab 256.
+PRESETS["fp8-tiny"] = PresetShape(192, 2, 8, 4, 512, head_dim=128, vocab_size=256,
+                                  max_position_embeddings=512, rope_theta=10_000.0,
+                                  family="qwen3")
 
 
 def _shape(preset: str | PresetShape) -> PresetShape:

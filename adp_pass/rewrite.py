@@ -12,35 +12,18 @@ from __future__ import annotations
 
 import operator
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.fx as fx
 
 from adp_pass.attributes import owner_of, set_attr
-from adp_pass.errors import AdpError
+from adp_pass.errors import RewriteError
 from adp_pass.fx_vocab import (COLLECTIVE_OPS, copy_graph, is_impure_except_collectives,
                                is_op, nodes_between)
+from adp_pass.graph_record import RewriteReport, copy_graph_record, graph_record
 from adp_pass.plan import GROUP_TAG, Plan, graph_fingerprint
+from adp_pass.self_check import check_numerics
 from adp_pass.shapes import propagate_shapes
-
-
-class RewriteError(AdpError, RuntimeError):
-    """The plan does not fit the graph it is applied to."""
-
-
-@dataclass
-class RewriteReport:
-    sites_removed: int
-    shape_constants_fixed: int
-    params_replaced: int
-    nodes_removed: int
-    collectives_left: int
-    seconds: float
-    self_check: str = "skipped"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def rewrite(
@@ -56,12 +39,10 @@ def rewrite(
     are uninitialised tensors of the full shape on the local shard's device (use
     ``load_state_dict`` afterwards). With ``self_check`` (the default), a given state dict also
     drives a numeric check of the first layer (see :mod:`adp_pass.self_check`), and the result's
-    output shapes are checked. The report is ``result.meta["adp_report"]`` (the pipeline gets
-    it from :func:`rewrite_and_report` instead).
+    output shapes are checked. The report is ``graph_record(result).rewrite``
+    (:func:`rewrite_and_report` also returns it).
     """
-    new, report = rewrite_and_report(gm, plan, state_dict, self_check=self_check)
-    new.meta["adp_report"] = report
-    return new
+    return rewrite_and_report(gm, plan, state_dict, self_check=self_check)[0]
 
 
 def rewrite_and_report(
@@ -71,9 +52,7 @@ def rewrite_and_report(
     *,
     self_check: bool = True,
 ) -> tuple[fx.GraphModule, RewriteReport]:
-    """:func:`rewrite`, with its report returned rather than kept on the module."""
-    from adp_pass.self_check import check_numerics
-
+    """:func:`rewrite`, and its report (also kept in the result's record)."""
     start = time.perf_counter()
     _check_plan_fits(gm, plan)
     if state_dict is not None:
@@ -124,9 +103,7 @@ def rewrite_and_report(
         if self_check:
             _check_outputs(gm, new)
     left = sum(is_op(n, COLLECTIVE_OPS) for n in graph.nodes)
-    # Kept with the graph: detect and rewrite refuse a graph that is already rewritten.
-    new.meta["adp_rewritten"] = plan.fingerprint or True
-    return new, RewriteReport(
+    report = RewriteReport(
         sites_removed=len(plan.sites),
         shape_constants_fixed=len(plan.shape_fixes),
         params_replaced=replaced,
@@ -135,6 +112,9 @@ def rewrite_and_report(
         seconds=time.perf_counter() - start,
         self_check=check_text,
     )
+    # Kept with the graph: detect and rewrite refuse a graph that is already rewritten.
+    graph_record(new).rewrite = report
+    return new, report
 
 
 _FUNCOL = torch.ops._c10d_functional
@@ -172,7 +152,7 @@ def _gather_scatter(graph: fx.Graph, site) -> None:
 
 
 def _check_plan_fits(gm: fx.GraphModule, plan: Plan) -> None:
-    if gm.meta.get("adp_rewritten"):
+    if graph_record(gm).rewritten:
         raise RewriteError(
             "this graph is already rewritten (attention-DP form); rewrite the captured TP "
             "graph, not the result of rewrite()"
@@ -240,6 +220,7 @@ def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
         persistent = leaf not in getattr(owner, "_non_persistent_buffers_set", ())
         set_attr(new, name, tensor, persistent)
     new.meta = dict(gm.meta)
+    copy_graph_record(gm, new)  # the rewrite's marks go on the copy only
     return new
 
 

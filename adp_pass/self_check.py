@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from adp_pass.errors import RewriteError
 from adp_pass.fx_vocab import NO_COPY_RESHAPE_OPS
-from adp_pass.plan import Plan
-from adp_pass.rewrite import RewriteError
 from adp_pass.layouts import Layout, expected_shape, local_part
+from adp_pass.plan import Plan
 from adp_pass.sharding import ShardingAnalysis
 
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}

@@ -7,7 +7,8 @@ rank, prompt 512, 128 new tokens, decode steps replayed from CUDA graphs::
 
 Prints decode tokens/s per rank and in total, the mean decode step time against the HBM
 roofline (the rank's weights and the KV cache a step reads at the mean context, over the copy
-bandwidth of the calibration: ``adp_pass/data/h200.json`` unless ``--calibration``), the cost
+bandwidth of the profile of the GPU it runs on, ``adp_pass/data/<gpu>.json``, unless
+``--calibration``), the cost
 model's prediction, and the first-step logits check against transformers holding the same
 weights.
 """
@@ -24,7 +25,9 @@ from pathlib import Path
 import torch
 
 from adp_pass.presets import qwen3_config
+from adp_pass.runtime.contract import to_json
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
+from adp_pass.runtime.serving_config import ServingConfig
 from adp_pass.runtime.sampling import SamplingParams
 
 
@@ -46,7 +49,7 @@ def main() -> None:
                              "copy of the weights: Qwen3-32B on one GPU does not fit twice)")
     parser.add_argument("--calibration", default=None,
                         help="calibration JSON for the roofline's copy bandwidth and the "
-                             "prediction (default: the packaged H200 one)")
+                             "prediction (default: the profile of this GPU, adp_pass/data/)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -62,12 +65,14 @@ def main() -> None:
         assign_by_load(requests, args.world_size),
         preset=args.preset,
         dtype=args.dtype,
-        num_blocks=blocks_per_seq * args.requests_per_rank + 8,
-        block_size=args.block_size,
-        max_position=seq_len + 16,
-        max_seq_len=seq_len,
-        max_batch=args.requests_per_rank,
-        cuda_graph_sizes=[int(s) for s in args.graph_sizes.split(",") if s],
+        serving=ServingConfig(
+            num_blocks=blocks_per_seq * args.requests_per_rank + 8,
+            block_size=args.block_size,
+            max_position=seq_len + 16,
+            max_seq_len=seq_len,
+            max_batch=args.requests_per_rank,
+            cuda_graph_sizes=tuple(int(s) for s in args.graph_sizes.split(",") if s),
+        ),
         check_first_step=not args.no_check,
     )
     print(f"bench: {args.preset} {args.dtype}, {args.world_size} ranks x "
@@ -77,8 +82,8 @@ def main() -> None:
     report = run_job(job, args.world_size)
     print(report)
     for r in report.ranks:
-        print(f"rank {r['rank']} first-step logits vs transformers: {r['first_step_check']}; "
-              f"build {r['timings']}")
+        print(f"rank {r.rank} first-step logits vs transformers: {r.first_step_check}; "
+              f"build {r.timings}")
     roofline = roofline_row(config, args, report)
     print(f"roofline {roofline['roofline_ms']:.2f} ms ({roofline['weights_gb']:.1f} GB weights + "
           f"{roofline['kv_gb']:.1f} GB KV at {roofline['copy_gbps']:.0f} GB/s): step at "
@@ -87,13 +92,13 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "roofline": roofline,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "gpu": report.ranks[0]["device"],
+        "gpu": report.ranks[0].device,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "settings": vars(args) | {"out": str(args.out)},
         "total_decode_tokens_per_s": report.total_decode_tokens_per_s,
         "wall_s": time.perf_counter() - start,
-        "ranks": [{k: v for k, v in r.items() if k != "results"} for r in report.ranks],
+        "ranks": [{k: v for k, v in to_json(r).items() if k != "results"} for r in report.ranks],
     }
     try:
         import triton
@@ -120,7 +125,7 @@ def roofline_row(config, args, report) -> dict:
                          calibration=calibration)
     nbytes = prediction.weights_read_bytes_per_gpu + prediction.kv_bytes_per_gpu
     roofline_ms = nbytes / (calibration["copy_bandwidth_gbps"] * GB) * 1e3
-    step_ms = max(r["mean_decode_step_ms"] for r in report.ranks)
+    step_ms = max(r.first.mean_decode_step_ms for r in report.ranks)
     return {
         "weights_gb": prediction.weights_read_bytes_per_gpu / GB,
         "kv_gb": prediction.kv_bytes_per_gpu / GB,

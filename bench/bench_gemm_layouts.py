@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import loop_ms
+from results_file import versions
 
 # (name, out features, in features) of one Qwen3-8B layer with q|k|v and gate|up fused, and
 # the LM head.
@@ -35,13 +37,7 @@ def time_layout(fn, weights: list[torch.Tensor], x: torch.Tensor, iters: int) ->
     for w in weights[:2]:
         fn(x, w)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(iters):
-        fn(x, weights[i % len(weights)])
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return loop_ms(lambda i: fn(x, weights[i % len(weights)]), iters)
 
 
 def main() -> None:
@@ -50,7 +46,6 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from adp_pass.calibrate import versions
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     layouts = {

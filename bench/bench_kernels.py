@@ -21,10 +21,8 @@ import json
 import os
 import re
 import shlex
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +31,8 @@ if "--dry-run" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 
 import torch  # noqa: E402
-import triton  # noqa: E402
+from gpu_timing import median_ms  # noqa: E402
+from results_file import versions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import kernel_reference as ref  # noqa: E402
@@ -115,26 +114,12 @@ def compare(ours: Callable, reference: Callable, args: tuple) -> tuple[float, fl
 
 def make_timer(args: argparse.Namespace) -> Callable[[Callable, bool], float]:
     """Returns time_ms(fn, use_graph) -> median milliseconds."""
-    if args.dry_run:
 
-        def wall(fn: Callable, use_graph: bool) -> float:
-            samples = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(samples)
+    def time_ms(fn: Callable, use_graph: bool) -> float:
+        return median_ms(fn, cudagraph=use_graph, rep=args.rep, warmup=args.warmup,
+                         wall=args.dry_run)
 
-        return wall
-
-    def gpu(fn: Callable, use_graph: bool) -> float:
-        fn()  # compile / autotune outside any graph capture
-        torch.cuda.synchronize()
-        if use_graph:
-            return triton.testing.do_bench_cudagraph(fn, rep=args.rep, return_mode="median")
-        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
-
-    return gpu
+    return time_ms
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -211,9 +196,7 @@ def metadata(args: argparse.Namespace, gpu: str) -> dict:
     dims = TINY if args.dry_run else QWEN3_8B
     return {
         "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
+        "versions": versions(),
         "command": shlex.join([sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": "bfloat16",

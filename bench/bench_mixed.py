@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from adp_pass.runtime.serving_config import ServingConfig
 from adp_pass.serving.bench import percentile
+from results_file import versions
 
 
 def serve(engine, requests, arrivals: list[float]) -> dict:
@@ -81,7 +83,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from adp_pass.calibrate import versions
     from adp_pass.presets import model_config
     from adp_pass.runtime.engine import RankEngine, Request
     from adp_pass.runtime.prepare import prepare_rank
@@ -95,18 +96,22 @@ def main() -> None:
     gaps = [rng.expovariate(args.rate) for _ in range(args.requests)]
     arrivals = [sum(gaps[:i]) for i in range(args.requests)]
     longest = args.max_prompt + args.new_tokens
-    blocks = sum(-(-(n + args.new_tokens) // 16) for n in lengths) + 16
+    block = ServingConfig.block_size
+    serving = ServingConfig(
+        num_blocks=sum(-(-(n + args.new_tokens) // block) for n in lengths) + 16,
+        max_position=longest + 16, max_seq_len=longest, max_batch=args.max_batch,
+        cuda_graph_sizes=tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+                               if s <= args.max_batch))
     start = time.perf_counter()
     built = prepare_rank(config, "tp=1,attn_dp=1", 0, device=device,
-                         dtype=getattr(torch, args.dtype), num_blocks=blocks,
-                         max_position=longest + 16)
+                         dtype=getattr(torch, args.dtype), serving=serving)
     print(f"built in {time.perf_counter() - start:.1f} s: {built.describe()}", flush=True)
-    sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256) if s <= args.max_batch)
     rows = {}
     for mode in args.modes.split(","):
-        engine = RankEngine(built.model, built.cache, max_batch=args.max_batch,
-                            max_prefill_tokens=args.max_prefill_tokens, max_seq_len=longest,
-                            max_position=longest + 16, cuda_graph_sizes=sizes,
+        engine = RankEngine(built.model, built.cache, max_batch=serving.max_batch,
+                            max_prefill_tokens=args.max_prefill_tokens,
+                            max_seq_len=serving.max_seq_len, max_position=serving.max_position,
+                            cuda_graph_sizes=serving.cuda_graph_sizes,
                             packed_prefill=(mode == "packed"))
         generator = torch.Generator().manual_seed(1)
         requests = [Request(f"{mode}-{i}", torch.randint(0, config.vocab_size, (n,),

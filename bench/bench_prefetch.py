@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from results_file import write_result
+from results_file import versions, write_result
 
 SHAPES = {  # (out, in) of Qwen3-8B's decode projections after fusion
     "o_proj": (4096, 4096),
@@ -38,7 +38,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from adp_pass.calibrate import versions
     from adp_pass.runtime.kernels import prefetch
 
     device = torch.device("cuda", 0)

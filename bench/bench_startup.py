@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_file import write_result
+from results_file import versions, write_result
 
 
 def run_once(args: argparse.Namespace, cache_dir: Path, log_dir: Path) -> dict:
@@ -46,8 +46,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import torch
-
-    from adp_pass.calibrate import versions
 
     scratch = Path(tempfile.mkdtemp(prefix="adp-startup-"))
     rows = {}

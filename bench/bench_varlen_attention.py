@@ -35,10 +35,8 @@ import json
 import os
 import random
 import shlex
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -58,11 +56,11 @@ if _device_arg(sys.argv) == "cpu":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
+from gpu_timing import median_ms  # noqa: E402
+from results_file import versions  # noqa: E402
 
 import adp_pass.runtime.kernels.paged_attention  # noqa: E402,F401  (registers adp.paged_decode_attention)
 import adp_pass.runtime.kernels.varlen_attention as va  # noqa: E402
-from adp_pass.calibrate import versions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -164,24 +162,11 @@ def kv_bytes(context_lens: list[int], sizes: Sizes, dtype: torch.dtype) -> int:
 
 def make_timer(args: argparse.Namespace) -> Callable[[Callable], float]:
     """time_ms(fn) -> median milliseconds."""
-    if args.device == "cpu":
 
-        def wall(fn: Callable) -> float:
-            samples = []
-            for _ in range(args.cpu_reps):
-                start = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(samples)
+    def time_ms(fn: Callable) -> float:
+        return median_ms(fn, rep=args.rep, wall=args.device == "cpu", wall_calls=args.cpu_reps)
 
-        return wall
-
-    def graph(fn: Callable) -> float:
-        fn()  # compile outside the capture
-        torch.cuda.synchronize()
-        return triton.testing.do_bench_cudagraph(fn, rep=args.rep, return_mode="median")
-
-    return graph
+    return time_ms
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from gpu_timing import graph_ms
-from results_file import write_result
+from results_file import versions, write_result
 
 
 def main() -> None:
@@ -57,27 +57,31 @@ def main() -> None:
                              "prefetch_weights=True)); --variants then sets their mode")
     args = parser.parse_args()
 
-    from adp_pass.calibrate import GPU_SIZES, measure_copy, versions
+    from adp_pass.calibrate import GPU_SIZES, measure_copy
     from adp_pass.cost_model import GB, ModelShape
     from adp_pass.presets import model_config
     from adp_pass.runtime.engine import RankEngine, Request, decode_batch
     from adp_pass.runtime.prepare import prepare_rank
     from adp_pass.runtime.sampling import SamplingParams
+    from adp_pass.runtime.serving_config import ServingConfig
 
     device = torch.device("cuda", 0)
     dtype = getattr(torch, args.dtype)
     config = model_config(args.preset)
     new_tokens = 2 * args.steps + args.profile_steps + 24
     seq_len = args.prompt_len + new_tokens
-    blocks = -(-seq_len // 16) * args.batch + 8
+    serving = ServingConfig(
+        num_blocks=-(-seq_len // ServingConfig.block_size) * args.batch + 8,
+        max_position=seq_len + 16, max_seq_len=seq_len, max_batch=args.batch,
+        cuda_graph_sizes=(args.batch,))
     start = time.perf_counter()
     built = prepare_rank(config, "tp=1,attn_dp=1", 0, device=device, dtype=dtype,
-                         num_blocks=blocks, max_position=seq_len + 16,
-                         decode_gemms=not args.no_decode_mm,
+                         serving=serving, decode_gemms=not args.no_decode_mm,
                          prefetch_weights=args.prefetch_weights)
     print(f"built in {time.perf_counter() - start:.1f} s: {built.describe()}", flush=True)
-    engine = RankEngine(built.model, built.cache, max_batch=args.batch, max_seq_len=seq_len,
-                        max_position=seq_len + 16, cuda_graph_sizes=(args.batch,))
+    engine = RankEngine(built.model, built.cache, max_batch=serving.max_batch,
+                        max_seq_len=serving.max_seq_len, max_position=serving.max_position,
+                        cuda_graph_sizes=serving.cuda_graph_sizes)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len),
                             generator=generator)

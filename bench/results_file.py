@@ -1,4 +1,5 @@
-"""Where the bench scripts put their JSON: ``write_result(path, result)``."""
+"""What the bench scripts write next to their figures: ``write_result(path, result)`` and
+``versions()``, the one record of what a measurement ran on (every script's results carry it)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,11 @@ def write_result(path: Path | None, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
+
+
+def versions() -> dict:
+    """Python, torch (CUDA, NCCL), transformers, Triton and adp-pass versions: the cost model's
+    calibration records the same (``adp_pass.calibrate.versions``)."""
+    from adp_pass.calibrate import versions as installed  # torch: only when a result is made
+
+    return installed()

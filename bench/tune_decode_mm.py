@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gpu_timing import graph_ms
+from results_file import versions
 
 # (name, out features N, in features K) with q|k|v and gate|up fused, as the runtime runs them.
 SHAPES = {
@@ -155,7 +156,6 @@ def main() -> None:
 def save(out: Path | None, results: list, started: float) -> None:
     if out is None:
         return
-    from adp_pass.calibrate import versions
 
     out.write_text(json.dumps({
         "gpu": torch.cuda.get_device_name(0), "versions": versions(),

@@ -40,6 +40,8 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from gpu_timing import graph_ms, loop_ms  # noqa: E402
+from results_file import versions  # noqa: E402
 
 import adp_pass.runtime.kernels.paged_attention as pa  # noqa: E402
 
@@ -210,7 +212,7 @@ def reference(q, k_cache, v_cache, tables, context, scale, chunk=16):
 
 
 # --- timing -----------------------------------------------------------------------------------
-def graph_ms(fn, reps, target_ms=3.0):
+def layers_graph_ms(fn, reps, target_ms=3.0):
     """Median ms per call of ``fn(layer)``, from a CUDA graph of back-to-back calls over two layers."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -218,25 +220,14 @@ def graph_ms(fn, reps, target_ms=3.0):
         fn(0), fn(1)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(4):
-        fn(i % 2)
-    end.record()
-    end.synchronize()
-    calls = max(4, min(400, 2 * round(target_ms / max(start.elapsed_time(end) / 4, 1e-3) / 2)))
+    one_ms = loop_ms(lambda i: fn(i % 2), 4)
+    calls = max(4, min(400, 2 * round(target_ms / max(one_ms, 1e-3) / 2)))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(calls):
             fn(i % 2)
     graph.replay()
-    samples = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / calls)
+    samples = [graph_ms(graph, 1) / calls for _ in range(reps)]
     del graph
     return statistics.median(samples)
 
@@ -258,7 +249,7 @@ def copy_gbps(args) -> float:
     n = 1 << 30
     src = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(2)]
     dst = torch.empty(n, dtype=torch.uint8, device="cuda")
-    ms = graph_ms(lambda i: dst.copy_(src[i]), args.reps, target_ms=20)
+    ms = layers_graph_ms(lambda i: dst.copy_(src[i]), args.reps, target_ms=20)
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n / (ms * 1e6)
@@ -295,7 +286,7 @@ def measure_shape(args, dims, batch, context, candidates, copy_bw, log):
         try:
             row["max_abs_diff"] = (call(0).float() - ref).abs().max().item()
             row["ok"] = row["max_abs_diff"] <= args.atol  # NaN compares False
-            row["ms"] = (wall_ms if args.dry_run else graph_ms)(call, args.reps)
+            row["ms"] = (wall_ms if args.dry_run else layers_graph_ms)(call, args.reps)
             row["gbps"] = kv_bytes / (row["ms"] * 1e6)
             row["pct_copy"] = 100 * row["gbps"] / copy_bw
         except Exception as exc:  # e.g. out of shared memory for a deep pipeline of big tiles
@@ -486,7 +477,7 @@ def main():
     print(text)
     meta = {
         "gpu": "cpu-interpreter" if args.dry_run else torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "versions": versions(),
         "command": shlex.join([sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dims": dict(zip(("q_heads", "kv_heads", "head_dim", "block_size"), dims)), "dtype": "bfloat16",

@@ -11,7 +11,8 @@ import json
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench_cudagraph
+from gpu_timing import median_ms
+from results_file import versions
 
 # The production kernel's arithmetic: the variants below differ in tiling only.
 from adp_pass.runtime.kernels.silu_mul import silu_times
@@ -82,7 +83,7 @@ def large(rows: list, sizes: tuple[int, ...] = (4096, 16384)) -> None:
         up = torch.randn_like(gate)
         want = reference(gate, up)
         compiled(gate, up)
-        base = do_bench_cudagraph(lambda: compiled(gate, up)) * 1e3
+        base = median_ms(lambda: compiled(gate, up)) * 1e3
         variants = [("rows", (b, w, r, e)) for b in (1024, 2048, 4096) for w in (4, 8)
                     for r in (1, 2, 4) for e in (False, True) if b * r <= 8192]
         variants += [("flat", (b, w)) for b in (1024, 2048, 4096) for w in (4, 8)]
@@ -92,7 +93,7 @@ def large(rows: list, sizes: tuple[int, ...] = (4096, 16384)) -> None:
                 lambda: run_flat(gate, up, out, *params))
             fn()
             exact = (out.view(torch.int16) == want.view(torch.int16)).float().mean().item()
-            us = do_bench_cudagraph(fn) * 1e3
+            us = median_ms(fn) * 1e3
             rows.append({"tokens": tokens, "kind": kind, "params": params, "us": us,
                          "compile_us": base, "exact_fraction": exact})
             print(f"T={tokens:<6} {kind} {params}: {us:8.2f} us (compile {base:8.2f}, "
@@ -124,13 +125,13 @@ def main() -> None:
         up = torch.randn_like(gate)
         want = reference(gate, up)
         compiled(gate, up)
-        base = do_bench_cudagraph(lambda: compiled(gate, up)) * 1e3
+        base = median_ms(lambda: compiled(gate, up)) * 1e3
         for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (512, 4)):
             for ieee in (True, False):
                 out = torch.empty_like(gate)
                 run_variant(gate, up, out, block, warps, ieee)
                 exact = (out.view(torch.int16) == want.view(torch.int16)).float().mean().item()
-                us = do_bench_cudagraph(lambda: run_variant(gate, up, out, block, warps, ieee)) * 1e3
+                us = median_ms(lambda: run_variant(gate, up, out, block, warps, ieee)) * 1e3
                 rows.append({"tokens": tokens, "block": block, "warps": warps, "ieee_div": ieee,
                              "us": us, "compile_us": base, "exact_fraction": exact})
                 print(f"T={tokens:<6} block {block:<5} warps {warps} ieee {int(ieee)}: "
@@ -139,8 +140,7 @@ def main() -> None:
     if args.large:
         large(rows, tuple(int(t) for t in args.large_tokens.split(",")))
     if args.out:
-        meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                "triton": triton.__version__}
+        meta = {"gpu": torch.cuda.get_device_name(), "versions": versions()}
         json.dump({"metadata": meta, "rows": rows}, open(args.out, "w"), indent=1)
 
 

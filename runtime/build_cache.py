@@ -11,13 +11,16 @@ An entry is a directory ``<cache_dir>/rank<r>-<identity hash>/``:
 
 * ``graph.json``: the fx graph node by node (name, op, target, args, kwargs) with the node tags
   later stages read (``adp_group`` on collectives, for ``runtime/groups.bind_groups``), the
-  module's JSON-able ``meta`` and every tensor attribute by name (kind, parameter or buffer,
-  persistent, shape, dtype); weights and KV caches are not stored, only described;
+  graph's record (``adp_pass/graph_record.py``: capture's job, the rewrite's report, the
+  lowering's and cache insertion's counts and descriptions) as JSON, and every tensor attribute
+  by name (kind, parameter or buffer, persistent, shape, dtype); weights and KV caches are not
+  stored, only described;
 * ``plan.json``: ``Plan.to_json()``;
 * ``tensors.safetensors``: the few non-weight tensors that cannot be recomputed (the rotary
   ``inv_freq`` buffers); the cos/sin tables of the lowering are recomputed for the requested
   ``max_position`` by the recipe verified when the entry was stored;
-* ``manifest.json``, written last: the full key and each file's size and sha256.
+* ``manifest.json``, written last: the full key, each file's size and sha256, and the typed
+  report of every stage of the build (``adp_pass/stage_reports.py``).
 
 An entry whose manifest does not parse, whose files do not match their checksums, or whose key
 differs (another torch / transformers / triton / adp-pass version, or edited adp_pass sources)
@@ -51,10 +54,13 @@ import torch
 import torch.fx as fx
 
 from adp_pass.attributes import owner_of, set_attr
+from adp_pass.graph_record import GraphRecord, graph_record, set_graph_record
 from adp_pass.plan import GROUP_TAG, Plan
+from adp_pass.stage_reports import StageReport, report_from_json
 
 FORMAT = "adp-pass rank build"
-FORMAT_VERSION = 1
+# 2: the graph's one typed record and the stage reports replace loose meta keys and timings.
+FORMAT_VERSION = 2
 MANIFEST, GRAPH, PLAN, TENSORS = "manifest.json", "graph.json", "plan.json", "tensors.safetensors"
 # Node meta a later stage reads (everything else in node.meta is tracing bookkeeping).
 NODE_META_KEYS = (GROUP_TAG,)
@@ -190,11 +196,11 @@ def _canonical(value: Any) -> str:
 @dataclass
 class CachedBuild:
     """A loaded entry: the module (weights on the meta device; KV caches and rotary tables on
-    the load device), its plan, and what the build counted."""
+    the load device), its plan, and the reports of the build's stages."""
 
     model: fx.GraphModule
     plan: Plan
-    counts: dict
+    reports: dict[str, StageReport]
     path: Path
     manifest: dict
 
@@ -227,9 +233,10 @@ def lookup(cache_dir: str | Path, key: BuildKey, *, device: torch.device | str, 
 
 # ------------------------------------------------------------------------------------- storing
 def store(cache_dir: str | Path, key: BuildKey, gm: fx.GraphModule, plan: Plan, *,
-          timings: dict | None = None) -> Path:
-    """Write ``gm`` (built, lowered, KV-cache inserted; its weights are not written) and its plan
-    as the entry for ``key``, replacing any entry there. Atomic: the entry is written under a
+          reports: dict[str, StageReport] | None = None) -> Path:
+    """Write ``gm`` (built, lowered, KV-cache inserted; its weights are not written), its plan
+    and the ``reports`` of the stages that built it as the entry for ``key``, replacing any
+    entry there. Atomic: the entry is written under a
     temporary name and renamed. Raises :class:`NotCacheable` for a graph this format cannot hold
     (checked by rebuilding the graph from what would be written) and ``OSError``."""
     graph_doc, tensors = serialize(gm, plan)
@@ -253,7 +260,7 @@ def store(cache_dir: str | Path, key: BuildKey, gm: fx.GraphModule, plan: Plan, 
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
             "device": str(graph_doc["build_device"]),
-            "timings": dict(timings or {}),
+            "reports": [report.to_json() for report in (reports or {}).values()],
         },
     }
     final = Path(cache_dir) / key.entry_name
@@ -349,11 +356,11 @@ def load_entry(path: str | Path, key: BuildKey | None, *, device: torch.device |
         raise
     except Exception as err:  # noqa: BLE001 - anything a checked entry still fails on
         raise CorruptEntry(f"cannot rebuild the graph: {type(err).__name__}: {err}") from err
-    counts = {"sites": plan.counts()}
-    if "adp_lower_counts" in gm.meta:
-        counts["lower"] = dict(gm.meta["adp_lower_counts"])
-    counts["cache"] = dict(gm.meta.get("adp_cache_counts", {}))
-    return CachedBuild(gm, plan, counts, path, manifest)
+    try:
+        reports = {doc["stage"]: report_from_json(doc) for doc in manifest["built"]["reports"]}
+    except (KeyError, TypeError) as err:
+        raise CorruptEntry(f"{MANIFEST} holds no readable stage reports ({err!r})") from None
+    return CachedBuild(gm, plan, reports, path, manifest)
 
 
 def _key_differences(stored: dict, wanted: dict) -> list[str]:
@@ -402,8 +409,9 @@ def serialize(gm: fx.GraphModule, plan: Plan) -> tuple[dict, dict[str, torch.Ten
         nodes.append(record)
 
     weights = {name for spec in plan.params for name in (spec.name, *spec.aliases)}
-    kv = _kv_names(gm)
-    rope = set(gm.meta.get("adp_lower_report", {}).get("cos_sin_cache", {}))
+    record = graph_record(gm)
+    kv = _kv_names(record)
+    rope = set(record.lowering.cos_sin_cache) if record.lowering is not None else set()
     entries, stored, seen = [], {}, {}
     for name, tensor, is_param, persistent in _tensor_attributes(gm):
         entry = {"name": name, "param": is_param, "persistent": persistent,
@@ -430,17 +438,10 @@ def serialize(gm: fx.GraphModule, plan: Plan) -> tuple[dict, dict[str, torch.Ten
                     entry["max_position"] = int(tensor.shape[0])
         entries.append(entry)
 
-    module_meta, skipped = {}, []
-    for k, v in gm.meta.items():
-        try:
-            module_meta[k] = _encode(v, build_device)
-        except NotCacheable:
-            skipped.append(k)  # e.g. adp_report (a RewriteReport): of the rewrite, not the graph
     doc = {
         "nodes": nodes,
         "tensors": entries,
-        "meta": module_meta,
-        "meta_not_stored": skipped,
+        "record": record.to_json(),
         "training": gm.training,
         "code_sha256": hashlib.sha256(gm.code.encode()).hexdigest(),
         "build_device": str(build_device) if build_device is not None else None,
@@ -464,11 +465,10 @@ def deserialize(doc: dict, tensors: dict[str, torch.Tensor], *, device: torch.de
     device = _resolve(device)
     build_device = doc.get("build_device")
     graph = _graph_from(doc["nodes"], device if build_device is not None else None)
-    meta = {k: _decode(v, {}, device) for k, v in doc["meta"].items()}
+    record = GraphRecord.from_json(doc["record"])
     gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
     made: dict[str, torch.Tensor] = {}
     rope_later = []
-    kv_info = meta.get("adp_kv_cache", {})
     for entry in doc["tensors"]:
         name = entry["name"]
         if "same_as" in entry:
@@ -506,12 +506,11 @@ def deserialize(doc: dict, tensors: dict[str, torch.Tensor], *, device: torch.de
         owner, leaf = owner_of(gm, entry["name"])
         owner.register_buffer(leaf, table, persistent=entry["persistent"])
         made[entry["name"]] = table
-        report = meta.get("adp_lower_report", {}).get("cos_sin_cache", {}).get(entry["name"])
-        if isinstance(report, dict):
-            report["shape"] = list(table.shape)
-    if kv_info:
-        kv_info.update(num_blocks=num_blocks, block_size=block_size)
-    gm.meta.update(meta)
+        if record.lowering is not None and entry["name"] in record.lowering.cos_sin_cache:
+            record.lowering.cos_sin_cache[entry["name"]].shape = list(table.shape)
+    if record.cache is not None:
+        record.cache.kv.num_blocks, record.cache.kv.block_size = num_blocks, block_size
+    set_graph_record(gm, record)
     gm.train(doc.get("training", True))
     gm.graph = graph  # recompiles
     # The code is checked where it can be: a graph with device literals that were the build
@@ -558,8 +557,8 @@ def _tensor_attributes(gm: torch.nn.Module):
                 yield dotted + leaf, tensor, False, leaf not in module._non_persistent_buffers_set
 
 
-def _kv_names(gm: fx.GraphModule) -> dict[str, int]:
-    count = gm.meta.get("adp_cache_counts", {}).get("attention_cores", 0)
+def _kv_names(record: GraphRecord) -> dict[str, int]:
+    count = record.cache.attention_cores if record.cache is not None else 0
     return {f"kv_cache_{i}_{kind}": i for i in range(count) for kind in ("k", "v")}
 
 

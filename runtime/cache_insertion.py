@@ -40,6 +40,7 @@ from adp_pass.fx_vocab import (
 from adp_pass.runtime.kernels import cached_attention as _cached_attention  # noqa: F401  (registers the op)
 from adp_pass.runtime.lower.graph_utils import call, fake_value, same_size, size_arg
 from adp_pass.errors import AdpError
+from adp_pass.graph_record import CacheRecord, KvLayout, graph_record
 
 aten = torch.ops.aten
 CACHED_ATTENTION = torch.ops.adp.cached_attention.default
@@ -75,13 +76,14 @@ def insert_kv_cache(
     and returns the same logits as before; a packed call (several sequences' tokens in one row,
     ``input_ids [1, T]``) adds ``query_start_loc`` ``[N+1]``, with ``block_tables`` and
     ``context_lens`` per sequence. Caches are ``[num_blocks, block_size, Hkv, D]``,
-    zero-initialised, on ``device``/``dtype`` (default: the parameters'). Counts go to
-    ``gm.meta["adp_cache_counts"]``.
+    zero-initialised, on ``device``/``dtype`` (default: the parameters'). Counts, the KV layout
+    and the LM head go to ``graph_record(gm).cache``.
 
     ``logits_indices`` (int64 ``[R]``, keyword): the graph computes logits only at these
     positions of the sequence dim, ``[B, R, V]`` (a packed call, ``B == 1``: its token rows,
     ``[1, R, V]``). ``select_logits``: None adds that input where the LM head is found
-    (``gm.meta["adp_logits_indices"]`` says which matmul, or why not); True requires it
+    (``graph_record(gm).cache.lm_head`` says which matmul, ``logits_unsupported`` why not);
+    True requires it
     (:class:`CacheInsertionError` if the head is not found); False never adds it.
     """
     if block_size < 16 or block_size & (block_size - 1):
@@ -139,27 +141,21 @@ def insert_kv_cache(
         head.select_rows(inputs["logits_indices"])
 
     graph.eliminate_dead_code()
-    _widen_to_positions(graph, inputs["positions"])
+    unpinned = _widen_to_positions(graph, inputs["positions"])
     graph.lint()
     gm.recompile()
-    gm.meta["adp_cache_counts"] = {"attention_cores": len(sites), "position_ids": len(position_ids)}
-    # Per layer, so an engine can size its allocator from the graph alone.
-    gm.meta["adp_kv_cache"] = {
-        "num_blocks": num_blocks,
-        "block_size": block_size,
-        "kv_heads": [s.kv_heads for s in sites],
-        "head_dim": [s.head_dim for s in sites],
-        "dtype": dtype,
-    }
-    # Whether calls may pass logits_indices (the engine reads the signature), and why not.
-    gm.meta["adp_logits_indices"] = ({"lm_head": head.matmul.name} if head is not None
-                                     else {"unsupported": unsupported})
+    kv = KvLayout(num_blocks, block_size, [s.kv_heads for s in sites],
+                  [s.head_dim for s in sites], str(dtype).removeprefix("torch."))
+    graph_record(gm).cache = CacheRecord(
+        attention_cores=len(sites), position_ids=len(position_ids), kv=kv,
+        lm_head=head.matmul.name if head is not None else None,
+        logits_unsupported="" if head is not None else unsupported, unpinned_batch=unpinned)
     return gm
 
 
 def kv_cache_buffers(gm: fx.GraphModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (k_cache, v_cache) pair of every layer, in layer order."""
-    count = gm.meta["adp_cache_counts"]["attention_cores"]
+    count = graph_record(gm).cache.attention_cores
     return [(gm.get_buffer(f"kv_cache_{i}_k"), gm.get_buffer(f"kv_cache_{i}_v")) for i in range(count)]
 
 
@@ -429,19 +425,17 @@ def _add_inputs(graph: fx.Graph, input_ids: fx.Node, mode: Any, width_hint: int,
     return nodes
 
 
-def _widen_to_positions(graph: fx.Graph, positions: fx.Node) -> None:
+def _widen_to_positions(graph: fx.Graph, positions: fx.Node) -> list[str]:
     """Give the nodes downstream of ``positions`` their [B, S] values. Where the rotary was traced
     with a literal batch of 1 (transformers <= 5.17 computes it as ``inv_freq.expand(
     position_ids.shape[0], -1, 1) @ position_ids``, and position_ids was ``arange[None]``), the
     shapes cannot widen: those literal 1s become the positions' batch, then the values are
-    recomputed; a graph that still does not widen is refused."""
-    graph.owning_module.meta["adp_unpinned_batch"] = []
+    recomputed; a graph that still does not widen is refused. The names of the widened nodes."""
     try:
         _refresh_meta(graph, positions)
-        return
+        return []
     except RuntimeError:
         pinned = _unpin_rotary_batch(graph, positions)
-    graph.owning_module.meta["adp_unpinned_batch"] = [n.name for n in pinned]
     try:
         _refresh_meta(graph, positions, every=True)
     except RuntimeError as err:
@@ -449,6 +443,7 @@ def _widen_to_positions(graph: fx.Graph, positions: fx.Node) -> None:
             f"the graph's ops downstream of the position ids do not take [B, S] positions "
             f"({len(pinned)} batch-1 shapes widened: {', '.join(n.name for n in pinned)}): {err}"
         ) from None
+    return [n.name for n in pinned]
 
 
 _SHAPE_OPS = RESHAPE_OPS | {aten.expand.default}

@@ -1,8 +1,10 @@
-"""Build one rank's serving model: capture → detect → rewrite → weights → lower → KV cache.
+"""Build one rank's serving model: capture → detect → rewrite → weights → lower → KV cache →
+(store) → the rank passes (projection fusion, ``decode_mm``, weight prefetch).
 
-The stages run through one :class:`~adp_pass.pipeline.Pipeline` (their reports in
-``RankModel.reports``; with ``dump_dir``, each stage's graph as text). Runs inside a rank *before* it joins the job's process group: the rank traces its own graph of
-the TP job on a fake group (``capture_hf``), so no peer is needed to build it.
+Every step runs through one :class:`~adp_pass.pipeline.Pipeline` (each stage's typed report in
+``RankModel.reports``; with ``dump_dir``, each stage's graph as text). Runs inside a rank
+*before* it joins the job's process group: the rank traces its own graph of the TP job on a
+fake group (``capture_hf``), so no peer is needed to build it.
 
 With a build cache (``cache_dir=``, or one stored entry: ``artifact=``), the built graph (the
 rewritten, lowered, cache-inserted module without weights, and its plan) is loaded instead when
@@ -26,6 +28,15 @@ from adp_pass.mapping import Mapping
 from adp_pass.pipeline import Pipeline, StageReport
 from adp_pass.plan import Plan
 from adp_pass.runtime.kv_cache import PagedKVCache
+from adp_pass.runtime.serving_config import ServingConfig
+
+# ``RankModel.timings``: the keys logs and benchmarks read, each the seconds of the stages it
+# covers.
+TIMING_STAGES: dict[str, tuple[str, ...]] = {
+    "load_s": ("load",), "capture_s": ("capture",), "rewrite_s": ("detect", "rewrite"),
+    "weights_s": ("weights",), "lower_s": ("lower", "cache"), "store_s": ("store",),
+    "fuse_s": ("fuse",), "decode_mm_s": ("decode_mm",), "prefetch_s": ("prefetch",),
+}
 
 
 @dataclass
@@ -33,6 +44,7 @@ class RankModel:
     model: torch.fx.GraphModule
     cache: PagedKVCache
     plan: Plan
+    # Views of the reports (stage_timings, rank_counts): what logs and benchmarks read.
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, dict] = field(default_factory=dict)
     # Where the graph came from: "off" (no build cache), "hit" (loaded), "miss" (built, stored),
@@ -40,8 +52,12 @@ class RankModel:
     build_cache: str = "off"
     build_cache_path: str | None = None
     build_cache_note: str = ""  # why an entry was not used, or why a build was not stored
-    # Every stage that ran, in order (``timings`` sums them into the keys benchmarks read).
+    # Every stage that ran in this start-up, in order; a hit's ``load`` stands for the stages
+    # of the stored build.
     reports: dict[str, StageReport] = field(default_factory=dict)
+    # The stages that built the graph, up to the KV cache: this start-up's, or on a hit the
+    # stored build's.
+    build_reports: dict[str, StageReport] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for a log: the build cache's outcome and each stage's seconds."""
@@ -57,6 +73,33 @@ class RankModel:
         return f"{outcome}: {stages}"
 
 
+def stage_timings(reports: dict[str, StageReport]) -> dict[str, float]:
+    """Seconds per ``TIMING_STAGES`` key, in the order the stages ran; stages that did nothing
+    (``skipped`` in no time) are left out."""
+    key_of = {stage: key for key, stages in TIMING_STAGES.items() for stage in stages}
+    timings: dict[str, float] = {}
+    for report in reports.values():
+        if report.skipped and not report.seconds:
+            continue
+        key = key_of[report.stage]
+        timings[key] = timings.get(key, 0.0) + report.seconds
+    return timings
+
+
+def rank_counts(plan: Plan, reports: dict[str, StageReport]) -> dict[str, dict]:
+    """What the build matched: the plan's sites, then each graph stage's counts that ran
+    (``lower``, ``cache``, ``fused``) and the rank passes' totals (``decode_mm``,
+    ``prefetch``)."""
+    counts: dict[str, dict] = {"sites": plan.counts()}
+    for key, stage in (("lower", "lower"), ("cache", "cache"), ("fused", "fuse")):
+        if stage in reports:
+            counts[key] = reports[stage].counts
+    for stage in ("decode_mm", "prefetch"):
+        if stage in reports and not reports[stage].skipped:
+            counts[stage] = sum(reports[stage].counts.values())
+    return counts
+
+
 def prepare_rank(
     config: Qwen3Config,
     mapping: Mapping | str,
@@ -65,9 +108,10 @@ def prepare_rank(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     checkpoint: str | Path | None = None,
-    num_blocks: int = 256,
-    block_size: int = 16,
-    max_position: int = 4096,
+    num_blocks: int | None = None,
+    block_size: int | None = None,
+    max_position: int | None = None,
+    serving: ServingConfig | None = None,
     lower_ops: bool = True,
     seed: int = 0,
     cache_dir: str | Path | None = None,
@@ -79,6 +123,9 @@ def prepare_rank(
     prefetch_weights: bool = False,
 ) -> RankModel:
     """The rank's cache-inserted graph and its paged KV cache.
+
+    The KV cache's ``num_blocks`` x ``block_size`` and the rotary table's ``max_position`` come
+    from ``serving`` (default ``ServingConfig()``); each given on its own overrides it.
 
     ``progress``: told each stage's report as it ends (the rank's log).
 
@@ -107,6 +154,10 @@ def prepare_rank(
     kernels before it run (``runtime/lower/prefetch_weights.py``); a hint that changes no value.
     Off by default: on the H200 it made the Qwen3-8B decode step slower (docs/lowering.md).
     """
+    serving = serving or ServingConfig()
+    num_blocks = serving.num_blocks if num_blocks is None else num_blocks
+    block_size = serving.block_size if block_size is None else block_size
+    max_position = serving.max_position if max_position is None else max_position
     mapping = Mapping.load(mapping)
     mapping.check_model(
         config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
@@ -122,7 +173,6 @@ def prepare_rank(
     geometry = dict(device=device, num_blocks=num_blocks, block_size=block_size,
                     max_position=max_position,
                     check=lambda plan: _check_memory(plan, kv_bytes, device, dtype))
-    timings: dict[str, float] = {}
     pipeline = Pipeline(dump_dir, progress=progress)
     status, note, path, loaded, key = "off", "", None, None, None
     if cache_dir is not None or artifact is not None:
@@ -145,72 +195,61 @@ def prepare_rank(
             if found.status != "miss" or not note:
                 status, note = found.status, found.reason or note
         if loaded is not None:
-            timings["load_s"] = time.perf_counter() - start
-            pipeline.loaded(loaded.model, timings["load_s"])
+            pipeline.loaded(loaded.model, time.perf_counter() - start)
 
     if loaded is not None:
-        gm, plan, counts = loaded.model, loaded.plan, loaded.counts
+        gm, plan, build_reports = loaded.model, loaded.plan, loaded.reports
     else:
-        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, kv_bytes, timings,
+        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, kv_bytes,
                                         pipeline=pipeline)
     pipeline.weights(gm, lambda module: _fill_weights(module, plan, config, checkpoint, device,
                                                       dtype, seed))
-    timings["weights_s"] = pipeline.seconds("weights")
     if loaded is None:
-        gm, counts = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=num_blocks,
-                                  block_size=block_size, max_position=max_position,
-                                  lower_ops=lower_ops, pipeline=pipeline)
-        timings["lower_s"] = pipeline.seconds("lower", "cache")
+        gm = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=num_blocks,
+                          block_size=block_size, max_position=max_position,
+                          lower_ops=lower_ops, pipeline=pipeline)
+        build_reports = dict(pipeline.reports)
         if cache_dir is not None:
-            mark = time.perf_counter()
             try:
-                path = str(build_cache.store(cache_dir, key, gm, plan, timings=timings))
+                path = str(pipeline.store(lambda: build_cache.store(cache_dir, key, gm, plan,
+                                                                    reports=build_reports)))
             except Exception as err:  # noqa: BLE001 - a cache that fails never fails the rank
                 path = None
                 note = f"{note}; " if note else ""
                 note += f"not stored: {err}"
                 warnings.warn(f"build cache: rank {rank}'s build not stored in {cache_dir}: "
                               f"{err}", build_cache.BuildCacheWarning, stacklevel=2)
-            timings["store_s"] = time.perf_counter() - mark
-    if fuse_projections and lower_ops:
-        from adp_pass.runtime.lower.fuse_projections import fuse_projections as fuse
-
-        mark = time.perf_counter()
-        counts["fused"] = fuse(gm)
-        timings["fuse_s"] = time.perf_counter() - mark
-    if decode_gemms and lower_ops:
-        from adp_pass.runtime.lower.decode_mm import use_decode_mm
-
-        counts["decode_mm"] = use_decode_mm(gm)
-    if prefetch_weights and lower_ops and device.type == "cuda":
-        from adp_pass.runtime.lower.prefetch_weights import insert_weight_prefetch
-
-        counts["prefetch"] = sum(insert_weight_prefetch(gm).values())
+    if lower_ops:  # the rank passes match lowered graphs only
+        if fuse_projections:
+            gm = pipeline.fuse_projections(gm)
+        if decode_gemms:
+            gm = pipeline.decode_mm(gm)
+        if prefetch_weights:
+            gm = pipeline.prefetch_weights(gm, device)
     layers = range(config.num_hidden_layers)
     cache = PagedKVCache.over(
         [gm.get_buffer(f"kv_cache_{i}_k") for i in layers],
         [gm.get_buffer(f"kv_cache_{i}_v") for i in layers],
     )
-    return RankModel(gm, cache, plan, timings, counts, status, path, note, pipeline.reports)
+    # A hit's lowering and cache counts are those of the build it stored.
+    counts = rank_counts(plan, {**build_reports, **pipeline.reports})
+    return RankModel(gm, cache, plan, stage_timings(pipeline.reports), counts, status, path,
+                     note, dict(pipeline.reports), build_reports)
 
 
 def _capture_and_rewrite(config, mapping: Mapping, rank: int, device: torch.device,
-                         dtype: torch.dtype, kv_bytes: int | None,
-                         timings: dict[str, float], *, pipeline: Pipeline | None = None,
+                         dtype: torch.dtype, kv_bytes: int | None, *, pipeline: Pipeline,
                          ) -> tuple[torch.fx.GraphModule, Plan]:
-    pipeline = pipeline or Pipeline()
     # Traced on the target device (not meta): SDPA then stays one op per layer.
     captured = pipeline.capture(
         lambda: capture_hf(config, mapping.tp_size, rank, dtype=dtype, device=device,
                            stamped_device="meta"))
-    timings["capture_s"] = pipeline.seconds("capture")
     plan = pipeline.detect(captured.gm, mapping)
     # Before rewrite allocates the rank's weights: refused with the numbers and a mapping that
     # fits.
     if kv_bytes is not None:
         _check_memory(plan, kv_bytes, device, dtype)
     gm = pipeline.rewrite(captured.gm, plan)
-    timings["rewrite_s"] = pipeline.seconds("detect", "rewrite")
     return gm, plan
 
 
@@ -222,7 +261,7 @@ def build_artifact(
     *,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
-    max_position: int = 4096,
+    max_position: int = ServingConfig.max_position,
     lower_ops: bool = True,
     rewritten: tuple[torch.fx.GraphModule, Plan] | None = None,
     pipeline: Pipeline | None = None,
@@ -237,20 +276,20 @@ def build_artifact(
 
     mapping = Mapping.load(mapping)
     device = torch.device(device)
-    timings: dict[str, float] = {}
     pipeline = pipeline or Pipeline()
     if rewritten is None:
-        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, None, timings,
+        gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, None,
                                         pipeline=pipeline)
     else:
         gm, plan = rewritten
     # The KV-cache geometry is not part of the graph: a loaded entry gets the caller's.
-    gm, _ = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=2, block_size=16,
-                         max_position=max_position, lower_ops=lower_ops, pipeline=pipeline)
-    timings["lower_s"] = pipeline.seconds("lower", "cache")
+    gm = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=2,
+                      block_size=ServingConfig.block_size, max_position=max_position,
+                      lower_ops=lower_ops, pipeline=pipeline)
     key = build_cache.build_key(config, mapping, rank, dtype=dtype, device=device,
                                 lower_ops=lower_ops)
-    return build_cache.store(cache_dir, key, gm, plan, timings=timings)
+    build = dict(pipeline.reports)
+    return pipeline.store(lambda: build_cache.store(cache_dir, key, gm, plan, reports=build))
 
 
 def finish_graph(
@@ -259,24 +298,19 @@ def finish_graph(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    num_blocks: int = 256,
-    block_size: int = 16,
-    max_position: int = 4096,
+    num_blocks: int = ServingConfig.num_blocks,
+    block_size: int = ServingConfig.block_size,
+    max_position: int = ServingConfig.max_position,
     lower_ops: bool = True,
     pipeline: Pipeline | None = None,
-) -> tuple[torch.fx.GraphModule, dict[str, dict]]:
-    """Lower a rewritten graph to the Triton ops and insert its paged KV cache (in place); the
-    module and its counts (sites, lowering matches, cache sites). ``pipeline`` records both
-    stages (a new one if not given)."""
+) -> torch.fx.GraphModule:
+    """Lower a rewritten graph to the Triton ops and insert its paged KV cache (in place).
+    ``pipeline`` records both stages (a new one if not given)."""
     pipeline = pipeline or Pipeline()
-    counts: dict[str, dict] = {"sites": plan.counts()}
     if lower_ops:
         gm = pipeline.lower(gm, max_position=max_position)
-        counts["lower"] = dict(pipeline.reports["lower"].counts)
-    gm = pipeline.insert_cache(gm, num_blocks=num_blocks, block_size=block_size, device=device,
-                               dtype=dtype)
-    counts["cache"] = dict(pipeline.reports["cache"].counts)
-    return gm, counts
+    return pipeline.insert_cache(gm, num_blocks=num_blocks, block_size=block_size,
+                                 device=device, dtype=dtype)
 
 
 def _check_memory(plan: Plan, kv_bytes: int, device: torch.device, dtype: torch.dtype) -> None:

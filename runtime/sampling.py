@@ -12,32 +12,15 @@ first always stays), as the logits not below the last kept token's (``adp.top_p_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+# Defined with the contract (torch-free: front ends build requests without torch); here for
+# the engine's imports.
+from adp_pass.runtime.contract import SamplingParams
+
 _INT64 = 2**64
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation settings (temperature 0 = greedy, as transformers' do_sample=False)."""
-
-    max_new_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
-    # A request's own sampling seed (the OpenAI ``seed``): its tokens then depend on neither the
-    # rank nor the batch it shares; None draws from the engine's generator.
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

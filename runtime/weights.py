@@ -4,11 +4,16 @@ Every tensor is addressed by its ``ParamSpec``: a tensor the module holds at the
 shape is read whole; a tensor it holds at ``local_shape`` while the layout is sharded (a
 TP-MLP mapping) is read as this rank's ranges only (``ParamSpec.shard_ranges``), through
 ``safe_open(...).get_slice``. See docs/weights.md.
+
+An FP8 block-scaled checkpoint (docs/fp8.md) is validated from its headers, and each rank reads
+its ranges of every fp8 weight together with the matching rows/columns of its 128 x 128 scale
+tiles, then dequantizes them to the run dtype: the graph has no FP8 linears yet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -23,9 +28,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from adp_pass import fp8
 from adp_pass.plan import ParamSpec, Plan
 from adp_pass.attributes import owner_of
-from adp_pass.checks import refuse_quantized
+from adp_pass.checks import CheckpointInvalid, SCALE_SUFFIX, check_quantization, header_entries
 from adp_pass.runtime.kv_cache import PagedKVCache
 from adp_pass.errors import AdpError
 
@@ -50,17 +56,26 @@ class LoadReport:
     sliced: list[str] = field(default_factory=list)  # read as this rank's shard only
     derived: list[str] = field(default_factory=list)  # non-persistent buffers: not in a checkpoint
     unused: list[str] = field(default_factory=list)  # checkpoint tensors nothing asked for
+    fp8: list[str] = field(default_factory=list)  # fp8 weights, read with their scales
+    dequantized_to: str | None = None  # the dtype the fp8 weights were dequantized to
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes_read / 1e6 / max(self.seconds, 1e-9)
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"loaded {self.tensors} tensors ({_size(self.bytes_read)}) from {len(self.files)} "
             f"files in {self.seconds:.1f} s ({self.mb_per_s:.0f} MB/s); {len(self.sliced)} read "
             f"as shards, {len(self.derived)} derived, {len(self.unused)} unused"
         )
+        if self.fp8:
+            text += f", {len(self.fp8)} FP8; {_dequantized_note(self.dequantized_to)}"
+        return text
+
+
+def _dequantized_note(dtype: str | None) -> str:
+    return f"FP8 weights dequantized to {dtype} at load: the FP8 GEMM path is not wired yet"
 
 
 def load_checkpoint(
@@ -76,7 +91,9 @@ def load_checkpoint(
     checkpoint, reading only what this rank holds. ``device``/``dtype`` default to each tensor's
     current ones (cpu for meta tensors); ``dtype`` applies to floating-point tensors only.
 
-    Everything is validated (config.json, missing tensors, shapes) before anything is read.
+    Everything is validated (config.json, missing tensors, shapes, an FP8 checkpoint's scales
+    and this rank's 128-block boundaries) before anything is read. FP8 weights are dequantized
+    (fp8 x tile scale in float32) and cast to the run dtype as they are read.
     """
     start = time.perf_counter()
     root = Path(checkpoint_dir)
@@ -84,23 +101,30 @@ def load_checkpoint(
     config = _read_config(root)
     if config is not None:
         _check_config(config, plan, root)
+    fp8_names = set(_check_quantization(root, files))
     stored, derived = _split_specs(gm, plan)
     with contextlib.ExitStack() as stack:
         # Each file is opened (mmapped) once; its header answers every validation question.
         handles = {f.name: stack.enter_context(safe_open(str(f), "pt")) for f in files}
         where = {key: name for name, handle in handles.items() for key in handle.keys()}
-        dtypes = {key: handles[name].get_slice(key).get_dtype() for key, name in where.items()}
-        refuse_quantized(config.to_dict() if config is not None else None, dtypes, root, None)
-        jobs = _plan_reads(gm, stored, handles, where, root)
-        meter = _Progress(len(jobs), sum(job.nbytes for job in jobs), enabled=progress)
+        jobs = _plan_reads(gm, stored, handles, where, root, fp8_names)
+        _check_fp8_blocks(jobs, plan)
+        quantized = [job for job in jobs if job.scale is not None]
+        run_dtype = (str(_target(_get(gm, quantized[0].spec.name), device, dtype)[1])
+                     .removeprefix("torch.") if quantized else None)
+        meter = Progress(len(jobs), sum(job.nbytes for job in jobs), enabled=progress)
         for name, handle in handles.items():
             for job in (j for j in jobs if j.file == name):
-                tensor = _read(handle, job, plan)
+                tensor = _read(handle, job, plan, handles,
+                               _target(_get(gm, job.spec.name), device, dtype)[0])
                 _put(gm, job.spec, tensor, device, dtype)
-                meter.advance(tensor.numel() * tensor.element_size())
+                del tensor  # a dequantized weight is float32: let it go before the next one
+                meter.advance(job.nbytes)
         meter.close()
+        if quantized:
+            meter.note(f"{_dequantized_note(run_dtype)} ({len(quantized)} tensors)")
     _derive_buffers(gm, derived, config, device)
-    used = {job.key for job in jobs}
+    used = {job.key for job in jobs} | {job.scale for job in quantized}
     return LoadReport(
         files=[f.name for f in files],
         tensors=len(jobs),
@@ -109,6 +133,8 @@ def load_checkpoint(
         sliced=[job.spec.name for job in jobs if job.shard],
         derived=[spec.name for spec in derived],
         unused=sorted(set(where) - used),
+        fp8=[job.spec.name for job in quantized],
+        dequantized_to=run_dtype,
     )
 
 
@@ -237,14 +263,24 @@ def random_weights(
     for spec in stored:
         current = _get(gm, spec.name)
         target, kind = _target(current, device, dtype)
-        generator = torch.Generator(device=target)
-        generator.manual_seed((seed * 2**32 + zlib.crc32(spec.name.encode())) % 2**63)
-        full = torch.empty(spec.full_shape, dtype=kind, device=target)
-        full.normal_(1.0 if full.dim() == 1 else 0.0, std, generator=generator)
+        full = random_tensor(spec.name, spec.full_shape, seed=seed, std=std, dtype=kind,
+                             device=target)
         if _wants_shard(spec, tuple(current.shape)):
             full = spec.held_part(full, plan.rank)
         _put(gm, spec, full, target, kind)
     _derive_buffers(gm, derived, config, device)
+
+
+def random_tensor(name: str, shape: tuple[int, ...], *, seed: int = 0, std: float = 0.02,
+                  dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The full tensor ``name`` of the seeded random model (``random_weights``): a generator
+    seeded from ``seed`` and the name, N(1, std) for 1-D tensors, N(0, std) otherwise. One
+    definition, so ``adp quantize --preset`` writes the model every rank builds."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
+    full = torch.empty(shape, dtype=dtype, device=device)
+    return full.normal_(1.0 if full.dim() == 1 else 0.0, std, generator=generator)
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -254,7 +290,9 @@ class _Read:
     key: str  # the name found in the checkpoint (the spec's name or an alias)
     file: str
     shard: bool
-    nbytes: int
+    nbytes: int  # bytes read from disk: this rank's part (with its scale tiles for fp8)
+    scale: str | None = None  # an fp8 weight's weight_scale_inv, read and applied with it
+    scale_file: str | None = None
 
 
 def _safetensors_files(root: Path) -> list[Path]:
@@ -279,6 +317,22 @@ def _safetensors_files(root: Path) -> list[Path]:
             "safetensors"
         )
     return files
+
+
+def _check_quantization(root: Path, files: list[Path]) -> list[str]:
+    """Validate how the checkpoint is quantized from config.json and the headers (the CLI's
+    check, adp_pass/checks.py); the fp8 weights' names. Truncated files are named here too."""
+    try:
+        entries = {}
+        for path in files:
+            entries.update(header_entries(path, None))
+        raw = None
+        if (root / "config.json").is_file():
+            raw = json.loads((root / "config.json").read_text())
+        return check_quantization(raw if isinstance(raw, dict) else None, entries, root, None)
+    except CheckpointInvalid as err:  # the loader's own class, as its other checks raise
+        fix = f"; fix: {err.hint}" if err.hint else ""
+        raise CheckpointError(f"{err}{fix}", hint=err.hint) from None
 
 
 def _read_config(root: Path) -> PretrainedConfig | None:
@@ -323,7 +377,8 @@ def _check_config(config: PretrainedConfig, plan: Plan, root: Path) -> None:
 
 
 def _plan_reads(
-    gm: torch.nn.Module, specs: list[ParamSpec], handles: dict, where: dict[str, str], root: Path
+    gm: torch.nn.Module, specs: list[ParamSpec], handles: dict, where: dict[str, str], root: Path,
+    fp8_names: set[str] = frozenset(),
 ) -> list[_Read]:
     reads, missing, wrong = [], [], []
     for spec in specs:
@@ -339,10 +394,15 @@ def _plan_reads(
             )
             continue
         shard = _wants_shard(spec, tuple(_get(gm, spec.name).shape))
-        bits = re.search(r"\d+", piece.get_dtype())  # "BF16" -> 16; "BOOL" has none: one byte
-        size = math.prod(spec.held_shape if shard else found)
-        nbytes = size * int(bits.group() if bits else 8) // 8
-        reads.append(_Read(spec, key, where[key], shard, nbytes))
+        held = spec.held_shape if shard else found
+        nbytes = math.prod(held) * _bits(piece.get_dtype()) // 8
+        scale = None
+        if key in fp8_names:  # validated: its scale is there, of the ceil grid
+            scale = key + SCALE_SUFFIX
+            tiles = fp8.scale_shape(held)
+            nbytes += math.prod(tiles) * _bits(handles[where[scale]].get_slice(scale).get_dtype()) // 8
+        reads.append(_Read(spec, key, where[key], shard, nbytes, scale,
+                           where[scale] if scale else None))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(
@@ -360,13 +420,101 @@ def _plan_reads(
     return reads
 
 
-def _read(handle, job: _Read, plan: Plan) -> torch.Tensor:
+def _bits(dtype: str) -> int:
+    bits = re.search(r"\d+", dtype)  # "BF16" -> 16, "F8_E4M3" -> 8; "BOOL" has none: one byte
+    return int(bits.group() if bits else 8)
+
+
+def _read(handle, job: _Read, plan: Plan, handles: dict, device: torch.device) -> torch.Tensor:
+    if job.scale is not None:
+        return _read_fp8(handle, job, plan, handles, device)
     if not job.shard:
         return handle.get_tensor(job.key)
     piece, spec = handle.get_slice(job.key), job.spec
     lead = (slice(None),) * spec.dim
     ranges = spec.held_ranges(plan.rank)
     return torch.cat([piece[lead + (slice(s, s + n),)] for s, n in ranges], dim=spec.dim)
+
+
+def _read_fp8(handle, job: _Read, plan: Plan, handles: dict, device: torch.device
+              ) -> torch.Tensor:
+    """This rank's part of an fp8 weight, dequantized to float32 on ``device`` (one byte per
+    value crosses to a GPU, not four): each held range with the scale tiles of its rows (or
+    columns). ``_check_fp8_blocks`` made every range start on a tile. e4m3 x a bf16/fp16 scale
+    is exact in float32 (4 by 8 or 11 significant bits) and an fp32 scale rounds once, so where
+    it is computed changes no bit."""
+    scale_handle = handles[job.scale_file]
+    if not job.shard:
+        return fp8.dequantize_weight(handle.get_tensor(job.key).to(device),
+                                     scale_handle.get_tensor(job.scale).to(device))
+    weight, scales, spec = handle.get_slice(job.key), scale_handle.get_slice(job.scale), job.spec
+    block = fp8.WEIGHT_BLOCK[spec.dim]
+    lead = (slice(None),) * spec.dim
+    parts = []
+    for start, length in spec.held_ranges(plan.rank):
+        tiles = slice(start // block, math.ceil((start + length) / block))
+        parts.append(fp8.dequantize_weight(weight[lead + (slice(start, start + length),)].to(device),
+                                           scales[lead + (tiles,)].to(device)))
+    return torch.cat(parts, dim=spec.dim)
+
+
+def _block_misfit(spec: ParamSpec, parts: int, ranks) -> tuple[int, int, int] | None:
+    """``(rank, start, length)`` of the first range of ``spec`` split ``parts`` ways that does
+    not begin and end on a 128 boundary (its end may be the tensor's end: a partial last tile)."""
+    probe = dataclasses.replace(spec, parts=parts)
+    full = spec.full_shape[spec.dim]
+    block = fp8.WEIGHT_BLOCK[spec.dim]
+    for rank in ranks:
+        for start, length in probe.held_ranges(rank):
+            end = start + length
+            if start % block or (end % block and end != full):
+                return rank, start, length
+    return None
+
+
+def _check_fp8_blocks(jobs: list[_Read], plan: Plan) -> None:
+    """Before any read: this rank's part of every fp8 weight is whole 128-row/column tiles, or
+    its scale grid would not line up. Names the tensor and the mappings that would work."""
+    for job in jobs:
+        if job.scale is None or not job.shard:
+            continue
+        spec = job.spec
+        misfit = _block_misfit(spec, spec.parts, [plan.rank])
+        if misfit is None:
+            continue
+        rank, start, length = misfit
+        what = "rows" if spec.dim == 0 else "columns"
+        raise CheckpointError(
+            f"{spec.name} is FP8 with 128x128 scale blocks, but under mapping {plan.mapping} "
+            f"rank {rank} holds its {what} {start}..{start + length} of "
+            f"{spec.full_shape[spec.dim]} (split {spec.parts} ways), which do not start and end "
+            f"on a multiple of 128: a rank must hold whole blocks. "
+            f"{_fp8_mappings(jobs, plan)}; or load the bf16 checkpoint"
+        )
+
+
+def _fp8_mappings(jobs: list[_Read], plan: Plan) -> str:
+    """Which mappings of this TP job keep every rank on whole blocks of every fp8 weight."""
+    from adp_pass.mapping import Mapping, MappingError, role_parts
+
+    tp = plan.mapping.tp_size
+    specs = [j.spec for j in jobs if j.scale is not None and j.spec.dim is not None and j.spec.role]
+    divisors = [d for d in range(1, tp + 1) if tp % d == 0]
+    candidates = [Mapping(tp_size=tp)]
+    for attn in divisors:
+        for mlp in divisors:
+            with contextlib.suppress(MappingError):
+                candidates.append(Mapping(tp_size=tp, enable_attention_dp=True,
+                                          attn_tp_size=attn, mlp_tp_size=mlp))
+    works = [str(c) for c in candidates
+             if all(_block_misfit(s, role_parts(c)[s.role], range(tp)) is None for s in specs)]
+    limits = []
+    for role, key in (("attention", "attn_tp"), ("mlp", "mlp_tp")):
+        ok = [d for d in divisors
+              if all(_block_misfit(s, d, range(tp)) is None for s in specs if s.role == role)]
+        limits.append(f"{key} {', '.join(map(str, ok))}")
+    return (f"Mappings of tp={tp} that keep whole blocks: {'; '.join(works) or 'none'} "
+            f"(whole blocks with {' and with '.join(limits)})")
 
 
 # ----------------------------------------------------------------------------- module tensors
@@ -484,13 +632,14 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-class _Progress:
+class Progress:
     """One self-overwriting stderr line on a terminal; into a log file, a line per quarter of
     the tensors and at least every 10 s. In a torchrun rank the lines carry ``[rank N]`` (the
-    front end shows those lines)."""
+    front end shows those lines). ``what`` names the work ("loading checkpoint", ...)."""
 
-    def __init__(self, tensors: int, nbytes: int, *, enabled: bool) -> None:
-        self.tensors, self.nbytes, self.enabled = tensors, nbytes, enabled
+    def __init__(self, tensors: int, nbytes: int, *, enabled: bool,
+                 what: str = "loading checkpoint") -> None:
+        self.tensors, self.nbytes, self.enabled, self.what = tensors, nbytes, enabled, what
         self.done_tensors = self.done_bytes = 0
         self.tty = sys.stderr.isatty()
         self.start = self.shown = time.perf_counter()
@@ -515,10 +664,18 @@ class _Progress:
         if self.enabled:
             self._show(end="\n")
 
+    def note(self, text: str) -> None:
+        """One line of its own after the progress (once, e.g. what was done to the values)."""
+        if self.enabled:
+            print(f"{self.prefix}{text}", file=sys.stderr, flush=True)
+
     def _show(self, end: str) -> None:
         self.shown = time.perf_counter()
         rate = self.done_bytes / 1e6 / max(self.shown - self.start, 1e-9)
-        line = (f"{self.prefix}loading checkpoint: {self.done_tensors}/{self.tensors} tensors, "
+        line = (f"{self.prefix}{self.what}: {self.done_tensors}/{self.tensors} tensors, "
                 f"{_size(self.done_bytes)}/{_size(self.nbytes)}, {rate:.0f} MB/s")
         # On a terminal: back to the line start, and clear what a longer last line left there.
         print(f"\r{line}\x1b[K" if self.tty else line, end=end, file=sys.stderr, flush=True)
+
+
+_Progress = Progress  # the earlier name

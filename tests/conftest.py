@@ -5,7 +5,9 @@ import os
 import torch
 
 # Triton kernels run on CPU tensors only through the interpreter, and Triton reads this flag
-# when a kernel module is first imported: set it before anything imports the kernels.
+# when a kernel module is first imported: set it before anything imports the kernels. The one
+# place the tests set it: pytest imports this file before any test module. (With a GPU the
+# kernels must compile: the interpreter cannot take CUDA tensors.)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

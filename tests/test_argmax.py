@@ -2,16 +2,11 @@
 the first largest value, NaN above everything, across the pieces the first kernel cuts a row into.
 On CPU the kernels run under the Triton interpreter."""
 
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from adp_pass.runtime.kernels import argmax as A  # noqa: E402
+from adp_pass.runtime.kernels import argmax as A
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 2 * A.CHUNK + 37  # three pieces, the last one partial

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from adp_pass.graph_record import graph_record
 from adp_pass.plan import GROUP_TAG
 from adp_pass.presets import qwen3_config
 from adp_pass.runtime import build_cache
@@ -69,11 +70,14 @@ def _tokens(built, prompts) -> tuple[list, torch.Tensor]:
 def test_hit_is_the_fresh_build_bit_for_bit(replicated):
     cache, cold, warm = replicated
     assert (cold.build_cache, warm.build_cache) == ("miss", "hit")
-    assert set(cold.timings) == {"capture_s", "rewrite_s", "weights_s", "lower_s", "store_s",
-                                 "fuse_s"}
-    assert set(warm.timings) == {"load_s", "weights_s", "fuse_s"}
+    assert list(cold.timings) == ["capture_s", "rewrite_s", "weights_s", "lower_s", "store_s",
+                                  "fuse_s", "decode_mm_s"]
+    assert list(warm.timings) == ["load_s", "weights_s", "fuse_s", "decode_mm_s"]
     assert "build cache hit" in warm.describe() and "load" in warm.describe()
     assert warm.model.code == cold.model.code and warm.counts == cold.counts
+    # The graph's one record comes back typed and equal (the rank passes ran on both).
+    assert graph_record(warm.model) == graph_record(cold.model)
+    assert [k for k in warm.model.meta if k.startswith("adp")] == ["adp"]
     assert warm.plan == cold.plan
     want, got = cold.model.state_dict(), warm.model.state_dict()
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
@@ -91,13 +95,21 @@ def test_hit_is_the_fresh_build_bit_for_bit(replicated):
 
 def test_each_stage_is_reported_and_dumped(replicated, dumps):
     _, cold, warm = replicated
-    assert list(cold.reports) == ["capture", "detect", "rewrite", "weights", "lower", "cache"]
-    assert list(warm.reports) == ["load", "weights"]
+    assert list(cold.reports) == ["capture", "detect", "rewrite", "weights", "lower", "cache",
+                                  "store", "fuse", "decode_mm"]
+    assert list(warm.reports) == ["load", "weights", "fuse", "decode_mm"]
     assert cold.reports["lower"].counts == cold.counts["lower"]
+    assert cold.reports["fuse"].counts == cold.counts["fused"]
     assert sorted(p.name for p in (dumps / "cold").iterdir()) == [
-        "01-capture.txt", "02-detect.txt", "03-rewrite.txt", "04-lower.txt", "05-cache.txt"]
-    assert [p.name for p in (dumps / "warm").iterdir()] == ["01-load.txt"]
+        "01-capture.txt", "02-detect.txt", "03-rewrite.txt", "04-lower.txt", "05-cache.txt",
+        "06-fuse.txt", "07-decode_mm.txt"]
+    assert sorted(p.name for p in (dumps / "warm").iterdir()) == [
+        "01-load.txt", "02-fuse.txt", "03-decode_mm.txt"]
     assert "cached_attention" in (dumps / "warm" / "01-load.txt").read_text()
+    # A hit's build reports are the stored build's, typed as they were made.
+    assert list(cold.build_reports) == ["capture", "detect", "rewrite", "weights", "lower",
+                                        "cache"]
+    assert warm.build_reports == cold.build_reports
 
 
 def test_collective_graph_and_its_group_tags_survive(tmp_path, config):
@@ -187,6 +199,18 @@ def test_a_version_or_code_change_is_stale(replicated, config, monkeypatch, what
     key = _key(config)
     with pytest.warns(BuildCacheWarning, match=f"stale entry .*{expect}"):
         found = lookup(replicated[0], key, **GEOMETRY)
+    assert found.status == "stale" and found.built is None
+
+
+def test_an_entry_of_the_old_format_is_stale(replicated, config, tmp_path):
+    """Format 1 kept loose meta keys and timings; this adp-pass reads only its own format."""
+    cache = _copy_entry(replicated, config, tmp_path)
+    path = _entry(cache, config) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = 1
+    path.write_text(json.dumps(manifest))
+    with pytest.warns(BuildCacheWarning, match="stale entry .*format version 1"):
+        found = lookup(cache, _key(config), **GEOMETRY)
     assert found.status == "stale" and found.built is None
 
 

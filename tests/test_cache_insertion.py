@@ -22,6 +22,7 @@ from transformers import Qwen3ForCausalLM  # noqa: E402
 from adp_pass.capture import capture_hf_qwen3  # noqa: E402
 from adp_pass.detect import detect  # noqa: E402
 from adp_pass.fx_vocab import ATTENTION_CORE_OPS, SOFTMAX_OPS, is_op  # noqa: E402
+from adp_pass.graph_record import graph_record  # noqa: E402
 from adp_pass.presets import qwen3_config  # noqa: E402
 from adp_pass.rewrite import rewrite  # noqa: E402
 from adp_pass.runtime.cache_insertion import (  # noqa: E402
@@ -87,7 +88,7 @@ def test_counts_and_signature(model_case):
     config, ref, base = model_case
     gm = _inserted(base)
     layers = config.num_hidden_layers
-    assert gm.meta["adp_cache_counts"] == {"attention_cores": layers, "position_ids": 1}
+    assert graph_record(gm).cache.counts() == {"attention_cores": layers, "position_ids": 1}
     assert not any(is_op(n, ATTENTION_CORE_OPS | SOFTMAX_OPS) for n in gm.graph.nodes)
     attn = [n for n in gm.graph.nodes if is_op(n, {torch.ops.adp.cached_attention.default})]
     assert len(attn) == layers
@@ -102,7 +103,7 @@ def test_counts_and_signature(model_case):
     (rows,) = shapes["logits_indices"]
     (out,) = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     assert tuple(out.meta["val"].shape) == (batch, rows, config.vocab_size)
-    head = next(n for n in gm.graph.nodes if n.name == gm.meta["adp_logits_indices"]["lm_head"])
+    head = next(n for n in gm.graph.nodes if n.name == graph_record(gm).cache.lm_head)
     assert {n.target for n in head.all_input_nodes[1].all_input_nodes} == {"lm_head.weight"}
     defaults = {name: p.default for name, p in inspect.signature(gm.forward).parameters.items()}
     assert defaults["query_start_loc"] is None and defaults["logits_indices"] == slice(None)
@@ -249,7 +250,7 @@ def test_logits_indices_need_the_lm_head():
     ids = torch.zeros(2, 5, dtype=torch.long)
     gm = make_fx(attention_and_head, tracing_mode="symbolic")(ids)
     inserted = insert_kv_cache(copy.deepcopy(gm), num_blocks=4, block_size=16)
-    assert "not a module attribute" in inserted.meta["adp_logits_indices"]["unsupported"]
+    assert "not a module attribute" in graph_record(inserted).cache.logits_unsupported
     assert "logits_indices" not in inspect.signature(inserted.forward).parameters
     with pytest.raises(TypeError, match="logits_indices"):
         inserted(ids, logits_indices=torch.zeros(1, dtype=torch.long))
@@ -283,7 +284,7 @@ def test_rotary_traced_with_a_batch_of_one_widens_to_the_positions(monkeypatch):
     gm.load_state_dict(ref.state_dict(), strict=True)
     gm = _inserted(gm)
     # inv_freq's expand; the matmul's expand and view of each operand; the product's view
-    assert len(gm.meta["adp_unpinned_batch"]) == 6, gm.meta["adp_unpinned_batch"]
+    assert len(graph_record(gm).cache.unpinned_batch) == 6, graph_record(gm).cache.unpinned_batch
     prompts = _prompts(config, seed=3)[:2]
     length = min(map(len, prompts))
     ids = torch.tensor([p[:length] for p in prompts])

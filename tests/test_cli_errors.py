@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -107,6 +108,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "syntax.toml": "tp = = 2\n",
         "tp3.toml": "[mapping]\ntp = 3\nattn_dp = 1\n",
         "mapping.yaml": "tp: 2\n",
+        "bool.json": json.dumps({"tp": True, "attn_dp": 1}),
+        "mlp_bool.toml": "tp = 2\nattn_dp = true\nmlp_tp = false\n",
     }
     for name, text in contents.items():
         (base / name).write_text(text)
@@ -141,6 +144,35 @@ CASES = [
     (["serve", "--mapping", "tp=2,attn_dp=0", "--nnodes", "2", "--node-rank", "1",
       "--rdzv-endpoint", "nohost", "--link-port", "29401"], 2, ["not HOST:PORT"]),
     (["bench-serve", "--num-prompts", "0"], 2, ["--num-prompts", ">= 1"]),
+    # serve: ports, names, keys, TLS, CORS, timeouts; output paths proven writable by a probe
+    (["serve", "--port", "70000"], 2, ["--port", "1..65535", "70000"]),
+    (["serve", "--link-port", "65536"], 2, ["--link-port", "1..65535"]),
+    (["serve", "--served-model-name", ""], 2, ["--served-model-name", "must not be empty"]),
+    (["serve", "--served-model-name", " tiny"], 2, ["--served-model-name", "spaces"]),
+    (["serve", "--api-key", ""], 2, ["--api-key", "must not be empty"]),
+    (["serve", "--api-key", "two words"], 2, ["--api-key", "without spaces"]),
+    (["serve", "--metrics-public"], 2, ["--metrics-public", "add --api-key"]),
+    (["serve", "--ssl-keyfile", "{a_file}"], 2, ["--ssl-keyfile and --ssl-certfile together"]),
+    (["serve", "--ssl-keyfile", "{a_file}", "--ssl-certfile", "{missing.json}"], 2,
+     ["--ssl-certfile", "is not a file"]),
+    (["serve", "--ssl-keyfile", "{a_file}", "--ssl-certfile", "{a_file}"], 2,
+     ["cannot be loaded", "pem"]),
+    (["serve", "--allowed-origins", "app.example"], 2, ["--allowed-origins", "scheme://host"]),
+    (["serve", "--read-timeout", "0"], 2, ["--read-timeout", "(0, inf)"]),
+    (["serve", "--keep-alive-timeout", "-1"], 2, ["--keep-alive-timeout"]),
+    (["serve", "--cache-dir", "/proc/adp-probe/cache"], 2, ["--cache-dir", "not writable"]),
+    (["serve", "--log-dir", "/proc/adp-probe"], 2, ["--log-dir", "not writable"]),
+    (["bench-serve", "--url", "ftp://127.0.0.1:8000"], 2, ["--url", "http://"]),
+    (["bench-serve", "--url", "127.0.0.1:8000"], 2, ["--url", "http://"]),
+    (["bench-serve", "--url", "http://127.0.0.1:8000/v1?x=1"], 2, ["--url", "query"]),
+    (["bench-serve", "--out", "{a_file}"], 2, ["--out", "not written by this command",
+                                               "--force"]),
+    (["bench-serve", "--out", "/proc/adp-probe/bench.json"], 2, ["--out", "not writable"]),
+    (["calibrate", "--out", "{pp.json}"], 2, ["--out", "not written by this command",
+                                              "--force"]),
+    (["calibrate", "--out", "/proc/adp-probe/calibration.json"], 2, ["--out", "not writable"]),
+    (["run", "--cache-dir", "/proc/adp-probe"], 2, ["--cache-dir", "not writable"]),
+    (["rewrite", "--out", "/proc/adp-probe"], 2, ["--out", "not writable"]),
     # verify flags
     (["verify", "--world-size", "0"], 2, ["--world-size", ">= 1"]),
     (["verify", "--world-size", "-1"], 2, ["--world-size"]),
@@ -197,6 +229,8 @@ CASES = [
     (["rewrite", "--mapping", "{tp3.toml}"], 2, ["tp (3) must divide"]),
     (["rewrite", "--mapping", "{missing.json}"], 2, ["missing.json", "does not exist"]),
     (["rewrite", "--mapping", "{mapping.yaml}"], 2, ["mapping.yaml", ".json or .toml"]),
+    (["rewrite", "--mapping", "{bool.json}"], 2, ["tp must be an integer >= 1", "true (a boolean)"]),
+    (["rewrite", "--mapping", "{mlp_bool.toml}"], 2, ["mlp_tp must be", "false (a boolean)"]),
     # rewrite: other flags
     (["rewrite", "--rank", "2"], 2, ["--rank 2", "tp=2", "0..1"]),
     (["rewrite", "--rank", "-1"], 2, ["--rank", ">= 0"]),
@@ -290,15 +324,40 @@ def test_there_are_at_least_50_cases():
     assert len(CASES) >= 50
 
 
-def test_more_ranks_than_the_machine_has(no_work, capsys, monkeypatch):
+def test_more_gloo_ranks_than_cores_warn_and_run_one_thread_each(capsys, monkeypatch):
+    """gloo ranks run fine oversubscribed (this suite does it), so a tp=4 mapping can be verified
+    on a 2-core machine: a warning, then the job, its ranks one thread each."""
     import torch
+
+    import adp_pass.verify
+    from adp_pass.errors import AdpError
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored (unset) afterwards
+    seen = {}
+
+    def job(config, world_size, **kwargs):  # the job as started, stopped before any rank
+        seen.update(world=world_size, threads=os.environ.get("OMP_NUM_THREADS"))
+        raise AdpError("stopped by the test")
+
+    monkeypatch.setattr(adp_pass.verify, "verify", job)
     code = cli.main(["verify", "--preset", "tiny", "--world-size", "4"])
-    _check_error(code, capsys.readouterr().err, 2,
-                 ["--world-size 4", "more ranks than this machine", "2 CPU cores",
-                  "--world-size 2 or less"])
+    err = capsys.readouterr().err
+    assert code == 1 and "stopped by the test" in err and "Traceback" not in err
+    assert seen == {"world": 4, "threads": "1"}
+    assert "warning: --world-size 4 gloo ranks share 2 CPU cores" in err
+
+
+def test_serve_reachable_from_other_machines_without_a_key_warns(capsys, monkeypatch):
+    monkeypatch.delenv("ADP_API_KEY", raising=False)
+    for argv, warned in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--api-key",
+                                                          "k-123"], False), ([], False)):
+        code = cli.main(["serve", *argv, "--cache-dir", "/proc/adp-probe"])
+        err = capsys.readouterr().err
+        assert code == 2 and "--cache-dir" in err  # stopped by the next check, after the warning
+        assert ("no --api-key is set" in err) == warned, err
+        assert "k-123" not in err
 
 
 def test_more_ranks_than_gpus_points_to_cpu_ranks(no_work, capsys, monkeypatch):
@@ -379,7 +438,7 @@ def test_run_job_reports_the_ranks_error_and_keeps_the_log(tmp_path, capfd, torc
     directory removed."""
     from adp_pass.launch import RankFailed
     from adp_pass.runtime.frontend import run_job
-    from adp_pass.runtime.job import Job
+    from adp_pass.runtime.contract import Job
 
     log = tmp_path / "logs" / "job.log"
     jobs_before = set(Path(tempfile.gettempdir()).glob("adp-job-*"))
@@ -465,3 +524,23 @@ def test_a_long_message_is_cut_to_three_lines(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert code == 1 and len(lines) == 4
     assert lines[0] == "adp run: error: line 0" and "38 more lines" in lines[2]
+
+
+def test_out_replaces_its_own_file_and_another_only_with_force(no_work, tmp_path, capsys):
+    """calibrate --out: an earlier calibration is replaced; another file is left alone unless
+    --force (the check passes: the measuring stage is reached, stopped here by no_work)."""
+    from adp_pass.checks import CALIBRATION_KEYS
+
+    ours = tmp_path / "calibration.json"
+    ours.write_text(json.dumps(dict.fromkeys(CALIBRATION_KEYS, 1)))
+    other = tmp_path / "mapping.json"
+    other.write_text('{"tp": 2, "attn_dp": 1}')
+    for argv, passes in (([str(ours)], True), ([str(other)], False),
+                         ([str(other), "--force"], True)):
+        no_work.clear()
+        cli.main(["calibrate", "--out", *argv])
+        err = capsys.readouterr().err
+        assert bool(no_work) == passes, err
+        assert ("not written by this command" in err) != passes
+    assert other.read_text() == '{"tp": 2, "attn_dp": 1}'
+    assert not list(tmp_path.glob(".adp-write-probe-*"))  # the probe file is gone

@@ -5,6 +5,7 @@
 import pytest
 import torch
 
+from adp_pass.graph_record import graph_record
 from adp_pass.runtime.kernels import decode_mm as dmm
 from adp_pass.runtime.lower.decode_mm import use_decode_mm
 
@@ -98,7 +99,7 @@ def test_pass_replaces_only_tuned_half_precision_weights(monkeypatch):
     ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.adp.decode_mm.default) == 1
     assert ops.count(aten.mm.default) == 1 and ops.count(aten.t.default) == 1
-    assert gm.meta["adp_decode_mm"] == 1
+    assert graph_record(gm).decode_mm == 1
     x = torch.randn(4, 64).to(torch.bfloat16)
     for got, want in zip(gm(x), module(x)):
         assert torch.equal(got, want)

@@ -118,6 +118,9 @@ def test_lockstep_never_runs_ahead():
 
 def test_the_device_token_is_the_previous_rows_argmax():
     engine = RankEngine(ToyModel(), ToyModel().cache(), max_batch=4)
-    engine._last_tokens[:3] = torch.tensor([7, 8, 9])
-    ids = engine._tokens_from([2, -1, 0], torch.tensor([[1], [2], [3]]))
+    engine.runner.last_tokens[:3] = torch.tensor([7, 8, 9])
+    ids = engine.runner._tokens_from([2, -1, 0], torch.tensor([[1], [2], [3]]))
     assert ids.view(-1).tolist() == [9, 2, 7]
+    # Padding rows after the sequences (a lockstep group's agreed size) take the host's id.
+    ids = engine.runner._tokens_from([1], torch.tensor([[1], [2], [3]]))
+    assert ids.view(-1).tolist() == [8, 2, 3]

@@ -18,7 +18,7 @@ def _serve(graph_sizes, requests):
                          num_blocks=64, max_position=256)
     engine = RankEngine(built.model, built.cache, max_batch=8, max_seq_len=64,
                         max_position=256, cuda_graph_sizes=graph_sizes, seed=3)
-    assert (engine._graphs is not None) == bool(graph_sizes)
+    assert (engine.runner.graphs is not None) == bool(graph_sizes)
     return {r.request_id: r.tokens for r in engine.generate(requests)}, engine
 
 
@@ -38,10 +38,10 @@ def test_graph_replay_gives_the_eager_tokens(count):
     assert graphs == eager
     assert all(len(tokens) == 12 for tokens in graphs.values())
     # The sampling ran in the sampling graph of the batch's size, with the top-p cut.
-    assert set(engine._graphs.sampling) == {(4, True)}
+    assert set(engine.runner.graphs.sampling) == {(4, True)}
     # A sampled request alone: its graph without the cut, and its draws as in the batch.
     alone, engine = _serve((1, 2, 4), requests[1:2])
-    assert alone["r1"] == graphs["r1"] and set(engine._graphs.sampling) == {(1, False)}
+    assert alone["r1"] == graphs["r1"] and set(engine.runner.graphs.sampling) == {(1, False)}
 
 
 def _logits_and_tokens(pdl: str, prompts):
@@ -58,7 +58,7 @@ def _logits_and_tokens(pdl: str, prompts):
                             max_position=256, cuda_graph_sizes=(4,), seed=3)
         results = engine.generate([Request(i, p, SamplingParams(max_new_tokens=10))
                                    for i, p in enumerate(prompts)])
-        logits = engine._graphs.outputs[4].clone()  # the last replay's logits
+        logits = engine.runner.graphs.outputs[4].clone()  # the last replay's logits
     finally:
         kernel_utils.PDL = saved
     return {r.request_id: r.tokens for r in results}, logits

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import adp_pass.runtime.kernels.cached_attention  # noqa: F401  (registers adp.cached_attention)
-from adp_pass.runtime.engine import RankEngine, Request, decode_batch, prefill_batch
+from adp_pass.runtime.engine import RankEngine, Request
 from adp_pass.runtime.kv_cache import PagedKVCache
+from adp_pass.runtime.runner import decode_batch, prefill_batch
 from adp_pass.runtime.sampling import SamplingParams
 
 CPU = torch.device("cpu")
@@ -300,17 +301,19 @@ def test_run_job_with_collectives_matches_transformers(e2e, mapping, world):
 
     checkpoint, requests, want = e2e
     parsed = Mapping.load(mapping)
+    from adp_pass.runtime.serving_config import ServingConfig
+
     job = make_job(mapping, assign_by_load(requests, parsed.dp_size), checkpoint=checkpoint,
-                   num_blocks=16, max_position=64, check_first_step=True)
+                   serving=ServingConfig(num_blocks=16, max_position=64), check_first_step=True)
     report = run_job(job, world, timeout_s=300)
-    served = {r["request_id"]: r["tokens"] for r in report.results}
+    served = {r.request_id: r.tokens for r in report.results}
     assert served == want
-    assert [r["leader"] for r in report.ranks] == [parsed.attn_group(r)[0] == r
-                                                  for r in range(world)]
+    assert [r.leader for r in report.ranks] == [parsed.attn_group(r)[0] == r
+                                               for r in range(world)]
     for rank in report.ranks:
-        assert rank["dp_rank"] == parsed.dp_rank(rank["rank"])
+        assert rank.dp_rank == parsed.dp_rank(rank.rank)
         # the ranks of a DP group served the same requests, token for token
-        leader = report.ranks[parsed.attn_group(rank["rank"])[0]]
-        assert rank["results"] == leader["results"]
-        check = rank["first_step_check"]  # rank's padded prefill vs transformers, full weights
-        assert check["same_argmax"] and check["max_abs_diff"] < 1e-4, check
+        leader = report.ranks[parsed.attn_group(rank.rank)[0]]
+        assert rank.results == leader.results
+        check = rank.first_step_check  # rank's padded prefill vs transformers, full weights
+        assert check.same_argmax and check.max_abs_diff < 1e-4, check

@@ -133,7 +133,7 @@ class _Spy(torch.nn.Module):
 def _spied(built, prompts, full=False, **engine_options):
     spy = _Spy(built.model, full)
     engine = RankEngine(spy, built.cache, max_position=128, **engine_options)
-    assert engine.selects_logits is not full
+    assert engine.runner.selects_logits is not full
     results = engine.generate([Request(i, p, SamplingParams(max_new_tokens=2))
                                for i, p in enumerate(prompts)])
     assert built.cache.num_free_blocks == built.cache.num_blocks

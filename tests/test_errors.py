@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from adp_pass.capture import capture, fake_process_group
 from adp_pass.detect import DetectError, detect, find_collectives
+from adp_pass.graph_record import graph_record
 from adp_pass.mapping import MappingError
 from adp_pass.presets import qwen3_config
 from adp_pass.rewrite import RewriteError, rewrite
@@ -85,7 +86,7 @@ def test_graph_without_collectives_for_a_tp_mapping():
     captured = capture_source("engine", qwen3_config("tiny"), 1, 0)
     with pytest.raises(MappingError, match="traced with 1 TP ranks but the mapping says tp=2"):
         detect(captured.gm, "tp=2,attn_dp=1")
-    del captured.gm.meta["adp_world_size"]  # a graph from elsewhere, with no capture record
+    graph_record(captured.gm).world_size = None  # a graph from elsewhere, with no capture record
     with pytest.raises(DetectError, match="no collectives but the mapping says tp=2"):
         detect(captured.gm, "tp=2,attn_dp=1")
 
@@ -134,3 +135,18 @@ def test_tp_not_dividing_heads_is_caught_before_tracing():
         Mapping.parse("tp=4,attn_dp=1").check_model(
             config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
         )
+
+
+def test_rewrite_error_is_defined_once_and_reexported():
+    from adp_pass import errors
+
+    assert RewriteError is errors.RewriteError
+    assert issubclass(errors.RewriteError, errors.AdpError)
+
+
+def test_a_missing_extra_names_its_install_command():
+    from adp_pass.errors import MissingExtra, require_extra
+
+    with pytest.raises(MissingExtra, match="'serve' extra") as info:
+        require_extra("adp_no_such_package", "serve")
+    assert info.value.hint == "pip install 'adp-pass[serve]'" and info.value.exit_code == 2

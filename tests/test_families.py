@@ -100,6 +100,7 @@ def test_greedy_generation_through_the_engine_matches_transformers(name, tmp_pat
 
     from adp_pass.capture import build_hf
     from adp_pass.checks import check_checkpoint
+    from adp_pass.graph_record import graph_record
     from adp_pass.runtime.engine import RankEngine, Request
     from adp_pass.runtime.prepare import prepare_rank
     from adp_pass.runtime.sampling import SamplingParams
@@ -114,7 +115,7 @@ def test_greedy_generation_through_the_engine_matches_transformers(name, tmp_pat
     # No q/k norm: RMSNorms, residual adds and SwiGLUs are lowered, the rotary stays ATen.
     assert built.counts["lower"] == {"rms_norm": 2 * layers + 1, "add_rms_norm": 2 * layers,
                                      "silu_mul": layers, "qk_norm_rope": 0}
-    notes = built.model.meta["adp_lower_report"]["notes"]
+    notes = graph_record(built.model).lowering.notes
     assert any(f"{2 * layers} rotary embedding(s)" in n and "without a q/k RMSNorm" in n
                for n in notes), notes
     assert built.counts["cache"] == {"attention_cores": layers, "position_ids": 1}

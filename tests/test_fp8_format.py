@@ -1,81 +1,163 @@
-"""FP8 checkpoints (the official Qwen3-FP8 format) are refused by name, never loaded as if their
-e4m3 values were the weights; and the block-scaled reference arithmetic (adp_pass/fp8.py) is
+"""FP8 checkpoints (the official Qwen3-FP8 format) are validated by name, from the headers in the
+CLI's check and again in the rank loader, never loaded as if their e4m3 values were the weights;
+a valid one passes both and runs; and the block-scaled reference arithmetic (adp_pass/fp8.py) is
 right.
 
-The checkpoints are real safetensors files: a tiny Qwen3 saved by transformers, its decoder
-linears then quantized per 128 x 128 tile exactly as the Qwen FP8 release stores them.
+The checkpoints are real safetensors files: ``adp quantize --preset tiny`` writes the official
+format, and each bad variant is that checkpoint broken in one way.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Qwen3ForCausalLM
 
 from adp_pass import cli, fp8
-from adp_pass.checks import QuantizedCheckpoint, check_checkpoint
-from adp_pass.presets import qwen3_config
+from adp_pass.checks import CheckpointInvalid, QuantizedCheckpoint, check_checkpoint, expected_tensors
+from adp_pass.mapping import Mapping
+from adp_pass.plan import ParamSpec, Plan
 
-QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                "weight_block_size": [128, 128]}
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _fp8_checkpoint(root: Path, *, quant_config: dict | None = QUANT_CONFIG,
-                    block: tuple[int, int] = (128, 128), drop_scale: str | None = None,
-                    bad_scale: str | None = None) -> Path:
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(qwen3_config("tiny")).save_pretrained(root, safe_serialization=True)
-    tensors = load_file(root / "model.safetensors")
-    for name in [n for n in tensors if n.split(".")[-2] in LINEARS]:
-        weight, scale = fp8.quantize_weight(tensors[name], block)
-        tensors[name] = weight
-        scale_name = name + "_scale_inv"
-        if scale_name == drop_scale:
-            continue
-        tensors[scale_name] = scale[:, :-1] if scale_name == bad_scale else scale.bfloat16()
-    save_file(tensors, root / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((root / "config.json").read_text())
-    config.pop("quantization_config", None)
-    if quant_config is not None:
-        config["quantization_config"] = dict(quant_config, weight_block_size=list(block))
-    (root / "config.json").write_text(json.dumps(config))
-    return root
+Q = "model.layers.0.self_attn.q_proj.weight"
+SCALE = Q + "_scale_inv"
 
 
-SCALE = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+def _edit(root: Path, tensors=None, config=None, cut: int = 0) -> None:
+    """Apply ``tensors(dict)`` / ``config(dict)`` edits to the checkpoint in ``root``."""
+    file = root / "model.safetensors"
+    if tensors is not None:
+        state = load_file(file)
+        tensors(state)
+        save_file(state, file, metadata={"format": "pt"})
+    if config is not None:
+        data = json.loads((root / "config.json").read_text())
+        config(data)
+        (root / "config.json").write_text(json.dumps(data))
+    if cut:
+        file.write_bytes(file.read_bytes()[:-cut])
+
+
+def _requantize_64(state: dict) -> None:
+    for name in [n for n in state if n + "_scale_inv" in state]:
+        weight = fp8.dequantize_weight(state[name], state[name + "_scale_inv"])
+        state[name], state[name + "_scale_inv"] = fp8.quantize_weight(weight, (64, 64))
+
+
+def _dequantize_q(state: dict) -> None:  # dequantized in place, its scale left behind
+    state[Q] = fp8.dequantize_weight(state[Q], state[SCALE]).bfloat16()
+
+
+def _scales_as(dtype: torch.dtype):
+    def edit(state: dict) -> None:
+        for name in [n for n in state if n.endswith("_scale_inv")]:
+            state[name] = state[name].to(dtype)
+    return edit
+
+
+# variant -> (edits, the error class or None for a valid checkpoint, words of its message)
 VARIANTS = {
-    "official": {},
-    "no-quantization-config": {"quant_config": None},
-    "scale-missing": {"drop_scale": SCALE, "quant_config": None},
-    "scale-misshaped": {"bad_scale": SCALE},
-    "64x64-blocks": {"block": (64, 64)},
+    "official": ({}, None, ""),
+    "scales-fp16": ({"tensors": _scales_as(torch.float16)}, None, ""),
+    "scales-fp32": ({"tensors": _scales_as(torch.float32)}, None, ""),
+    "wrong-dtype": ({"tensors": lambda t: t.update({Q: t[Q].float().to(torch.float8_e5m2)})},
+                    CheckpointInvalid, f"{Q} is stored as F8_E5M2; quantization_config fmt e4m3 "
+                    "needs F8_E4M3"),
+    "scale-missing": ({"tensors": lambda t: t.pop(SCALE)}, CheckpointInvalid,
+                      f"{Q} is fp8 but its scale {SCALE} is missing"),
+    "scale-misshaped": ({"tensors": lambda t: t.update({SCALE: torch.ones(2, 1)})},
+                        CheckpointInvalid, f"{SCALE} is [2, 1]; its weight {Q} of [128, 64] with "
+                        "128x128 blocks needs [1, 1]"),
+    "64x64-blocks": ({"tensors": _requantize_64, "config": lambda c: c["quantization_config"]
+                      .update(weight_block_size=[64, 64])}, QuantizedCheckpoint,
+                     "weight_block_size [64, 64] is not supported: the FP8 kernels support "
+                     "128x128 weight blocks only"),
+    "scale-without-weight": ({"tensors": _dequantize_q}, CheckpointInvalid,
+                             f"{SCALE} is a weight scale beside {Q}, which is stored as BF16"),
+    "truncated": ({"cut": 1000}, CheckpointInvalid, "is truncated"),
+    "no-quantization-config": ({"config": lambda c: c.pop("quantization_config")},
+                               CheckpointInvalid, "inconsistent checkpoint: 14 tensors are stored "
+                               "as F8_E4M3"),
+    "gptq": ({"config": lambda c: c.update(quantization_config={"quant_method": "gptq",
+                                                                 "bits": 4})},
+             QuantizedCheckpoint, "quantized with quant_method 'gptq', which adp-pass does not run"),
 }
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("fp8")
-    return {name: _fp8_checkpoint(base / name, **kw) for name, kw in VARIANTS.items()}
+    official = base / "official"
+    assert cli.main(["quantize", "--preset", "tiny", "--out", str(official)]) == 0
+    (official / "tokenizer_config.json").write_text("{}")  # for adp serve's tokenizer check
+    _word_tokenizer(official)
+    for name, (edits, _, _) in VARIANTS.items():
+        if name != "official":
+            shutil.copytree(official, base / name)
+            _edit(base / name, **edits)
+    return {name: base / name for name in VARIANTS}
+
+
+def _word_tokenizer(root: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(root)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_the_cli_check_refuses_fp8_by_name(checkpoints, variant):
-    with pytest.raises(QuantizedCheckpoint) as err:
+def test_the_cli_check_validates_fp8(checkpoints, variant):
+    _, error, words = VARIANTS[variant]
+    if error is None:
+        config = check_checkpoint(checkpoints[variant])
+        assert config["quantization_config"]["quant_method"] == "fp8"
+        return
+    with pytest.raises(error) as err:
         check_checkpoint(checkpoints[variant])
-    message = str(err.value)
-    assert "quantized (FP8) checkpoint" in message and "does not run FP8" in message
-    assert "float8_e4m3fn" in message.lower() or "F8_E4M3" in message
-    assert err.value.exit_code == 2 and "bf16" in err.value.hint
+    assert words in str(err.value), str(err.value)
+    assert err.value.hint  # and the fix
+    assert err.value.exit_code == (2 if error is QuantizedCheckpoint else 1)
 
 
-def test_the_config_alone_is_enough_evidence(checkpoints):
-    with pytest.raises(QuantizedCheckpoint, match="quant_method 'fp8'"):
-        check_checkpoint(checkpoints["official"])
+def _graph_of(config: dict) -> tuple[torch.nn.Module, Plan]:
+    """Every tensor of ``config``'s checkpoint as a meta parameter, replicated, with its plan:
+    the loader's view of a rewritten graph, without capturing one."""
+    module, specs = torch.nn.Module(), []
+    for name, shape in expected_tensors(config).items():
+        owner = module
+        for part in name.split(".")[:-1]:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_parameter(name.rsplit(".", 1)[-1], torch.nn.Parameter(
+            torch.empty(shape, device="meta"), requires_grad=False))
+        specs.append(ParamSpec(name, (name,), "replicated", None, (), shape, shape, "float32"))
+    return module, Plan(Mapping(tp_size=2, enable_attention_dp=True), 0, [], specs, [])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_rank_loader_validates_fp8_before_reading(checkpoints, variant):
+    from adp_pass.runtime.weights import CheckpointError, load_checkpoint
+
+    _, error, words = VARIANTS[variant]
+    config = json.loads((checkpoints["official"] / "config.json").read_text())
+    module, plan = _graph_of(config)
+    if error is None:
+        report = load_checkpoint(module, plan, checkpoints[variant], progress=False)
+        assert len(report.fp8) == 14 and report.dequantized_to == "float32"
+        files = load_file(checkpoints[variant] / "model.safetensors")
+        want = fp8.dequantize_weight(files[Q], files[SCALE])
+        assert torch.equal(module.get_parameter(Q), want)
+        return
+    with pytest.raises(CheckpointError if error is CheckpointInvalid else error) as err:
+        load_checkpoint(module, plan, checkpoints[variant], progress=False)
+    assert words in str(err.value), str(err.value)
+    assert module.get_parameter(Q).is_meta  # refused before any tensor was read
 
 
 @pytest.fixture
@@ -84,34 +166,33 @@ def no_work(monkeypatch):
 
     def stage(self, what):
         started.append(what)
-        raise AssertionError(f"stage {what!r} started before the checkpoint was refused")
+        raise KeyboardInterrupt  # stop at the first stage: the checks are what is tested
 
     monkeypatch.setattr(cli._Stages, "__call__", stage)
     return started
 
 
 @pytest.mark.parametrize("command", ["run", "serve"])
-def test_adp_refuses_an_fp8_checkpoint_before_any_work(checkpoints, command, no_work, capsys):
-    code = cli.main([command, "--checkpoint", str(checkpoints["no-quantization-config"]),
-                     "--world-size", "1"])
+def test_adp_runs_a_valid_fp8_checkpoint_and_refuses_a_bad_one(checkpoints, command, no_work,
+                                                               capsys):
+    argv = [command, "--checkpoint", str(checkpoints["official"]), "--world-size", "1",
+            "--device", "cpu"]
+    if command == "serve":
+        import socket
+
+        with socket.socket() as probe:  # a free port: serve checks it before starting
+            probe.bind(("127.0.0.1", 0))
+            argv += ["--port", str(probe.getsockname()[1])]
+    assert cli.main(argv) == 130  # accepted: it got as far as its first stage
+    assert len(no_work) == 1
+    no_work.clear()
+    capsys.readouterr()
+    argv[2] = str(checkpoints["scale-missing"])
+    code = cli.main(argv)
     err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err and "quantized (FP8)" in err and "bf16" in err
-    assert not no_work
-
-
-def test_the_rank_loader_refuses_fp8_before_reading(checkpoints):
-    from adp_pass.capture import capture_hf_qwen3
-    from adp_pass.detect import detect
-    from adp_pass.rewrite import rewrite
-    from adp_pass.runtime.weights import load_checkpoint
-
-    captured = capture_hf_qwen3(qwen3_config("tiny"), world_size=2, rank=0, meta=True)
-    plan = detect(captured.gm, "tp=2,attn_dp=1")
-    gm = rewrite(captured.gm, plan)
-    with pytest.raises(QuantizedCheckpoint, match="weight-scale tensors"):
-        load_checkpoint(gm, plan, checkpoints["no-quantization-config"], progress=False)
-    assert gm.get_parameter("model.layers.0.self_attn.q_proj.weight").device.type == "meta"
+    assert code == 1, err
+    assert "Traceback" not in err and f"{SCALE} is missing" in err and "fix:" in err
+    assert not no_work  # refused before any work
 
 
 # ----------------------------------------------------------------------------- reference maths

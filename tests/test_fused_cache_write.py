@@ -5,21 +5,15 @@ caches, the same outputs), whether it fuses the write (un-split launch) or not (
 the Triton kernels run under the interpreter, which is slow: shapes are small.
 """
 
-import os
 
+import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
-# The interpreter only for CPU tensors; must precede the first triton import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
-
-import adp_pass.runtime.kernels.cached_attention  # noqa: E402,F401 -- registers adp.cached_attention
-import adp_pass.runtime.kernels.paged_attention as pa  # noqa: E402
-from adp_pass.runtime.kernels import reference  # noqa: E402
-from kernel_reference import poisoned_paged_cache  # noqa: E402
+import adp_pass.runtime.kernels.cached_attention  # noqa: F401 -- registers adp.cached_attention
+import adp_pass.runtime.kernels.paged_attention as pa
+from adp_pass.runtime.kernels import reference
+from kernel_reference import poisoned_paged_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Against the fp32 reference (as tests/test_paged_attention.py): summation order, final rounding.

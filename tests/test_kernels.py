@@ -10,17 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-
-# The interpreter only for CPU tensors: with a GPU the kernels compile and the tests use CUDA
-# tensors (the interpreter cannot take them). Must precede the first triton import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import transformers.models.qwen3.modeling_qwen3 as hf_qwen3  # noqa: E402
-from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
-from transformers import Qwen3Config  # noqa: E402
+import transformers.models.qwen3.modeling_qwen3 as hf_qwen3
+from torch.fx.experimental.proxy_tensor import make_fx
+from transformers import Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).parent))  # kernel_reference, whatever pytest's import mode
 import kernel_reference as ref  # noqa: E402
@@ -457,7 +451,7 @@ def test_bench_dry_run(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert {r["impl"] for r in result["rows"]} == {"triton", "eager", "compile", "copy"}
     assert len(result["rows"]) == 5 * 4 and "| qk_norm_rope | 2 |" in proc.stdout
-    assert result["metadata"]["torch"] == torch.__version__
+    assert result["metadata"]["versions"]["torch"] == torch.__version__
 
 
 def test_pdl_setting_is_checked_and_off_the_gpu_is_zero(monkeypatch: pytest.MonkeyPatch) -> None:

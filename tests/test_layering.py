@@ -27,6 +27,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "adp_pass", "adp_pass.errors", "adp_pass.fx_vocab", "adp_pass.attributes",
         "adp_pass.mapping", "adp_pass.families", "adp_pass.families.*", "adp_pass.presets",
         "adp_pass.tokenizer", "adp_pass.checks", "adp_pass.fp8", "adp_pass.runtime",
+        # The rank wing's typed contract: what front ends and ranks exchange, torch-free.
+        "adp_pass.runtime.contract",
+        # The serving geometry, defined once (torch-free): the contract, the front end, the
+        # cost model and the rank build read it, so it sits below all of them.
+        "adp_pass.runtime.serving_config",
+        # What stages leave on a graph (its one meta record) and the stages' typed reports:
+        # plain data that capture, rewrite, the lowering and the build cache all write or read.
+        "adp_pass.graph_record", "adp_pass.stage_reports",
     ),
     # Plain data between detect and rewrite; the site patterns already produce its Sites.
     "plan": ("adp_pass.plan",),
@@ -43,8 +51,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # What a built rank runs with: weights, KV cache, groups, engine, build cache, launching.
     "runtime": ("adp_pass.runtime.kv_cache", "adp_pass.runtime.weights",
                 "adp_pass.runtime.groups", "adp_pass.runtime.lockstep",
-                "adp_pass.runtime.sampling", "adp_pass.runtime.engine",
-                "adp_pass.runtime.build_cache", "adp_pass.runtime.job", "adp_pass.launch"),
+                "adp_pass.runtime.sampling", "adp_pass.runtime.runner",
+                "adp_pass.runtime.scheduler", "adp_pass.runtime.engine",
+                "adp_pass.runtime.build_cache", "adp_pass.launch"),
     "entry": (),
 }
 ORDER = list(LAYERS)

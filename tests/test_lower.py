@@ -32,6 +32,7 @@ from adp_pass.capture import (  # noqa: E402
 )
 from adp_pass.detect import detect  # noqa: E402
 from adp_pass.fx_vocab import ATTENTION_CORE_OPS  # noqa: E402
+from adp_pass.graph_record import graph_record  # noqa: E402
 from adp_pass.presets import qwen3_config  # noqa: E402
 from adp_pass.rewrite import rewrite  # noqa: E402
 from adp_pass.runtime.lower import PASS_NAMES, lower  # noqa: E402
@@ -185,10 +186,9 @@ def expected_ops(layers: int, fused_mlp: bool) -> dict[str, int]:
 def test_counts_and_no_decomposed_pieces_left(name):
     c = case(name)
     gm = lower(c.fresh())
-    assert gm.meta["adp_lower_counts"] == expected_counts(c.layers)
-    assert gm.meta["adp_lower_ops"] == expected_ops(c.layers, c.fused_mlp)
-    report = gm.meta["adp_lower_report"]
-    assert report["notes"] == []
+    assert graph_record(gm).lowering.counts == expected_counts(c.layers)
+    assert graph_record(gm).lowering.ops == expected_ops(c.layers, c.fused_mlp)
+    assert graph_record(gm).lowering.notes == []
     # (c) no decomposed RMSNorm, SiLU or rotary left (cos/sin tables now come from the cache).
     leftovers = (aten.rsqrt, aten.silu, aten.neg, aten.cos, aten.sin)
     leftovers = tuple(op.default for op in leftovers)
@@ -199,7 +199,7 @@ def test_counts_and_no_decomposed_pieces_left(name):
 
 def test_counts_three_layers_named_in_the_issue():
     gm = lower(case("hf-tiny-L3").fresh())
-    counts = gm.meta["adp_lower_counts"]
+    counts = graph_record(gm).lowering.counts
     assert counts == {"rms_norm": 13, "add_rms_norm": 6, "silu_mul": 3, "qk_norm_rope": 3}
 
 
@@ -211,8 +211,8 @@ def test_meta_device_capture_lowers_too():
     gm = rewrite(captured.gm, detect(captured.gm, "tp=3,attn_dp=1"))
     assert _count(gm, *ATTENTION_CORE_OPS) == 0
     gm = lower(gm)
-    assert gm.meta["adp_lower_counts"] == expected_counts(1)
-    assert gm.meta["adp_lower_ops"] == expected_ops(1, fused_mlp=False)
+    assert graph_record(gm).lowering.counts == expected_counts(1)
+    assert graph_record(gm).lowering.ops == expected_ops(1, fused_mlp=False)
     assert gm.get_buffer(CACHE_ATTR).device.type == "meta"
 
 
@@ -244,7 +244,7 @@ def test_cache_buffer_and_state_dict():
     copied = copy.deepcopy(gm)  # stays non-persistent through fx's copy
     assert copied.state_dict().keys() == before.state_dict().keys()
     assert torch.equal(copied.get_buffer(CACHE_ATTR), cache)
-    source = gm.meta["adp_lower_report"]["cos_sin_cache"][CACHE_ATTR]["source"]
+    source = graph_record(gm).lowering.cos_sin_cache[CACHE_ATTR].source
     assert source == "build_cos_sin_cache(rope_theta=10000)"
     # Exactly the table transformers' rotary embedding computes.
     rotary = c.ref.model.rotary_emb
@@ -257,10 +257,10 @@ def test_cache_buffer_and_state_dict():
 
 def test_lowering_again_finds_nothing_new():
     gm = lower(case("engine-tiny-L2").fresh())
-    ops = dict(gm.meta["adp_lower_ops"])
+    ops = dict(graph_record(gm).lowering.ops)
     gm = lower(gm)
-    assert gm.meta["adp_lower_counts"] == dict.fromkeys(PASS_NAMES, 0)
-    assert gm.meta["adp_lower_ops"] == ops
+    assert graph_record(gm).lowering.counts == dict.fromkeys(PASS_NAMES, 0)
+    assert graph_record(gm).lowering.ops == ops
     assert [name for name, _ in gm.named_buffers() if "cos_sin_cache" in name] == [CACHE_ATTR]
 
 
@@ -268,13 +268,13 @@ def test_lowering_again_finds_nothing_new():
 def test_pass_subsets_and_order():
     c = case("hf-tiny-L2")
     gm = lower(c.fresh(), passes=["rms_norm"])
-    assert gm.meta["adp_lower_counts"] == {"rms_norm": 9}
-    assert gm.meta["adp_lower_ops"]["rms_norm"] == 9
+    assert graph_record(gm).lowering.counts == {"rms_norm": 9}
+    assert graph_record(gm).lowering.ops["rms_norm"] == 9
     gm = lower(c.fresh(), passes=["silu_mul"])
-    assert gm.meta["adp_lower_counts"] == {"silu_mul": 2}
+    assert graph_record(gm).lowering.counts == {"silu_mul": 2}
     assert _count(gm, aten.rsqrt.default) == 9
     gm = lower(c.fresh(), passes=["rms_norm", "qk_norm_rope"])
-    assert gm.meta["adp_lower_ops"] == {
+    assert graph_record(gm).lowering.ops == {
         "rms_norm": 5, "add_rms_norm": 0, "silu_mul": 0, "silu_mul_fused": 0, "qk_norm_rope": 2
     }
     with pytest.raises(ValueError, match="needs \\['rms_norm'\\]"):
@@ -324,8 +324,8 @@ def test_bf16_lowered_logits_bit_identical_to_eager(
     ids = _ids(c.config)
     gm = lower(c.fresh())
     gm.load_state_dict(c.state_dict, strict=True)
-    report = gm.meta["adp_lower_report"]["cos_sin_cache"][CACHE_ATTR]
-    assert report["source"].startswith(cache_source) and report["dtype"] == "torch.bfloat16"
+    table = graph_record(gm).lowering.cos_sin_cache[CACHE_ATTR]
+    assert table.source.startswith(cache_source) and table.dtype == "torch.bfloat16"
     after = _logits(gm, ids)
     with torch.no_grad():
         eager = c.ref(ids).logits
@@ -393,8 +393,8 @@ def test_rms_norm_and_add_rms_norm_patterns(dtype):
     shapes = [(3, 5, 16), (3, 5, 16), (16,), (1, 16)]
     args = [torch.randn(shape).to(dtype) for shape in shapes]
     gm = lower(_symbolic(f, *args), passes=["rms_norm", "add_rms_norm"])
-    assert gm.meta["adp_lower_counts"] == {"rms_norm": 4, "add_rms_norm": 1}
-    assert gm.meta["adp_lower_ops"]["rms_norm"] == 3 and _count(gm, aten.rsqrt.default) == 1
+    assert graph_record(gm).lowering.counts == {"rms_norm": 4, "add_rms_norm": 1}
+    assert graph_record(gm).lowering.ops["rms_norm"] == 3 and _count(gm, aten.rsqrt.default) == 1
     norms = [n for n in gm.graph.nodes if n.target is torch.ops.adp.rms_norm.default]
     eps_used = sorted(n.args[-1] for n in norms)
     assert eps_used == [3e-6, 1e-5, 1e-5]
@@ -420,8 +420,8 @@ def test_silu_mul_pattern_variants():
 
     args = [torch.randn(2, 3, 32), torch.randn(2, 3, 16), torch.randn(2, 3, 16)]
     gm = lower(_static(f, *args), passes=["silu_mul"])
-    assert gm.meta["adp_lower_counts"] == {"silu_mul": 5}
-    ops = gm.meta["adp_lower_ops"]
+    assert graph_record(gm).lowering.counts == {"silu_mul": 5}
+    ops = graph_record(gm).lowering.ops
     assert (ops["silu_mul_fused"], ops["silu_mul"]) == (3, 2)
     for got, want in zip(gm(*args), f(*args)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ import torch
 from adp_pass.capture import capture_hf_qwen3
 from adp_pass.detect import detect
 from adp_pass.fx_vocab import COLLECTIVE_OPS, is_op
+from adp_pass.graph_record import graph_record
 from adp_pass.plan import GROUP_TAG, Plan
 from adp_pass.presets import qwen3_config
 from adp_pass.rewrite import rewrite
@@ -119,7 +120,7 @@ def test_replicated_mapping_keeps_no_collective_and_self_checks(tiny, captured):
     state = build_hf_qwen3(tiny, seed=0).state_dict()
     new = rewrite(gm, plan, state_dict=state)
     assert _collectives(new) == []
-    assert new.meta["adp_report"].self_check.startswith("numeric")
+    assert graph_record(new).rewrite.self_check.startswith("numeric")
 
 
 def test_memory_check_names_a_mapping_that_fits(captured):

@@ -3,21 +3,14 @@
 On CPU the Triton kernels run under the interpreter, which is slow: shapes are small.
 """
 
-import os
 
+import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
-# The interpreter only for CPU tensors: with a GPU the kernels must compile (the interpreter
-# cannot take CUDA tensors). Must precede the first triton import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
-
-import adp_pass.runtime.kernels.paged_attention as pa  # noqa: E402 -- registers torch.ops.adp.*
-from adp_pass.runtime.kv_cache import PagedKVCache  # noqa: E402
-from kernel_reference import poisoned_paged_cache  # noqa: E402
+import adp_pass.runtime.kernels.paged_attention as pa  # registers torch.ops.adp.*
+from adp_pass.runtime.kv_cache import PagedKVCache
+from kernel_reference import poisoned_paged_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONTEXT_LENS = [1, 7, 33, 100]

@@ -5,15 +5,22 @@ The entry points' own use of it is covered by test_cli.py (--dump-dir) and test_
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from adp_pass.capture import CapturedGraph
-from adp_pass.pipeline import Pipeline, StageReport
+from adp_pass.graph_record import META_KEY, GraphRecord, graph_record
+from adp_pass.pipeline import (CaptureReport, DetectReport, Pipeline, RewriteStageReport,
+                               StageReport)
 from adp_pass.rewrite import RewriteReport
+from adp_pass.stage_reports import REPORT_TYPES, PrefetchReport, report_from_json
 from test_site_patterns import TP, decoder
 
 
 def _captured(layers: int) -> CapturedGraph:
     gm = decoder(layers)
-    gm.meta["adp_world_size"] = TP  # what capture() records for detect
+    graph_record(gm).world_size = TP  # what capture() records for detect
     return CapturedGraph(gm, rank=0, world_size=TP)
 
 
@@ -25,13 +32,19 @@ def test_each_stage_reports_its_counts_in_one_place(tmp_path):
 
     assert list(pipeline.reports) == ["capture", "detect", "rewrite"]
     assert all(isinstance(r, StageReport) and r.seconds >= 0 for r in pipeline.reports.values())
+    assert [type(r) for r in pipeline.reports.values()] == [CaptureReport, DetectReport,
+                                                             RewriteStageReport]
+    assert pipeline.reports["detect"].sites == plan.counts()
     assert pipeline.reports["capture"].counts["collectives"] == 6
     detected = pipeline.reports["detect"].counts
     assert (detected["attention_out"], detected["mlp_out"], detected["unclassified"]) == (2, 2, 0)
     assert pipeline.reports["rewrite"].counts["collectives_left"] == 0
     assert isinstance(pipeline.rewrite_report, RewriteReport)
     assert pipeline.rewrite_report.sites_removed == 6
-    assert "adp_report" not in gm.meta  # handed over typed, not through the graph's meta
+    # The graph keeps one adp key: its record, with the rewrite's report as the pipeline's.
+    assert [k for k in gm.meta if k.startswith("adp")] == [META_KEY]
+    assert graph_record(gm).rewrite == pipeline.rewrite_report
+    assert not graph_record(captured.gm).rewritten  # the captured graph's record is its own
     assert pipeline.seconds("detect", "rewrite") == (pipeline.reports["detect"].seconds
                                                     + pipeline.reports["rewrite"].seconds)
     assert str(pipeline.reports["rewrite"]).startswith("rewrite ")
@@ -49,3 +62,23 @@ def test_no_dump_dir_writes_nothing(tmp_path, monkeypatch):
     captured = pipeline.capture(lambda: _captured(1))
     pipeline.rewrite(captured.gm, pipeline.detect(captured.gm, f"tp={TP},attn_dp=1"))
     assert not list(tmp_path.iterdir())
+
+
+def test_reports_and_the_record_survive_json():
+    """What the build cache stores: every stage report and the graph's record, as JSON."""
+    pipeline = Pipeline()
+    captured = pipeline.capture(lambda: _captured(1))
+    gm = pipeline.rewrite(captured.gm, pipeline.detect(captured.gm, f"tp={TP},attn_dp=1"))
+    for report in pipeline.reports.values():
+        assert report_from_json(json.loads(json.dumps(report.to_json()))) == report
+    record = graph_record(gm)
+    assert GraphRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    assert set(REPORT_TYPES) >= {"capture", "lower", "cache", "fuse", "decode_mm", "prefetch"}
+
+
+def test_a_skipped_stage_says_why():
+    report = PrefetchReport(stage="prefetch", seconds=0.0, attention=0, gap=0,
+                            skipped="an L2 hint for CUDA, not cpu")
+    assert str(report) == "prefetch skipped (an L2 hint for CUDA, not cpu)"
+    with pytest.raises(TypeError):  # typed: a stage's counts are its fields
+        PrefetchReport(stage="prefetch", seconds=0.0, attention=0)

@@ -11,6 +11,7 @@ import pytest
 from adp_pass.capture import capture_hf_qwen3
 from adp_pass.cli import main
 from adp_pass.detect import detect, find_collectives
+from adp_pass.graph_record import graph_record
 from adp_pass.presets import qwen3_config
 from adp_pass.rewrite import rewrite
 
@@ -35,7 +36,7 @@ def test_qwen3_32b_widths_tp8_rank0_on_meta_weights():
     assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 5120)
     assert shapes["model.layers.0.self_attn.o_proj.weight"] == (5120, 8192)
     assert shapes["model.layers.1.mlp.down_proj.weight"] == (5120, 25600)
-    assert gm.meta["adp_report"].sites_removed == 2 * LAYERS
+    assert graph_record(gm).rewrite.sites_removed == 2 * LAYERS
 
 
 @pytest.mark.slow

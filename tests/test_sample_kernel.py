@@ -4,19 +4,14 @@ rows a Gumbel-max draw keyed by (seed, counter, column) only. The kernel and the
 kernels run under the Triton interpreter, mostly with narrow pieces (``CHUNK`` patched) so that
 small vocabularies still span several of them."""
 
-import os
 
+import pytest
 import torch
+import triton
+import triton.language as tl
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from adp_pass.runtime.kernels import reference as R  # noqa: E402
-from adp_pass.runtime.kernels import sample as S  # noqa: E402
+from adp_pass.runtime.kernels import reference as R
+from adp_pass.runtime.kernels import sample as S
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INF = float("inf")

@@ -212,3 +212,31 @@ def test_steps_waiting_for_a_busy_client_come_merged():
     assert asyncio.run(read(steps)) == [([1, 2, 3, 4], "length")]
     with pytest.raises(RankLost, match="rank 1 died"):
         asyncio.run(read([("tokens", [1], None, None), ("error", [], None, "rank 1 died")]))
+
+
+def test_bench_serve_url_lengths_and_an_empty_report():
+    """bench-serve takes the URL users paste (the openai client's /v1 too), fits its default
+    512 + 128 tokens to the server's context (the tiny preset has 512 positions), refuses a
+    shape that cannot fit before sending anything, and prints no "nan" when nothing completed."""
+    from adp_pass.errors import UsageError
+    from adp_pass.serving.bench import base_url, format_report, lengths
+
+    for url in ("http://h:8000", "http://h:8000/", "http://h:8000/v1", "http://h:8000/v1/"):
+        assert base_url(url) == "http://h:8000"
+    for url in ("h:8000", "ftp://h", "http://h:8000/v1?x=1"):
+        with pytest.raises(UsageError):
+            base_url(url)
+    assert lengths(None, None, 4096, "m") == (512, 128)
+    assert lengths(None, None, 512, "tiny") == (384, 128)
+    assert lengths(100, None, 512, "tiny") == (100, 128)
+    assert lengths(None, 500, 512, "tiny") == (12, 500)
+    assert lengths(None, None, None, "m") == (512, 128)  # a server that does not say
+    with pytest.raises(UsageError, match="max_model_len 512"):
+        lengths(512, 128, 512, "tiny")
+    empty = {"mean_ms": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
+    text = format_report({"url": "u", "model": "m", "rate": float("inf"), "num_prompts": 3,
+                          "input_len": 4, "output_len": 2, "completed": 0, "failed": 3,
+                          "duration_s": 1.0, "request_throughput": 0.0, "output_throughput": 0.0,
+                          "total_token_throughput": 0.0, "ttft": empty, "tpot": empty,
+                          "itl": empty, "e2e_latency": empty, "errors": ["HTTP 400: ..."]})
+    assert "nan" not in text and "no request completed" in text and "HTTP 400" in text

@@ -15,10 +15,11 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from adp_pass import capture, detect, fake_process_group, rewrite
-from adp_pass.detect import DetectError, find_collectives
+from adp_pass.capture import capture, fake_process_group
+from adp_pass.detect import DetectError, detect, find_collectives
+from adp_pass.graph_record import graph_record
 from adp_pass.mapping import MappingError
-from adp_pass.rewrite import RewriteError
+from adp_pass.rewrite import RewriteError, rewrite
 from adp_pass.self_check import SelfCheckError
 from adp_pass.sharding import ShapeFixError, ShardingAnalysis
 from style_sources import Style, StyledTPModel, example_ids, full_state, shard_state
@@ -216,7 +217,7 @@ def test_rewrite_reports_the_self_check():
     style = Style(tp=2)
     captured, full = captured_rank(style, 1)
     gm = rewrite(captured.gm, detect(captured.gm, "tp=2,attn_dp=1"), state_dict=full)
-    report = gm.meta["adp_report"]
+    report = graph_record(gm).rewrite
     assert report.self_check.startswith("numeric: ") and "1 layer" in report.self_check
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adp_pass.detect import detect, find_collectives
+from adp_pass.graph_record import graph_record
 from adp_pass.presets import qwen3_config
 from adp_pass.rewrite import rewrite
 from tp_sources import SOURCES, capture_source, unsharded_state
@@ -36,8 +37,8 @@ def test_sites_params_and_shapes(source, world_size):
 
     gm = rewrite(captured.gm, plan)
     assert find_collectives(gm.graph) == []
-    assert gm.meta["adp_report"].collectives_left == 0
-    assert gm.meta["adp_report"].sites_removed == sum(expected.values())
+    assert graph_record(gm).rewrite.collectives_left == 0
+    assert graph_record(gm).rewrite.sites_removed == sum(expected.values())
 
     want = unsharded_state(source, CONFIG)
     got = gm.state_dict()

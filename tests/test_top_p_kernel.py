@@ -6,17 +6,12 @@ the kernel runs under the Triton interpreter with small vocabularies; ``CAP`` (r
 is patched down to send rows through the whole-row bisection passes."""
 
 import math
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from adp_pass.runtime.kernels import reference as R  # noqa: E402
-from adp_pass.runtime.kernels import top_p as T  # noqa: E402
+from adp_pass.runtime.kernels import reference as R
+from adp_pass.runtime.kernels import top_p as T
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INF, NAN = float("inf"), float("nan")

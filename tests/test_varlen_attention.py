@@ -5,21 +5,14 @@ small (head_dim 32 mostly) and explicit small tiles make short sequences span se
 tiles. The reference is kernel_reference.varlen_attention_ref (fp32, one sequence at a time).
 """
 
-import os
 
+import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
-# The interpreter only for CPU tensors: with a GPU the kernel must compile (the interpreter cannot
-# take CUDA tensors). Must precede the first triton import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
-
-import adp_pass.runtime.kernels.cached_attention  # noqa: E402,F401  (registers adp.cached_attention)
-import adp_pass.runtime.kernels.varlen_attention as va  # noqa: E402  (registers adp.varlen_attention)
-from kernel_reference import poisoned_paged_cache, varlen_attention_ref  # noqa: E402
+import adp_pass.runtime.kernels.cached_attention  # noqa: F401  (registers adp.cached_attention)
+import adp_pass.runtime.kernels.varlen_attention as va  # (registers adp.varlen_attention)
+from kernel_reference import poisoned_paged_cache, varlen_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (atol, rtol) against the fp32 reference computed from the same inputs: fp32 differs only in

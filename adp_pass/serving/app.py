@@ -15,9 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from adp_pass.serving.protocol import (
-    APIError, Generation, check_body_size, parse_body, parse_chat, parse_completion)
+    APIError, Generation, bad, check_body_size, check_content_type, parse_body, parse_chat,
+    parse_completion)
 from adp_pass.serving.state import Flight, RankLost, ServingState
 
 DISCONNECT_POLL_S = 0.2
@@ -109,8 +111,10 @@ def build_app(state: ServingState) -> FastAPI:
                                         type="server_error"))
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         status, body = state.health()
+        if not request.scope.get("state", {}).get("authenticated", True):
+            body = {"status": body["status"]}  # ranks, pids and hosts are for key holders
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
@@ -137,23 +141,46 @@ def build_app(state: ServingState) -> FastAPI:
     async def completions(request: Request):
         body = parse_body(await _read_body(request))
         gen = parse_completion(body, state.limits, state.tokenizer)
+        _check_ever_fits(state, gen)
         return await _respond(request, state, gen, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = parse_body(await _read_body(request))
         gen = parse_chat(body, state.limits, state.tokenizer)
+        _check_ever_fits(state, gen)
         return await _respond(request, state, gen, chat=True)
 
     return app
 
 
 async def _read_body(request: Request) -> bytes:
-    """The body, refused unread when its declared length is already too big."""
+    """The body of a JSON route: JSON only, refused unread when its declared length is already
+    too big (the guard also counts it as it arrives, and times it)."""
+    check_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length", "")
     if declared.isdigit():
         check_body_size(int(declared))
-    return await request.body()
+    try:
+        return await request.body()
+    except ClientDisconnect:  # gone, or cut off below the app for a broken body: nobody reads
+        raise APIError(400, "the connection closed before the request body was complete",
+                       code="incomplete_body") from None
+
+
+def _check_ever_fits(state: ServingState, gen: Generation) -> None:
+    """A request whose choices outnumber every queue together could only ever get 429, and
+    clients retry 429 forever: refuse it for what it is. Each choice waits in a DP group's
+    queue until its first token, so an idle server takes at most --max-queue per live group."""
+    choices = len(gen.prompts) * gen.n
+    live = sum(state.router.live)
+    room = state.router.max_queue * live
+    if live and choices > room:
+        what = f"{len(gen.prompts)} prompts x n={gen.n}" if len(gen.prompts) > 1 else f"n={gen.n}"
+        raise bad(f"this request has {choices} choices ({what}), but this server queues at most "
+                  f"{room} ({state.router.max_queue} per DP group, --max-queue, x {live} live "
+                  f"group{'s' * (live != 1)}), so it can never be accepted: lower 'n' or send "
+                  "fewer prompts per request", "n", code="too_many_choices")
 
 
 async def _respond(request: Request, state: ServingState, gen: Generation, chat: bool):

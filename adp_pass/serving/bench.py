@@ -25,6 +25,56 @@ class BenchError(AdpError):
     """The server could not be benchmarked (unreachable, or not an OpenAI server)."""
 
 
+# A JSON report with these keys is one of ours: --out may replace it without --force.
+REPORT_KEYS = ("url", "num_prompts", "request_throughput", "ttft")
+DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN = 512, 128
+
+
+def base_url(url: str) -> str:
+    """The server's root from what users paste: ``http://host:8000``, with or without a
+    trailing ``/`` or ``/v1`` (the OpenAI client's base URL)."""
+    from urllib.parse import urlsplit
+
+    from adp_pass.errors import UsageError
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"--url {url!r} is not an http:// or https:// address", flag="--url",
+                         hint="e.g. --url http://127.0.0.1:8000")
+    if parts.query or parts.fragment:
+        raise UsageError(f"--url {url!r} has a query or fragment", flag="--url",
+                         hint="give the server's address only, e.g. http://127.0.0.1:8000")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def lengths(input_len: int | None, output_len: int | None, max_model_len: int | None,
+            model: str) -> tuple[int, int]:
+    """The request shape: what was asked, else 512 + 128 shrunk to the server's context;
+    a shape that cannot fit is refused before any request is sent."""
+    if max_model_len and (input_len is None or output_len is None):
+        if input_len is None and output_len is None:
+            if DEFAULT_INPUT_LEN + DEFAULT_OUTPUT_LEN > max_model_len:
+                output_len = max(1, min(DEFAULT_OUTPUT_LEN, max_model_len // 4))
+                input_len = max_model_len - output_len
+        elif input_len is None:
+            input_len = max(1, min(DEFAULT_INPUT_LEN, max_model_len - output_len))
+        else:
+            output_len = max(1, min(DEFAULT_OUTPUT_LEN, max_model_len - input_len))
+    input_len = DEFAULT_INPUT_LEN if input_len is None else input_len
+    output_len = DEFAULT_OUTPUT_LEN if output_len is None else output_len
+    if max_model_len and (input_len < 1 or output_len < 1 or
+                          input_len + output_len > max_model_len):
+        from adp_pass.errors import UsageError
+
+        raise UsageError(f"--input-len {input_len} + --output-len {output_len} is more than "
+                         f"model {model}'s max_model_len {max_model_len} on this server",
+                         flag="--input-len", hint=f"keep them within {max_model_len} together")
+    return input_len, output_len
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -75,16 +125,21 @@ async def _one(client, model: str, prompt: list[int], output_len: int, timeout_s
             "output_tokens": (usage or {}).get("completion_tokens", len(chunks))}
 
 
-async def _bench(url: str, model: str | None, rate: float, num_prompts: int, input_len: int,
-                 output_len: int, max_concurrency: int | None, seed: int,
-                 timeout_s: float) -> dict:
+async def _bench(url: str, model: str | None, rate: float, num_prompts: int,
+                 input_len: int | None, output_len: int | None, max_concurrency: int | None,
+                 seed: int, timeout_s: float, api_key: str | None = None) -> dict:
     import httpx
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s, connect=10),
+                                 headers=headers,
                                  limits=httpx.Limits(max_connections=None,
                                                      max_keepalive_connections=None)) as client:
         try:
             response = await client.get("/v1/models", timeout=10)
+            if response.status_code == 401:
+                raise BenchError(f"--url {url}: the server needs an API key", flag="--url",
+                                 hint="set ADP_API_KEY to one of its keys")
             cards = response.json()["data"]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
             raise BenchError(f"--url {url}: no OpenAI model list at /v1/models ({err})",
@@ -95,6 +150,8 @@ async def _bench(url: str, model: str | None, rate: float, num_prompts: int, inp
             raise BenchError(f"--model {model}: the server serves {[c['id'] for c in cards]}",
                              flag="--model", hint="drop --model, or give one of those")
         vocab = card.get("vocab_size") or 1000
+        input_len, output_len = lengths(input_len, output_len, card.get("max_model_len"),
+                                        card["id"])
         rng = random.Random(seed)
         prompts = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(num_prompts)]
         gaps = [0.0 if math.isinf(rate) else rng.expovariate(rate) for _ in range(num_prompts)]
@@ -136,11 +193,13 @@ async def _bench(url: str, model: str | None, rate: float, num_prompts: int, inp
 
 
 def bench_serve(url: str, *, model: str | None = None, rate: float = math.inf,
-                num_prompts: int = 100, input_len: int = 512, output_len: int = 128,
-                max_concurrency: int | None = None, seed: int = 0, timeout_s: float = 600.0,
-                out: Path | None = None) -> dict:
+                num_prompts: int = 100, input_len: int | None = None,
+                output_len: int | None = None, max_concurrency: int | None = None, seed: int = 0,
+                timeout_s: float = 600.0, out: Path | None = None,
+                api_key: str | None = None) -> dict:
+    """``input_len`` / ``output_len`` None: 512 + 128, shrunk to the server's context."""
     report = asyncio.run(_bench(url.rstrip("/"), model, rate, num_prompts, input_len, output_len,
-                                max_concurrency, seed, timeout_s))
+                                max_concurrency, seed, timeout_s, api_key))
     if out is not None:
         Path(out).write_text(json.dumps(report, indent=1))
     return report
@@ -159,6 +218,10 @@ def format_report(r: dict) -> str:
     ]
     for key, name in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e_latency", "E2E")):
         s = r[key]
+        if math.isnan(s["mean_ms"]):  # no request gave this figure: say so, not "nan"
+            lines.append(f"  {name:<5} - (no request "
+                         f"{'completed' if not r['completed'] else 'gave this figure'})")
+            continue
         lines.append(f"  {name:<5} mean {s['mean_ms']:9.2f} ms  p50 {s['p50_ms']:9.2f} ms  "
                      f"p99 {s['p99_ms']:9.2f} ms")
     for error in r["errors"]:

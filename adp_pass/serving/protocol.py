@@ -17,6 +17,7 @@ MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
 MAX_STOP_LEN = 256
 MAX_BODY_BYTES = 8 << 20  # far above any context's text; a bigger body is a mistake or abuse
+MAX_JSON_DEPTH = 32  # a chat request nests 5 deep; deeper is abuse (and costs recursion)
 # Accepted at their no-op values (clients send the defaults); anything else is refused by name.
 _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": None, "top_logprobs": None,
             "logit_bias": None, "best_of": 1, "echo": False, "suffix": None, "tools": None,
@@ -25,6 +26,11 @@ _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": None, "to
 _NEUTRAL_ALSO = {"logprobs": (False, 0), "response_format": ({"type": "text"},),
                  "tool_choice": ("none",), "suffix": ("",), "logit_bias": ({},),
                  "tools": ([],), "functions": ([],)}
+# vLLM's sampling extensions: refused by name until the sampler implements them, accepted only at
+# the values that mean "off" (what vLLM clients send by default).
+_NOT_YET = {"top_k": ((-1, 0), "-1 or 0 (off)"), "min_p": ((0,), "0 (off)"),
+            "repetition_penalty": ((1,), "1.0 (off)"),
+            "stop_token_ids": (([],), "[] (none); use 'stop' strings")}
 
 
 class APIError(Exception):
@@ -79,17 +85,81 @@ def check_body_size(size: int) -> None:
                        "context): shorten it", code="body_too_large")
 
 
+def check_content_type(value: str | None) -> None:
+    """JSON routes take ``application/json`` only: a browser page may send other types to any
+    server without asking first (a CORS "simple request"), so accepting them would let a web
+    page drive a local server."""
+    media, _, params = (value or "").partition(";")
+    if media.strip().lower() != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got "
+                       f"{json.dumps((value or '(none)')[:80])}; send the header "
+                       "'Content-Type: application/json'", code="unsupported_media_type")
+    for param in params.split(";"):
+        name, _, charset = param.partition("=")
+        if name.strip().lower() == "charset" and \
+                charset.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise APIError(415, f"the body must be UTF-8 JSON, got charset "
+                           f"{json.dumps(charset.strip()[:40])}; send UTF-8",
+                           code="unsupported_media_type")
+
+
 def parse_body(raw: bytes) -> dict:
     check_body_size(len(raw))
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise bad(f"the request body is not UTF-8 (byte {err.start}); JSON must be sent as "
+                  "UTF-8", code="invalid_json") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise bad(f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels; "
+                  "send a flat request", code="invalid_json") from None
+    except ValueError as err:  # JSONDecodeError, and an integer of over 4300 digits
+        if not isinstance(err, json.JSONDecodeError):
+            raise bad("the request body holds a number with thousands of digits; send numbers "
+                      "of ordinary size", code="invalid_json") from None
         raise bad(f"the request body is not valid JSON ({err}); send a JSON object with "
                   "Content-Type: application/json", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got a JSON {_kind(body)}",
                   code="invalid_json")
+    _check_tree(body)
     return body
+
+
+def _check_tree(body: dict) -> None:
+    """Depth, and strings that are not text: JSON may spell a lone UTF-16 surrogate
+    (``"\\ud800"``), which no tokenizer and no JSON encoder takes. Walked without recursion."""
+    stack: list[tuple[object, str, int]] = [(body, "", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad(f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH} "
+                      f"levels (at '{where[:60]}...'); send a flat request", code="invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else key
+                if not _is_text(key):
+                    raise bad(f"a key of '{where or 'the body'}' holds a lone UTF-16 surrogate "
+                              "(\\ud800-\\udfff), which is not text; send valid Unicode",
+                              where or None, code="invalid_unicode")
+                stack.append((item, path, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _is_text(value):
+            raise bad(f"'{where}' holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
+                      "text; send valid Unicode", where, code="invalid_unicode")
+
+
+def _is_text(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _kind(value) -> str:
@@ -151,6 +221,18 @@ def _unsupported(body: dict) -> None:
         if key in body and body[key] != neutral and body[key] not in _NEUTRAL_ALSO.get(key, ()):
             raise bad(f"'{key}' is not supported by adp serve (got {json.dumps(body[key])[:80]}); "
                       "leave it out", key, code="unsupported_parameter")
+    for key, (off, words) in _NOT_YET.items():
+        value = body.get(key)
+        if value is None:
+            continue
+        neutral = not isinstance(value, bool) and any(
+            value == v and type(value) in ((int, float) if isinstance(v, int) else (type(v),))
+            for v in off)
+        if not neutral:
+            raise bad(f"'{key}' is not supported by adp serve yet (got "
+                      f"{json.dumps(value)[:80]}), and "
+                      f"ignoring it would change your results silently; leave it out or send "
+                      f"{words}", key, code="unsupported_parameter")
 
 
 def _stop(body: dict) -> list[str]:

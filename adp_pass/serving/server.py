@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adp_pass.mapping import Mapping
+from adp_pass.serving.guard import HTTPLimits
 from adp_pass.serving.ranks import NodeSpec
 
 
@@ -39,6 +40,42 @@ class ServeOptions:
     rank_timeout_s: float | None = 600.0
     nnodes: int = 1
     node: NodeSpec | None = None  # one machine of several (--node-rank); None: all here
+    api_keys: tuple[str, ...] = ()  # empty: no key needed
+    metrics_public: bool = False
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: off
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    limits: HTTPLimits = HTTPLimits()
+
+
+def asgi_app(state, o: ServeOptions):
+    """The routes behind the limits (outermost: nothing is read past them), CORS (before the
+    keys, so that a browser's preflight, which carries no key, is answered) and the keys."""
+    from adp_pass.serving.app import build_app
+    from adp_pass.serving.guard import Cors, Guard, KeyCheck
+
+    app = build_app(state)
+    if o.api_keys:
+        app = KeyCheck(app, o.api_keys, metrics_public=o.metrics_public)
+    if o.allowed_origins:
+        app = Cors(app, o.allowed_origins)
+    return Guard(app, o.limits)
+
+
+def http_config(app, o: ServeOptions):
+    """uvicorn's configuration: the guarded h11 protocol (whatever HTTP parser is installed, so
+    the limits are the same everywhere), timeouts, TLS."""
+    import uvicorn
+
+    from adp_pass.serving.guard import protocol_class
+
+    return uvicorn.Config(app, host=o.host, port=o.port, log_level="warning", access_log=False,
+                          lifespan="off", timeout_graceful_shutdown=5,
+                          timeout_keep_alive=o.limits.keep_alive_timeout_s,
+                          http=protocol_class(o.limits), ws="none",
+                          h11_max_incomplete_event_size=o.limits.max_head_bytes,
+                          ssl_keyfile=o.ssl_keyfile, ssl_certfile=o.ssl_certfile,
+                          server_header=False)
 
 
 def _http_server(config):
@@ -62,14 +99,15 @@ def serve(options: ServeOptions) -> int:
 
 
 def _write_job(o: ServeOptions) -> Path:
-    from adp_pass.runtime.job import Job
+    from adp_pass.runtime.contract import Job
+    from adp_pass.runtime.serving_config import ServingConfig
 
     job_dir = Path(tempfile.mkdtemp(prefix="adp-serve-"))
-    Job(mapping=str(o.mapping), preset=o.preset, checkpoint=o.checkpoint, dtype=o.dtype,
-        num_blocks=o.num_blocks, block_size=o.block_size, max_position=o.max_model_len,
-        max_seq_len=o.max_model_len, max_batch=o.max_batch,
-        cuda_graph_sizes=list(o.cuda_graph_sizes), seed=o.seed,
-        cache_dir=o.cache_dir).write(job_dir / "job.json")
+    serving = ServingConfig(block_size=o.block_size, num_blocks=o.num_blocks,
+                            max_position=o.max_model_len, max_seq_len=o.max_model_len,
+                            max_batch=o.max_batch, cuda_graph_sizes=tuple(o.cuda_graph_sizes))
+    Job(mapping=o.mapping, preset=o.preset, checkpoint=o.checkpoint, dtype=o.dtype,
+        serving=serving, seed=o.seed, cache_dir=o.cache_dir).write(job_dir / "job.json")
     return job_dir
 
 
@@ -106,10 +144,7 @@ def _serve_node(o: ServeOptions) -> int:
 
 
 async def _serve(o: ServeOptions) -> int:
-    import uvicorn
-
-    from adp_pass.runtime.frontend import default_log_path
-    from adp_pass.serving.app import build_app
+    from adp_pass.launch import default_log_path
     from adp_pass.serving.protocol import ModelLimits
     from adp_pass.serving.ranks import RankSet
     from adp_pass.serving.state import ServingState
@@ -149,10 +184,7 @@ async def _serve(o: ServeOptions) -> int:
     except BaseException:
         ranks.kill()
         raise
-    config = uvicorn.Config(build_app(state), host=o.host, port=o.port, log_level="warning",
-                            access_log=False, lifespan="off", timeout_graceful_shutdown=5,
-                            timeout_keep_alive=5)
-    server = _http_server(config)
+    server = _http_server(http_config(asgi_app(state, o), o))
     http = asyncio.ensure_future(server.serve())
     while not server.started and not http.done():
         await asyncio.sleep(0.05)
@@ -161,9 +193,12 @@ async def _serve(o: ServeOptions) -> int:
         exc = http.exception() if not http.cancelled() else None
         raise OSError(f"the HTTP server on {o.host}:{o.port} did not start"
                       f"{f' ({exc})' if exc else ''}; is the port in use?")
-    print(f"adp serve: ready on http://{o.host}:{o.port}/v1 (model '{o.model_name}', "
+    scheme = "https" if o.ssl_certfile else "http"
+    keys = (f"API key required ({len(o.api_keys)} key{'s' * (len(o.api_keys) != 1)})"
+            if o.api_keys else "no API key")  # the keys themselves are never printed
+    print(f"adp serve: ready on {scheme}://{o.host}:{o.port}/v1 (model '{o.model_name}', "
           f"{o.mapping.world_size} ranks, {o.mapping.dp_size} DP group"
-          f"{'s' * (o.mapping.dp_size != 1)})", flush=True)
+          f"{'s' * (o.mapping.dp_size != 1)}; {keys})", flush=True)
 
     async def on_signal():
         await stop_signals.wait()

@@ -6,13 +6,13 @@ docstring; docs/lowering.md describes them, their counts and numerics.
 
     from adp_pass.runtime.lower import lower
     gm = lower(gm, max_position=4096)
-    gm.meta["adp_lower_counts"]   # {"rms_norm": 4L+1, "add_rms_norm": 2L,
-                                  #  "silu_mul": L, "qk_norm_rope": L}
-    gm.meta["adp_lower_ops"]      # adp op nodes left in the graph, by op
+    lowering = graph_record(gm).lowering
+    lowering.counts   # {"rms_norm": 4L+1, "add_rms_norm": 2L, "silu_mul": L, "qk_norm_rope": L}
+    lowering.ops      # adp op nodes left in the graph, by op
 
 Counts are matches per pass. ``rms_norm`` counts every RMSNorm it replaced, including those the
 later ``add_rms_norm`` / ``qk_norm_rope`` passes absorb (they work on ``adp.rms_norm`` nodes);
-``adp_lower_ops`` is the census after all passes.
+``ops`` is the census after all passes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch.fx as fx
+
+from adp_pass.graph_record import CosSinTable, LoweringRecord, graph_record
 
 from . import add_rms_norm, qk_norm_rope, rms_norm, silu_mul
 from .graph_utils import eliminate_dead_code, fill_missing_values, op_census, traces_reused
@@ -69,9 +71,8 @@ def lower(
     ``passes``: names from ``PASS_NAMES`` to run, in the given order (default: all, in
     ``PASSES`` order); a pass whose prerequisite did not run before it is an error.
     ``max_position``: rows of the cos/sin cache (positions must stay below it).
-    Results: ``gm.meta["adp_lower_counts"]`` (pass name -> matches), ``gm.meta["adp_lower_ops"]``
-    (adp op nodes in the lowered graph) and ``gm.meta["adp_lower_report"]`` (both, plus
-    per-pass seconds, notes on sites left alone, and the cos/sin cache's provenance).
+    Results: ``graph_record(gm).lowering``: matches per pass, adp op nodes in the lowered graph,
+    per-pass seconds, notes on sites left alone, and the cos/sin tables' provenance.
     """
     by_name = {p.name: p for p in PASSES}
     if isinstance(passes, str):
@@ -101,16 +102,10 @@ def lower(
     eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
-    ops = op_census(gm.graph)
-    gm.meta["adp_lower_counts"] = counts
-    gm.meta["adp_lower_ops"] = ops
-    gm.meta["adp_lower_report"] = {
-        "counts": counts,
-        "ops": ops,
-        "seconds": seconds,
-        "notes": ctx.notes,
-        **ctx.info,
-    }
+    tables = {name: CosSinTable(**table)
+              for name, table in ctx.info.get("cos_sin_cache", {}).items()}
+    graph_record(gm).lowering = LoweringRecord(counts, op_census(gm.graph), seconds, ctx.notes,
+                                               tables)
     return gm
 
 

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from adp_pass.attributes import owner_of
 from adp_pass.fx_vocab import is_op
+from adp_pass.graph_record import graph_record
 from adp_pass.runtime.kernels import decode_mm as kernel
 
 from .graph_utils import eliminate_dead_code, projection_weight
@@ -45,7 +46,7 @@ def use_decode_mm(gm: fx.GraphModule) -> int:
         eliminate_dead_code(graph)  # the t(W) nodes
         graph.lint()
         gm.recompile()
-    gm.meta["adp_decode_mm"] = replaced
+    graph_record(gm).decode_mm = replaced
     return replaced
 
 

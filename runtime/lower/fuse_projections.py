@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from adp_pass.attributes import owner_of, set_attr
 from adp_pass.fx_vocab import NO_COPY_RESHAPE_OPS, is_op
+from adp_pass.graph_record import FusedProjections, graph_record, has_graph_record
 
 from .graph_utils import eliminate_dead_code, first_body_node
 
@@ -36,7 +37,10 @@ aten = torch.ops.aten
 
 def fuse_projections(gm: fx.GraphModule) -> dict[str, int]:
     """Fuse every group of projections sharing an input, in place; ``{"groups": n, "gemms": m}``
-    (``m`` GEMMs became ``n``). Graphs whose weights are on the meta device are left alone."""
+    (``m`` GEMMs became ``n``), also in ``graph_record(gm).fused`` with the fused names. Graphs
+    whose weights are on the meta device are left alone."""
+    record = graph_record(gm)
+    names = record.fused.names if record.fused is not None else {}  # of earlier calls too
     groups: dict[tuple, list[_Projection]] = defaultdict(list)
     reads = Counter(node.target for node in gm.graph.nodes if node.op == "get_attr")
     for node in gm.graph.nodes:
@@ -47,23 +51,23 @@ def fuse_projections(gm: fx.GraphModule) -> dict[str, int]:
     for members in groups.values():
         if len(members) < 2:
             continue
-        _fuse(gm, members)
+        _fuse(gm, members, names)
         fused += 1
         gemms += len(members)
     if fused:
         eliminate_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
-    counts = {"groups": fused, "gemms": gemms}
-    gm.meta["adp_fused_projections"] = counts
-    return counts
+    record.fused = FusedProjections(fused, gemms, names)
+    return record.fused.counts()
 
 
 def unfused_state_dict(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``gm.state_dict()`` under the original names: each fused tensor split back into views of
     the parameters it replaced (a reference model or a checkpoint writer wants those)."""
     state = gm.state_dict()
-    for fused, pieces in getattr(gm, "meta", {}).get("adp_fused_names", {}).items():
+    fused_names = graph_record(gm).fused if has_graph_record(gm) else None
+    for fused, pieces in (fused_names.names if fused_names is not None else {}).items():
         tensor = state.pop(fused)
         start = 0
         for name, rows in pieces:
@@ -124,11 +128,11 @@ def _attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return getattr(owner, leaf)
 
 
-def _fuse(gm: fx.GraphModule, members: list[_Projection]) -> None:
+def _fuse(gm: fx.GraphModule, members: list[_Projection],
+          names: dict[str, list[tuple[str, int]]]) -> None:
     graph = gm.graph
     weights = [_attr(gm, m.weight) for m in members]
     rows = [w.shape[0] for w in weights]
-    names = gm.meta.setdefault("adp_fused_names", {})
     fused_name = _register(gm, [m.weight for m in members], torch.cat(weights, dim=0), "weight")
     names[fused_name] = [(m.weight.target, r) for m, r in zip(members, rows)]
     fused_bias = None

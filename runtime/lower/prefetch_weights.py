@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from adp_pass.fx_vocab import is_op
+from adp_pass.graph_record import graph_record
 # Registered on import: adp.prefetch_l2, adp.cached_attention.
 from adp_pass.runtime.kernels import cached_attention as _cached_attention  # noqa: F401
 from adp_pass.runtime.kernels import prefetch as _prefetch  # noqa: F401
@@ -52,7 +53,7 @@ def insert_weight_prefetch(gm: fx.GraphModule) -> dict[str, int]:
     existing = Counter(node.args[1] for node in graph.nodes if is_op(node, {PREFETCH}))
     if existing:
         counts = {"attention": existing.get("attention", 0), "gap": existing.get("gap", 0)}
-        gm.meta["adp_prefetch"] = counts
+        graph_record(gm).prefetch = counts
         return counts
     heavy: list[tuple[fx.Node, fx.Node | None]] = []  # (node, weight get_attr or None: attention)
     ours_since: list[bool] = []  # an adp kernel ran between this heavy node and the one before
@@ -94,7 +95,7 @@ def insert_weight_prefetch(gm: fx.GraphModule) -> dict[str, int]:
     if any(counts.values()):
         graph.lint()
         gm.recompile()
-    gm.meta["adp_prefetch"] = counts
+    graph_record(gm).prefetch = counts
     return counts
 
 

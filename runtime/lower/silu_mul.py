@@ -8,7 +8,7 @@ taken by ``chunk(2, -1)`` (ATen ``split.Tensor``), ``split([I, I], -1)``
 
 Replaces with: ``torch.ops.adp.silu_mul_fused(gate_up)`` for the fused forms, otherwise
 ``torch.ops.adp.silu_mul(gate, up)``. The count is the number of activations replaced (both
-kinds); ``gm.meta["adp_lower_ops"]`` tells the kinds apart.
+kinds); ``graph_record(gm).lowering.ops`` tells the kinds apart.
 
 Pattern-matcher pass (``register_replacement``, patterns traced with ``fwd_only`` on tiny
 tensors). The fused patterns are registered first: all patterns end in the same ``mul``, and
