@@ -17,28 +17,14 @@ from typing import Hashable
 
 import torch
 
+from adp_pass.runtime.contract import Request, Result
 from adp_pass.runtime.kv_cache import PagedKVCache
 from adp_pass.runtime.runner import DecodeBatch, PackedBatch, PrefillBatch
-from adp_pass.runtime.sampling import RowSampling, SamplingParams, request_seed
+from adp_pass.runtime.sampling import RowSampling, request_seed
 
 # Prompts of different lengths are prefilled in one call while its padding (to the longest)
 # stays under this fraction of the real tokens.
 PREFILL_PADDING = 0.25
-
-
-@dataclass
-class Request:
-    request_id: Hashable
-    prompt: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass
-class Result:
-    request_id: Hashable
-    prompt_len: int
-    tokens: list[int]
-    finish_reason: str  # "length" | "stop" | "max_position"
 
 
 @dataclass
