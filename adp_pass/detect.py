@@ -15,8 +15,10 @@ import sympy
 import torch
 import torch.fx as fx
 
+from adp_pass import fp8
 from adp_pass.errors import AdpError
-from adp_pass.fx_vocab import ALL_GATHER_OPS, COLLECTIVE_OPS, descendants, is_op, nodes_between
+from adp_pass.fx_vocab import (ALL_GATHER_OPS, COLLECTIVE_OPS, FP8_LINEAR_OPS, attr_source,
+                               descendants, is_op, nodes_between)
 from adp_pass.graph_record import graph_record
 from adp_pass.mapping import ROLE_OF_KIND, Mapping, MappingError, role_parts, site_action
 from adp_pass.patterns import SITE_PATTERNS
@@ -104,6 +106,7 @@ def detect(gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -
         )
 
     sites = [_with_action(site, mapping) for site in sites]
+    sites = _with_scales(gm, sites, mapping)  # before any weight is read: whole 128-blocks
     claims = _weight_claims(sites)
     roles = {w.attr: ROLE_OF_KIND[s.kind] for s in sites for w in s.weights}
     params = _param_specs(gm, claims, mapping, roles)
@@ -133,6 +136,87 @@ def _with_action(site: Site, mapping: Mapping) -> Site:
             f"mlp_tp={mapping.attn_tp_size}"
         )
     return dataclasses.replace(site, action=action, group_tag=tag, group_size=size)
+
+
+def _fp8_scales(gm: fx.GraphModule) -> dict[str, str]:
+    """``{fp8 weight attribute: its weight_scale_inv attribute}``, read off the FP8 linears."""
+    scales: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if is_op(node, FP8_LINEAR_OPS):
+            weight, scale = attr_source(node.args[1]), attr_source(node.args[2])
+            if weight is None or scale is None:
+                continue  # not a module's linear: no site claims it
+            if scales.setdefault(weight.target, scale.target) != scale.target:
+                raise DetectError(f"{weight.target} is used with two scale tensors "
+                                  f"({scales[weight.target]}, {scale.target})")
+    return scales
+
+
+def _with_scales(gm: fx.GraphModule, sites: list[Site], mapping: Mapping) -> list[Site]:
+    """Each site's FP8 weights with their scales beside them: the scale is sharded on the same
+    dim as its weight, its segments the weight's in 128-tiles, so it is gathered, replicated or
+    regrouped with the weight under every mapping. A traced shard that is not whole tiles is
+    refused here, before any weight is read (:class:`~adp_pass.fp8.Fp8BlockError`)."""
+    scales = _fp8_scales(gm)
+    if not scales:
+        return sites
+    block = fp8.WEIGHT_BLOCK[0]
+    misfits, sizes = [], []
+    full_sizes: dict[str, list[int]] = {}  # role -> every FP8 segment's full size
+    out = []
+    for site in sites:
+        extra = []
+        for weight in site.weights:
+            scale = scales.get(weight.attr)
+            if scale is None:
+                continue
+            local = tuple(int(n) for n in gm.get_parameter(weight.attr).shape)
+            segments = weight.segments or (local[weight.dim],)
+            sizes += [n * mapping.tp_size for n in segments]
+            full_sizes.setdefault(ROLE_OF_KIND[site.kind], []).extend(
+                n * mapping.tp_size for n in segments)
+            if any(n % block for n in segments):
+                misfits.append((weight.attr, weight.dim, local, segments))
+                continue
+            extra.append(ShardedWeight(scale, weight.layout, weight.dim,
+                                       tuple(n // block for n in segments)))
+        out.append(dataclasses.replace(site, weights=site.weights + tuple(extra)))
+    if misfits:
+        name, dim, local, segments = misfits[0]
+        what = "rows" if dim == 0 else "columns"
+        works = fp8.block_aligned_tp(sizes, max(mapping.tp_size, 8))
+        raise fp8.Fp8BlockError(
+            f"{name} is FP8 with {block}x{block} scale blocks, but each of the {mapping.tp_size} "
+            f"TP ranks holds {' + '.join(map(str, segments))} of its {what} (shape "
+            f"{list(local)}), not a multiple of {block}: the rank's scale tiles would cover "
+            f"other ranks' values, so mapping {mapping} (and every mapping of this TP job) "
+            f"cannot rewrite it ({len(misfits)} FP8 weights so). TP degrees whose shards are "
+            f"whole blocks: {', '.join(map(str, works)) or 'none'}; capture at one of them (every "
+            "mapping of that job then keeps whole blocks), or capture the bf16 model: the loader "
+            "dequantizes the FP8 checkpoint into it under the mappings of this job whose parts "
+            f"are whole blocks: {_whole_block_mappings(mapping.tp_size, full_sizes) or 'none'}")
+    return out
+
+
+def _whole_block_mappings(tp: int, full_sizes: dict[str, list[int]]) -> str:
+    """The mappings of a ``tp``-rank job that split every FP8 segment of each role into whole
+    128-blocks (what a rank of the bf16 graph reads and dequantizes)."""
+    block = fp8.WEIGHT_BLOCK[0]
+    divisors = [d for d in range(1, tp + 1) if tp % d == 0]
+
+    def whole(role: str, parts: int) -> bool:
+        return all(n % parts == 0 and (n // parts) % block == 0 for n in full_sizes.get(role, ()))
+
+    found = [Mapping(tp_size=tp)] if whole("attention", tp) and whole("mlp", tp) else []
+    for attn in divisors:
+        for mlp in divisors:
+            if whole("attention", attn) and whole("mlp", mlp):
+                try:
+                    found.append(Mapping(tp_size=tp, enable_attention_dp=True,
+                                         attn_tp_size=attn, mlp_tp_size=mlp))
+                except MappingError:
+                    continue
+    return "; ".join(map(str, found))
 
 
 def _plan_growth(gm: fx.GraphModule, sites: list[Site], claims: dict[str, ShardedWeight],

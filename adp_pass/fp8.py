@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from adp_pass.errors import AdpError
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 WEIGHT_BLOCK = (128, 128)  # the block the kernels support (the Qwen3 and DeepSeek releases)
@@ -118,3 +120,79 @@ def fp8_linear_reference(x: torch.Tensor, weight_fp8: torch.Tensor, scale_inv: t
     activation = dequantize_activation(x_fp8, x_scale, block[1])
     weight = dequantize_weight(weight_fp8, scale_inv, block)
     return (activation @ weight.T).to(x.dtype)
+
+
+# ------------------------------------------------------------------------- the op in the graph
+# ``adp::fp8_block_linear`` is defined here, in the foundation, so that capturing an FP8 model
+# on fake/meta tensors, detecting and rewriting its graph need no runtime module: the schema, the
+# fake implementation and the reference arithmetic (every device's default) live with the format.
+# ``runtime/kernels/fp8_gemm.py`` registers the Triton / cuBLAS kernels over the default.
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_weight(op: str, weight: torch.Tensor, weight_scale_inv: torch.Tensor, k: int) -> None:
+    """An fp8 weight [N, K] (unit stride along K) and its tile scales of exactly
+    ``scale_shape(weight.shape)``; each problem a ``ValueError`` naming it."""
+    if weight.dim() != 2 or weight.dtype != E4M3:
+        raise ValueError(f"{op}: weight must be a 2-D float8_e4m3fn [N, K], got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if weight.shape[1] != k:
+        raise ValueError(f"{op}: x has K = {k} columns but weight is {tuple(weight.shape)}")
+    if weight.stride(1) != 1 and weight.shape[1] > 1:
+        raise ValueError(f"{op}: weight must be unit-stride along K (its rows contiguous), got "
+                         f"strides {weight.stride()}; weights are not copied per call")
+    expected = scale_shape(tuple(weight.shape))
+    if tuple(weight_scale_inv.shape) != expected:
+        raise ValueError(f"{op}: weight_scale_inv is {list(weight_scale_inv.shape)}; a weight of "
+                         f"{list(weight.shape)} with 128x128 blocks needs {list(expected)}")
+    if weight_scale_inv.dtype not in SCALE_DTYPES:
+        raise ValueError(f"{op}: weight_scale_inv must be float32, bfloat16 or float16, got "
+                         f"{weight_scale_inv.dtype}")
+    if weight.device != weight_scale_inv.device:
+        raise ValueError(f"{op}: weight on {weight.device}, weight_scale_inv on "
+                         f"{weight_scale_inv.device}")
+
+
+def check_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> None:
+    """The arguments of ``adp::fp8_block_linear``, checked alike by every implementation."""
+    op = "fp8_block_linear"
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must be [..., K]")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{op}: x must be bfloat16, float16 or float32 (fp8 activations go "
+                         f"through fp8_block_linear_quantized), got {x.dtype}")
+    check_weight(op, weight, weight_scale_inv, x.shape[-1])
+    if x.device != weight.device:
+        raise ValueError(f"{op}: x on {x.device}, weight on {weight.device}")
+
+
+@torch.library.custom_op("adp::fp8_block_linear", mutates_args=())
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor
+                     ) -> torch.Tensor:
+    """``fp8_linear_reference(x, weight, weight_scale_inv)``: ``x [..., K]`` in bf16/fp16/fp32,
+    ``weight`` float8_e4m3fn [N, K], its tile scales; result ``[..., N]`` in ``x.dtype``. The
+    scale is a required argument: an fp8 weight never reaches a product without it."""
+    check_linear(x, weight, weight_scale_inv)
+    return fp8_linear_reference(x, weight, weight_scale_inv)
+
+
+@fp8_block_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    check_linear(x, weight, weight_scale_inv)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# ------------------------------------------------------------------------------ refusals
+class Fp8BlockError(AdpError, ValueError):
+    """A rank's part of an FP8 weight is not whole 128 x 128 scale tiles: its scales would be
+    shared with another rank's values, so no sharding of the scale grid matches the weight's."""
+
+    default_hint = ("capture at a TP degree whose shards are whole 128-blocks, or capture the "
+                    "bf16 model (the loader dequantizes an FP8 checkpoint for it)")
+
+
+def block_aligned_tp(sizes: list[int], up_to: int, block: int = WEIGHT_BLOCK[0]) -> list[int]:
+    """The TP degrees (1..``up_to``) that split every size in ``sizes`` into whole ``block``s."""
+    return [t for t in range(1, up_to + 1)
+            if all(n % t == 0 and (n // t) % block == 0 for n in sizes)]

@@ -1,7 +1,8 @@
 """The FX vocabulary every stage speaks: which ATen ops are which, and a few node helpers.
 
 Op sets and helpers that the site patterns, detect, the sharding analysis, rewrite, the lowering
-and the cache insertion all need. It imports nothing from the project, so any stage can use it
+and the cache insertion all need. It imports nothing from the project but ``adp_pass.fp8`` (the
+foundation's definition of the FP8 linear op, torch only), so any stage can use it
 without depending on another stage: the lowering reads ``ATTENTION_CORE_OPS`` here, not from the
 site-pattern package (docs/design.md, "Module layering").
 
@@ -17,6 +18,8 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+
+from adp_pass import fp8  # defines adp::fp8_block_linear, so the op below exists
 
 aten = torch.ops.aten
 c10d_functional = torch.ops._c10d_functional
@@ -73,8 +76,13 @@ REPEAT_KV_OPS = RESHAPE_OPS | {
 }
 
 # ----------------------------------------------------------------------------- compute ops
+# FP8 block-scaled linears: ``(x, weight [N, K] e4m3, weight_scale_inv [N/128, K/128])``.
+FP8_LINEAR_OPS = {fp8.fp8_block_linear._opoverload}
+# Linears that take the stored weight [N, K] as is (``x @ W.T``, no transpose node): the third
+# argument is aten.linear's bias but the FP8 op's scale.
+LINEAR_OPS = {aten.linear.default} | FP8_LINEAR_OPS
 # A linear layer in ATen form (the weight matmul of the patterns).
-MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.linear.default}
+MATMUL_OPS = {aten.mm.default, aten.addmm.default} | LINEAR_OPS
 ATTENTION_CORE_OPS = {
     op
     for name in (
@@ -198,7 +206,7 @@ def metadata_key(value: Any) -> Any:
 
 __all__ = [
     "ALL_GATHER_OPS", "ALL_REDUCE_OPS", "ATTENTION_CORE_OPS", "COLLECTIVE_OPS", "COPY_OPS",
-    "EMBEDDING_OPS", "GATED_ACTIVATION_OPS", "MATMUL_OPS", "NO_COPY_RESHAPE_OPS",
+    "EMBEDDING_OPS", "FP8_LINEAR_OPS", "GATED_ACTIVATION_OPS", "LINEAR_OPS", "MATMUL_OPS", "NO_COPY_RESHAPE_OPS",
     "ORDER_KEEPING_VIEW_OPS", "OTHER_COLLECTIVE_OPS", "REPEAT_KV_OPS", "RESHAPE_OPS",
     "NoMetadataKey", "SLICE_OPS", "SOFTMAX_OPS", "SPLIT_OPS", "TRANSPOSE_OPS", "VIEW_OPS", "WAIT_OPS", "aten",
     "ancestors", "attr_source", "copy_graph", "descendants", "dim_arg", "is_last_dim", "is_op",

@@ -6,6 +6,7 @@ needs in pipeline order::
 
     pipeline = Pipeline(dump_dir="dumps")           # dump_dir: optional
     captured = pipeline.capture(lambda: capture_hf(config, tp, rank))
+    pipeline.fp8_linears(captured.gm, fp8_weights)  # an FP8 checkpoint served in FP8 only
     plan = pipeline.detect(captured.gm, mapping)
     gm = pipeline.rewrite(captured.gm, plan)
     pipeline.weights(gm, fill)
@@ -45,8 +46,9 @@ from adp_pass.plan import Plan
 from adp_pass.rewrite import rewrite_and_report
 from adp_pass.runtime.serving_config import ServingConfig
 from adp_pass.stage_reports import (CacheReport, CaptureReport, DecodeMmReport, DetectReport,
-                                    FuseReport, LoadReport, LowerReport, PrefetchReport,
-                                    RewriteStageReport, StageReport, StoreReport, WeightsReport)
+                                    Fp8LinearsReport, FuseReport, LoadReport, LowerReport,
+                                    PrefetchReport, RewriteStageReport, StageReport, StoreReport,
+                                    WeightsReport)
 
 if TYPE_CHECKING:
     from adp_pass.capture import CapturedGraph
@@ -81,6 +83,20 @@ class Pipeline:
             tensors=len(list(gm.named_parameters())) + len(list(gm.named_buffers())),
         ), text=lambda: graph_text(gm))
         return captured
+
+    def fp8_linears(self, gm: fx.GraphModule, fp8_weights) -> fx.GraphModule:
+        """The captured graph's projections whose weights are ``fp8_weights`` (an FP8
+        checkpoint's, ``fp8_linears.checkpoint_fp8_weights``) become ``adp.fp8_block_linear``
+        with fp8 weights and scale grids (``adp_pass/fp8_linears.py``), in place; before detect,
+        so the scales are sharded with their weights."""
+        from adp_pass.fp8_linears import use_fp8_linears
+
+        start = time.perf_counter()
+        done = use_fp8_linears(gm, fp8_weights)
+        self._record(Fp8LinearsReport(stage="fp8_linears", seconds=_since(start),
+                                      fp8_linears=done.replaced),
+                     text=lambda: graph_text(gm))
+        return gm
 
     def detect(self, gm: fx.GraphModule, mapping: Mapping | str, *, strict: bool = True) -> Plan:
         start = time.perf_counter()
@@ -243,7 +259,7 @@ def _since(start: float) -> float:
 
 # The report types are re-exported: callers of the runner read them from here.
 __all__ = [
-    "CacheReport", "CaptureReport", "DecodeMmReport", "DetectReport", "FuseReport", "LoadReport",
-    "LowerReport", "Pipeline", "PrefetchReport", "RewriteStageReport", "StageReport",
-    "StoreReport", "WeightsReport", "graph_text",
+    "CacheReport", "CaptureReport", "DecodeMmReport", "DetectReport", "Fp8LinearsReport",
+    "FuseReport", "LoadReport", "LowerReport", "Pipeline", "PrefetchReport", "RewriteStageReport",
+    "StageReport", "StoreReport", "WeightsReport", "graph_text",
 ]

@@ -409,3 +409,16 @@ def _copy_side_files(source: Path, out: Path) -> None:
         if (path.is_file() and not path.name.startswith(".") and not _NOT_COPIED.fullmatch(path.name)
                 and path.stat().st_size <= _COPY_LIMIT):
             shutil.copy2(path, out / path.name)
+
+
+def preset_checkpoint(preset: str, out: str | Path | None = None, *, seed: int = 0) -> Path:
+    """The preset's seeded random model as an FP8 checkpoint in ``out`` (default: a folder under
+    the temp dir named after the preset and seed), written once and reused: what the benches'
+    ``--quantize fp8`` serve."""
+    import tempfile
+
+    out = Path(out) if out is not None else (
+        Path(tempfile.gettempdir()) / f"adp-fp8-{preset}-seed{seed}")
+    if not (out / "config.json").is_file():
+        quantize_checkpoint(out, preset=preset, seed=seed, force=out.exists())
+    return out

@@ -47,12 +47,19 @@ def summarize_graph(gm: fx.GraphModule) -> dict:
 
 
 def weight_bytes(plan: Plan) -> tuple[int, int]:
-    """Bytes of the parameters one rank holds: (TP shard, after the rewrite)."""
+    """Bytes of the parameters one rank holds: (TP shard, after the rewrite), each at the dtype
+    it was traced in (``traced_dtypes``: float32 for the presets; bf16 serving holds half)."""
     def size(shape, dtype):
         return math.prod(shape) * getattr(torch, dtype).itemsize
 
     tp = sum(size(p.local_shape, p.dtype) for p in plan.params)
     return tp, sum(size(p.held_shape, p.dtype) for p in plan.params)
+
+
+def traced_dtypes(plan: Plan) -> str:
+    """The dtypes the plan's parameters were traced in, e.g. "float32" (sizes are counted at
+    them)."""
+    return "/".join(sorted({p.dtype for p in plan.params})) or "no weights"
 
 
 def write_rewrite_outputs(
@@ -140,7 +147,7 @@ def plot_before_after(path: Path, plan: Plan, before: dict, after: dict) -> Path
             mem_ax.bar(["TP shard", "rewritten"], [local / 1e6, full / 1e6], 0.5,
                        bottom=stack, label=f"{layout} ({len(specs)})")
             stack = [stack[0] + local / 1e6, stack[1] + full / 1e6]
-    mem_ax.set_ylabel("weights per rank (MB)")
+    mem_ax.set_ylabel(f"weights per rank (MB, {traced_dtypes(plan)} as traced)")
     mem_ax.set_title(f"weights: {tp_total / 1e6:.1f} -> {adp_total / 1e6:.1f} MB "
                      f"({adp_total / max(tp_total, 1):.1f}x)")
     mem_ax.legend(fontsize=8)

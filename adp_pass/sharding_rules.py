@@ -22,6 +22,7 @@ from adp_pass.fx_vocab import (
     ATTENTION_CORE_OPS,
     COLLECTIVE_OPS,
     COPY_OPS,
+    FP8_LINEAR_OPS,
     RESHAPE_OPS,
     SLICE_OPS,
     SPLIT_OPS,
@@ -374,6 +375,62 @@ def rule_linear(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     return _layout(dims, deps, partial)
 
 
+# The FP8 block: one weight_scale_inv per 128 x 128 tile, activations quantized per 128 of K.
+_FP8_BLOCK = 128
+
+
+def _tiles(node: fx.Node, dim: int, segments: DimLayout | None, deps) -> DimLayout | None:
+    """The layout a weight's scale grid must have along ``dim`` when the weight's is
+    ``segments``: the same segments counted in 128-tiles. Each rank's block must be whole tiles,
+    else its scales would also scale another rank's values (and, along K, its activation groups
+    would not be the full tensor's)."""
+    if segments is None:
+        return None
+    tiles = []
+    for seg in segments:
+        if not all(_is_concrete(v) and int(v) % _FP8_BLOCK == 0
+                   for v in (seg.length, seg.block)):
+            raise _Conflict(node, f"the weight's part along dim {dim} ({_segments_text(segments)})"
+                            f" is not whole {_FP8_BLOCK}-blocks, so its scale tiles cannot be "
+                            "split with it", deps, final=True)
+        tiles.append(Segment(int(seg.length) // _FP8_BLOCK, int(seg.block) // _FP8_BLOCK))
+    return tuple(tiles)
+
+
+def rule_fp8_linear(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
+    """``fp8_block_linear(x [..., K], W [N, K], S [N/128, K/128])``: as ``linear`` for x and W
+    (W sharded on N: output sharded on its last dim; W and x sharded alike on K: a partial sum);
+    the scale grid must be sharded as W is, tile for tile: same dims, same segments in units of
+    128, every rank's block whole tiles. Then rank r's tiles are exactly the tiles of its values,
+    and (along K) its 128-wide activation groups are the full tensor's groups, so the local
+    product is rank r's part (or addend) of the full one."""
+    x, w, scale = args[:3]
+    lx, lw, ls = _tensor_layout(a, x), _tensor_layout(a, w), _tensor_layout(a, scale)
+    deps = _deps_of([lx, lw, ls])
+    _refuse_partial(node, [lx, lw, ls])
+    rank = len(_shape(x))
+    if any(d < rank - 1 for d, _ in lx.dims) and lx.at(rank - 1):
+        raise _Conflict(node, "its input is sharded along two dims", deps)
+    for dim in (0, 1):
+        want = _tiles(node, dim, lw.at(dim), deps)
+        if ls.at(dim) != want:
+            have = _segments_text(ls.at(dim)) if ls.at(dim) else "replicated"
+            need = _segments_text(want) if want else "replicated"
+            raise _Conflict(node, f"its weight_scale_inv {_name(scale)} is {have} along dim "
+                            f"{dim} but its weight's tiles there are {need}", deps, final=True)
+    partial = _contract(node, lx.at(rank - 1), lw.at(1), deps)
+    dims = {d: s for d, s in lx.dims if d < rank - 1}
+    if lw.at(0):
+        dims[rank - 1] = lw.at(0)
+    if partial and dims:
+        raise _Conflict(node, "it is both a partial sum and sharded", deps)
+    return _layout(dims, deps, partial)
+
+
+def _name(value: Any) -> str:
+    return value.name if isinstance(value, fx.Node) else repr(value)
+
+
 def rule_embedding(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     weight, ids = args[:2]
     lw, li = _tensor_layout(a, weight), _tensor_layout(a, ids)
@@ -511,6 +568,7 @@ _RULES: dict[Any, Callable] = {
     aten.cat.default: rule_cat,
     aten.mm.default: rule_mm, aten.addmm.default: rule_mm, aten.bmm.default: rule_mm,
     aten.linear.default: rule_linear,
+    **{op: rule_fp8_linear for op in FP8_LINEAR_OPS},
     aten.embedding.default: rule_embedding,
     **{op: rule_reduce for op in _REDUCE_OPS | _ALONG_DIM_OPS},
     **{op: rule_attention for op in ATTENTION_CORE_OPS},

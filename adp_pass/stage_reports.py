@@ -58,6 +58,13 @@ class CaptureReport(StageReport):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Fp8LinearsReport(StageReport):
+    """The captured graph's projections made FP8 (``adp_pass/fp8_linears.py``)."""
+
+    fp8_linears: int  # projections now adp.fp8_block_linear, each weight fp8 + its scale grid
+
+
+@dataclass(frozen=True, kw_only=True)
 class DetectReport(StageReport):
     sites: dict[str, int]  # by kind
     sharded_params: int
@@ -124,7 +131,8 @@ class PrefetchReport(StageReport):
 
 # Stage name -> its report type: how a stored report (the build cache's manifest) is read back.
 REPORT_TYPES: dict[str, type[StageReport]] = {
-    "capture": CaptureReport, "detect": DetectReport, "rewrite": RewriteStageReport,
+    "capture": CaptureReport, "fp8_linears": Fp8LinearsReport, "detect": DetectReport,
+    "rewrite": RewriteStageReport,
     "weights": WeightsReport, "lower": LowerReport, "cache": CacheReport, "load": LoadReport,
     "store": StoreReport, "fuse": FuseReport, "decode_mm": DecodeMmReport,
     "prefetch": PrefetchReport,
@@ -137,7 +145,7 @@ def report_from_json(doc: dict) -> StageReport:
 
 
 __all__ = [
-    "CacheReport", "CaptureReport", "DecodeMmReport", "DetectReport", "FuseReport", "LoadReport",
-    "LowerReport", "PrefetchReport", "REPORT_TYPES", "RewriteStageReport", "StageReport",
-    "StoreReport", "WeightsReport", "report_from_json",
+    "CacheReport", "CaptureReport", "DecodeMmReport", "DetectReport", "Fp8LinearsReport",
+    "FuseReport", "LoadReport", "LowerReport", "PrefetchReport", "REPORT_TYPES",
+    "RewriteStageReport", "StageReport", "StoreReport", "WeightsReport", "report_from_json",
 ]

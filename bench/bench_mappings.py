@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from adp_pass.cost_model import load_calibration, predict
 from adp_pass.mapping import Mapping
 from adp_pass.presets import qwen3_config
+from adp_pass.quantize import preset_checkpoint
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
 from adp_pass.runtime.contract import to_json
 from adp_pass.runtime.serving_config import ServingConfig
@@ -77,8 +79,9 @@ def run_mapping(spec: str, args, config, workloads: list[tuple[int, int]], log_d
                    | {per_group})
     serving = ServingConfig(num_blocks=blocks, block_size=BLOCK, max_position=seq_max + 16,
                             max_seq_len=seq_max, max_batch=per_group,
-                            cuda_graph_sizes=tuple(sizes))
+                            cuda_graph_sizes=tuple(sizes), kv_cache_dtype=args.kv_cache_dtype)
     job = make_job(mapping, phases[0], workloads=phases[1:], preset=args.preset,
+                   checkpoint=str(args.checkpoint) if args.checkpoint else None,
                    dtype=args.dtype, serving=serving, check_first_step=not args.no_check)
     print(f"\n== {spec}: {ranks} rank(s), {per_group} requests per DP group at most, "
           f"{blocks} KV blocks per rank", flush=True)
@@ -124,10 +127,23 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true",
                         help="skip the first step's parity check against transformers (it holds "
                         "a bf16 and an fp32 copy of the weights: too much for Qwen3-32B)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="serve this checkpoint (bf16, or FP8 block-scaled: FP8 linears)")
+    parser.add_argument("--quantize", choices=["fp8"], default=None,
+                        help="serve the preset's random model written as an FP8 checkpoint")
+    parser.add_argument("--quantize-dir", type=Path, default=None,
+                        help="where --quantize writes it (kept and reused)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    config = qwen3_config(args.preset)
+    if args.quantize and args.checkpoint:
+        parser.error("give --checkpoint or --quantize, not both")
+    if args.quantize:
+        args.checkpoint = preset_checkpoint(args.preset, args.quantize_dir)
+    config = (qwen3_config(args.preset) if args.checkpoint is None
+              else AutoConfig.from_pretrained(args.checkpoint))
+    args.weights = "fp8" if getattr(config, "quantization_config", None) else "bf16"
     workloads = [tuple(int(x) for x in w.split("x")) for w in args.workloads.split(",")]
     specs = args.mappings.split(";") if args.mappings else default_mappings(args.gpus)
     calibration = load_calibration(args.calibration)
@@ -142,7 +158,9 @@ def main() -> None:
         for row in measured:
             prediction = predict(config, spec, batch_per_gpu=row["batch_per_gpu"],
                                  prompt=row["prompt"], new_tokens=args.new_tokens,
-                                 calibration=calibration, gpu_memory_bytes=memory)
+                                 calibration=calibration, gpu_memory_bytes=memory,
+                                 weights=args.weights,
+                                 kv_cache="fp8" if args.kv_cache_dtype == "fp8" else "bf16")
             row.update(model=args.preset, predicted_step_ms=prediction.step_ms,
                        predicted_tok_s_per_gpu=prediction.tok_s_per_gpu)
             if "error" in row:
@@ -167,6 +185,8 @@ def _document(args, rows: list, bandwidth: float | None, started: float) -> dict
         "versions": {"torch": torch.__version__, "triton": triton.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "copy_bandwidth_gbps": bandwidth,
+        "weights": args.weights, "kv_cache_dtype": args.kv_cache_dtype,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
         "rows": rows,
     }

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from adp_pass.fx_vocab import (
+    LINEAR_OPS,
     MATMUL_OPS,
     ORDER_KEEPING_VIEW_OPS,
     VIEW_OPS,
@@ -31,7 +32,8 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class WeightMatmul:
-    """A linear layer in ATen form: ``mm(x, t(W))``, ``addmm(b, x, t(W))`` or ``linear``."""
+    """A linear layer in ATen form: ``mm(x, t(W))``, ``addmm(b, x, t(W))``, ``linear`` or the
+    FP8 ``adp::fp8_block_linear(x, W, W_scale_inv)``."""
 
     node: fx.Node
     activation: fx.Node
@@ -48,9 +50,10 @@ def as_weight_matmul(node: fx.Node) -> WeightMatmul | None:
     """Read ``node`` as a linear layer whose weight is a module attribute, else None."""
     if not is_op(node, MATMUL_OPS):
         return None
-    if node.target is aten.linear.default:
+    if node.target in LINEAR_OPS:  # aten.linear, or the FP8 linear (whose third arg is a scale)
         weight = attr_source(node.args[1])
-        bias = node.args[2] if len(node.args) > 2 else None
+        has_bias = node.target is aten.linear.default and len(node.args) > 2
+        bias = node.args[2] if has_bias else None
         return weight and WeightMatmul(node, node.args[0], weight, 1, bias)
     if node.target is aten.addmm.default:
         bias, activation, rhs = node.args[:3]

@@ -132,10 +132,12 @@ class BuildKey:
 
 
 def build_key(config, mapping, rank: int, *, dtype: torch.dtype, device: torch.device | str,
-              lower_ops: bool = True) -> BuildKey:
+              lower_ops: bool = True, fp8_linears: bool = False) -> BuildKey:
     """The key of rank ``rank``'s build of ``config`` under ``mapping``. The KV-cache geometry
     (num_blocks, block_size) and ``max_position`` are not part of it: they shape buffers, never
-    the graph's code, and are applied when an entry is loaded."""
+    the graph's code, and are applied when an entry is loaded. ``fp8_linears``: the graph's
+    projections are FP8 (an FP8 checkpoint served in FP8); the same config served dequantized
+    is another graph, so another entry."""
     from adp_pass.mapping import Mapping
 
     config_fields = {k: v for k, v in config.to_dict().items() if k not in IGNORED_CONFIG_FIELDS}
@@ -148,6 +150,7 @@ def build_key(config, mapping, rank: int, *, dtype: torch.dtype, device: torch.d
         "dtype": str(dtype).removeprefix("torch."),
         "device": torch.device(device).type,
         "lower_ops": bool(lower_ops),
+        "fp8_linears": bool(fp8_linears),
     }
     return BuildKey(identity, versions(), source_hash())
 

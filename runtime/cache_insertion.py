@@ -13,6 +13,10 @@
   reads only the positions an optional ``logits_indices`` input selects: prefill needs the
   logits of a prompt's last token, not of all of them.
 
+``use_fp8_kv_cache(gm)`` afterwards stores the caches as float8_e4m3fn, each layer's
+``cached_attention`` reading its fp32 scales ``kv_cache_{i}_k_scale`` / ``_v_scale`` (one-element
+buffers; docs/fp8.md, "FP8 KV cache").
+
 Only the SDPA node, its q/k/v inputs and the position-ids node are relied on, so the pass runs
 the same before or after the lowering passes (``adp.qk_norm_rope`` reads the position ids too).
 Node walks over the op sets of ``adp_pass/fx_vocab.py``. See docs/cache_insertion.md.
@@ -41,6 +45,7 @@ from adp_pass.runtime.kernels import cached_attention as _cached_attention  # no
 from adp_pass.runtime.lower.graph_utils import call, fake_value, same_size, size_arg
 from adp_pass.errors import AdpError
 from adp_pass.graph_record import CacheRecord, KvLayout, graph_record
+from adp_pass.runtime.serving_config import check_kv_cache_scale, kv_cache_torch_dtype
 
 aten = torch.ops.aten
 CACHED_ATTENTION = torch.ops.adp.cached_attention.default
@@ -85,6 +90,9 @@ def insert_kv_cache(
     (``graph_record(gm).cache.lm_head`` says which matmul, ``logits_unsupported`` why not);
     True requires it
     (:class:`CacheInsertionError` if the head is not found); False never adds it.
+
+    An fp8 cache: :func:`use_fp8_kv_cache` afterwards (insert with ``num_blocks=1`` then, so the
+    run-dtype cache it replaces is never allocated at full size).
     """
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
@@ -157,6 +165,75 @@ def kv_cache_buffers(gm: fx.GraphModule) -> list[tuple[torch.Tensor, torch.Tenso
     """The (k_cache, v_cache) pair of every layer, in layer order."""
     count = graph_record(gm).cache.attention_cores
     return [(gm.get_buffer(f"kv_cache_{i}_k"), gm.get_buffer(f"kv_cache_{i}_v")) for i in range(count)]
+
+
+def kv_cache_scales(gm: fx.GraphModule) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The (k_scale, v_scale) pair of every layer of an fp8 cache (fp32 ``[1]`` buffers, in
+    layer order); None for a cache in the run dtype."""
+    count = graph_record(gm).cache.attention_cores
+    if gm.get_buffer("kv_cache_0_k").dtype != getattr(torch, "float8_e4m3fn", None):
+        return None
+    return [(gm.get_buffer(f"kv_cache_{i}_k_scale"), gm.get_buffer(f"kv_cache_{i}_v_scale"))
+            for i in range(count)]
+
+
+def use_fp8_kv_cache(gm: fx.GraphModule, *, num_blocks: int | None = None,
+                     kv_scale: float = 1.0) -> fx.GraphModule:
+    """Make the KV caches of a cache-inserted graph fp8, in place: each ``kv_cache_{i}_k`` /
+    ``_v`` becomes a zeroed float8_e4m3fn buffer of ``num_blocks`` blocks (default: as many as
+    now), and each layer's ``cached_attention`` reads fp32 ``[1]`` scales ``kv_cache_{i}_k_scale``
+    / ``_v_scale``, set to ``kv_scale``.
+
+    A pass after the build (as the rank passes are), so a build-cache entry keeps the default
+    cache and serves either dtype; prepare_rank builds with a one-block cache first, so the
+    run-dtype cache is never allocated at full size.
+    """
+    record = graph_record(gm).cache
+    if record is None:
+        raise CacheInsertionError("the graph has no KV cache; run insert_kv_cache first")
+    fp8 = kv_cache_torch_dtype("fp8", torch.float32)
+    if num_blocks is not None and num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is CACHED_ATTENTION]
+    if any("k_scale" in n.kwargs for n in nodes):
+        raise CacheInsertionError("the KV cache is fp8 already (use_fp8_kv_cache ran twice)")
+    check_kv_cache_scale(kv_scale)
+    # Tensors, not floats: the kernels read them on the device (a CUDA graph replays what they
+    # hold), and a checkpoint's scales can be copied in later.
+    device = gm.get_buffer(nodes[0].args[3].target).device
+    scales = [torch.full((1,), float(kv_scale), dtype=torch.float32, device=device)
+              for _ in range(2 * len(nodes))]
+    for index, node in enumerate(nodes):
+        for attr in node.args[3:5]:
+            old = gm.get_buffer(attr.target)
+            blocks = old.shape[0] if num_blocks is None else num_blocks
+            new = torch.zeros((blocks, *old.shape[1:]), dtype=fp8, device=old.device)
+            del old  # the run-dtype cache goes before the next layer's fp8 one is allocated
+            gm.register_buffer(attr.target, new, persistent=False)
+            val = attr.meta.get("val")
+            if getattr(val, "fake_mode", None) is not None:
+                attr.meta["val"] = val.fake_mode.from_tensor(new, static_shapes=True)
+        _add_scales(gm, node, scales[2 * index], scales[2 * index + 1])
+    gm.recompile()
+    record.kv.dtype = str(fp8).removeprefix("torch.")
+    if num_blocks is not None:
+        record.kv.num_blocks = num_blocks
+    return gm
+
+
+def _add_scales(gm: fx.GraphModule, node: fx.Node, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+    """Register a layer's scale buffers next to its caches and pass them to its cached_attention."""
+    kwargs = {}
+    for kind, cache_attr, tensor in (("k", node.args[3], k_scale), ("v", node.args[4], v_scale)):
+        name = f"{cache_attr.target}_scale"  # kv_cache_{i}_k_scale, beside kv_cache_{i}_k
+        gm.register_buffer(name, tensor, persistent=False)  # the state dict stays the model's
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        val = cache_attr.meta.get("val")
+        if getattr(val, "fake_mode", None) is not None:
+            attr.meta["val"] = val.fake_mode.from_tensor(tensor, static_shapes=True)
+        kwargs[f"{kind}_scale"] = attr
+    node.kwargs = {**node.kwargs, **kwargs}
 
 
 class _Site:

@@ -153,14 +153,11 @@ class PhaseStats:
 
     @classmethod
     def of(cls, stats, requests: int, wall_s: float) -> "PhaseStats":
-        """From an engine's ``EngineStats``."""
-        return cls(requests=requests, wall_s=wall_s, prefill_tokens=stats.prefill_tokens,
-                   prefill_s=stats.prefill_s, decode_steps=stats.decode_steps,
-                   decode_tokens=stats.decode_tokens, decode_s=stats.decode_s,
-                   mean_decode_step_ms=stats.mean_decode_step_ms,
-                   decode_tokens_per_s=stats.decode_tokens_per_s,
-                   mean_ttft_ms=stats.mean_ttft_ms, idle_calls=stats.idle_calls,
-                   idle_s=stats.idle_s, agree_s=stats.agree_s)
+        """From an engine's ``EngineStats``: each field here is read by name from ``stats`` (a
+        field or a property), so a new statistic is one field there and one here."""
+        taken = {f.name: getattr(stats, f.name) for f in dataclasses.fields(cls)
+                 if f.name not in ("requests", "wall_s") and hasattr(stats, f.name)}
+        return cls(requests=requests, wall_s=wall_s, **taken)
 
 
 @dataclass

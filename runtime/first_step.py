@@ -21,7 +21,8 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
     config, device = session.job.model_config(), session.device
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(config).eval()
-    weights, skipped = _full_weights(session.built.model, reference)
+    weights, skipped = _full_weights(session.built.model, reference,
+                                     getattr(torch, session.job.dtype))
     got = session.engine.prefill_logits(requests[0].prompt if requests else None)
     if not requests or weights is None:
         del reference
@@ -45,17 +46,28 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
     )
 
 
-def _full_weights(model, reference) -> tuple[dict | None, str | None]:
+def _full_weights(model, reference, dtype: torch.dtype) -> tuple[dict | None, str | None]:
     """The rank's weights at the reference's full shapes: its own tensors where they are full,
     else the shards of the ``full // local`` consecutive ranks around it, all-gathered over the
-    world and concatenated along the one sharded dim (shards are contiguous, in rank order).
+    world and concatenated along the one sharded dim (shards are contiguous, in rank order);
+    FP8 weights dequantized to ``dtype``.
 
     Collective when a weight is sharded; every rank holds the same names and shapes, so all of
     them gather the same tensors in the same order (or all skip)."""
     from adp_pass.runtime.lower.fuse_projections import unfused_state_dict
 
+    from adp_pass import fp8
+    from adp_pass.checks import SCALE_SUFFIX
+
     full = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     weights = {k: v for k, v in unfused_state_dict(model).items() if not k.startswith("kv_cache")}
+    # An FP8 rank's linears hold e4m3 codes and their tile scales (adp_pass/fp8_linears.py): the
+    # scales are gathered like their weights, then each pair becomes the dequantized weight.
+    scales = {k for k in weights if k.endswith(SCALE_SUFFIX)}
+    for name in scales:
+        weight = name.removesuffix(SCALE_SUFFIX)
+        if weight in full:
+            full[name] = fp8.scale_shape(full[weight])
     for name, tensor in weights.items():
         want = full.get(name)
         if want is None or tuple(tensor.shape) == want:
@@ -68,4 +80,7 @@ def _full_weights(model, reference) -> tuple[dict | None, str | None]:
         dist.all_gather(pieces, tensor.contiguous())
         first = dist.get_rank() // parts * parts
         weights[name] = torch.cat(pieces[first:first + parts], dim=dim)
+    for name in scales:
+        weight = name.removesuffix(SCALE_SUFFIX)
+        weights[weight] = fp8.dequantize_weight(weights[weight], weights.pop(name)).to(dtype)
     return weights, None

@@ -22,7 +22,7 @@ from adp_pass.launch import (default_log_path, job_failure, rank_environment, ru
                              torchrun_command)
 from adp_pass.mapping import Mapping
 from adp_pass.runtime.contract import (
-    Job, RankRecord, Request, Result, SamplingParams, from_json, record_path)
+    ContractError, Job, RankRecord, Request, Result, SamplingParams, from_json, record_path)
 
 
 def assign_by_load(requests: list[Request], dp_size: int) -> list[list[Request]]:
@@ -100,6 +100,9 @@ def run_job(job: Job, world_size: int, *, timeout_s: float = 1800, out_dir: str 
     rank's own error message; a job still running after ``timeout_s`` is stopped and raises it
     too. The job directory (job file, rank records) is temporary unless ``out_dir`` is given.
     """
+    if world_size != job.mapping.world_size:
+        raise JobInvalid(f"world_size {world_size} is not the mapping's {job.mapping.world_size} "
+                         f"ranks ({job.mapping})", hint=f"pass {job.mapping.world_size}")
     from adp_pass.runtime import in_process
 
     log = Path(log_path) if log_path is not None else default_log_path()
@@ -131,11 +134,73 @@ def make_job(mapping: Mapping | str, assignments: list[list[Request]], *,
              workloads: list[list[list[Request]]] = (), **settings) -> Job:
     """A job serving ``assignments[g]`` on DP group ``g`` (at most ``dp_size`` lists), then each
     of ``workloads`` (more such lists, each measured on its own). ``settings``: the other
-    :class:`Job` fields."""
+    :class:`Job` fields.
+
+    Checked here, before any rank starts (a rank would find it only after its build): the model
+    (preset or checkpoint) exists and the mapping divides it, and every request fits the
+    model's vocabulary and positions and one rank's KV cache. Each problem is a
+    :class:`JobInvalid` naming the request."""
     mapping = Mapping.load(mapping)
     for lists in (assignments, *workloads):
         if len(lists) > mapping.dp_size:
-            raise ValueError(f"{len(lists)} request lists for mapping {mapping}, which has "
-                             f"{mapping.dp_size} DP groups: spread them with "
-                             f"assign_by_load(requests, {mapping.dp_size})")
-    return Job(mapping=mapping, workloads=[list(assignments), *workloads], **settings)
+            raise JobInvalid(f"{len(lists)} request lists for mapping {mapping}, which has "
+                             f"{mapping.dp_size} DP groups",
+                             hint=f"spread them with assign_by_load(requests, {mapping.dp_size})")
+    job = Job(mapping=mapping, workloads=[list(assignments), *workloads], **settings)
+    check_job(job)
+    return job
+
+
+class JobInvalid(ContractError):
+    """A job no rank could serve: the model, the mapping or a request does not fit."""
+
+
+def check_job(job: Job) -> None:
+    """The model exists and the mapping divides it; every request fits the vocabulary, the
+    positions and one rank's KV cache (see :func:`make_job`)."""
+    from adp_pass.checks import check_checkpoint
+    from adp_pass.presets import PRESETS, UnknownPreset
+
+    if job.checkpoint is not None:
+        config = check_checkpoint(Path(job.checkpoint), "checkpoint")
+        heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        inter, vocab = config["intermediate_size"], config["vocab_size"]
+        positions = config.get("max_position_embeddings") or job.serving.max_position
+    else:
+        if job.preset not in PRESETS:
+            raise UnknownPreset(f"unknown preset {job.preset!r}; known: {', '.join(PRESETS)}",
+                                flag="preset")
+        shape = PRESETS[job.preset]
+        heads, kv_heads, inter = (shape.num_attention_heads, shape.num_key_value_heads,
+                                  shape.intermediate_size)
+        vocab, positions = shape.vocab_size, shape.max_position_embeddings
+    job.mapping.check_model(heads, kv_heads, inter)
+    serving = job.serving
+    positions = min(positions, serving.max_position)
+    longest = serving.max_seq_len or positions
+    capacity = serving.num_blocks * serving.block_size
+    for lists in job.workloads:
+        for requests in lists:
+            for request in requests:
+                _check_request(request, vocab, min(positions, longest), capacity)
+
+
+def _check_request(request: Request, vocab: int, positions: int, capacity: int) -> None:
+    rid = request.request_id
+    if not request.prompt:
+        raise JobInvalid(f"request {rid!r} has an empty prompt", hint="give it a token")
+    bad = next((t for t in request.prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
+    if bad is not None:
+        raise JobInvalid(f"request {rid!r} holds token id {bad!r}, outside the model's "
+                         f"vocabulary (0..{vocab - 1})", hint="tokenize with the model's "
+                         "tokenizer")
+    total = len(request.prompt) + request.params.max_new_tokens
+    if total > positions:
+        raise JobInvalid(f"request {rid!r}: prompt {len(request.prompt)} + max_new_tokens "
+                         f"{request.params.max_new_tokens} = {total} tokens, more than the "
+                         f"{positions} positions the job serves",
+                         hint="shorten it, or raise serving.max_position / max_seq_len")
+    if total > capacity:
+        raise JobInvalid(f"request {rid!r} needs {total} tokens of KV cache; one rank holds "
+                         f"{capacity} (num_blocks x block_size)",
+                         hint="raise serving.num_blocks, or shorten the request")

@@ -4,6 +4,8 @@ Each layer owns a k and a v tensor of shape [num_blocks, block_size, num_kv_head
 head_dim]. A sequence owns a list of physical blocks (its block table); token i of
 the sequence lives at flat slot ``table[i // block_size] * block_size + i % block_size``.
 The allocator is host-side bookkeeping only; it never touches the tensors.
+An fp8 cache (``dtype=torch.float8_e4m3fn``) also holds one fp32 K and one V scale per layer
+(``k_scales`` / ``v_scales``, one-element tensors; docs/fp8.md, "FP8 KV cache").
 See docs/kv_cache.md.
 """
 
@@ -12,10 +14,30 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from adp_pass.errors import AdpError
+from adp_pass.runtime.serving_config import check_kv_cache_scale
 
 
 class OutOfBlocksError(AdpError, RuntimeError):
     """Raised when an allocation needs more blocks than are free."""
+
+
+class KvCacheScaleError(AdpError, ValueError):
+    """An fp8 cache without its scales, or scales given for another cache."""
+
+
+FP8 = getattr(torch, "float8_e4m3fn", None)  # None on a torch without float8
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return FP8 is not None and dtype == FP8
+
+
+def new_scales(num_layers: int, scale: float, device: torch.device | str) -> list[torch.Tensor]:
+    """One fp32 one-element scale per layer: tensors, not floats, so the kernels read them on
+    the device (a CUDA graph replays whatever they hold) and a checkpoint's scales can be
+    copied in later."""
+    check_kv_cache_scale(scale)
+    return [torch.full((1,), float(scale), dtype=torch.float32, device=device) for _ in range(num_layers)]
 
 
 class PagedKVCache:
@@ -28,7 +50,10 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        kv_scale: float = 1.0,
     ) -> None:
+        """``dtype`` torch.float8_e4m3fn: an fp8 cache whose layers' K and V scales all start at
+        ``kv_scale`` (ignored for other dtypes)."""
         # The decode kernel feeds a block straight into tl.dot, which needs >= 16 rows.
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
@@ -45,16 +70,35 @@ class PagedKVCache:
         # Zero-filled so stale reads (a bug) give finite values rather than NaN garbage.
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.k_scales: list[torch.Tensor] | None = None
+        self.v_scales: list[torch.Tensor] | None = None
+        if is_fp8(dtype):
+            self.k_scales = new_scales(num_layers, kv_scale, self.device)
+            self.v_scales = new_scales(num_layers, kv_scale, self.device)
         self._reset_allocator()
 
     @classmethod
-    def over(cls, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]) -> "PagedKVCache":
-        """An allocator over existing per-layer k/v tensors (a graph's own cache buffers)."""
+    def over(cls, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
+             k_scales: Sequence[torch.Tensor] | None = None,
+             v_scales: Sequence[torch.Tensor] | None = None) -> "PagedKVCache":
+        """An allocator over existing per-layer k/v tensors (a graph's own cache buffers), and
+        for fp8 caches their per-layer scales (required then, refused otherwise)."""
         num_blocks, block_size, num_kv_heads, head_dim = k_caches[0].shape
-        cache = cls(1, 1, block_size, num_kv_heads, head_dim, k_caches[0].dtype, "meta")
+        dtype = k_caches[0].dtype
+        fp8 = is_fp8(dtype)
+        if fp8 != (k_scales is not None) or fp8 != (v_scales is not None):
+            raise KvCacheScaleError(
+                f"a {dtype} cache needs k_scales and v_scales (one per layer)" if fp8 else
+                f"k_scales/v_scales were given for a {dtype} cache; only fp8 caches are scaled")
+        if fp8 and not (len(k_scales) == len(v_scales) == len(k_caches)):
+            raise KvCacheScaleError(f"{len(k_caches)} layers but {len(k_scales)} k and "
+                                    f"{len(v_scales)} v scales: give one per layer")
+        cache = cls(1, 1, block_size, num_kv_heads, head_dim, dtype, "meta")
         cache.num_layers, cache.num_blocks = len(k_caches), num_blocks
         cache.device = k_caches[0].device
         cache.k_caches, cache.v_caches = list(k_caches), list(v_caches)
+        cache.k_scales = list(k_scales) if fp8 else None
+        cache.v_scales = list(v_scales) if fp8 else None
         cache._reset_allocator()
         return cache
 
@@ -68,9 +112,11 @@ class PagedKVCache:
     def bytes_needed(
         num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
-        """Bytes of the k and v tensors of all layers (what the constructor allocates)."""
+        """Bytes of the k and v tensors of all layers (what the constructor allocates; an fp8
+        cache's per-layer fp32 scales included)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * num_blocks * block_size * num_kv_heads * head_dim * itemsize
+        scales = 2 * num_layers * 4 if is_fp8(dtype) else 0
+        return 2 * num_layers * num_blocks * block_size * num_kv_heads * head_dim * itemsize + scales
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,6 +128,17 @@ class PagedKVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_caches[index], self.v_caches[index]
+
+    @property
+    def fp8(self) -> bool:
+        return self.k_scales is not None
+
+    def layer_scales(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Layer ``index``'s (k_scale, v_scale) for the cache ops: fp32 ``[1]`` tensors for an fp8
+        cache, (None, None) otherwise."""
+        if self.k_scales is None:
+            return None, None
+        return self.k_scales[index], self.v_scales[index]
 
     def context_len(self, seq_id: Hashable) -> int:
         return self._lens[self._known(seq_id)]

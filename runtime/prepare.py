@@ -1,5 +1,6 @@
-"""Build one rank's serving model: capture → detect → rewrite → weights → lower → KV cache →
-(store) → the rank passes (projection fusion, ``decode_mm``, weight prefetch).
+"""Build one rank's serving model: capture → (FP8 linears) → detect → rewrite → weights →
+lower → KV cache → (store) → the rank passes (projection fusion, ``decode_mm``, weight
+prefetch).
 
 Every step runs through one :class:`~adp_pass.pipeline.Pipeline` (each stage's typed report in
 ``RankModel.reports``; with ``dump_dir``, each stage's graph as text). Runs inside a rank
@@ -33,7 +34,8 @@ from adp_pass.runtime.serving_config import ServingConfig
 # ``RankModel.timings``: the keys logs and benchmarks read, each the seconds of the stages it
 # covers.
 TIMING_STAGES: dict[str, tuple[str, ...]] = {
-    "load_s": ("load",), "capture_s": ("capture",), "rewrite_s": ("detect", "rewrite"),
+    "load_s": ("load",), "capture_s": ("capture",), "fp8_s": ("fp8_linears",),
+    "rewrite_s": ("detect", "rewrite"),
     "weights_s": ("weights",), "lower_s": ("lower", "cache"), "store_s": ("store",),
     "fuse_s": ("fuse",), "decode_mm_s": ("decode_mm",), "prefetch_s": ("prefetch",),
 }
@@ -88,10 +90,11 @@ def stage_timings(reports: dict[str, StageReport]) -> dict[str, float]:
 
 def rank_counts(plan: Plan, reports: dict[str, StageReport]) -> dict[str, dict]:
     """What the build matched: the plan's sites, then each graph stage's counts that ran
-    (``lower``, ``cache``, ``fused``) and the rank passes' totals (``decode_mm``,
+    (``fp8``: projections made FP8, ``lower``, ``cache``, ``fused``) and the rank passes' totals (``decode_mm``,
     ``prefetch``)."""
     counts: dict[str, dict] = {"sites": plan.counts()}
-    for key, stage in (("lower", "lower"), ("cache", "cache"), ("fused", "fuse")):
+    for key, stage in (("fp8", "fp8_linears"), ("lower", "lower"), ("cache", "cache"),
+                       ("fused", "fuse")):
         if stage in reports:
             counts[key] = reports[stage].counts
     for stage in ("decode_mm", "prefetch"):
@@ -121,11 +124,15 @@ def prepare_rank(
     fuse_projections: bool = True,
     decode_gemms: bool = True,
     prefetch_weights: bool = False,
+    fp8_linears: bool | None = None,
 ) -> RankModel:
     """The rank's cache-inserted graph and its paged KV cache.
 
     The KV cache's ``num_blocks`` x ``block_size`` and the rotary table's ``max_position`` come
-    from ``serving`` (default ``ServingConfig()``); each given on its own overrides it.
+    from ``serving`` (default ``ServingConfig()``); each given on its own overrides it. So do
+    the cache's element type and scale (``serving.kv_cache_dtype``, ``kv_cache_scale``): an fp8
+    cache is made after the build (``cache_insertion.use_fp8_kv_cache``), so build-cache entries
+    serve either.
 
     ``progress``: told each stage's report as it ends (the rank's log).
 
@@ -153,24 +160,38 @@ def prepare_rank(
     ``prefetch_weights``: on CUDA, each projection's weight is prefetched into L2 while the
     kernels before it run (``runtime/lower/prefetch_weights.py``); a hint that changes no value.
     Off by default: on the H200 it made the Qwen3-8B decode step slower (docs/lowering.md).
+
+    ``fp8_linears``: how an FP8 block-scaled ``checkpoint`` (its config.json's fp8
+    ``quantization_config``) is served. ``None`` (default) or ``True``: in FP8, the captured
+    graph's decoder projections become ``adp.fp8_block_linear`` on the checkpoint's fp8 weights
+    and scales, loaded as stored (``adp_pass/fp8_linears.py``, docs/fp8.md "Serving an FP8
+    checkpoint"); ``False``: the bf16 graph, the checkpoint dequantized to ``dtype`` at load.
+    ``True`` with an unquantized checkpoint (or none) is a ``ValueError``. The build-cache key
+    tells the two graphs apart.
     """
     serving = serving or ServingConfig()
     num_blocks = serving.num_blocks if num_blocks is None else num_blocks
     block_size = serving.block_size if block_size is None else block_size
     max_position = serving.max_position if max_position is None else max_position
+    cache_dtype = serving.kv_cache_torch_dtype(dtype)  # a named error before any work
+    fp8_cache = cache_dtype != dtype
+    # An fp8 cache replaces the built graph's after the build: that one is a placeholder of one
+    # block, so the run-dtype cache is never allocated at full size.
+    built_blocks = 1 if fp8_cache else num_blocks
     mapping = Mapping.load(mapping)
     mapping.check_model(
         config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     )
     device = torch.device(device)
+    fp8_weights = _fp8_weights(checkpoint, fp8_linears)  # validated before any capture
     # Each rank's cache holds its attention group's share of the kv heads.
     kv_heads = config.num_key_value_heads // mapping.attn_tp_size
     from adp_pass.runtime.weights import kv_cache_bytes
 
     kv_bytes = kv_cache_bytes(config.num_hidden_layers, kv_heads, config.head_dim, num_blocks,
-                              block_size, dtype)
+                              block_size, cache_dtype)
     # A loaded entry is checked before its KV cache is allocated, as a build before rewrite.
-    geometry = dict(device=device, num_blocks=num_blocks, block_size=block_size,
+    geometry = dict(device=device, num_blocks=built_blocks, block_size=block_size,
                     max_position=max_position,
                     check=lambda plan: _check_memory(plan, kv_bytes, device, dtype))
     pipeline = Pipeline(dump_dir, progress=progress)
@@ -179,7 +200,7 @@ def prepare_rank(
         from adp_pass.runtime import build_cache
 
         key = build_cache.build_key(config, mapping, rank, dtype=dtype, device=device,
-                                    lower_ops=lower_ops)
+                                    lower_ops=lower_ops, fp8_linears=bool(fp8_weights))
         start = time.perf_counter()
         if artifact is not None:
             try:
@@ -201,11 +222,11 @@ def prepare_rank(
         gm, plan, build_reports = loaded.model, loaded.plan, loaded.reports
     else:
         gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, kv_bytes,
-                                        pipeline=pipeline)
+                                        pipeline=pipeline, fp8_weights=fp8_weights)
     pipeline.weights(gm, lambda module: _fill_weights(module, plan, config, checkpoint, device,
                                                       dtype, seed))
     if loaded is None:
-        gm = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=num_blocks,
+        gm = finish_graph(gm, plan, device=device, dtype=dtype, num_blocks=built_blocks,
                           block_size=block_size, max_position=max_position,
                           lower_ops=lower_ops, pipeline=pipeline)
         build_reports = dict(pipeline.reports)
@@ -219,6 +240,12 @@ def prepare_rank(
                 note += f"not stored: {err}"
                 warnings.warn(f"build cache: rank {rank}'s build not stored in {cache_dir}: "
                               f"{err}", build_cache.BuildCacheWarning, stacklevel=2)
+    scales = (None, None)
+    if fp8_cache:
+        from adp_pass.runtime.cache_insertion import kv_cache_scales, use_fp8_kv_cache
+
+        use_fp8_kv_cache(gm, num_blocks=num_blocks, kv_scale=serving.kv_cache_scale)
+        scales = tuple(zip(*kv_cache_scales(gm)))
     if lower_ops:  # the rank passes match lowered graphs only
         if fuse_projections:
             gm = pipeline.fuse_projections(gm)
@@ -230,6 +257,7 @@ def prepare_rank(
     cache = PagedKVCache.over(
         [gm.get_buffer(f"kv_cache_{i}_k") for i in layers],
         [gm.get_buffer(f"kv_cache_{i}_v") for i in layers],
+        *scales,
     )
     # A hit's lowering and cache counts are those of the build it stored.
     counts = rank_counts(plan, {**build_reports, **pipeline.reports})
@@ -237,13 +265,39 @@ def prepare_rank(
                      note, dict(pipeline.reports), build_reports)
 
 
+def _fp8_weights(checkpoint, fp8_linears: bool | None) -> list[str]:
+    """The checkpoint's fp8 weights when the rank serves them in FP8, else none (the bf16
+    graph: the loader dequantizes them)."""
+    if fp8_linears is False:
+        return []
+    names: list[str] = []
+    if checkpoint is not None:
+        from adp_pass.checks import CheckpointInvalid
+        from adp_pass.fp8_linears import checkpoint_fp8_weights
+        from adp_pass.runtime.weights import CheckpointError
+
+        try:
+            names = checkpoint_fp8_weights(checkpoint)
+        except CheckpointInvalid as err:  # reported as the loader reports it
+            fix = f"; fix: {err.hint}" if err.hint else ""
+            raise CheckpointError(f"{err}{fix}", hint=err.hint) from None
+    if fp8_linears and not names:
+        raise ValueError(f"fp8_linears=True needs an FP8 block-scaled checkpoint, but "
+                         f"{checkpoint or 'no checkpoint'} has no fp8 weights; quantize one with "
+                         "`adp quantize`, or leave fp8_linears at None")
+    return names
+
+
 def _capture_and_rewrite(config, mapping: Mapping, rank: int, device: torch.device,
                          dtype: torch.dtype, kv_bytes: int | None, *, pipeline: Pipeline,
+                         fp8_weights: list[str] | None = None,
                          ) -> tuple[torch.fx.GraphModule, Plan]:
     # Traced on the target device (not meta): SDPA then stays one op per layer.
     captured = pipeline.capture(
         lambda: capture_hf(config, mapping.tp_size, rank, dtype=dtype, device=device,
                            stamped_device="meta"))
+    if fp8_weights:  # before detect: the sharding analysis shards the scales with the weights
+        pipeline.fp8_linears(captured.gm, fp8_weights)
     plan = pipeline.detect(captured.gm, mapping)
     # Before rewrite allocates the rank's weights: refused with the numbers and a mapping that
     # fits.

@@ -70,6 +70,9 @@ class RankSession:
     joined: bool  # member of the job's process group (a replicated serving rank is not)
     lockstep_group: object | None = None  # the process group it steps with, if any
     lockstep_leader: int = 0  # that group's first rank (reads the serve link for the group)
+    # The mapping rank of the process group's rank 0: 0, or the group's first rank when the job
+    # is one lockstep group of a serving mapping (each restarts alone, docs/serving.md).
+    first_rank: int = 0
 
     @property
     def mapping(self) -> Mapping:
@@ -106,10 +109,14 @@ class RankSession:
         dist.destroy_process_group()
 
 
-def start_rank(job: Job, rank: int, *, join: bool = True, log: Log | None = None) -> RankSession:
+def start_rank(job: Job, rank: int, *, join: bool = True, log: Log | None = None,
+               first_rank: int = 0) -> RankSession:
     """Build rank ``rank`` of ``job`` and make its engine. ``join``: join the job's process
     group (torchrun's environment) and bind its groups; False only for a rank whose graph holds
     no collective and which serves alone (a replicated serving rank: no peer can take it down).
+    ``first_rank``: the process group holds only the lockstep group starting at this mapping
+    rank (``adp serve`` starts each lockstep group as its own job, so that it fails and restarts
+    alone); 0 with the whole job in one group.
     """
     log = log or rank_logger(rank)
     mapping = job.mapping
@@ -117,7 +124,7 @@ def start_rank(job: Job, rank: int, *, join: bool = True, log: Log | None = None
     built = build_rank(job, rank, device, log)
     joined = JoinedGroups(None, None, rank)
     if join:
-        joined = join_groups(mapping, built.model, rank, log)
+        joined = join_groups(mapping, built.model, rank, log, first_rank=first_rank)
     elif mapping.lockstep_size > 1:
         raise ValueError(f"mapping {mapping} keeps collectives: its ranks must join the group")
     serving = job.serving
@@ -132,7 +139,7 @@ def start_rank(job: Job, rank: int, *, join: bool = True, log: Log | None = None
         log(f"decode CUDA graphs for batch {list(serving.cuda_graph_sizes)} captured in "
             f"{time.perf_counter() - mark:.1f} s")
     return RankSession(job, rank, device, built, engine, log, join, joined.lockstep_group,
-                       joined.lockstep_leader)
+                       joined.lockstep_leader, first_rank)
 
 
 @dataclass
@@ -143,7 +150,7 @@ class JoinedGroups:
 
 
 def join_groups(mapping: Mapping, model: torch.nn.Module, rank: int,
-                log: Log | None = None) -> JoinedGroups:
+                log: Log | None = None, first_rank: int = 0) -> JoinedGroups:
     """Join the job's process group (torchrun's environment; a no-op if joined), create the
     groups ``mapping`` needs and bind them into ``model``'s collectives, before the model runs
     (and before CUDA graphs are captured): the graph must name this job's groups, not the fake
@@ -151,15 +158,29 @@ def join_groups(mapping: Mapping, model: torch.nn.Module, rank: int,
     from adp_pass.runtime.groups import bind_groups, create_groups
     from adp_pass.runtime.lockstep import Lockstep
 
+    import torch.distributed as dist
+
     init_rank()
-    groups = create_groups(mapping)
+    local = mapping
+    if dist.get_world_size() < mapping.world_size:
+        # One lockstep group as a job of its own: every collective of its graph stays inside
+        # the group, so the same attention / MLP blocks laid over the group's ranks alone are
+        # the groups it needs (rank r of this job is mapping rank first_rank + r).
+        if dist.get_world_size() != mapping.lockstep_size or first_rank % mapping.lockstep_size:
+            raise ValueError(f"a job of {dist.get_world_size()} ranks from rank {first_rank} is "
+                             f"not a lockstep group of mapping {mapping}")
+        local = Mapping(tp_size=mapping.lockstep_size,
+                        enable_attention_dp=mapping.enable_attention_dp,
+                        attn_tp_size=mapping.attn_tp_size, mlp_tp_size=mapping.mlp_tp_size)
+    groups = create_groups(local)
     collectives = bind_groups(model, groups.names)
     joined = JoinedGroups(None, None, rank)
     if mapping.lockstep_size > 1:
         joined = JoinedGroups(Lockstep(groups.lockstep), groups.lockstep,
-                              groups.lockstep_ranks[0])
+                              first_rank + groups.lockstep_ranks[0])
         if log is not None:
-            log(f"{collectives} collectives; stepping with ranks {groups.lockstep_ranks}")
+            log(f"{collectives} collectives; stepping with ranks "
+                f"{[first_rank + r for r in groups.lockstep_ranks]}")
     if log is not None:
         log("joined the job's process group")
     return joined
@@ -174,6 +195,7 @@ def build_rank(job: Job, rank: int, device: torch.device, log: Log) -> RankModel
         job.model_config(), job.mapping, rank, device=device, dtype=getattr(torch, job.dtype),
         checkpoint=job.checkpoint, num_blocks=serving.num_blocks,
         block_size=serving.block_size, max_position=serving.max_position, seed=job.seed,
+        serving=serving,  # the KV cache's dtype and scale
         cache_dir=job.cache_dir,
         dump_dir=f"{job.dump_dir}/rank{rank}" if job.dump_dir is not None else None,
         progress=log,

@@ -10,11 +10,13 @@ once, send each request's new tokens. The link speaks the contract's serve messa
 * Replicated mapping (no collective in the graph): every rank is its own one-process job
   (``ADP_SERVE_RANK`` names its rank in the mapping). The rank never joins a process group, so a
   rank that dies takes only its own requests with it.
-* Mappings with collectives: one job (or several agents with a rendezvous, one per node); the
-  ranks of a lockstep group must admit and cancel at the same step, so only the group's first
-  rank reads the front end, and it broadcasts what it read to the group before every step
-  (``_Inbox``). Only the first rank of an attention group reports tokens (its peers sample the
-  same ones).
+* Mappings with collectives: one job per lockstep group on one machine
+  (``ADP_SERVE_FIRST_RANK`` names the group's first rank in the mapping: the job's rank r is
+  mapping rank first + r), so a group fails and restarts alone; across machines one job of
+  every rank (several agents with a rendezvous, one per node). The ranks of a lockstep group
+  must admit and cancel at the same step, so only the group's first rank reads the front end,
+  and it broadcasts what it read to the group before every step (``_Inbox``). Only the first
+  rank of an attention group reports tokens (its peers sample the same ones).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class _Inbox:
     def __init__(self, link: _Link, session: RankSession) -> None:
         self.link, self.group, self.leader = link, session.lockstep_group, session.lockstep_leader
         self.reads = session.rank == session.lockstep_leader
+        self.src = session.lockstep_leader - session.first_rank  # its rank in this job's group
 
     def take(self, idle: bool) -> list[Message]:
         messages = self.link.receive(IDLE_WAIT_S if idle else 0.0) if self.reads else []
@@ -87,15 +90,16 @@ class _Inbox:
         import torch.distributed as dist
 
         box = [messages]
-        dist.broadcast_object_list(box, src=self.leader, group=self.group)
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
         return box[0]
 
 
 def main(job_path: str, out_dir: str) -> None:
     job = Job.read(job_path)
     isolated = "ADP_SERVE_RANK" in os.environ
-    rank = int(os.environ["ADP_SERVE_RANK"] if isolated else os.environ["RANK"])
-    session = start_rank(job, rank, join=not isolated)
+    first = int(os.environ.get("ADP_SERVE_FIRST_RANK", 0))
+    rank = _mapping_rank()
+    session = start_rank(job, rank, join=not isolated, first_rank=first)
     link = _Link(os.environ["ADP_SERVE_ADDR"], Hello(
         token=os.environ["ADP_SERVE_TOKEN"], rank=rank, dp_rank=session.dp_rank,
         reports=session.leader, pid=os.getpid(), host=socket.gethostname(),
@@ -107,6 +111,14 @@ def main(job_path: str, out_dir: str) -> None:
     if not link.closed:
         link.send(Bye(rank))
     session.close()
+
+
+def _mapping_rank() -> int:
+    """This rank's place in the mapping: ``ADP_SERVE_RANK`` (a replicated rank, rank 0 of its
+    own job), else the job's rank after its lockstep group's first rank."""
+    if "ADP_SERVE_RANK" in os.environ:
+        return int(os.environ["ADP_SERVE_RANK"])
+    return int(os.environ.get("ADP_SERVE_FIRST_RANK", 0)) + int(os.environ.get("RANK", 0))
 
 
 def _serve(session: RankSession, inbox: _Inbox, link: _Link) -> str:
@@ -161,7 +173,5 @@ if __name__ == "__main__":
     try:
         main(*sys.argv[1:3])
     except BaseException as err:  # noqa: BLE001 - recorded, then re-raised for the log
-        # An isolated rank is rank 0 of its own job: ADP_SERVE_RANK is its rank in the mapping.
-        record_failure(sys.argv[2], int(os.environ.get("ADP_SERVE_RANK")
-                                        or os.environ.get("RANK", 0)), err)
+        record_failure(sys.argv[2], _mapping_rank(), err)
         raise

@@ -5,9 +5,11 @@ shape is read whole; a tensor it holds at ``local_shape`` while the layout is sh
 TP-MLP mapping) is read as this rank's ranges only (``ParamSpec.shard_ranges``), through
 ``safe_open(...).get_slice``. See docs/weights.md.
 
-An FP8 block-scaled checkpoint (docs/fp8.md) is validated from its headers, and each rank reads
-its ranges of every fp8 weight together with the matching rows/columns of its 128 x 128 scale
-tiles, then dequantizes them to the run dtype: the graph has no FP8 linears yet.
+An FP8 block-scaled checkpoint (docs/fp8.md) is validated from its headers. Into an FP8 graph
+(its linears ``adp::fp8_block_linear``, the weight parameters float8_e4m3fn) each rank reads its
+ranges of every fp8 weight as fp8 and its ranges of the 128 x 128 scale tiles into the scale
+parameter beside it (the plan shards the scales with their weights). Into a bf16 graph it reads
+the same ranges and dequantizes them to the run dtype. Never an fp8 tensor without its scale.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class LoadReport:
     unused: list[str] = field(default_factory=list)  # checkpoint tensors nothing asked for
     fp8: list[str] = field(default_factory=list)  # fp8 weights, read with their scales
     dequantized_to: str | None = None  # the dtype the fp8 weights were dequantized to
+    kept_fp8: bool = False  # an FP8 graph: fp8 weights and their scales loaded as they are
 
     @property
     def mb_per_s(self) -> float:
@@ -69,12 +72,15 @@ class LoadReport:
             f"files in {self.seconds:.1f} s ({self.mb_per_s:.0f} MB/s); {len(self.sliced)} read "
             f"as shards, {len(self.derived)} derived, {len(self.unused)} unused"
         )
-        if self.fp8:
+        if self.fp8 and self.kept_fp8:
+            text += f", {len(self.fp8)} FP8 weights kept in FP8 with their scales"
+        elif self.fp8:
             text += f", {len(self.fp8)} FP8; {_dequantized_note(self.dequantized_to)}"
         return text
 
 
 def _dequantized_note(dtype: str | None) -> str:
+    # tests/test_quantize.py pins this wording; "not wired" now means: not in this (bf16) graph
     return f"FP8 weights dequantized to {dtype} at load: the FP8 GEMM path is not wired yet"
 
 
@@ -92,8 +98,10 @@ def load_checkpoint(
     current ones (cpu for meta tensors); ``dtype`` applies to floating-point tensors only.
 
     Everything is validated (config.json, missing tensors, shapes, an FP8 checkpoint's scales
-    and this rank's 128-block boundaries) before anything is read. FP8 weights are dequantized
-    (fp8 x tile scale in float32) and cast to the run dtype as they are read.
+    and this rank's 128-block boundaries) before anything is read. An FP8 graph's fp8 weights and
+    scales are read as stored (fp8 stays fp8, a scale takes its parameter's dtype; ``dtype``
+    applies to neither); into a bf16 graph, FP8 weights are dequantized (fp8 x tile scale in
+    float32) and cast to the run dtype as they are read.
     """
     start = time.perf_counter()
     root = Path(checkpoint_dir)
@@ -110,6 +118,7 @@ def load_checkpoint(
         jobs = _plan_reads(gm, stored, handles, where, root, fp8_names)
         _check_fp8_blocks(jobs, plan)
         quantized = [job for job in jobs if job.scale is not None]
+        kept = [job for job in jobs if job.raw_fp8]
         run_dtype = (str(_target(_get(gm, quantized[0].spec.name), device, dtype)[1])
                      .removeprefix("torch.") if quantized else None)
         meter = Progress(len(jobs), sum(job.nbytes for job in jobs), enabled=progress)
@@ -117,7 +126,7 @@ def load_checkpoint(
             for job in (j for j in jobs if j.file == name):
                 tensor = _read(handle, job, plan, handles,
                                _target(_get(gm, job.spec.name), device, dtype)[0])
-                _put(gm, job.spec, tensor, device, dtype)
+                _put(gm, job.spec, tensor, device, None if job.keep_dtype else dtype)
                 del tensor  # a dequantized weight is float32: let it go before the next one
                 meter.advance(job.nbytes)
         meter.close()
@@ -133,8 +142,9 @@ def load_checkpoint(
         sliced=[job.spec.name for job in jobs if job.shard],
         derived=[spec.name for spec in derived],
         unused=sorted(set(where) - used),
-        fp8=[job.spec.name for job in quantized],
+        fp8=[job.spec.name for job in quantized + kept],
         dequantized_to=run_dtype,
+        kept_fp8=bool(kept),
     )
 
 
@@ -260,7 +270,14 @@ def random_weights(
     on ``device`` (default: their own, cpu for meta); a meta rotary ``inv_freq`` needs the
     model's ``config`` (e.g. ``qwen3_config(preset)``) to be recomputed."""
     stored, derived = _split_specs(gm, plan)
+    scales = _fp8_graph_scales(gm, stored)
+    by_name = {spec.name: spec for spec in stored}
     for spec in stored:
+        if spec.name in scales.values():
+            continue  # drawn with its weight
+        if spec.name in scales:
+            _random_fp8(gm, plan, spec, by_name[scales[spec.name]], seed, std, device)
+            continue
         current = _get(gm, spec.name)
         target, kind = _target(current, device, dtype)
         full = random_tensor(spec.name, spec.full_shape, seed=seed, std=std, dtype=kind,
@@ -269,6 +286,21 @@ def random_weights(
             full = spec.held_part(full, plan.rank)
         _put(gm, spec, full, target, kind)
     _derive_buffers(gm, derived, config, device)
+
+
+def _random_fp8(gm: torch.nn.Module, plan: Plan, spec: ParamSpec, scale: ParamSpec, seed: int,
+                std: float, device) -> None:
+    """An FP8 graph's weight and its scales: the full random tensor quantized as ``adp quantize
+    --preset`` writes it (bf16 scales), then this rank's part of each; so the random FP8 model
+    is the one that checkpoint holds. Both keep the graph's dtypes."""
+    full = random_tensor(spec.name, spec.full_shape, seed=seed, std=std)
+    weight, scales = fp8.quantize_weight_stored(full, torch.bfloat16)
+    for part, value in ((spec, weight), (scale, scales)):
+        current = _get(gm, part.name)
+        target, _ = _target(current, device, None)
+        if _wants_shard(part, tuple(current.shape)):
+            value = part.held_part(value, plan.rank)
+        _put(gm, part, value.to(target), target, None)
 
 
 def random_tensor(name: str, shape: tuple[int, ...], *, seed: int = 0, std: float = 0.02,
@@ -293,6 +325,8 @@ class _Read:
     nbytes: int  # bytes read from disk: this rank's part (with its scale tiles for fp8)
     scale: str | None = None  # an fp8 weight's weight_scale_inv, read and applied with it
     scale_file: str | None = None
+    raw_fp8: bool = False  # an FP8 graph's fp8 weight: read as stored, its scale a job of its own
+    keep_dtype: bool = False  # fp8 weights and their scales keep the graph's dtype
 
 
 def _safetensors_files(root: Path) -> list[Path]:
@@ -381,6 +415,7 @@ def _plan_reads(
     fp8_names: set[str] = frozenset(),
 ) -> list[_Read]:
     reads, missing, wrong = [], [], []
+    scales = _fp8_graph_scales(gm, specs)
     for spec in specs:
         key = next((a for a in (spec.name, *spec.aliases) if a in where), None)
         if key is None:
@@ -397,6 +432,16 @@ def _plan_reads(
         held = spec.held_shape if shard else found
         nbytes = math.prod(held) * _bits(piece.get_dtype()) // 8
         scale = None
+        if spec.name in scales or spec.name in scales.values():  # an FP8 graph's pair
+            if spec.name in scales and key not in fp8_names:
+                raise CheckpointError(
+                    f"{spec.name} is float8_e4m3fn in the graph (an FP8 linear) but {key} in "
+                    f"{where[key]} is {piece.get_dtype()}: the graph needs an FP8 block-scaled "
+                    "checkpoint (adp quantize writes one), or capture the bf16 model for this "
+                    "checkpoint")
+            reads.append(_Read(spec, key, where[key], shard, nbytes, raw_fp8=spec.name in scales,
+                               keep_dtype=True))
+            continue
         if key in fp8_names:  # validated: its scale is there, of the ceil grid
             scale = key + SCALE_SUFFIX
             tiles = fp8.scale_shape(held)
@@ -418,6 +463,32 @@ def _plan_reads(
             "the graph from the checkpoint's config.json"
         )
     return reads
+
+
+def _fp8_graph_scales(gm: torch.nn.Module, specs: list[ParamSpec]) -> dict[str, str]:
+    """``{fp8 weight: its scale}`` of an FP8 graph (weight parameters float8_e4m3fn). Each fp8
+    weight must have its ``weight_scale_inv`` beside it in the plan, of the tile grid of the
+    weight's shape: an fp8 tensor is never loaded without its scale."""
+    names = {spec.name for spec in specs}
+    pairs = {}
+    for spec in specs:
+        tensor = _get(gm, spec.name)
+        if tensor.dtype != fp8.E4M3:
+            continue
+        scale = spec.name + SCALE_SUFFIX
+        if scale not in names:
+            raise CheckpointError(
+                f"{spec.name} is float8_e4m3fn in the graph but the plan has no {scale} beside "
+                "it: an fp8 weight cannot be loaded without its scales; capture the FP8 model "
+                "whose linears hold weight_scale_inv (adp::fp8_block_linear)")
+        want = fp8.scale_shape(tuple(tensor.shape))
+        if tuple(_get(gm, scale).shape) != want:
+            raise CheckpointError(
+                f"{scale} is {list(_get(gm, scale).shape)} in the graph; its weight "
+                f"{spec.name} {list(tensor.shape)} needs {list(want)} (one per 128x128 tile): "
+                "the plan was made for another graph; run detect (and rewrite) on this one")
+        pairs[spec.name] = scale
+    return pairs
 
 
 def _bits(dtype: str) -> int:
@@ -476,7 +547,7 @@ def _check_fp8_blocks(jobs: list[_Read], plan: Plan) -> None:
     """Before any read: this rank's part of every fp8 weight is whole 128-row/column tiles, or
     its scale grid would not line up. Names the tensor and the mappings that would work."""
     for job in jobs:
-        if job.scale is None or not job.shard:
+        if (job.scale is None and not job.raw_fp8) or not job.shard:
             continue
         spec = job.spec
         misfit = _block_misfit(spec, spec.parts, [plan.rank])
@@ -498,7 +569,8 @@ def _fp8_mappings(jobs: list[_Read], plan: Plan) -> str:
     from adp_pass.mapping import Mapping, MappingError, role_parts
 
     tp = plan.mapping.tp_size
-    specs = [j.spec for j in jobs if j.scale is not None and j.spec.dim is not None and j.spec.role]
+    specs = [j.spec for j in jobs if (j.scale is not None or j.raw_fp8) and j.spec.dim is not None
+             and j.spec.role]
     divisors = [d for d in range(1, tp + 1) if tp % d == 0]
     candidates = [Mapping(tp_size=tp)]
     for attn in divisors:
@@ -621,6 +693,8 @@ def _free_bytes(device: torch.device) -> int:
 
 def _itemsize(spec: ParamSpec, dtype: torch.dtype | None) -> int:
     kind = getattr(torch, spec.dtype)
+    if kind == fp8.E4M3 or spec.name.endswith(SCALE_SUFFIX):
+        return kind.itemsize  # an FP8 graph's weights and scales keep their dtype
     return (dtype if dtype is not None and kind.is_floating_point else kind).itemsize
 
 

@@ -20,3 +20,4 @@ os.environ.setdefault("ADP_DEVICE", "cpu")
 import tempfile  # noqa: E402
 
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adp-test-cache-")
+

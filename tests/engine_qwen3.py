@@ -253,3 +253,176 @@ def engine_state_dict_from_hf(
         out["lm_head.weight"] = rows(hf_state_dict["lm_head.weight"], V)
     # Own, contiguous copies: shards must not alias (or keep alive) the full HF tensors.
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- FP8 variant
+# The same engine-style TP model with its decoder linears FP8 block-scaled (docs/fp8.md, "FP8 in
+# the graph"): each holds a float8_e4m3fn weight and its 128 x 128 tile scales
+# (``weight_scale_inv``) and calls ``adp::fp8_block_linear``. q/k/v and gate/up are separate here
+# and the names are transformers' (``model.layers.0.self_attn.q_proj.weight``, ...), so the
+# rewritten graph loads an ``adp quantize`` checkpoint by name.
+class Fp8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        from adp_pass import fp8
+
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=fp8.E4M3),
+                                   requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(
+            torch.ones(fp8.scale_shape((out_features, in_features))), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.adp.fp8_block_linear(x, self.weight, self.weight_scale_inv)
+
+
+class Fp8Attention(nn.Module):
+    def __init__(self, config: Qwen3Config, tp_size: int, group_name: str | None) -> None:
+        super().__init__()
+        self.head_dim = _head_dim(config)
+        self.tp_size, self.group_name = tp_size, group_name
+        H, D = config.hidden_size, self.head_dim
+        q, kv = config.num_attention_heads * D // tp_size, config.num_key_value_heads * D // tp_size
+        self.q_proj, self.k_proj, self.v_proj = Fp8Linear(H, q), Fp8Linear(H, kv), Fp8Linear(H, kv)
+        self.o_proj = Fp8Linear(q, H)
+        self.q_norm = RMSNorm(D, config.rms_norm_eps)
+        self.k_norm = RMSNorm(D, config.rms_norm_eps)
+        self.n_rep = config.num_attention_heads // config.num_key_value_heads
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(*q.shape[:-1], -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(*k.shape[:-1], -1, self.head_dim)).transpose(1, 2)
+        v = v.view(*v.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
+        o = self.o_proj(o.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        return o if self.tp_size == 1 else _all_reduce(o, self.group_name)
+
+
+class Fp8MLP(nn.Module):
+    def __init__(self, config: Qwen3Config, tp_size: int, group_name: str | None) -> None:
+        super().__init__()
+        H, inter = config.hidden_size, config.intermediate_size // tp_size
+        self.tp_size, self.group_name = tp_size, group_name
+        self.gate_proj, self.up_proj = Fp8Linear(H, inter), Fp8Linear(H, inter)
+        self.down_proj = Fp8Linear(inter, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out if self.tp_size == 1 else _all_reduce(out, self.group_name)
+
+
+class Fp8DecoderLayer(DecoderLayer):
+    """DecoderLayer's forward on the FP8 attention and MLP."""
+
+    def __init__(self, config: Qwen3Config, tp_size: int, group_name: str | None) -> None:
+        nn.Module.__init__(self)  # not DecoderLayer's: it would build bf16 linears first
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Fp8Attention(config, tp_size, group_name)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = Fp8MLP(config, tp_size, group_name)
+
+
+class _Rotary(nn.Module):
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+
+class Fp8Body(nn.Module):
+    def __init__(self, config: Qwen3Config, tp_size: int, tp_rank: int, group_name: str | None,
+                 ) -> None:
+        super().__init__()
+        H, V, D = config.hidden_size, config.vocab_size, _head_dim(config)
+        self.embed_tokens = VocabParallelEmbedding(V, H, tp_size, tp_rank, group_name)
+        self.layers = nn.ModuleList(Fp8DecoderLayer(config, tp_size, group_name)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+        inv_freq = 1.0 / (_rope_theta(config) ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+        self.rotary_emb = _Rotary(inv_freq)
+
+
+class Fp8EngineQwen3ForCausalLM(nn.Module):
+    """TP rank ``tp_rank`` of a Qwen3 whose decoder linears are FP8 block-scaled; ``tp_size``
+    1 is the unsharded model (the parity reference). Untied embeddings only."""
+
+    def __init__(self, config: Qwen3Config, tp_size: int = 1, tp_rank: int = 0,
+                 group_name: str | None = None) -> None:
+        super().__init__()
+        _check_tp(config, tp_size, tp_rank)
+        if config.tie_word_embeddings:
+            raise NotImplementedError("the FP8 fixture has untied embeddings only")
+        if tp_size > 1 and group_name is None:
+            group_name = dist.group.WORLD.group_name
+        self.tp_size = tp_size
+        self.model = Fp8Body(config, tp_size, tp_rank, group_name)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_size, group_name)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.model.rotary_emb.inv_freq.to(device=input_ids.device,
+                                                                 dtype=torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin)
+        return self.lm_head(self.model.norm(h))
+
+
+_FP8_COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+               "mlp.up_proj")
+_FP8_ROW = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def fp8_shard_state(full: dict[str, torch.Tensor], config: Qwen3Config, tp_size: int,
+                    tp_rank: int) -> dict[str, torch.Tensor]:
+    """Rank ``tp_rank``'s part of an FP8 checkpoint's tensors (transformers names): column
+    linears' weight rows with their scale-tile rows, row linears' weight columns with their
+    scale-tile columns, vocab rows of the embedding and LM head. Refuses shards that are not
+    whole 128-tiles (a rank's scales would then cover other ranks' values)."""
+    from adp_pass import fp8
+
+    block = fp8.WEIGHT_BLOCK[0]
+
+    def cut(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim] // tp_size
+        return t.narrow(dim, tp_rank * n, n)
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in full.items():
+        leaf = name.rsplit(".", 1)[0]
+        module = leaf.split(".", 3)[-1] if leaf.startswith("model.layers.") else leaf
+        dim = 0 if module in _FP8_COLUMN else 1 if module in _FP8_ROW else None
+        if name.endswith("weight_scale_inv"):
+            weight = full[name.removesuffix("_scale_inv")]
+            n = weight.shape[dim] // tp_size
+            if n % block:
+                raise ValueError(f"{name}: a rank's {n} of {weight.shape[dim]} is not whole "
+                                 f"{block}-tiles")
+            out[name] = tensor.narrow(dim, tp_rank * n // block, n // block)
+        elif dim is not None:
+            out[name] = cut(tensor, dim)
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name] = cut(tensor, 0)
+        else:
+            out[name] = tensor
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def fp8_state_from_reference(reference: dict[str, torch.Tensor],
+                             scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """transformers' Qwen3 state dict with its decoder linears quantized as ``adp quantize``
+    stores them (scales rounded to ``scale_dtype``, held as float32 here)."""
+    from adp_pass import fp8
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in reference.items():
+        module = name.rsplit(".", 1)[0].split(".", 3)[-1]
+        if name.startswith("model.layers.") and module in _FP8_COLUMN + _FP8_ROW:
+            weight, scale = fp8.quantize_weight_stored(tensor, scale_dtype)
+            out[name], out[name + "_scale_inv"] = weight, scale.float()
+        else:
+            out[name] = tensor
+    return out

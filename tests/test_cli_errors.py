@@ -126,6 +126,11 @@ CASES = [
     (["rewrite", "--bogus"], 2, ["unrecognized", "--bogus", "see 'adp rewrite --help'"]),
     # serve / bench-serve flags (a valid serve would start a server: every case must fail first)
     (["serve", "--port", "0"], 2, ["--port", ">= 1"]),
+    (["run", "--kv-cache-scale", "2"], 2, ["--kv-cache-scale", "fp8 only"]),
+    (["serve", "--kv-cache-dtype", "fp4"], 2, ["--kv-cache-dtype", "fp4"]),
+    (["serve", "--restart-attempts", "-1"], 2, ["--restart-attempts", ">= 0"]),
+    (["serve", "--restart-backoff", "5", "--restart-backoff-max", "2"], 2,
+     ["--restart-backoff-max 2", "shorter"]),
     (["serve", "--preset", "tiny", "--checkpoint", "{good}"], 2, ["--preset or --checkpoint"]),
     (["serve", "--world-size", "3"], 2, ["--world-size 3"]),
     (["serve", "--max-model-len", "100000"], 2, ["--max-model-len 100000", "positions"]),

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from adp_pass.mapping import Mapping
 from adp_pass.runtime import contract as c
-from adp_pass.runtime.serving_config import ServingConfig
+from adp_pass.runtime.serving_config import KvCacheDtypeError, ServingConfig
 
 ids = st.one_of(st.text(min_size=1, max_size=12), st.integers(0, 2**40))
 tokens = st.lists(st.integers(0, 151_935), max_size=20)
@@ -72,9 +72,24 @@ def _record() -> c.RankRecord:
     c.PhaseStats(requests=1, wall_s=0.1),
     c.FirstStepCheck(skipped="q_proj.weight is not a shard"),
     ServingConfig(),
+    ServingConfig(kv_cache_dtype="fp8", kv_cache_scale=0.05),
 ], ids=lambda v: type(v).__name__)
 def test_each_record_survives(value):
     assert _round_trip(value) == value
+
+
+def test_a_job_keeps_its_kv_cache_dtype_and_refuses_an_unknown_one():
+    job = c.Job(Mapping.parse("tp=2,attn_dp=1"), dtype="bfloat16",
+                serving=ServingConfig(kv_cache_dtype="fp8", kv_cache_scale=0.05))
+    back = _round_trip(job)
+    assert back.serving.kv_cache_dtype == "fp8" and back.serving.kv_cache_scale == 0.05
+    # A job file written without the fields (an earlier version) gets the defaults.
+    data = c.to_json(job)
+    del data["serving"]["kv_cache_dtype"], data["serving"]["kv_cache_scale"]
+    assert c.from_json(c.Job, data).serving.kv_cache_dtype == "auto"
+    data["serving"]["kv_cache_dtype"] = "int4"
+    with pytest.raises(KvCacheDtypeError, match="unknown kv_cache_dtype 'int4'; use one of auto, fp8"):
+        c.from_json(c.Job, data)
 
 
 MESSAGES = [
@@ -120,3 +135,41 @@ def test_the_contract_imports_no_torch():
     code = ("import sys; import adp_pass.runtime.contract; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- make_job's checks
+@pytest.mark.parametrize("change, words", [
+    (dict(preset="no-such-preset"), ["unknown preset 'no-such-preset'"]),
+    (dict(mapping="tp=3,attn_dp=1"), ["tp (3) must divide"]),
+    (dict(prompt=[5, 256]), ["token id 256", "0..255"]),
+    (dict(prompt=[]), ["empty prompt"]),
+    (dict(new_tokens=600), ["more than the 512 positions"]),
+    (dict(num_blocks=1), ["needs 24 tokens of KV cache", "holds 16"]),
+    (dict(lists=3), ["3 request lists", "2 DP groups"]),
+])
+def test_make_job_refuses_what_no_rank_could_serve(change, words):
+    """The Python front end checks a job before any rank starts (a rank would fail only after
+    its build, e.g. an out-of-vocabulary id as an IndexError)."""
+    from adp_pass.errors import AdpError
+    from adp_pass.runtime.frontend import make_job
+    from adp_pass.runtime.serving_config import ServingConfig
+
+    Request, SamplingParams = c.Request, c.SamplingParams
+    request = Request("r0", change.get("prompt", [1, 2, 3, 4]),
+                      SamplingParams(max_new_tokens=change.get("new_tokens", 20)))
+    lists = [[request]] + [[] for _ in range(change.get("lists", 1) - 1)]
+    with pytest.raises(AdpError) as info:
+        make_job(change.get("mapping", "tp=2,attn_dp=1"), lists,
+                 preset=change.get("preset", "tiny"),
+                 serving=ServingConfig(num_blocks=change.get("num_blocks", 256)))
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_run_job_refuses_a_world_size_that_is_not_the_mappings():
+    from adp_pass.runtime.frontend import JobInvalid, make_job, run_job
+    Request, SamplingParams = c.Request, c.SamplingParams
+
+    job = make_job("tp=2,attn_dp=1", [[Request("r0", [1, 2], SamplingParams(max_new_tokens=2))]])
+    with pytest.raises(JobInvalid, match="world_size 3 is not the mapping's 2 ranks"):
+        run_job(job, 3)

@@ -231,8 +231,8 @@ def _serve_in_lockstep(mapping_spec: str, per_group: list[int]) -> dict:
 @pytest.mark.multirank
 @pytest.mark.parametrize("mapping, per_group", [
     ("tp=2,attn_dp=1,mlp_tp=2", [3, 0]),
-    # four ranks with an empty one (opt-in, CI time: tests/test_mappings.py runs mlp_tp=2 over
-    # four gloo ranks with an empty rank, and the case above an empty rank of a sharded MLP)
+    # four ranks with an empty one (opt-in, CI time: the case above has an empty rank of a
+    # sharded MLP)
     pytest.param("tp=4,attn_dp=1,mlp_tp=4", [2, 0, 5, 1], marks=pytest.mark.full),
 ])
 def test_lockstep_ranks_with_a_sharded_mlp_match_one_rank_alone(mapping, per_group):
@@ -286,14 +286,15 @@ def e2e(tmp_path_factory):
 @pytest.mark.multirank
 @pytest.mark.slow
 @pytest.mark.parametrize("mapping, world", [
-    # the TP job as captured: one DP group, all-reduces over both ranks (opt-in: the kept
-    # all-reduce over a group sharing its requests is what attn_tp=2 below serves in CI)
-    pytest.param("tp=2,attn_dp=0", 2, marks=pytest.mark.full),
+    # the TP job as captured: one DP group, all-reduces over both ranks (CI's case: two ranks)
+    ("tp=2,attn_dp=0", 2),
     # own requests, MLP gathered over both ranks (opt-in: CI runs this mapping through the
     # lockstep engine in test_lockstep_ranks_with_a_sharded_mlp_match_one_rank_alone and on
     # four ranks in tests/test_mappings.py; the job path with collectives is the attn_tp case below)
     pytest.param("tp=2,attn_dp=1,mlp_tp=2", 2, marks=pytest.mark.full),
-    ("tp=4,attn_dp=1,attn_tp=2", 4),  # two DP groups of two ranks, attention TP inside each
+    # two DP groups of two ranks, attention TP inside each (opt-in, CI time: four ranks;
+    # tests/test_families.py serves attn_tp=2 on two gloo ranks)
+    pytest.param("tp=4,attn_dp=1,attn_tp=2", 4, marks=pytest.mark.full),
 ])
 def test_run_job_with_collectives_matches_transformers(e2e, mapping, world):
     from adp_pass.mapping import Mapping

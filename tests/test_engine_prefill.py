@@ -73,7 +73,8 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(built):
     assert stats.mixed_calls > 0
 
 
-@pytest.mark.slow
+@pytest.mark.full  # CI time: test_long_prompts_are_prefilled_in_chunks_... mixes decode rows
+# into prompt calls too
 def test_a_prompt_arriving_mid_decode_joins_the_decode_call(built):
     prompts = _prompts([4, 6], seed=2)
     want, _ = _serve(built, prompts, range(2))
@@ -140,7 +141,7 @@ def _spied(built, prompts, full=False, **engine_options):
     return [r.tokens for r in results], spy.calls
 
 
-@pytest.mark.slow
+@pytest.mark.full  # CI time; tests/test_cache_insertion.py checks logits_indices' rows
 def test_prefill_computes_only_the_sampled_logits_rows(built):
     """Chunked packed prefill: a chunk that ends no prompt asks for no row; a call that ends two
     prompts asks for their last tokens, one with decode rows for theirs too. The tokens equal

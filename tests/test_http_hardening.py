@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -407,16 +406,14 @@ def test_hostile_http_gets_a_json_4xx(server, data, status, words):
 
 
 # ----------------------------------------------------------------------------- TLS (no server)
-@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command")
 def test_tls_files_are_checked_and_passed_to_uvicorn(tmp_path):
-    from adp_pass.cli import _serve_security, build_parser
+    from adp_pass.cli import build_parser
+    from adp_pass.commands.serve import _serve_security
     from adp_pass.mapping import Mapping
     from adp_pass.serving.server import ServeOptions, http_config
 
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True, timeout=60)
+    tls = Path(__file__).parent / "data" / "tls"  # a test-only self-signed pair (its README)
+    key, cert = tls / "key.pem", tls / "cert.pem"
     args = build_parser().parse_args(["serve", "--ssl-keyfile", str(key), "--ssl-certfile",
                                       str(cert), "--api-key", "k-1"])
     assert _serve_security(args, http=True) == ("k-1",)

@@ -132,3 +132,35 @@ def test_slots_address_the_block_table():
             assert table[pos // 32] == slot // 32 and pos % 32 == slot % 32
         assert seen.isdisjoint(slots)
         seen.update(slots)
+
+
+def test_fp8_cache_holds_one_byte_per_element_and_a_scale_per_layer():
+    cache = PagedKVCache(num_layers=3, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=8,
+                         dtype=torch.float8_e4m3fn, kv_scale=0.05)
+    assert cache.fp8 and cache.k_caches[0].dtype == torch.float8_e4m3fn
+    k_scale, v_scale = cache.layer_scales(2)
+    assert k_scale.dtype == v_scale.dtype == torch.float32 and k_scale.shape == (1,)
+    assert k_scale.item() == v_scale.item() == pytest.approx(0.05)
+    assert k_scale is not cache.layer_scales(1)[0]  # per layer, set independently
+    # Bytes per token halve against bf16 (plus 8 bytes of scales per layer).
+    bf16 = PagedKVCache.bytes_needed(36, 1000, 16, 8, 128, torch.bfloat16)
+    assert PagedKVCache.bytes_needed(36, 1000, 16, 8, 128, torch.float8_e4m3fn) == bf16 // 2 + 36 * 8
+    assert make_cache().layer_scales(0) == (None, None) and not make_cache().fp8
+
+
+def test_fp8_scales_are_required_where_they_belong():
+    from adp_pass.runtime.kv_cache import KvCacheScaleError
+    from adp_pass.runtime.serving_config import KvCacheDtypeError
+
+    k = [torch.zeros(2, 16, 1, 8, dtype=torch.float8_e4m3fn) for _ in range(2)]
+    scales = [torch.ones(1) for _ in range(2)]
+    over = PagedKVCache.over(k, k, scales, scales)
+    assert over.fp8 and over.layer_scales(1)[0] is scales[1]
+    with pytest.raises(KvCacheScaleError, match="needs k_scales and v_scales"):
+        PagedKVCache.over(k, k)
+    with pytest.raises(KvCacheScaleError, match="only fp8 caches are scaled"):
+        PagedKVCache.over([torch.zeros(2, 16, 1, 8)], [torch.zeros(2, 16, 1, 8)], scales[:1], scales[:1])
+    with pytest.raises(KvCacheScaleError, match="2 layers but 1 k"):
+        PagedKVCache.over(k, k, scales[:1], scales)
+    with pytest.raises(KvCacheDtypeError, match="finite number > 0"):
+        PagedKVCache(1, 1, 16, 1, 8, dtype=torch.float8_e4m3fn, kv_scale=0.0)

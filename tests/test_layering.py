@@ -38,7 +38,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # Plain data between detect and rewrite; the site patterns already produce its Sites.
     "plan": ("adp_pass.plan",),
-    "capture": ("adp_pass.capture", "adp_pass.stamp"),
+    # The captured graph's linears made FP8 for an FP8 checkpoint (adp_pass/fp8_linears.py).
+    "capture": ("adp_pass.capture", "adp_pass.stamp", "adp_pass.fp8_linears"),
     "patterns": ("adp_pass.patterns", "adp_pass.patterns.*"),
     # Which dims grow, shape fixes and their proof: used by detect (plan) and rewrite (check).
     "sharding": ("adp_pass.layouts", "adp_pass.sharding_rules", "adp_pass.sharding",

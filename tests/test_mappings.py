@@ -140,10 +140,11 @@ def test_memory_check_names_a_mapping_that_fits(captured):
 # ----------------------------------------------------------------------------- real ranks
 @pytest.mark.multirank
 @pytest.mark.parametrize("spec, world, splits", [
-    ("tp=2,attn_dp=0", 2, None),
-    # an empty rank steps with padding rows (opt-in: CI runs mlp_tp=2 with an empty rank on
-    # four ranks below, tp=4,attn_dp=1,mlp_tp=2 with splits [0, 1, 3, 2])
-    pytest.param("tp=2,attn_dp=1,mlp_tp=2", 2, [0, 3], marks=pytest.mark.full),
+    # opt-in, CI time: CI serves the TP job on two ranks against transformers in
+    # tests/test_engine_lockstep.py
+    pytest.param("tp=2,attn_dp=0", 2, None, marks=pytest.mark.full),
+    # an empty rank steps with padding rows of a sharded MLP (CI's case)
+    ("tp=2,attn_dp=1,mlp_tp=2", 2, [0, 3]),
 ])
 def test_mapping_parity_on_two_gloo_ranks(tiny, spec, world, splits):
     from adp_pass.verify import verify
@@ -158,9 +159,10 @@ def test_mapping_parity_on_two_gloo_ranks(tiny, spec, world, splits):
 @pytest.mark.multirank
 @pytest.mark.slow
 @pytest.mark.parametrize("spec, splits", [
-    ("tp=4,attn_dp=1,mlp_tp=2", [0, 1, 3, 2]),
-    # attention TP inside DP groups with the MLP over the whole world (served end to end by
-    # tests/test_engine_lockstep.py in CI); opt-in here to keep CI under ten minutes
+    # opt-in, CI time (four ranks): CI serves mlp_tp=2 on two ranks in
+    # tests/test_engine_lockstep.py, with an empty rank
+    pytest.param("tp=4,attn_dp=1,mlp_tp=2", [0, 1, 3, 2], marks=pytest.mark.full),
+    # attention TP inside DP groups with the MLP over the whole world (opt-in, four ranks)
     pytest.param("tp=4,attn_dp=1,attn_tp=2,mlp_tp=4", [2, 0], marks=pytest.mark.full),
 ])
 def test_mapping_parity_on_four_gloo_ranks(tiny, spec, splits):

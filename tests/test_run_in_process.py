@@ -78,7 +78,8 @@ def test_the_rank_runs_here_and_leaves_the_process_as_it_was(tmp_path, cache_dir
     assert capfd.readouterr().out == "after the job\n"
 
 
-@pytest.mark.slow
+@pytest.mark.full  # CI time: a torchrun job and an in-process one; CI runs the in-process rank
+# (test_the_rank_runs_here_...) and torchrun jobs elsewhere (tests/test_runtime.py, test_cli.py)
 def test_one_rank_in_the_cli_process_gives_the_tokens_of_torchrun(tmp_path, cache_dir):
     args = [sys.executable, "-m", "adp_pass.cli", "run", "--preset", "tiny", "--world-size",
             "1", "--requests", "2", "--prompt-len", "5", "--new-tokens", "4",

@@ -98,7 +98,10 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("per_rank", [[3, 0], pytest.param([1, 2], marks=pytest.mark.full)])
+# opt-in, CI time: CI serves a two-rank job against transformers in
+# tests/test_engine_lockstep.py (test_run_job_with_collectives_matches_transformers)
+@pytest.mark.parametrize("per_rank", [pytest.param([3, 0], marks=pytest.mark.full),
+                                      pytest.param([1, 2], marks=pytest.mark.full)])
 def test_generation_on_gloo_ranks_matches_transformers(checkpoint, per_rank):
     config = GQA_CONFIG
     generator = torch.Generator().manual_seed(sum(per_rank))

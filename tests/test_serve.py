@@ -459,7 +459,7 @@ def test_non_streamed_request_is_cancelled_when_the_client_leaves(server):
              and server.metric("adp_kv_blocks_used", rank=1, dp_rank=1) == 0, what="KV freed")
 
 
-def test_dead_rank_fails_only_its_requests(server):
+def test_dead_rank_fails_only_its_requests_and_restarts(server):
     streams = [Stream(server, 200), Stream(server, 200)]  # still generating after the kill
     wait_for(lambda: all(s.chunks for s in streams), what="both ranks generating")
     victim = server.health()["ranks"][1]
@@ -473,11 +473,25 @@ def test_dead_rank_fails_only_its_requests(server):
     seen = len(alive[0].chunks)
     wait_for(lambda: len(alive[0].chunks) > seen + 1, what="the other rank still generating")
     alive[0].close()
+    # The dead rank restarts (from the build cache, after a 1 s backoff): meanwhile the server
+    # says so and new requests all go to the live rank.
     health = server.health()
-    assert health["status"] == "degraded" and health["live_dp_groups"] == [0]
+    assert health["status"] == "restarting" and health["live_dp_groups"] == [0], health
     assert server.metric("adp_rank_up", rank=1) == 0
-    for _ in range(2):  # new requests all go to the live rank
+    assert server.metric("adp_group_restarting", dp_rank=1) == 1
+    routed = server.metric("adp_routed_requests_total", dp_rank=1)
+    for _ in range(2):
         assert server.client.completions.create(model="tiny", prompt="ok", max_tokens=1).choices
+    assert server.metric("adp_routed_requests_total", dp_rank=1) == routed
+    wait_for(lambda: server.health()["status"] == "ok", timeout_s=120, what="rank 1 restarted")
+    assert server.health()["ranks"][1]["pid"] != victim["pid"]
+    assert server.metric("adp_group_restarts_total", dp_rank=1) == 1
+    # Both ranks take requests again: the second of two at once goes to the idler rank.
+    again = [Stream(server, 8), Stream(server, 8)]
+    for stream in again:
+        stream.thread.join(REQUEST_TIMEOUT_S)
+    assert all(s.error is None and s.finish == "length" for s in again)
+    assert server.metric("adp_routed_requests_total", dp_rank=1) == routed + 1
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits(server):

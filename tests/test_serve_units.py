@@ -240,3 +240,81 @@ def test_bench_serve_url_lengths_and_an_empty_report():
                           "total_token_throughput": 0.0, "ttft": empty, "tpot": empty,
                           "itl": empty, "e2e_latency": empty, "errors": ["HTTP 400: ..."]})
     assert "nan" not in text and "no request completed" in text and "HTTP 400" in text
+
+
+# ----------------------------------------------------------------------------- restarts
+class _Writer:
+    """A rank link's writer that keeps what the front end sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    def write(self, data):
+        self.sent.append(data)
+
+    def close(self):
+        pass
+
+
+def test_group_out_of_restart_attempts_is_given_up_and_the_last_one_fails_the_server(
+        tmp_path, monkeypatch):
+    """The restart machinery without real ranks: every restart's job exits at once (code 3).
+    A dead group's request fails, the group restarts with backoff, is given up after its
+    attempts (/health "degraded", the other group still routed); when the last group is given
+    up too, the server fails (exit code 1)."""
+    import asyncio
+    import sys
+    import time
+
+    from adp_pass.mapping import Mapping
+    from adp_pass.serving import ranks as ranks_module
+    from adp_pass.serving.ranks import RankSet, RestartPolicy
+    from adp_pass.serving.state import ServingState
+
+    monkeypatch.setattr(ranks_module, "torchrun_command",
+                        lambda *a, **k: [sys.executable, "-c", "raise SystemExit(3)"])
+
+    async def scenario():
+        ranks = RankSet(Mapping.parse("tp=2,attn_dp=1"), tmp_path, tmp_path / "ranks.log",
+                        echo=False, restart=RestartPolicy(attempts=2, backoff_s=0.01))
+        ranks.log_path.write_text("")
+        state = ServingState(ranks, LIMITS, ByteTokenizer(), max_queue=4, shutdown_timeout_s=1)
+        for unit in ranks.units:  # as after a start: both served
+            unit.state, unit.up_since = "up", time.monotonic()
+        for info in ranks.ranks.values():
+            info.state, info.dp_rank, info.reports, info.writer = "ready", info.rank, True, \
+                _Writer()
+        gen = parse_completion({"prompt": [1, 2], "max_tokens": 4}, LIMITS, ByteTokenizer())
+        flights = state.submit(gen) + state.submit(gen)  # one per group (ties alternate)
+        assert sorted(f.group for f in flights) == [0, 1]
+        lost = next(f for f in flights if f.group == 1)
+
+        ranks._lost(ranks.ranks[1], "killed")
+        assert ranks.units[1].state == "restarting"
+        kind, _, _, why = lost.events.get_nowait()
+        assert kind == "error" and "rank 1 died (killed)" in why and "restarting" in why
+        code, health = state.health()
+        assert (code, health["status"], health["live_dp_groups"]) == (200, "restarting", [0])
+        assert state.submit(gen)[0].group == 0  # routed around the restarting group
+
+        await asyncio.wait_for(ranks.units[1].task, 20)
+        unit = ranks.units[1]
+        assert (unit.state, unit.spent, unit.failed_starts, unit.restarts) == ("failed", 2, 2, 0)
+        assert "exited with code 3" in unit.error
+        code, health = state.health()
+        assert (code, health["status"], health["live_dp_groups"]) == (200, "degraded", [0])
+        assert 'adp_group_restart_failures_total{dp_rank="1"} 2' in state.metrics()
+        assert not state.failed
+
+        ranks._lost(ranks.ranks[0], "killed")
+        code, health = state.health()
+        assert (code, health["status"]) == (503, "restarting")
+        with pytest.raises(APIError) as refused:
+            state.submit(gen)
+        assert refused.value.status == 503 and refused.value.code == "restarting"
+        assert refused.value.headers["Retry-After"]
+        await asyncio.wait_for(ranks.units[0].task, 20)
+        assert state.failed and state.exit_code == 1 and state.stop_event.is_set()
+        assert state.health()[0] == 503
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

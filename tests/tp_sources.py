@@ -52,3 +52,35 @@ def engine_tp_source(config: Qwen3Config, world_size: int, rank: int, seed: int)
     """``adp_pass.verify`` source for the engine fixture (runs inside a real rank)."""
     model = engine_tp_model(config, world_size, rank, seed)
     return model, unsharded_state("engine", config, seed)
+
+
+# ----------------------------------------------------------------------------- FP8 source
+def fp8_full_state(config: Qwen3Config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The unsharded FP8 model's tensors: transformers' seeded model, decoder linears quantized."""
+    from engine_qwen3 import fp8_state_from_reference
+
+    return fp8_state_from_reference(reference_state(config, seed))
+
+
+def fp8_tp_model(config: Qwen3Config, world_size: int, rank: int,
+                 full: dict[str, torch.Tensor] | None = None, group_name: str | None = None):
+    """Rank ``rank``'s FP8 engine-style TP model, its shards cut from ``full`` (the unsharded
+    FP8 tensors, transformers' names, scales as float32; default: the seeded model's)."""
+    from engine_qwen3 import Fp8EngineQwen3ForCausalLM, fp8_shard_state
+
+    if world_size > 1 and group_name is None:
+        group_name = dist.group.WORLD.group_name
+    model = Fp8EngineQwen3ForCausalLM(config, world_size, rank, group_name)
+    full = fp8_full_state(config) if full is None else full
+    model.load_state_dict(fp8_shard_state(full, config, world_size, rank), strict=True)
+    return model.eval()
+
+
+def capture_fp8_source(config: Qwen3Config, world_size: int, rank: int, *, batch: int = 2,
+                       seq: int = 8, full: dict[str, torch.Tensor] | None = None
+                       ) -> CapturedGraph:
+    """Rank ``rank``'s graph of the FP8 TP job, traced in this process on a fake group."""
+    with fake_process_group(world_size, rank):
+        model = fp8_tp_model(config, world_size, rank, full)
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        return capture(model, [ids], rank=rank, world_size=world_size)

@@ -79,6 +79,10 @@ class Router:
         self.flights[group].clear()
         return lost
 
+    def revive(self, group: int) -> None:
+        """``group`` serves again (its ranks were restarted), with nothing in flight."""
+        self.live[group] = True
+
     def imbalance(self) -> float:
         """Largest over mean tokens in flight across the live groups (1.0: even, or idle)."""
         loads = [self.tokens_in_flight(g) for g in range(self.groups) if self.live[g]]

@@ -1,5 +1,6 @@
 """``adp serve``: start the ranks once, then serve the OpenAI API over them with uvicorn until
-SIGTERM / Ctrl-C (graceful) or a fatal rank failure (exit code 1)."""
+SIGTERM / Ctrl-C (graceful) or a fatal rank failure (exit code 1: no group left to serve or
+restart). A group whose rank dies is restarted meanwhile (``ranks.RankSet``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     dtype: str = "float32"
+    kv_cache_dtype: str = "auto"  # ServingConfig.kv_cache_dtype / kv_cache_scale
+    kv_cache_scale: float = 1.0
     num_blocks: int = 256
     block_size: int = 16
     max_batch: int = 64
@@ -38,6 +41,11 @@ class ServeOptions:
     start_timeout_s: float = 1800.0
     shutdown_timeout_s: float = 30.0
     rank_timeout_s: float | None = 600.0
+    # A group whose rank died is restarted (ranks.RestartPolicy): starts tried per failure (0:
+    # never), the first after restart_backoff_s, doubling up to restart_backoff_max_s.
+    restart_attempts: int = 3
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
     nnodes: int = 1
     node: NodeSpec | None = None  # one machine of several (--node-rank); None: all here
     api_keys: tuple[str, ...] = ()  # empty: no key needed
@@ -105,7 +113,8 @@ def _write_job(o: ServeOptions) -> Path:
     job_dir = Path(tempfile.mkdtemp(prefix="adp-serve-"))
     serving = ServingConfig(block_size=o.block_size, num_blocks=o.num_blocks,
                             max_position=o.max_model_len, max_seq_len=o.max_model_len,
-                            max_batch=o.max_batch, cuda_graph_sizes=tuple(o.cuda_graph_sizes))
+                            max_batch=o.max_batch, cuda_graph_sizes=tuple(o.cuda_graph_sizes),
+                            kv_cache_dtype=o.kv_cache_dtype, kv_cache_scale=o.kv_cache_scale)
     Job(mapping=o.mapping, preset=o.preset, checkpoint=o.checkpoint, dtype=o.dtype,
         serving=serving, seed=o.seed, cache_dir=o.cache_dir).write(job_dir / "job.json")
     return job_dir
@@ -146,14 +155,16 @@ def _serve_node(o: ServeOptions) -> int:
 async def _serve(o: ServeOptions) -> int:
     from adp_pass.launch import default_log_path
     from adp_pass.serving.protocol import ModelLimits
-    from adp_pass.serving.ranks import RankSet
+    from adp_pass.serving.ranks import RankSet, RestartPolicy
     from adp_pass.serving.state import ServingState
     from adp_pass.tokenizer import load_tokenizer
 
     job_dir = _write_job(o)
     log_path = o.log_path or default_log_path("serve")
     ranks = RankSet(o.mapping, job_dir, log_path, nnodes=o.nnodes, node=o.node,
-                    silence_timeout_s=o.rank_timeout_s)
+                    silence_timeout_s=o.rank_timeout_s, start_timeout_s=o.start_timeout_s,
+                    restart=RestartPolicy(o.restart_attempts, o.restart_backoff_s,
+                                          o.restart_backoff_max_s))
     tokenizer = load_tokenizer(o.checkpoint)
     limits = ModelLimits(o.model_name, o.vocab_size, o.max_model_len, o.num_blocks * o.block_size)
     state = ServingState(ranks, limits, tokenizer, max_queue=o.max_queue,

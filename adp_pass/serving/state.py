@@ -16,10 +16,11 @@ from adp_pass.runtime.contract import Add, Cancel, Request, SamplingParams, Step
 from adp_pass.serving.metrics import (
     E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, Histogram, family)
 from adp_pass.serving.protocol import APIError, Generation, ModelLimits
-from adp_pass.serving.ranks import RankInfo, RankSet
+from adp_pass.serving.ranks import RankInfo, RankSet, Unit
 from adp_pass.serving.router import NoLiveRank, Overloaded, Router
 
 RETRY_AFTER_S = 1
+RESTART_RETRY_AFTER_S = 5  # a restart from the build cache takes seconds
 
 
 class RankLost(Exception):
@@ -55,7 +56,8 @@ class ServingState:
         self.exit_code = 0
         self.stop_event = asyncio.Event()
         self.started = time.time()
-        ranks.on_step, ranks.on_lost = self._on_step, self._on_lost
+        ranks.on_step, ranks.on_lost, ranks.on_restored = (self._on_step, self._on_lost,
+                                                           self._on_restored)
         self.requests_total = {"ok": 0, "error": 0, "cancelled": 0, "rejected": 0}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -105,6 +107,11 @@ class ServingState:
                            f"{RETRY_AFTER_S} s", type="server_overloaded", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except NoLiveRank as err:
+            if self.ranks.restarting():
+                raise APIError(503, "no DP group is serving now: the ranks are restarting after "
+                               f"a failure; retry after {RESTART_RETRY_AFTER_S} s",
+                               type="server_error", code="restarting",
+                               headers={"Retry-After": str(RESTART_RETRY_AFTER_S)}) from None
             raise APIError(503, f"{err}: every rank has died", type="server_error",
                            code="no_live_rank") from None
         stop_ids = () if gen.ignore_eos else tuple(self.tokenizer.eos_token_ids)
@@ -180,17 +187,28 @@ class ServingState:
                 self._finish(flight, "ok")
             flight.events.put_nowait(("tokens", tokens, finish, None))
 
-    def _on_lost(self, info: RankInfo, why: str) -> None:
-        if self.ranks.isolated:
-            # Replicated mapping: only this rank's requests fail; the router stops using it.
-            for request_id in self.router.mark_dead(info.dp_rank):
-                self._fail(request_id, f"the rank serving this request failed: {why}; retry: "
-                           "the other ranks keep serving")
-            if not any(self.router.live):
-                self.fail_all(f"every rank has died; the last: {why}")
+    def _on_lost(self, unit: Unit, why: str) -> None:
+        """A group of ranks is down (a rank died; or its restarts failed): its requests fail
+        with 503, the router stops using its DP groups; with no group left to serve or
+        restart, the server fails."""
+        if unit.state == "restarting":
+            retry = "; it is restarting: retry"
+        elif len(unit.dp_groups) < self.router.groups:
+            retry = "; retry: the other DP groups keep serving"
         else:
-            self.fail_all(f"{why}; mapping {self.ranks.mapping} keeps collectives, so the whole "
-                          "group stops with it")
+            retry = ""
+        for group in unit.dp_groups:
+            for request_id in self.router.mark_dead(group):
+                self._fail(request_id, f"the rank serving this request failed: {why}{retry}")
+        if not any(self.router.live) and not self.ranks.restarting():
+            what = (f"mapping {self.ranks.mapping} keeps collectives, so the whole group stops "
+                    "with it" if unit.ranks == list(self.ranks.ranks) and
+                    self.ranks.mapping.lockstep_size > 1 else "no rank is left to serve")
+            self.fail_all(f"{why}; {what}")
+
+    def _on_restored(self, unit: Unit) -> None:
+        for group in unit.dp_groups:
+            self.router.revive(group)
 
     def _fail(self, request_id: str, why: str) -> None:
         flight = self.flights.get(request_id)
@@ -229,12 +247,21 @@ class ServingState:
         ranks = [{"rank": i.rank, "dp_rank": i.dp_rank, "state": i.state, "pid": i.pid,
                   "host": i.host, **({"error": i.error} if i.error else {})}
                  for i in self.ranks.ranks.values()]
+        groups = [{"ranks": u.ranks, "dp_ranks": u.dp_groups, "state": u.state,
+                   "restarts": u.restarts, **({"error": u.error} if u.error else {})}
+                  for u in self.ranks.units]
         live = [g for g in range(self.router.groups) if self.router.live[g]]
+        restarting = self.ranks.restarting()
         if self.failed or self.draining or not live:
-            status = "failed" if self.failed else "draining" if self.draining else "no live rank"
-            return 503, {"status": status, "ranks": ranks}
-        status = "ok" if len(live) == self.router.groups else "degraded"
-        return 200, {"status": status, "live_dp_groups": live, "ranks": ranks,
+            # No group serves now: "restarting" says one may again (a load balancer sends
+            # elsewhere meanwhile).
+            status = ("failed" if self.failed else "draining" if self.draining else
+                      "restarting" if restarting else "no live rank")
+            return 503, {"status": status, "live_dp_groups": live, "groups": groups,
+                         "ranks": ranks}
+        status = ("ok" if len(live) == self.router.groups else
+                  "restarting" if restarting else "degraded")
+        return 200, {"status": status, "live_dp_groups": live, "groups": groups, "ranks": ranks,
                      "model": self.limits.name, "mapping": str(self.ranks.mapping)}
 
     def metrics(self) -> str:
@@ -258,6 +285,15 @@ class ServingState:
         lines += family("adp_rank_up", "gauge", "1 while a rank serves",
                         [({"rank": str(i.rank)}, float(i.state == "ready"))
                          for i in self.ranks.ranks.values()])
+        by_group = [(u, {"dp_rank": str(g)}) for u in self.ranks.units for g in u.dp_groups]
+        lines += family("adp_group_restarts_total", "counter", "Restarts of a DP group's ranks "
+                        "after a failure that served again",
+                        [(labels, u.restarts) for u, labels in by_group])
+        lines += family("adp_group_restart_failures_total", "counter", "Restart attempts of a "
+                        "DP group's ranks that did not serve",
+                        [(labels, u.failed_starts) for u, labels in by_group])
+        lines += family("adp_group_restarting", "gauge", "1 while a DP group's ranks restart",
+                        [(labels, float(u.state == "restarting")) for u, labels in by_group])
         lines += family("adp_queue_depth", "gauge", "Requests waiting in a rank's engine",
                         by_rank("waiting"))
         lines += family("adp_running_requests", "gauge", "Requests a rank is decoding",

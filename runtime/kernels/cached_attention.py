@@ -54,6 +54,8 @@ def cached_attention(
     context_lens: torch.Tensor,
     scale: float,
     query_start_loc: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Cache this step's k/v and attend; returns ``[B, Hq, S, D]`` stored as ``[B, S, Hq, D]``.
 
@@ -61,7 +63,10 @@ def cached_attention(
     ``[num_blocks, block_size, Hkv, D]``; slot_mapping int ``[B*S]`` (token ``b*S + s``, -1 skips
     it); block_tables int32 ``[B, max_blocks]``; context_lens int32 ``[B]``. Packed
     (``query_start_loc`` int32 ``[N+1]``): ``B == 1``, block_tables ``[N, max_blocks]`` and
-    context_lens ``[N]`` per sequence.
+    context_lens ``[N]`` per sequence. An fp8 cache (float8_e4m3fn) takes its layer's fp32
+    one-element ``k_scale`` / ``v_scale``: written as ``e4m3(clamp(x / scale))``, read as
+    ``fp8 * scale``. The padded prefill attends over the step's own k/v, unquantized (as it does
+    not read the cache).
     """
     batch, q_heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -75,15 +80,17 @@ def cached_attention(
     if query_start_loc is None and seq == 1:
         # Decode: the decode kernel writes the new token itself (one launch, not two).
         out = torch.ops.adp.cache_and_paged_decode(
-            q[:, :, 0], key, value, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale
+            q[:, :, 0], key, value, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale,
+            0, k_scale, v_scale,
         )
         return out.view(batch, 1, q_heads, head_dim).transpose(1, 2)
-    torch.ops.adp.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+    torch.ops.adp.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     if query_start_loc is not None:
         assert batch == 1, f"a packed call has one row of tokens, got {batch}"
         out = torch.ops.adp.varlen_attention(q[0].transpose(0, 1), k_cache, v_cache,
-                                             block_tables, query_start_loc, context_lens, scale)
+                                             block_tables, query_start_loc, context_lens, scale,
+                                             k_scale, v_scale)
         return out.view(1, seq, q_heads, head_dim).transpose(1, 2)
 
     _check_prefill_is_new(context_lens, seq)
@@ -99,7 +106,7 @@ def cached_attention(
 
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale,
-      query_start_loc=None) -> torch.Tensor:
+      query_start_loc=None, k_scale=None, v_scale=None) -> torch.Tensor:
     # [B, Hq, S, D] stored as [B, S, Hq, D], like the real op and like SDPA's flash kernels: the
     # captured graph views the output's transpose(1, 2) as [B, S, Hq*D] without a copy.
     batch, q_heads, seq, head_dim = q.shape

@@ -1,4 +1,6 @@
-"""``adp::fp8_block_linear``: ``y = x @ W.T`` with ``W`` stored as Qwen3-FP8 / DeepSeek store
+"""The kernels of ``adp::fp8_block_linear`` (the op itself, its fake and its reference are
+``adp_pass.fp8``'s; this module registers the GPU / interpreted implementation over them) and
+the op ``adp::fp8_block_linear_quantized``: ``y = x @ W.T`` with ``W`` stored as Qwen3-FP8 / DeepSeek store
 it (float8_e4m3fn, one fp32/bf16/fp16 ``weight_scale_inv`` per 128 x 128 tile) and ``x``
 quantized per token and 128-wide group on the fly: ``adp_pass.fp8.fp8_linear_reference``.
 
@@ -40,10 +42,10 @@ import triton.language as tl
 from adp_pass import fp8
 
 from .decode_mm import _split_k_sum_kernel
-from .fp8_quant import ACTIVATION_DTYPES, EXACT_BITS, GROUP, E4M3, quantize, quantize_tile
+from .fp8_quant import EXACT_BITS, GROUP, E4M3, quantize, quantize_tile
 from .utils import as_rows, eager_on_cpu, launch_guard, pdl, previous_kernel_done, round_to
 
-SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SCALE_DTYPES = fp8.SCALE_DTYPES
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DECODE_MAX_ROWS = 64
 # Rows are tuned in buckets, as adp.decode_mm's: bucket b covers the counts above the previous
@@ -356,59 +358,22 @@ def linear_2d(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------- ops
-def check_weight(op: str, weight: torch.Tensor, weight_scale_inv: torch.Tensor, k: int) -> None:
-    """An fp8 weight [N, K] (unit stride along K) and its tile scales of exactly
-    ``fp8.scale_shape(weight.shape)``; each problem a ``ValueError`` naming it."""
-    if weight.dim() != 2 or weight.dtype != E4M3:
-        raise ValueError(f"{op}: weight must be a 2-D float8_e4m3fn [N, K], got "
-                         f"{weight.dtype} {tuple(weight.shape)}")
-    if weight.shape[1] != k:
-        raise ValueError(f"{op}: x has K = {k} columns but weight is {tuple(weight.shape)}")
-    if weight.stride(1) != 1 and weight.shape[1] > 1:
-        raise ValueError(f"{op}: weight must be unit-stride along K (its rows contiguous), got "
-                         f"strides {weight.stride()}; weights are not copied per call")
-    expected = fp8.scale_shape(tuple(weight.shape))
-    if tuple(weight_scale_inv.shape) != expected:
-        raise ValueError(f"{op}: weight_scale_inv is {list(weight_scale_inv.shape)}; a weight of "
-                         f"{list(weight.shape)} with 128x128 blocks needs {list(expected)}")
-    if weight_scale_inv.dtype not in SCALE_DTYPES:
-        raise ValueError(f"{op}: weight_scale_inv must be float32, bfloat16 or float16, got "
-                         f"{weight_scale_inv.dtype}")
-    if weight.device != weight_scale_inv.device:
-        raise ValueError(f"{op}: weight on {weight.device}, weight_scale_inv on "
-                         f"{weight_scale_inv.device}")
+# The op's schema, fake and reference implementation are adp_pass.fp8's (capture and rewrite
+# need no runtime module); this module registers the kernels over it. Both devices: on a CPU-only
+# machine Triton interprets, and the CPU tests run these kernels through the op.
+check_weight = fp8.check_weight
+fp8_block_linear = fp8.fp8_block_linear
 
 
-def _check_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> None:
-    op = "fp8_block_linear"
-    if x.dim() == 0:
-        raise ValueError(f"{op}: x must be [..., K]")
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise ValueError(f"{op}: x must be bfloat16, float16 or float32 (fp8 activations go "
-                         f"through fp8_block_linear_quantized), got {x.dtype}")
-    check_weight(op, weight, weight_scale_inv, x.shape[-1])
-    if x.device != weight.device:
-        raise ValueError(f"{op}: x on {x.device}, weight on {weight.device}")
-
-
-@torch.library.custom_op("adp::fp8_block_linear", mutates_args=())
-def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor
-                     ) -> torch.Tensor:
-    """``adp_pass.fp8.fp8_linear_reference(x, weight, weight_scale_inv)``: ``x [..., K]`` in
-    bf16/fp16/fp32, ``weight`` float8_e4m3fn [N, K], its tile scales; result ``[..., N]`` in
-    ``x.dtype``."""
-    _check_linear(x, weight, weight_scale_inv)
+@fp8_block_linear.register_kernel(("cuda", "cpu"))
+def _fp8_block_linear_kernel(x: torch.Tensor, weight: torch.Tensor,
+                             weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    fp8.check_linear(x, weight, weight_scale_inv)
     if eager_on_cpu(_fp8_gemm_kernel, x, weight, weight_scale_inv):
         return fp8.fp8_linear_reference(x, weight, weight_scale_inv)
     x2 = as_rows(x)
     out = linear_2d(x2, weight, weight_scale_inv, x.dtype)
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-@fp8_block_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
-    _check_linear(x, weight, weight_scale_inv)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _check_quantized(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,

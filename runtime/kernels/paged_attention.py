@@ -6,6 +6,8 @@ the step's new token) on import. Cache layout (vLLM "flash" layout):
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; see docs/kv_cache.md and, for the
 decode kernel's design, docs/kernels.md. On CPU the kernels run under ``TRITON_INTERPRET=1``;
 when Triton compiles, the ops send CPU tensors to ``reference`` (``utils.eager_on_cpu``).
+An fp8 cache (float8_e4m3fn) comes with fp32 one-element ``k_scale`` / ``v_scale`` tensors: the
+writes store ``e4m3(clamp(x / scale))``, the reads use ``fp8 * scale`` (docs/fp8.md, "FP8 KV cache").
 """
 
 import contextlib
@@ -17,7 +19,10 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from adp_pass.errors import AdpError
+
 from . import reference
+from .fp8_quant import to_e4m3
 from .utils import device_index, eager_on_cpu, pdl, previous_kernel_done
 
 # --- decode launch configuration (edit from bench/tune_paged_attention.py on the target GPU) ---
@@ -54,6 +59,10 @@ SPLIT_K = dict(programs_per_sm=3, min_split_tokens=256, max_splits=32)  # tuned 
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# An fp8 cache (docs/fp8.md, "FP8 KV cache") holds e4m3 codes of x / scale, with one fp32 K and V
+# scale per layer; q and the new k/v stay in a float dtype.
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+_CACHE_DTYPES = _FLOAT_DTYPES + ((_FP8,) if _FP8 is not None else ())
 # tl.dot needs every dimension >= 16 on GPU, so the q-head group is padded to 16 rows.
 _MIN_DOT_DIM = 16
 _INT32_MAX = 2**31 - 1
@@ -95,15 +104,35 @@ def online_softmax_step(s, v, m_i, l_i, acc, NATIVE_DOT: tl.constexpr, DOT_PRECI
 
 
 @triton.jit
+def quantize_kv(x, scale_ptr, EXACT_BITS: tl.constexpr):
+    """What an fp8 cache stores for ``x``: ``reference.quantize_kv``, bit for bit (IEEE division,
+    clamp to the e4m3 range, round to nearest even; on the bits under the interpreter, whose own
+    fp32 -> fp8 cast is wrong: runtime/kernels/fp8_quant.py)."""
+    y = tl.math.div_rn(x.to(tl.float32), tl.load(scale_ptr))
+    return to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), EXACT_BITS)
+
+
+@triton.jit
+def load_kv_as(x, q, NATIVE_DOT: tl.constexpr):
+    """An fp8 cache tile widened for the dots: to q's 16-bit dtype (native dots) or fp32, both
+    exact (e4m3 has 4 significant bits and a narrower exponent range than either)."""
+    if NATIVE_DOT:
+        y = x.to(q.dtype)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
 def _reshape_and_cache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_cb, stride_cs, stride_ch, stride_cd,
     stride_slot,
-    num_kv_heads, head_dim,
+    num_kv_heads, head_dim, k_scale_ptr, v_scale_ptr,
     BLOCK_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    KV_FP8: tl.constexpr = False, EXACT_BITS: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)
     tok = tl.program_id(0).to(tl.int64)
@@ -119,6 +148,9 @@ def _reshape_and_cache_kernel(
     k = tl.load(key_ptr + tok * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
     v = tl.load(value_ptr + tok * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
     dst = block * stride_cb + offset * stride_cs + h * stride_ch + d * stride_cd
+    if KV_FP8:
+        k = quantize_kv(k, k_scale_ptr, EXACT_BITS)
+        v = quantize_kv(v, v_scale_ptr, EXACT_BITS)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -135,12 +167,13 @@ def _paged_decode_kernel(
     stride_kb, stride_kh, stride_kd,
     stride_vb, stride_vh, stride_vd,
     stride_slot,
-    qk_scale_log2, max_tokens, num_splits,
+    qk_scale_log2, max_tokens, num_splits, k_scale_ptr, v_scale_ptr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TOKENS: tl.constexpr,
     NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr, EVICTION: tl.constexpr,
-    WRITE_NEW: tl.constexpr, PDL: tl.constexpr = 0,
+    WRITE_NEW: tl.constexpr, KV_FP8: tl.constexpr = False, EXACT_BITS: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     previous_kernel_done(PDL)  # before any load: q and the new k/v are the last kernel's output
     # int32 index math throughout (the wrapper checks every extent fits); only the cache
@@ -176,6 +209,10 @@ def _paged_decode_kernel(
     )
     if not NATIVE_DOT:
         q = q.to(tl.float32)
+    if KV_FP8:
+        # Scores of the e4m3 codes times k_scale: folded into the softmax scale (one multiply per
+        # program, none per element); v_scale likewise multiplies the output once.
+        qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
@@ -200,6 +237,9 @@ def _paged_decode_kernel(
         dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head_off + d * stride_cd
         new_k = tl.load(key_ptr + seq * stride_kb + kvh * stride_kh + d * stride_kd, mask=new_mask)
         new_v = tl.load(value_ptr + seq * stride_vb + kvh * stride_vh + d * stride_vd, mask=new_mask)
+        if KV_FP8:
+            new_k = quantize_kv(new_k, k_scale_ptr, EXACT_BITS)
+            new_v = quantize_kv(new_v, v_scale_ptr, EXACT_BITS)
         tl.store(k_cache_ptr + dst, new_k, mask=new_mask)
         tl.store(v_cache_ptr + dst, new_v, mask=new_mask)
         tl.debug_barrier()
@@ -223,6 +263,9 @@ def _paged_decode_kernel(
             kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0, eviction_policy=EVICTION)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0, eviction_policy=EVICTION)
+        if KV_FP8:
+            k = load_kv_as(k, q, NATIVE_DOT)
+            v = load_kv_as(v, q, NATIVE_DOT)
         s = tl.where(valid[None, :], scores(q, k, NATIVE_DOT, DOT_PRECISION) * qk_scale_log2,
                      float("-inf"))
         # Every visited tile holds >= 1 valid token, so m_new is finite here: no guard.
@@ -231,6 +274,8 @@ def _paged_decode_kernel(
     # Empty range (context_len 0, or a split past the end): emit zeros, not NaN.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)  # split partials too: the combine is linear in them
     o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :] * stride_od
     o_mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
@@ -292,12 +337,40 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.dim() == 4, f"cache must be [num_blocks, block_size, kv_heads, head_dim], got {tuple(k_cache.shape)}"
     # One set of strides is passed for both caches.
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k/v caches differ in shape or strides"
-    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in _FLOAT_DTYPES, f"bad cache dtype {k_cache.dtype}/{v_cache.dtype}"
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in _CACHE_DTYPES, f"bad cache dtype {k_cache.dtype}/{v_cache.dtype}"
     assert k_cache.device == v_cache.device, "k/v caches on different devices"
     block_size = k_cache.shape[1]
     assert block_size >= _MIN_DOT_DIM and block_size & (block_size - 1) == 0, (
         f"block_size must be a power of two >= {_MIN_DOT_DIM}, got {block_size}"
     )
+
+
+class KvScaleError(AdpError, ValueError):
+    """The k_scale / v_scale given with a KV cache do not fit it."""
+
+
+def check_kv_scales(k_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> None:
+    """An fp8 cache needs both scales, fp32 one-element tensors on its device; another cache none."""
+    if k_cache.dtype != _FP8:
+        if k_scale is not None or v_scale is not None:
+            raise KvScaleError(f"k_scale/v_scale were given with a {k_cache.dtype} KV cache; only an fp8 "
+                               "(float8_e4m3fn) cache is scaled: pass None")
+        return
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None:
+            raise KvScaleError(f"an fp8 KV cache needs {name}: pass an fp32 tensor of one element "
+                               "(1.0 if the values need no scaling)")
+        if t.dtype != torch.float32 or t.numel() != 1 or t.device != k_cache.device:
+            raise KvScaleError(f"{name} must be an fp32 tensor of one element on {k_cache.device}, got "
+                               f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _scale_args(k_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> tuple:
+    """The kernels' (k_scale_ptr, v_scale_ptr, constexprs): a 16/32-bit cache passes the cache itself
+    as the never-read pointers."""
+    if k_cache.dtype != _FP8:
+        return k_cache, k_cache, dict(KV_FP8=False, EXACT_BITS=False)
+    return k_scale, v_scale, dict(KV_FP8=True, EXACT_BITS=_INTERPRETED)
 
 
 def _check_new_tokens(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -307,7 +380,11 @@ def _check_new_tokens(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
     _, _, num_kv_heads, head_dim = k_cache.shape
     assert key.shape == value.shape and key.dim() == 3, f"key/value shapes {tuple(key.shape)} vs {tuple(value.shape)}"
     assert key.shape[1:] == (num_kv_heads, head_dim), f"key {tuple(key.shape)} does not match cache {tuple(k_cache.shape)}"
-    assert key.dtype == value.dtype == k_cache.dtype, f"dtype mismatch: {key.dtype}, {value.dtype}, cache {k_cache.dtype}"
+    # An fp8 cache takes new tokens in any float dtype (the write quantizes them).
+    assert key.dtype == value.dtype and (key.dtype == k_cache.dtype or (
+        k_cache.dtype == _FP8 and key.dtype in _FLOAT_DTYPES)), (
+        f"dtype mismatch: {key.dtype}, {value.dtype}, cache {k_cache.dtype}"
+    )
     assert slot_mapping.shape == (key.shape[0],) and slot_mapping.dtype in _INDEX_DTYPES, (
         f"slot_mapping must be int32/int64 [{key.shape[0]}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
     )
@@ -315,36 +392,41 @@ def _check_new_tokens(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
 
 
 def _launch_reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              slot_mapping: torch.Tensor) -> None:
+                              slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
+                              v_scale: Optional[torch.Tensor] = None) -> None:
     _, block_size, num_kv_heads, head_dim = k_cache.shape
+    k_scale_ptr, v_scale_ptr, fp8_meta = _scale_args(k_cache, k_scale, v_scale)
     with _device_guard(key):
         _reshape_and_cache_kernel[(key.shape[0],)](
             key, value, k_cache, v_cache, slot_mapping,
             *key.stride(), *value.stride(), *k_cache.stride(), slot_mapping.stride(0),
-            num_kv_heads, head_dim,
+            num_kv_heads, head_dim, k_scale_ptr, v_scale_ptr,
             BLOCK_SIZE=block_size,
             HEADS_PAD=triton.next_power_of_2(num_kv_heads),
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            **pdl(key),
+            **fp8_meta, **pdl(key),
         )
 
 
 @torch.library.custom_op("adp::reshape_and_cache", mutates_args=("k_cache", "v_cache"))
 def reshape_and_cache(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> None:
-    """Write key/value [T, kv_heads, head_dim] at flat slots; slot -1 is skipped."""
+    """Write key/value [T, kv_heads, head_dim] at flat slots; slot -1 is skipped. An fp8 cache
+    (with its fp32 one-element ``k_scale`` / ``v_scale``) stores ``e4m3(clamp(x / scale))``."""
     _check_new_tokens(key, value, k_cache, v_cache, slot_mapping)
+    check_kv_scales(k_cache, k_scale, v_scale)
     if key.shape[0] == 0:
         return
     if eager_on_cpu(_reshape_and_cache_kernel, key, k_cache):
-        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return
-    _launch_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+    _launch_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 @reshape_and_cache.register_fake
-def _(key, value, k_cache, v_cache, slot_mapping) -> None:
+def _(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     return None
 
 
@@ -408,16 +490,20 @@ def paged_decode(
     new_key: Optional[torch.Tensor] = None,
     new_value: Optional[torch.Tensor] = None,
     slot_mapping: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the decode kernel with an explicit config (the op passes ``decode_config``'s).
 
     With ``new_key``/``new_value`` ``[B, kv_heads, head_dim]`` and ``slot_mapping`` ``[B]``, first
     write each sequence's new token into the caches (as ``reshape_and_cache``; slot < 0 skips):
     inside the decode kernel when the launch is un-split, else by a separate write launch.
+    An fp8 cache is read and written with ``k_scale`` / ``v_scale``.
     Inputs are checked by the ops; tests and bench/tune_paged_attention.py call this directly.
     """
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     batch, num_q_heads, _ = q.shape
+    k_scale_ptr, v_scale_ptr, fp8_meta = _scale_args(k_cache, k_scale, v_scale)
     assert tokens >= _MIN_DOT_DIM and tokens & (tokens - 1) == 0, f"tokens must be a power of two >= 16, got {tokens}"
     write_new = new_key is not None
     assert write_new == (new_value is not None) == (slot_mapping is not None), (
@@ -455,6 +541,7 @@ def paged_decode(
         IDX64=_cache_needs_int64(k_cache),
         EVICTION=KV_EVICTION,
         num_warps=num_warps,
+        **fp8_meta,
         **pdl(q),
     )
     common = (*q.stride(), *k_cache.stride(), *block_tables.stride(), context_lens.stride(0))
@@ -472,19 +559,19 @@ def paged_decode(
             _paged_decode_kernel[(batch, num_kv_heads, 1)](
                 q, k_cache, v_cache, block_tables, context_lens, out, out, *new_ptrs,
                 *common, out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, 0, *new_strides,
-                scale_log2, max_tokens, 1, **meta, WRITE_NEW=write_new,
+                scale_log2, max_tokens, 1, k_scale_ptr, v_scale_ptr, **meta, WRITE_NEW=write_new,
             )
             return out
         if write_new:
             # Split-K: several CTAs read one (sequence, kv head)'s rows and a CTA barrier cannot
             # order them after another CTA's write, so the token is written by its own launch.
-            _launch_reshape_and_cache(new_key, new_value, k_cache, v_cache, slot_mapping)
+            _launch_reshape_and_cache(new_key, new_value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         part = q.new_empty((batch, num_q_heads, splits, head_dim), dtype=torch.float32)
         lse = q.new_empty((batch, num_q_heads, splits), dtype=torch.float32)
         _paged_decode_kernel[(batch, num_kv_heads, splits)](
             q, k_cache, v_cache, block_tables, context_lens, part, lse, *no_write,
             *common, *part.stride(), *lse.stride(), *no_write_strides,
-            scale_log2, max_tokens, splits, **meta, WRITE_NEW=False,
+            scale_log2, max_tokens, splits, k_scale_ptr, v_scale_ptr, **meta, WRITE_NEW=False,
         )
         _combine_splits_kernel[(batch, num_q_heads)](
             part, lse, out, *part.stride(), *lse.stride(), *out.stride(),
@@ -502,7 +589,9 @@ def _check_decode_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     assert q.dim() == 3 and q.shape[2] == head_dim, f"q {tuple(q.shape)} vs cache head_dim {head_dim}"
     batch, num_q_heads, _ = q.shape
     assert num_q_heads % num_kv_heads == 0, f"q heads {num_q_heads} not a multiple of kv heads {num_kv_heads}"
-    assert q.dtype == k_cache.dtype, f"q dtype {q.dtype} != cache dtype {k_cache.dtype}"
+    assert q.dtype == k_cache.dtype or (k_cache.dtype == _FP8 and q.dtype in _FLOAT_DTYPES), (
+        f"q dtype {q.dtype} != cache dtype {k_cache.dtype}"
+    )
     assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype in _INDEX_DTYPES, (
         f"block_tables must be int [B={batch}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}"
     )
@@ -522,22 +611,28 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int = 0,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One-token-per-sequence attention over a paged KV cache (GQA).
 
     q [B, q_heads, head_dim]; block_tables [B, max_blocks]; context_lens [B] (tokens
     visible, including the current one). num_splits: 0 = heuristic, n >= 1 forces n
-    KV splits (flash-decoding) combined by log-sum-exp. Returns [B, q_heads, head_dim].
+    KV splits (flash-decoding) combined by log-sum-exp. Returns [B, q_heads, head_dim]. An fp8
+    cache is read as ``fp8 * k_scale`` / ``fp8 * v_scale``.
     """
     _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, num_splits)
+    check_kv_scales(k_cache, k_scale, v_scale)
     if eager_on_cpu(_paged_decode_kernel, q, k_cache):
-        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                k_scale, v_scale)
     cfg = decode_config(q, k_cache, block_tables.shape[1], num_splits)
-    return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, **cfg)
+    return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, **cfg,
+                        k_scale=k_scale, v_scale=v_scale)
 
 
 @paged_decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=0) -> torch.Tensor:
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=0, k_scale=None, v_scale=None) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 
@@ -553,6 +648,8 @@ def cache_and_paged_decode(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int = 0,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)`` then
     ``paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)``,
@@ -560,20 +657,24 @@ def cache_and_paged_decode(
 
     key/value ``[B, kv_heads, head_dim]`` (cache dtype, any strides): each sequence's new token,
     written at ``slot_mapping[b]`` (-1 skips it); ``context_lens[b]`` counts it when it is to be
-    attended to, as for paged_decode_attention.
+    attended to, as for paged_decode_attention. An fp8 cache takes ``k_scale`` / ``v_scale`` for both.
     """
     _check_new_tokens(key, value, k_cache, v_cache, slot_mapping)
     _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, num_splits)
+    check_kv_scales(k_cache, k_scale, v_scale)
     assert key.shape[0] == q.shape[0], f"one new token per sequence: key {tuple(key.shape)} vs q {tuple(q.shape)}"
     assert key.device == q.device, "tensors on different devices"
     if eager_on_cpu(_paged_decode_kernel, q, key, k_cache):
-        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
-        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                k_scale, v_scale)
     cfg = decode_config(q, k_cache, block_tables.shape[1], num_splits)
     return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, **cfg,
-                        new_key=key, new_value=value, slot_mapping=slot_mapping)
+                        new_key=key, new_value=value, slot_mapping=slot_mapping,
+                        k_scale=k_scale, v_scale=v_scale)
 
 
 @cache_and_paged_decode.register_fake
-def _(q, key, value, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale, num_splits=0) -> torch.Tensor:
+def _(q, key, value, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale, num_splits=0,
+      k_scale=None, v_scale=None) -> torch.Tensor:
     return q.new_empty(q.shape)

@@ -89,16 +89,43 @@ def qk_norm_rope(
     return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
 
 
+# FP8 KV cache (docs/fp8.md, "FP8 KV cache"): e4m3's largest finite value.
+E4M3_MAX = 448.0
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype == getattr(torch, "float8_e4m3fn", None)
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What an fp8 cache stores for ``x``: ``e4m3(clamp(x / scale, -448, 448))`` (fp32 division,
+    round to nearest even); ``scale`` an fp32 one-element tensor."""
+    return (x.float() / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """fp32 values of cache entries: ``fp8 * scale`` for an fp8 cache, else the entries."""
+    if is_fp8(cache):
+        return cache.float() * scale.float()
+    return cache.float()
+
+
 def reshape_and_cache(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write token ``t``'s key/value ``[kv_heads, head_dim]`` at flat slot ``slot_mapping[t]``
-    (block ``slot // block_size``, row ``slot % block_size``); slots < 0 are skipped."""
+    (block ``slot // block_size``, row ``slot % block_size``); slots < 0 are skipped. An fp8
+    cache stores ``quantize_kv(key, k_scale)`` / ``quantize_kv(value, v_scale)``."""
     block_size = k_cache.shape[1]
     slots = slot_mapping.long()
     keep = slots >= 0
     slots = slots[keep]
+    if is_fp8(k_cache):
+        k_cache[slots // block_size, slots % block_size] = quantize_kv(key[keep], k_scale)
+        v_cache[slots // block_size, slots % block_size] = quantize_kv(value[keep], v_scale)
+        return
     k_cache[slots // block_size, slots % block_size] = key[keep].to(k_cache.dtype)
     v_cache[slots // block_size, slots % block_size] = value[keep].to(v_cache.dtype)
 
@@ -111,6 +138,8 @@ def varlen_attention_fp32(
     query_start_loc: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """adp.varlen_attention in fp32, one sequence at a time; fp32 ``[T, q_heads, head_dim]``.
 
@@ -120,6 +149,7 @@ def varlen_attention_fp32(
     read. Query j sits at position ``context_lens[n] - q_len + j`` and sees the positions up to
     its own; kv head i serves q heads ``i * group .. (i + 1) * group - 1`` (repeat_kv). A query
     before position 0 sees nothing and, like rows past ``query_start_loc[N]``, stays zero.
+    An fp8 cache is read as ``fp8 * scale`` (``dequantize_kv``).
     """
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // kv_heads
@@ -133,8 +163,8 @@ def varlen_attention_fp32(
             continue
         pos = torch.arange(ctx, device=q.device)
         blocks = block_tables[n].long()[pos // block_size]
-        keys = k_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)  # [ctx, Hq, D]
-        values = v_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
+        keys = dequantize_kv(k_cache[blocks, pos % block_size], k_scale).repeat_interleave(group, dim=1)  # [ctx, Hq, D]
+        values = dequantize_kv(v_cache[blocks, pos % block_size], v_scale).repeat_interleave(group, dim=1)
         queries = q[starts[n] : starts[n + 1]].float()
         scores = scale * torch.einsum("qhd,khd->hqk", queries, keys)
         q_pos = ctx - q_len + torch.arange(q_len, device=q.device)
@@ -153,10 +183,12 @@ def varlen_attention(
     query_start_loc: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """adp.varlen_attention: ``varlen_attention_fp32`` rounded once to q's dtype."""
     return varlen_attention_fp32(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
-                                 scale).to(q.dtype)
+                                 scale, k_scale, v_scale).to(q.dtype)
 
 
 def paged_decode_attention(
@@ -166,13 +198,16 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """adp.paged_decode_attention: q ``[B, q_heads, head_dim]``, one query per sequence at the
     last of its ``context_lens[b]`` positions, i.e. varlen attention with one query per sequence
     (a context of 0 gives zeros, as the kernel's empty range does). Split-K only changes the
     kernel's summation order, so ``num_splits`` has no counterpart here."""
     query_start_loc = torch.arange(q.shape[0] + 1, device=q.device)
-    return varlen_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    return varlen_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
+                            k_scale, v_scale)
 
 
 # adp.sample_tokens (runtime/kernels/sample.py, whose docstring states the formula). The uint32

@@ -9,6 +9,8 @@ own. Cache layout as in paged_attention.py: ``[num_blocks, block_size, kv_heads,
 Design (tiling, grid, numerics): docs/kernels.md, "Variable-length attention".
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +26,11 @@ from .paged_attention import (
     _cache_needs_int64,
     _check_cache,
     _device_guard,
+    _FP8,
     _max_offset,
+    _scale_args,
+    check_kv_scales,
+    load_kv_as,
     online_softmax_step,
     scores,
 )
@@ -69,11 +75,12 @@ def _varlen_attention_kernel(
     stride_cb, stride_cs, stride_ch, stride_cd,
     stride_btb, stride_btn, stride_qsl, stride_cl,
     stride_ot, stride_oh, stride_od,
-    qk_scale_log2, num_seqs, num_tokens, max_tokens, short_max,
+    qk_scale_log2, num_seqs, num_tokens, max_tokens, k_scale_ptr, v_scale_ptr, short_max,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     NUM_STAGES: tl.constexpr, PACKED: tl.constexpr, SEARCH_CHUNK: tl.constexpr,
     NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    KV_FP8: tl.constexpr = False, EXACT_BITS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -136,6 +143,9 @@ def _varlen_attention_kernel(
                 mask=q_mask, other=0.0)
     if not NATIVE_DOT:
         q = q.to(tl.float32)
+    if KV_FP8:
+        # k_scale folded into the softmax scale, v_scale into the output (paged_attention.py).
+        qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr)
 
     # KV range of the tile: keys below the first query's position need no causal mask; the rest
     # (the diagonal band) do. Both ends are <= ctx, so no key past the context is ever read.
@@ -155,18 +165,20 @@ def _varlen_attention_kernel(
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, start + n, kv_end, q_pos, table, k_cache_ptr, v_cache_ptr, head_off,
             d, d_mask, stride_btn, stride_cb, stride_cs, stride_cd, qk_scale_log2,
-            False, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, NATIVE_DOT, DOT_PRECISION, IDX64,
+            False, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, NATIVE_DOT, DOT_PRECISION, IDX64, KV_FP8,
         )
     for start in tl.range(full_end, kv_end, BLOCK_N, num_stages=NUM_STAGES):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, start + n, kv_end, q_pos, table, k_cache_ptr, v_cache_ptr, head_off,
             d, d_mask, stride_btn, stride_cb, stride_cs, stride_cd, qk_scale_log2,
-            True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, NATIVE_DOT, DOT_PRECISION, IDX64,
+            True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, NATIVE_DOT, DOT_PRECISION, IDX64, KV_FP8,
         )
 
     # A row that saw no key (padding rows, or a query before position 0) gets zeros, not NaN.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)
     tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -176,7 +188,7 @@ def _attend_tile(
     q, m_i, l_i, acc, kv_pos, kv_end, q_pos, table, k_cache_ptr, v_cache_ptr, head_off,
     d, d_mask, stride_btn, stride_cb, stride_cs, stride_cd, qk_scale_log2,
     CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """One online-softmax step over the KV tokens ``kv_pos`` (base 2, fp32 state)."""
     # Only the diagonal band can reach past kv_end; the tiles below it are whole, so their loads
@@ -205,6 +217,9 @@ def _attend_tile(
     else:
         k = tl.load(k_cache_ptr + kv_off)
         v = tl.load(v_cache_ptr + kv_off)
+    if KV_FP8:
+        k = load_kv_as(k, q, NATIVE_DOT)
+        v = load_kv_as(v, q, NATIVE_DOT)
     s = scores(q, k, NATIVE_DOT, DOT_PRECISION) * qk_scale_log2
     if CAUSAL:
         # Rows past the sequence's queries have q_pos >= kv_end, so kv_valid needs no extra term
@@ -242,10 +257,13 @@ def varlen(
     short_num_warps: int = 4,
     short_num_stages: int = 3,
     native_dot: bool = True,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel with an explicit config (the op passes ``varlen_config``'s).
 
-    Inputs are checked by the op; tests and the benchmark call this directly.
+    An fp8 cache is read as ``fp8 * k_scale`` / ``fp8 * v_scale``. Inputs are checked by the op;
+    tests and the benchmark call this directly.
     """
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     num_tokens, num_q_heads, _ = q.shape
@@ -272,11 +290,13 @@ def varlen(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact
         IDX64=_cache_needs_int64(k_cache),
     )
+    k_scale_ptr, v_scale_ptr, fp8_meta = _scale_args(k_cache, k_scale, v_scale)
+    common.update(fp8_meta)
     args = (
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
         *q.stride(), *k_cache.stride(), *block_tables.stride(),
         query_start_loc.stride(0), context_lens.stride(0), *out.stride(),
-        scale * _LOG2E, num_seqs, num_tokens, max_tokens,
+        scale * _LOG2E, num_seqs, num_tokens, max_tokens, k_scale_ptr, v_scale_ptr,
     )  # fmt: skip
     # The short launch's tile is the smallest tl.dot takes; it holds this many query tokens.
     short_block_m = max(_MIN_DOT_DIM, triton.next_power_of_2(group))
@@ -310,6 +330,8 @@ def varlen_attention(
     query_start_loc: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of packed variable-length queries over a paged KV cache (GQA).
 
@@ -318,14 +340,18 @@ def varlen_attention(
     non-decreasing from 0 (sequence n's queries are q rows ``query_start_loc[n] ..
     query_start_loc[n+1] - 1``); context_lens int ``[N]``, each >= that sequence's query count
     (cached tokens including the new ones). Returns a new contiguous ``[T, q_heads, head_dim]``;
-    rows past ``query_start_loc[N]`` (batch padding) are zeros.
+    rows past ``query_start_loc[N]`` (batch padding) are zeros. An fp8 cache (float8_e4m3fn) is
+    read as ``fp8 * k_scale`` / ``fp8 * v_scale`` (fp32 one-element tensors).
     """
     _check_cache(k_cache, v_cache)
     _, _, num_kv_heads, head_dim = k_cache.shape
     assert q.dim() == 3 and q.shape[2] == head_dim, f"q {tuple(q.shape)} vs cache head_dim {head_dim}"
     num_q_heads = q.shape[1]
     assert num_q_heads % num_kv_heads == 0, f"q heads {num_q_heads} not a multiple of kv heads {num_kv_heads}"
-    assert q.dtype == k_cache.dtype and q.dtype in _FLOAT_DTYPES, f"q dtype {q.dtype} != cache dtype {k_cache.dtype}"
+    assert q.dtype in _FLOAT_DTYPES and (q.dtype == k_cache.dtype or k_cache.dtype == _FP8), (
+        f"q dtype {q.dtype} != cache dtype {k_cache.dtype}"
+    )
+    check_kv_scales(k_cache, k_scale, v_scale)
     num_seqs = context_lens.shape[0]
     assert context_lens.dim() == 1 and context_lens.dtype in _INDEX_DTYPES, (
         f"context_lens must be int [N], got {context_lens.dtype} {tuple(context_lens.shape)}"
@@ -340,11 +366,13 @@ def varlen_attention(
         "tensors on different devices"
     )
     if eager_on_cpu(_varlen_attention_kernel, q, k_cache):
-        return reference.varlen_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+        return reference.varlen_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
+                                          k_scale, v_scale)
     return varlen(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
-                  **varlen_config(q, k_cache))  # fmt: skip
+                  **varlen_config(q, k_cache), k_scale=k_scale, v_scale=v_scale)  # fmt: skip
 
 
 @varlen_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale) -> torch.Tensor:
+def _(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, k_scale=None,
+      v_scale=None) -> torch.Tensor:
     return q.new_empty(q.shape)  # contiguous, like the real output

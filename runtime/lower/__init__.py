@@ -25,8 +25,8 @@ import torch.fx as fx
 
 from adp_pass.graph_record import CosSinTable, LoweringRecord, graph_record
 
-from . import add_rms_norm, qk_norm_rope, rms_norm, silu_mul
-from .graph_utils import eliminate_dead_code, fill_missing_values, op_census, traces_reused
+from . import add_rms_norm, fp8_quant, qk_norm_rope, rms_norm, silu_mul
+from .graph_utils import adp, eliminate_dead_code, fill_missing_values, op_census, traces_reused
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,15 @@ def _entry(module) -> LowerPass:
     return LowerPass(module.NAME, module.run, tuple(module.REQUIRES), module.__doc__ or "")
 
 
-# The order is part of the contract: add_rms_norm and qk_norm_rope rewrite adp.rms_norm nodes.
+# The order is part of the contract: add_rms_norm and qk_norm_rope rewrite adp.rms_norm nodes,
+# fp8_quant the norm and SwiGLU kernels that feed FP8 linears.
 PASSES: tuple[LowerPass, ...] = tuple(
-    _entry(module) for module in (rms_norm, add_rms_norm, silu_mul, qk_norm_rope)
+    _entry(module) for module in (rms_norm, add_rms_norm, silu_mul, qk_norm_rope, fp8_quant)
 )
 PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
+# Passes that only apply to graphs holding FP8 linears: by default they run on those only, so a
+# bf16 graph's counts name the passes that can match it.
+FP8_PASSES: tuple[str, ...] = (fp8_quant.NAME,)
 
 
 def lower(
@@ -69,7 +73,8 @@ def lower(
     """Run the lowering passes on ``gm`` in place and return it.
 
     ``passes``: names from ``PASS_NAMES`` to run, in the given order (default: all, in
-    ``PASSES`` order); a pass whose prerequisite did not run before it is an error.
+    ``PASSES`` order; ``FP8_PASSES`` only on a graph with ``adp.fp8_block_linear`` nodes); a pass
+    whose prerequisite did not run before it is an error.
     ``max_position``: rows of the cos/sin cache (positions must stay below it).
     Results: ``graph_record(gm).lowering``: matches per pass, adp op nodes in the lowered graph,
     per-pass seconds, notes on sites left alone, and the cos/sin tables' provenance.
@@ -77,7 +82,11 @@ def lower(
     by_name = {p.name: p for p in PASSES}
     if isinstance(passes, str):
         passes = [passes]
-    names = list(PASS_NAMES if passes is None else passes)
+    if passes is None:
+        fp8 = any(n.op == "call_function" and n.target == adp.fp8_block_linear.default
+                  for n in gm.graph.nodes)
+        passes = [n for n in PASS_NAMES if fp8 or n not in FP8_PASSES]
+    names = list(passes)
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ValueError(f"unknown lowering pass(es) {unknown}; known: {list(PASS_NAMES)}")
@@ -109,4 +118,4 @@ def lower(
     return gm
 
 
-__all__ = ["LowerContext", "LowerPass", "PASSES", "PASS_NAMES", "lower"]
+__all__ = ["FP8_PASSES", "LowerContext", "LowerPass", "PASSES", "PASS_NAMES", "lower"]

@@ -31,6 +31,12 @@ ADP_OPS = {
     "silu_mul": adp.silu_mul.default,
     "silu_mul_fused": adp.silu_mul_fused.default,
     "qk_norm_rope": adp.qk_norm_rope.default,
+    # An FP8 graph's linears (adp_pass/fp8_linears.py) and what ``fp8_quant`` makes of them.
+    "fp8_block_linear": adp.fp8_block_linear.default,
+    "fp8_block_linear_quantized": adp.fp8_block_linear_quantized.default,
+    "rms_norm_fp8": adp.rms_norm_fp8.default,
+    "add_rms_norm_fp8": adp.add_rms_norm_fp8.default,
+    "silu_mul_fp8": adp.silu_mul_fp8.default,
 }
 
 # Sentinel eps for tracing patterns: ``scalar_workaround`` turns this literal into a wildcard, so

@@ -7,35 +7,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import textwrap
 from pathlib import Path
 from typing import Any
 
+from adp_pass.commands.flags import float_in, positive
 from adp_pass.errors import UsageError
 from adp_pass.presets import PRESETS
 
 _LEGACY_DTYPES = {"bfloat16": None, "float16": None, "float32": 4}
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def add_parser(sub, common, fmt) -> None:
+    p = sub.add_parser("plan", parents=[common], formatter_class=fmt,
+                       help="predict each mapping's decode step for N GPUs (cost model); pick one",
+                       description="Predict one decode step per rank for every valid mapping of "
+                       "--gpus GPUs with a roofline cost model (weights and KV reads, GEMM rate, "
+                       "collectives, overhead; constants from --calibration) and pick the "
+                       "mapping with the most tokens/s per GPU that fits in memory. No model is "
+                       "built: answers at once on any machine. See docs/cost_model.md.")
+    p.add_argument("--preset", metavar="NAME", default=None, choices=sorted(PRESETS),
+                   help="model shape: %(choices)s; if not given, qwen3-8b (or the --checkpoint's)")
+    p.add_argument("--checkpoint", metavar="DIR", type=Path, default=None,
+                   help="Hugging Face Qwen3 checkpoint directory (only config.json is read)")
+    p.add_argument("--gpus", metavar="N", type=positive, default=8,
+                   help="GPUs of the job (the TP degree of every mapping)")
+    p.add_argument("--batch-per-gpu", metavar="N", type=positive, default=64,
+                   help="requests per GPU (a TP group of N GPUs serves N times as many)")
+    # --prompt-len as in `adp run` (where --prompt is a text); --prompt kept for older scripts.
+    p.add_argument("--prompt-len", "--prompt", dest="prompt", metavar="N", type=positive,
+                   default=512, help="prompt tokens per request (a count, not a text)")
+    p.add_argument("--new-tokens", metavar="N", type=positive, default=128,
+                   help="tokens generated per request")
+    add_plan_arguments(p)
 
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +56,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    "scale each); embedding, LM head and norms stay bf16")
     p.add_argument("--kv-cache", default="bf16", choices=["bf16", "fp8"],
                    help="KV-cache element type")
-    p.add_argument("--gpu-memory-gib", metavar="GIB", type=_positive_float,
+    p.add_argument("--gpu-memory-gib", metavar="GIB", type=float_in(0, low_open=True),
                    default=None, help="memory per GPU; if not given, the profile's")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="float32 counts everything at 4 bytes (older form; prefer --weights "
@@ -91,7 +96,7 @@ def load_profile(args: argparse.Namespace):
     return load_calibration(args.gpu if args.gpu is not None else args.calibration)
 
 
-def run_plan(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, stage=None) -> int:
     from adp_pass.cost_model import (
         GIB, TERMS, NothingFits, check_fp8, format_table, pick, rank_mappings)
     from adp_pass.profiles import provenance_lines

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from adp_pass.commands.flags import int_at_least
 from adp_pass.quantize import BLOCK, DEFAULT_SHARD_BYTES, DTYPES, check_inputs, parse_size
 
 
@@ -17,17 +18,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def add_quantize_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
+def add_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
     p = sub.add_parser(
         "quantize", parents=[common], formatter_class=fmt,
         help="write an FP8 block-scaled checkpoint (the Qwen3-FP8 format) of a preset or a "
@@ -49,7 +40,7 @@ def add_quantize_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
                    help="dtype of the tensors that stay unquantized (embeddings, norms, LM head)")
     p.add_argument("--block", metavar="N", type=int, default=BLOCK,
                    help="weight block size (128 only: the block the FP8 kernels support)")
-    p.add_argument("--seed", metavar="N", type=_seed, default=0,
+    p.add_argument("--seed", metavar="N", type=int_at_least(0), default=0,
                    help="--preset: the random weights' seed")
     p.add_argument("--max-shard-size", metavar="SIZE", type=_size, default=DEFAULT_SHARD_BYTES,
                    help="largest safetensors file, e.g. 5GB, 200MB (decimal units); several "
@@ -59,7 +50,7 @@ def add_quantize_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
                    "*.safetensors, index and config.json are replaced)")
 
 
-def cmd_quantize(args: argparse.Namespace, stage) -> int:
+def run(args: argparse.Namespace, stage) -> int:
     from pathlib import Path
 
     inputs = check_inputs(Path(args.out), preset=args.preset, checkpoint=args.checkpoint,
