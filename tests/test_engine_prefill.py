@@ -51,7 +51,7 @@ def test_mixed_length_prompts_share_a_padded_prefill_and_keep_their_tokens(built
         assert together[i] == alone[i], i
 
 
-@pytest.mark.slow
+@pytest.mark.full  # CI time: every engine test prefills packed; this one pins the call count
 def test_packed_prefill_takes_every_length_in_one_call(built):
     prompts = _prompts([7, 3, 5, 2])
     # The padded path gives each prompt its own tokens (the test above).

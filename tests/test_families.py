@@ -92,6 +92,7 @@ def _hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow  # a rank build and generation per family
 @pytest.mark.parametrize("name", NEW_FAMILIES)
 def test_greedy_generation_through_the_engine_matches_transformers(name, tmp_path):
     """One rank of the replicated mapping (no peer needed): capture -> rewrite -> checkpoint

@@ -188,6 +188,7 @@ def rewritten(tp1, names, checkpoint):
     return gm
 
 
+@pytest.mark.slow  # the lowering and two references (W8A8, dequantized) over fp8-tiny
 def test_an_fp8_graph_lowers_and_its_activation_quantization_fuses(config, checkpoint, rewritten):
     from adp_pass.runtime.lower import PASS_NAMES, lower
 

@@ -346,6 +346,7 @@ def test_bf16_lowered_logits_bit_identical_to_eager(
 
 
 # ----------------------------------------------------------------------------- traceability
+@pytest.mark.slow  # torch.compile of a whole lowered graph
 def test_lowered_graph_traces_with_fake_tensors_and_compiles():
     c = case("engine-tiny3-L2-tied")
     gm = lower(c.fresh())

@@ -38,6 +38,7 @@ def _structure(gm: fx.GraphModule) -> list[tuple]:
     # tests/test_families.py checks qwen2's rewritten ranks against transformers)
     pytest.param("qwen2-tiny", 3, 4, marks=pytest.mark.full),
 ])
+@pytest.mark.slow  # a whole trace of every layer beside the stamped one
 def test_stamped_capture_equals_the_trace_of_every_layer(preset, layers, world):
     config = model_config(preset, num_hidden_layers=layers)
     full = capture_hf(config, world, 1, stamp=False)

@@ -217,6 +217,8 @@ def test_check_memory(untied):
     assert "use mapping tp=2,attn_dp=1,attn_tp=2,mlp_tp=1 (3.5 GiB per rank)" in message
 
 
+@pytest.mark.full  # CI time: two meta captures; tests/test_quantize.py checks that the model drawn
+# by name is the one every rank builds
 def test_random_weights_meta_graph_is_reproducible_across_ranks():
     config = qwen3_config("tiny")
     models = {}
