@@ -560,7 +560,9 @@ def _fp8_problem(shape: "ModelShape", gpus: int) -> str | None:
                                ("key/value width (kv heads x head_dim)",
                                 shape.kv_heads * shape.head_dim, kv_split),
                                ("intermediate size", shape.intermediate, gpus)):
-        if width % parts or (width // parts) % FP8_BLOCK:
+        # An unsplit width may end in a partial tile (the format stores ceil(width / 128)
+        # scales, as fp8-tiny's hidden 192 does); a split must fall on tile edges.
+        if parts > 1 and (width % parts or (width // parts) % FP8_BLOCK):
             split = f" split {parts} ways is {width // parts} per rank," if parts > 1 else ""
             return f"{what} {width}{split} not a multiple of"
     return None

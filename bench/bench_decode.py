@@ -120,7 +120,7 @@ def main() -> None:
         "gpu": report.ranks[0].device,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "settings": vars(args) | {"out": str(args.out)},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "total_decode_tokens_per_s": report.total_decode_tokens_per_s,
         "wall_s": time.perf_counter() - start,
         "ranks": [{k: v for k, v in to_json(r).items() if k != "results"} for r in report.ranks],
