@@ -17,6 +17,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from adp_pass.fp8 import WEIGHT_BLOCK
 from adp_pass.fx_vocab import (
     ALL_REDUCE_OPS,
     ATTENTION_CORE_OPS,
@@ -363,6 +364,16 @@ def rule_linear(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     deps = _deps_of([lx, lw, lbias])
     _refuse_partial(node, [lx, lw])
     rank = len(_shape(x))
+    dims, partial = _linear_output(node, lx, lw, rank, deps)
+    _check_bias(node, lbias, 1, partial, dims.get(rank - 1), deps)
+    return _layout(dims, deps, partial)
+
+
+def _linear_output(node: fx.Node, lx: Layout, lw: Layout, rank: int, deps
+                   ) -> tuple[dict, Any]:
+    """``x [..., K] @ W[N, K].T``'s output dims and partial sum from x's and W's layouts (the
+    proof shared by ``linear`` and the FP8 linear): W sharded on N shards the last dim; x and W
+    sharded alike on K make a partial sum; never both, nor x sharded along two dims."""
     if any(d < rank - 1 for d, _ in lx.dims) and lx.at(rank - 1):
         raise _Conflict(node, "its input is sharded along two dims", deps)
     partial = _contract(node, lx.at(rank - 1), lw.at(1), deps)
@@ -371,12 +382,11 @@ def rule_linear(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
         dims[rank - 1] = lw.at(0)
     if partial and dims:
         raise _Conflict(node, "it is both a partial sum and sharded", deps)
-    _check_bias(node, lbias, 1, partial, dims.get(rank - 1), deps)
-    return _layout(dims, deps, partial)
+    return dims, partial
 
 
 # The FP8 block: one weight_scale_inv per 128 x 128 tile, activations quantized per 128 of K.
-_FP8_BLOCK = 128
+_FP8_BLOCK = WEIGHT_BLOCK[0]
 
 
 def _tiles(node: fx.Node, dim: int, segments: DimLayout | None, deps) -> DimLayout | None:
@@ -408,26 +418,18 @@ def rule_fp8_linear(a: Any, node: fx.Node, args: tuple, kwargs: dict) -> Layout:
     lx, lw, ls = _tensor_layout(a, x), _tensor_layout(a, w), _tensor_layout(a, scale)
     deps = _deps_of([lx, lw, ls])
     _refuse_partial(node, [lx, lw, ls])
-    rank = len(_shape(x))
-    if any(d < rank - 1 for d, _ in lx.dims) and lx.at(rank - 1):
-        raise _Conflict(node, "its input is sharded along two dims", deps)
     for dim in (0, 1):
         want = _tiles(node, dim, lw.at(dim), deps)
         if ls.at(dim) != want:
             have = _segments_text(ls.at(dim)) if ls.at(dim) else "replicated"
             need = _segments_text(want) if want else "replicated"
-            raise _Conflict(node, f"its weight_scale_inv {_name(scale)} is {have} along dim "
+            raise _Conflict(node, f"its weight_scale_inv {_node_name(scale)} is {have} along dim "
                             f"{dim} but its weight's tiles there are {need}", deps, final=True)
-    partial = _contract(node, lx.at(rank - 1), lw.at(1), deps)
-    dims = {d: s for d, s in lx.dims if d < rank - 1}
-    if lw.at(0):
-        dims[rank - 1] = lw.at(0)
-    if partial and dims:
-        raise _Conflict(node, "it is both a partial sum and sharded", deps)
+    dims, partial = _linear_output(node, lx, lw, len(_shape(x)), deps)
     return _layout(dims, deps, partial)
 
 
-def _name(value: Any) -> str:
+def _node_name(value: Any) -> str:
     return value.name if isinstance(value, fx.Node) else repr(value)
 
 

@@ -27,10 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
-from adp_pass.presets import qwen3_config
-from adp_pass.quantize import preset_checkpoint
+from model_flags import add_model_flags, resolve_model  # bench/ is the script's dir
 from adp_pass.runtime.contract import to_json
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
 from adp_pass.runtime.serving_config import ServingConfig
@@ -56,26 +54,11 @@ def main() -> None:
     parser.add_argument("--calibration", default=None,
                         help="calibration JSON for the roofline's copy bandwidth and the "
                              "prediction (default: the profile of this GPU, adp_pass/data/)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="serve this checkpoint (bf16, or FP8 block-scaled: FP8 linears) "
-                        "instead of the preset's random weights; its config.json wins")
-    parser.add_argument("--quantize", choices=["fp8"], default=None,
-                        help="write the preset's random model as an FP8 checkpoint first (adp "
-                        "quantize, into --quantize-dir) and serve it")
-    parser.add_argument("--quantize-dir", type=Path, default=None,
-                        help="where --quantize writes (kept and reused); default a folder under "
-                        "the temp dir named after the preset")
-    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    add_model_flags(parser)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    if args.quantize and args.checkpoint:
-        parser.error("give --checkpoint or --quantize, not both")
-    if args.quantize:
-        args.checkpoint = preset_checkpoint(args.preset, args.quantize_dir)
-    config = (qwen3_config(args.preset) if args.checkpoint is None
-              else AutoConfig.from_pretrained(args.checkpoint))
-    weights = "fp8" if getattr(config, "quantization_config", None) else "bf16"
+    config = resolve_model(parser, args)
     count = args.requests_per_rank * args.world_size
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature,
                             top_p=args.top_p)
@@ -99,7 +82,7 @@ def main() -> None:
         ),
         check_first_step=not args.no_check,
     )
-    print(f"bench: {args.checkpoint or args.preset} {args.dtype} (weights {weights}, KV cache "
+    print(f"bench: {args.checkpoint or args.preset} {args.dtype} (weights {args.weights}, KV cache "
           f"{args.kv_cache_dtype}), {args.world_size} ranks x "
           f"{args.requests_per_rank} requests, prompt {args.prompt_len}, {args.new_tokens} new",
           file=sys.stderr, flush=True)
@@ -109,7 +92,7 @@ def main() -> None:
     for r in report.ranks:
         print(f"rank {r.rank} first-step logits vs transformers: {r.first_step_check}; "
               f"build {r.timings}")
-    roofline = roofline_row(config, args, report, weights)
+    roofline = roofline_row(config, args, report)
     print(f"roofline {roofline['roofline_ms']:.2f} ms ({roofline['weights_gb']:.1f} GB weights + "
           f"{roofline['kv_gb']:.1f} GB KV at {roofline['copy_gbps']:.0f} GB/s): step at "
           f"{roofline['roofline_fraction']:.0%} of it; cost model {roofline['predicted_step_ms']:.2f} ms")
@@ -136,7 +119,7 @@ def main() -> None:
         args.out.write_text(json.dumps(record, indent=1))
 
 
-def roofline_row(config, args, report, weights: str = "bf16") -> dict:
+def roofline_row(config, args, report) -> dict:
     """The step's memory roofline: each rank reads the weights a step uses (all but the
     embedding table, of which it gathers a few rows) and its KV cache (mean context of the
     decode) once per step, at the calibration's copy bandwidth; and the cost model's prediction
@@ -147,8 +130,8 @@ def roofline_row(config, args, report, weights: str = "bf16") -> dict:
     mapping = f"tp={args.world_size},attn_dp=1"
     prediction = predict(config, mapping, batch_per_gpu=args.requests_per_rank,
                          prompt=args.prompt_len, new_tokens=args.new_tokens,
-                         calibration=calibration, weights=weights,
-                         kv_cache="fp8" if args.kv_cache_dtype == "fp8" else "bf16")
+                         calibration=calibration, weights=args.weights,
+                         kv_cache=args.kv_cache)
     nbytes = prediction.weights_read_bytes_per_gpu + prediction.kv_bytes_per_gpu
     roofline_ms = nbytes / (calibration["copy_bandwidth_gbps"] * GB) * 1e3
     step_ms = max(r.first.mean_decode_step_ms for r in report.ranks)

@@ -21,12 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from adp_pass.cost_model import load_calibration, predict
 from adp_pass.mapping import Mapping
-from adp_pass.presets import qwen3_config
-from adp_pass.quantize import preset_checkpoint
+from model_flags import add_model_flags, resolve_model  # bench/ is the script's dir
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
 from adp_pass.runtime.contract import to_json
 from adp_pass.runtime.serving_config import ServingConfig
@@ -127,23 +125,11 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true",
                         help="skip the first step's parity check against transformers (it holds "
                         "a bf16 and an fp32 copy of the weights: too much for Qwen3-32B)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="serve this checkpoint (bf16, or FP8 block-scaled: FP8 linears)")
-    parser.add_argument("--quantize", choices=["fp8"], default=None,
-                        help="serve the preset's random model written as an FP8 checkpoint")
-    parser.add_argument("--quantize-dir", type=Path, default=None,
-                        help="where --quantize writes it (kept and reused)")
-    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    add_model_flags(parser)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    if args.quantize and args.checkpoint:
-        parser.error("give --checkpoint or --quantize, not both")
-    if args.quantize:
-        args.checkpoint = preset_checkpoint(args.preset, args.quantize_dir)
-    config = (qwen3_config(args.preset) if args.checkpoint is None
-              else AutoConfig.from_pretrained(args.checkpoint))
-    args.weights = "fp8" if getattr(config, "quantization_config", None) else "bf16"
+    config = resolve_model(parser, args)
     workloads = [tuple(int(x) for x in w.split("x")) for w in args.workloads.split(",")]
     specs = args.mappings.split(";") if args.mappings else default_mappings(args.gpus)
     calibration = load_calibration(args.calibration)
@@ -160,7 +146,7 @@ def main() -> None:
                                  prompt=row["prompt"], new_tokens=args.new_tokens,
                                  calibration=calibration, gpu_memory_bytes=memory,
                                  weights=args.weights,
-                                 kv_cache="fp8" if args.kv_cache_dtype == "fp8" else "bf16")
+                                 kv_cache=args.kv_cache)
             row.update(model=args.preset, predicted_step_ms=prediction.step_ms,
                        predicted_tok_s_per_gpu=prediction.tok_s_per_gpu)
             if "error" in row:
