@@ -268,13 +268,15 @@ def quantize_checkpoint(out: str | Path, *, preset: str | None = None,
                         dtype: str = "bf16", block: int = BLOCK, seed: int = 0,
                         std: float = 0.02, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                         force: bool = False, progress: bool = True,
-                        inputs: Inputs | None = None) -> QuantizeReport:
+                        inputs: Inputs | None = None, device: str = "cpu") -> QuantizeReport:
     """Write the FP8 block-scaled checkpoint of ``preset`` (its seeded random model, drawn as
     ``runtime.weights.random_weights`` draws it with ``seed``/``std``, in float32) or of the
     unquantized ``checkpoint`` to the directory ``out``. ``scale_dtype``/``dtype``: "bf16",
     "fp16" or "fp32", of the scales and of the tensors that stay unquantized. ``inputs``: the
     result of :func:`check_inputs`, when already checked (its arguments then stand for those
-    of the same names here)."""
+    of the same names here). ``device``: where a preset's weights are drawn and quantized (a
+    GPU writes Qwen3-32B in well under a minute where the CPU takes minutes; its generator draws
+    other numbers than the CPU's for the same seed, so the two give different models)."""
     start = time.perf_counter()
     if inputs is None:
         inputs = check_inputs(out, preset=preset, checkpoint=checkpoint, scale_dtype=scale_dtype,
@@ -304,8 +306,8 @@ def quantize_checkpoint(out: str | Path, *, preset: str | None = None,
             from adp_pass.runtime.weights import random_tensor
 
             source = (lambda name, shape: random_tensor(name, shape, seed=seed, std=std,
-                                                        dtype=torch.float32, device="cpu"))
-            what = f"preset {inputs.preset} (random weights, seed {seed})"
+                                                        dtype=torch.float32, device=device))
+            what = f"preset {inputs.preset} (random weights, seed {seed}, drawn on {device})"
         meter = Progress(sum(1 + (i.scale is not None) for i in inputs.items), inputs.nbytes,
                          enabled=progress, what="writing FP8 checkpoint")
         files = list(dict.fromkeys(item.out.file for item in inputs.items))
@@ -359,7 +361,7 @@ def _write_file(path: Path, items: list[_Item], source, meter) -> None:
                 pieces = [(item.out, weight), (item.scale, scale)]
             del tensor
             for out, value in pieces:
-                data = value.contiguous().reshape(-1).view(torch.uint8).numpy()
+                data = value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
                 if data.nbytes != out.nbytes:
                     raise RuntimeError(f"{out.name}: {data.nbytes} bytes, expected {out.nbytes}")
                 f.write(memoryview(data))
@@ -413,12 +415,16 @@ def _copy_side_files(source: Path, out: Path) -> None:
 
 def preset_checkpoint(preset: str, out: str | Path | None = None, *, seed: int = 0) -> Path:
     """The preset's seeded random model as an FP8 checkpoint in ``out`` (default: a folder under
-    the temp dir named after the preset and seed), written once and reused: what the benches'
-    ``--quantize fp8`` serve."""
+    the temp dir named after the preset, seed and device), written once and reused: what the
+    benches' ``--quantize fp8`` serve. Drawn on the GPU when there is one (a bench's model only
+    has to be the same within one run)."""
     import tempfile
 
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(out) if out is not None else (
-        Path(tempfile.gettempdir()) / f"adp-fp8-{preset}-seed{seed}")
+        Path(tempfile.gettempdir()) / f"adp-fp8-{preset}-seed{seed}-{device}")
     if not (out / "config.json").is_file():
-        quantize_checkpoint(out, preset=preset, seed=seed, force=out.exists())
+        quantize_checkpoint(out, preset=preset, seed=seed, force=out.exists(), device=device)
     return out
