@@ -126,8 +126,10 @@ def _gather_full_weights(module: fx.GraphModule, plan: Plan, world: int) -> dict
     for dtype in sorted({t.dtype for t in locals_.values()}, key=str):
         group = [spec for spec in specs if locals_[spec.name].dtype == dtype]
         flat = torch.cat([locals_[spec.name].reshape(-1) for spec in group])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
+        # Sent as bytes: gloo has no float8 (an FP8 model's weights; their scales go as floats).
+        wire = [torch.empty_like(flat).view(torch.uint8) for _ in range(world)]
+        dist.all_gather(wire, flat.view(torch.uint8))
+        gathered = [g.view(dtype) for g in wire]
         offset = 0
         for spec in group:
             local = locals_[spec.name]

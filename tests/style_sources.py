@@ -4,7 +4,9 @@ Serving engines and hand-written TP models spell the same computation differentl
 per-rank head counts or ``-1``; fused or separate q/k/v and gate/up; ``view`` or
 ``reshape``; batch-first ``[b, s, h]`` or sequence-first ``[s, b, h]`` activations; q/k
 bias; q/k norms; vocab-parallel or replicated embedding, tied or not; kv heads replicated
-when tp exceeds them (vLLM's rule). A :class:`Style` picks one spelling of each, and
+when tp exceeds them (vLLM's rule); FP8 block-scaled projections (``adp::fp8_block_linear``
+with a ``weight_scale_inv`` beside each fp8 weight, as an FP8 checkpoint's engine holds them).
+A :class:`Style` picks one spelling of each, and
 :class:`StyledTPModel` is rank r's TP model in that style (``tp == 1``: the unsharded one,
 whose state dict the rewrite loads).
 """
@@ -43,6 +45,7 @@ class Style:
     tied: bool = False
     vocab_per_rank: int = 16
     inter_per_rank: int = 16
+    fp8: bool = False  # q/k/v/o/gate/up/down as FP8 block-scaled linears (128 x 128 tiles)
 
     @property
     def heads(self) -> int:
@@ -80,6 +83,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class _Fp8Linear(nn.Module):
+    """An FP8 block-scaled projection: e4m3 ``weight [out, in]``, fp32 ``weight_scale_inv``
+    (one per 128 x 128 tile), an optional bias added after the op."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        from adp_pass import fp8  # defines adp::fp8_block_linear
+
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=fp8.E4M3),
+                                   requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(
+            torch.ones(fp8.scale_shape((out_features, in_features))), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.adp.fp8_block_linear(x, self.weight, self.weight_scale_inv)
+        return y if self.bias is None else y + self.bias
+
+
+def _linear(s: Style, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+    if s.fp8:
+        return _Fp8Linear(in_features, out_features, bias)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
 class _Layer(nn.Module):
     def __init__(self, s: Style, tp: int, group: str | None) -> None:
         super().__init__()
@@ -89,19 +117,19 @@ class _Layer(nn.Module):
         d = s.head_dim
         q, kv = self.nq * d, self.nkv * d
         if s.fused_qkv:
-            self.qkv_proj = nn.Linear(s.hidden, q + 2 * kv, bias=s.qkv_bias)
+            self.qkv_proj = _linear(s, s.hidden, q + 2 * kv, bias=s.qkv_bias)
         else:
-            self.q_proj = nn.Linear(s.hidden, q, bias=s.qkv_bias)
-            self.k_proj = nn.Linear(s.hidden, kv, bias=s.qkv_bias)
-            self.v_proj = nn.Linear(s.hidden, kv, bias=s.qkv_bias)
-        self.o_proj = nn.Linear(q, s.hidden, bias=False)
+            self.q_proj = _linear(s, s.hidden, q, bias=s.qkv_bias)
+            self.k_proj = _linear(s, s.hidden, kv, bias=s.qkv_bias)
+            self.v_proj = _linear(s, s.hidden, kv, bias=s.qkv_bias)
+        self.o_proj = _linear(s, q, s.hidden)
         inter = s.inter // tp
         if s.fused_gate_up:
-            self.gate_up_proj = nn.Linear(s.hidden, 2 * inter, bias=False)
+            self.gate_up_proj = _linear(s, s.hidden, 2 * inter)
         else:
-            self.gate_proj = nn.Linear(s.hidden, inter, bias=False)
-            self.up_proj = nn.Linear(s.hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, s.hidden, bias=False)
+            self.gate_proj = _linear(s, s.hidden, inter)
+            self.up_proj = _linear(s, s.hidden, inter)
+        self.down_proj = _linear(s, inter, s.hidden)
         self.input_norm = nn.Parameter(torch.ones(s.hidden))
         self.post_norm = nn.Parameter(torch.ones(s.hidden))
         if s.qk_norm:
@@ -213,7 +241,15 @@ def full_state(style: Style, seed: int = 0) -> dict[str, torch.Tensor]:
     model = StyledTPModel(style, 1)
     state = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
-        if "norm" in name:
+        if name.endswith("_scale_inv"):
+            continue  # drawn with its weight
+        if name + "_scale_inv" in model.state_dict():  # an fp8 weight: drawn, then quantized
+            from adp_pass import fp8
+
+            drawn = torch.randn(tensor.shape) * tensor.shape[-1] ** -0.5
+            state[name], state[name + "_scale_inv"] = fp8.quantize_weight_stored(
+                drawn, torch.float32)
+        elif "norm" in name:
             state[name] = 1.0 + 0.1 * torch.randn(tensor.shape)
         else:
             state[name] = torch.randn(tensor.shape) * tensor.shape[-1] ** -0.5
@@ -236,28 +272,67 @@ def shard_state(style: Style, full: dict[str, torch.Tensor], rank: int) -> dict:
         head = rank * style.kv_heads // tp  # vLLM: each kv head replicated on tp/kv ranks
         return t[head * d:(head + 1) * d]
 
-    out = {}
-    for name, tensor in full.items():
+    def cut(name: str, tensor: torch.Tensor) -> torch.Tensor:
         leaf = name.rsplit(".", 1)[-1] if "." in name else name
         module = name.split(".")[-2] if name.count(".") >= 2 else ""
         if name in ("embed", "lm_head"):
-            out[name] = rows(tensor, tp, rank) if style.vocab_parallel else tensor
-        elif module in ("q_proj", "gate_proj", "up_proj"):
-            out[name] = rows(tensor, tp, rank)
-        elif module in ("k_proj", "v_proj"):
-            out[name] = kv_rows(tensor)
-        elif module == "qkv_proj":
+            return rows(tensor, tp, rank) if style.vocab_parallel else tensor
+        if module in ("q_proj", "gate_proj", "up_proj"):
+            return rows(tensor, tp, rank)
+        if module in ("k_proj", "v_proj"):
+            return kv_rows(tensor)
+        if module == "qkv_proj":
             q_size, kv_size = style.heads * d, style.kv_heads * d
             q, k, v = tensor.split([q_size, kv_size, kv_size])
-            out[name] = torch.cat([rows(q, tp, rank), kv_rows(k), kv_rows(v)])
-        elif module == "gate_up_proj":
+            return torch.cat([rows(q, tp, rank), kv_rows(k), kv_rows(v)])
+        if module == "gate_up_proj":
             gate, up = tensor.chunk(2)
-            out[name] = torch.cat([rows(gate, tp, rank), rows(up, tp, rank)])
-        elif module in ("o_proj", "down_proj") and leaf == "weight":
-            out[name] = rows(tensor.t(), tp, rank).t()
-        else:
-            out[name] = tensor
+            return torch.cat([rows(gate, tp, rank), rows(up, tp, rank)])
+        if module in ("o_proj", "down_proj") and leaf == "weight":
+            return rows(tensor.t(), tp, rank).t()
+        return tensor
+
+    out = {}
+    for name, tensor in full.items():
+        if name.endswith("_scale_inv"):
+            continue  # cut with its weight
+        out[name] = cut(name, tensor)
+        if name + "_scale_inv" in full:
+            out[name + "_scale_inv"] = _fp8_scale_shard(
+                name, tensor, full[name + "_scale_inv"], out[name], cut)
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def _fp8_scale_shard(name: str, weight: torch.Tensor, scale: torch.Tensor,
+                     local: torch.Tensor, cut) -> torch.Tensor:
+    """The scale tiles of an fp8 weight's shard: the full grid's tiles when the shard is whole
+    128 x 128 tiles of the full weight (what an FP8 engine holds); otherwise the shard
+    re-quantized on its own tiles, a source whose tiles differ from the checkpoint's, which
+    the pass must refuse (``Fp8BlockError``)."""
+    from adp_pass import fp8
+
+    n, k = weight.shape
+    row_of = cut(name, torch.arange(n)[:, None].expand(n, k))[:, 0]  # full row of each local row
+    col_of = cut(name, torch.arange(k)[None, :].expand(n, k))[0, :]
+    row_tiles, col_tiles = _whole_tiles(row_of, n), _whole_tiles(col_of, k)
+    if row_tiles is not None and col_tiles is not None:
+        return scale[row_tiles][:, col_tiles]
+    values = fp8.dequantize_weight(weight, scale)
+    return fp8.quantize_weight_stored(cut(name, values), torch.float32)[1]
+
+
+def _whole_tiles(index: torch.Tensor, full: int, block: int = 128) -> list[int] | None:
+    """The full tile of each local 128-tile when every one is a whole tile of the full dim
+    (consecutive, starting on a tile edge, as long as that tile); else None."""
+    tiles = []
+    for start in range(0, len(index), block):
+        part = index[start:start + block]
+        first = int(part[0])
+        expected = torch.arange(first, first + min(block, full - first))
+        if first % block or not torch.equal(part, expected):
+            return None
+        tiles.append(first // block)
+    return tiles
 
 
 def example_ids(style: Style, batch: int, seq: int, seed: int = 1) -> torch.Tensor:
