@@ -83,11 +83,20 @@ class CacheRecord:
 class FusedProjections:
     groups: int  # fused GEMMs made ...
     gemms: int  # ... out of this many
-    # Fused attribute -> [(original attribute, rows), ...] in concatenation order.
+    # Fused attribute -> [(original attribute, rows), ...] in concatenation order (an FP8
+    # scale grid's rows are tile rows).
     names: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    # FP8 groups sharing an input but left unfused, each with its members and why (a member
+    # before the last whose N is not a multiple of 128, or scales of different dtypes).
+    refused: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        return {"groups": self.groups, "gemms": self.gemms}
+        """``groups`` and ``gemms``, and ``refused`` when some group was left unfused (so a
+        bf16 rank's counts read as before)."""
+        counts = {"groups": self.groups, "gemms": self.gemms}
+        if self.refused:
+            counts["refused"] = len(self.refused)
+        return counts
 
 
 @dataclass

@@ -116,6 +116,16 @@ class StoreReport(StageReport):
 class FuseReport(StageReport):
     groups: int  # fused GEMMs made ...
     gemms: int  # ... out of this many
+    # FP8 groups sharing an input but left unfused (their scale tiles would not line up:
+    # graph_record(gm).fused.refused says why); counted only when > 0.
+    refused: int = 0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = super().counts
+        if not self.refused:
+            del counts["refused"]
+        return counts
 
 
 @dataclass(frozen=True, kw_only=True)

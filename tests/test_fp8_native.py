@@ -311,6 +311,9 @@ def test_a_job_on_an_fp8_checkpoint_runs_fp8_and_checks_its_first_step(checkpoin
     report = run_job(job, 1, log_path=tmp_path / "run.log", echo=False)
     record = report.ranks[0]
     assert record.counts["fp8"] == {"fp8_linears": 14}, record.counts
+    # q|k|v and gate|up fused on the FP8 weights (tests/test_fp8_fuse.py); the first-step check
+    # below reads the original names back through unfused_state_dict.
+    assert record.counts["fused"] == {"groups": 2 * LAYERS, "gemms": 5 * LAYERS}, record.counts
     check = record.first_step_check
     assert check is not None and check.skipped is None, check
     assert check.max_abs_diff <= 2 ** -3 * check.max_abs_logit, check
