@@ -184,6 +184,18 @@ def check_checkpoint(root: Path, flag: str = "--checkpoint") -> dict:
     return config
 
 
+def fp8_weight_shapes(root: Path, flag: str = "--checkpoint") -> dict[str, tuple[int, ...]]:
+    """The float8_e4m3fn tensors of a checkpoint (none for an unquantized one) with their
+    shapes, from the safetensors headers (no tensor read); for a directory
+    :func:`check_checkpoint` has passed."""
+    shapes = {}
+    for path in _safetensors_files(root, flag):
+        for name, (shape, dtype) in header_entries(path, flag).items():
+            if dtype.upper() == FP8_DTYPE:
+                shapes[name] = shape
+    return shapes
+
+
 def _safetensors_files(root: Path, flag: str) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.is_file():

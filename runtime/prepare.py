@@ -319,13 +319,16 @@ def build_artifact(
     lower_ops: bool = True,
     rewritten: tuple[torch.fx.GraphModule, Plan] | None = None,
     pipeline: Pipeline | None = None,
+    fp8_weights: list[str] | None = None,
 ) -> Path:
     """Build rank ``rank``'s graph as :func:`prepare_rank` does (no weights, no KV cache worth
     the name) and store it as the build-cache entry under ``cache_dir`` that ``prepare_rank(...,
     cache_dir=cache_dir)`` loads, or ``artifact=<the returned path>``. ``rewritten``: ``(gm,
     plan)`` of a rewrite of exactly that capture (same config, tp, rank, dtype, device), to
     skip the capture; ``gm`` is lowered in place. ``pipeline``: the runner whose stages led to
-    ``rewritten`` (its reports and dumps continue); a new one if not given."""
+    ``rewritten`` (its reports and dumps continue); a new one if not given. ``fp8_weights``: an
+    FP8 checkpoint's fp8 weight names (as ``prepare_rank`` reads them): the graph gets FP8 linears
+    and the entry the key ``prepare_rank`` looks up for that checkpoint."""
     from adp_pass.runtime import build_cache
 
     mapping = Mapping.load(mapping)
@@ -333,7 +336,7 @@ def build_artifact(
     pipeline = pipeline or Pipeline()
     if rewritten is None:
         gm, plan = _capture_and_rewrite(config, mapping, rank, device, dtype, None,
-                                        pipeline=pipeline)
+                                        pipeline=pipeline, fp8_weights=fp8_weights)
     else:
         gm, plan = rewritten
     # The KV-cache geometry is not part of the graph: a loaded entry gets the caller's.
@@ -341,7 +344,7 @@ def build_artifact(
                       block_size=ServingConfig.block_size, max_position=max_position,
                       lower_ops=lower_ops, pipeline=pipeline)
     key = build_cache.build_key(config, mapping, rank, dtype=dtype, device=device,
-                                lower_ops=lower_ops)
+                                lower_ops=lower_ops, fp8_linears=bool(fp8_weights))
     build = dict(pipeline.reports)
     return pipeline.store(lambda: build_cache.store(cache_dir, key, gm, plan, reports=build))
 

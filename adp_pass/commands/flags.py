@@ -10,9 +10,10 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from adp_pass.checks import check_checkpoint, check_out_dir
+from adp_pass.checks import check_checkpoint, check_out_dir, fp8_weight_shapes
 from adp_pass.errors import UsageError
 from adp_pass.mapping import Mapping, MappingError
 from adp_pass.presets import PRESETS
@@ -183,46 +184,146 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
 
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The model a command works on, as its flags name it (``--preset`` or ``--checkpoint``):
+    the shape keys the checks need, read from the preset table or the checkpoint's checked
+    config.json. Torch-free."""
+
+    preset: str  # the preset's name; with a checkpoint, the default one (unused for the model)
+    checkpoint: Path | None
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    max_position: int
+    fp8: bool = False  # an FP8 block-scaled checkpoint holding fp8 weights (validated)
+
+    @property
+    def name(self) -> str:
+        """How messages name the model: the checkpoint's path, else the preset."""
+        return str(self.checkpoint) if self.checkpoint is not None else self.preset
+
+    def config(self):
+        """The transformers config a rank of this model builds (imports transformers): the
+        checkpoint's config.json as ``Job.model_config`` reads it for ``adp run`` (SDPA, no KV
+        cache), else the preset's. One definition, so ``adp rewrite --out``'s artifact has the
+        key ``adp run --checkpoint`` looks up."""
+        from adp_pass.runtime.contract import Job
+
+        return Job(Mapping(tp_size=1), preset=self.preset,
+                   checkpoint=str(self.checkpoint) if self.checkpoint is not None else None
+                   ).model_config()
+
+
+def model_shape(args: argparse.Namespace, default_preset: str = "tiny") -> ModelShape:
+    """The model of ``--preset`` / ``--checkpoint`` (not both): a checkpoint is checked from its
+    config.json and safetensors headers (``checks.check_checkpoint``: the directory, config.json,
+    the family, every tensor's shape, an FP8 checkpoint's scales), no tensor read."""
+    if args.checkpoint is not None and args.preset is not None:
+        raise UsageError("give --preset or --checkpoint, not both", flag="--checkpoint",
+                         hint="a checkpoint brings its own shape (config.json)")
+    preset = args.preset or default_preset
+    if args.checkpoint is not None:
+        config = check_checkpoint(args.checkpoint)
+        return ModelShape(
+            preset, args.checkpoint, config["num_attention_heads"], config["num_key_value_heads"],
+            config["intermediate_size"], config["vocab_size"],
+            config.get("max_position_embeddings") or 4096,
+            # check_checkpoint refused every quantization but FP8 block-scaled
+            fp8=config.get("quantization_config") is not None
+            and bool(fp8_weight_shapes(args.checkpoint)))
+    shape = PRESETS[preset]
+    return ModelShape(preset, None, shape.num_attention_heads, shape.num_key_value_heads,
+                      shape.intermediate_size, shape.vocab_size, shape.max_position_embeddings)
+
+
+def check_model_fits_mapping(model: ModelShape, mapping: Mapping, flag: str) -> None:
+    """``check_tp_fits_model`` for a :class:`ModelShape`."""
+    check_tp_fits_model(mapping, model.heads, model.kv_heads, model.intermediate, flag)
+
+
+def check_fp8_shards(checkpoint: Path | None, mapping: Mapping, flag: str = "--mapping") -> None:
+    """An FP8 checkpoint is served with FP8 linears (``prepare_rank``; ``adp verify`` and ``adp
+    rewrite`` build the same graph): each TP rank's part of every fp8 weight must be whole
+    128 x 128 scale tiles, or its tiles would cover another rank's values. Detect refuses such a
+    graph (``fp8.Fp8BlockError``); this says so from the headers, before any rank starts or any
+    trace, with the TP degrees that work. Which dim a weight is split on comes from the family's
+    TP plan (colwise: its rows, rowwise: its columns).
+
+    Imports torch and transformers (``adp_pass.fp8``, the config): call it after the machine
+    check, the last of the others. Exit code 2: the mapping does not fit the checkpoint."""
+    tp = mapping.tp_size
+    if checkpoint is None or tp == 1:
+        return
+    shapes = fp8_weight_shapes(checkpoint)
+    if not shapes:
+        return
+    import fnmatch
+
+    from adp_pass import fp8
+    from adp_pass.families import family_of
+    from adp_pass.runtime.contract import Job
+
+    config = Job(mapping, checkpoint=str(checkpoint)).model_config()
+    styles = family_of(config).tp_plan(config)
+    block = fp8.WEIGHT_BLOCK[0]
+    misfits, sizes = [], []
+    for name, shape in shapes.items():
+        module = name.removeprefix("model.").removesuffix(".weight")
+        style = next((s for pattern, s in styles.items() if fnmatch.fnmatchcase(module, pattern)),
+                     None)
+        if style is None or not style.startswith(("colwise", "rowwise")) or len(shape) != 2:
+            continue  # not split by TP: whole on every rank
+        dim = 0 if style.startswith("colwise") else 1
+        sizes.append(shape[dim])
+        if shape[dim] % tp or (shape[dim] // tp) % block:
+            misfits.append((name, dim, shape))
+    if not misfits:
+        return
+    name, dim, shape = misfits[0]
+    works = [t for t in fp8.block_aligned_tp(sizes, max(tp, 8)) if t != tp]
+    err = fp8.Fp8BlockError(
+        f"{checkpoint}: {name} is FP8 with {block}x{block} scale blocks, but each of the {tp} TP "
+        f"ranks would hold {shape[dim] / tp:g} of its {'rows' if dim == 0 else 'columns'} "
+        f"(shape {list(shape)}), not a multiple of {block}: a rank's scale tiles would cover "
+        f"another rank's values ({len(misfits)} FP8 weights so), under every mapping of tp={tp}",
+        flag=flag, hint=f"use a TP degree whose shards are whole blocks "
+        f"({', '.join(map(str, works)) or 'none'}), or the bf16 checkpoint of this model")
+    err.exit_code = 2  # the mapping does not fit the model, as a tp that does not divide its heads
+    raise err
+
+
 def model_and_mapping(args: argparse.Namespace) -> tuple[str, int, int, Mapping]:
     """``adp run`` / ``adp serve``: the model (``--preset`` or ``--checkpoint``) and the mapping
     (``--mapping``, else replicated over ``--world-size``), checked against each other: the
     preset name, vocabulary size, positions and mapping."""
-    if args.checkpoint is not None and args.preset is not None:
-        raise UsageError("give --preset or --checkpoint, not both", flag="--checkpoint",
-                         hint="a checkpoint brings its own shape (config.json)")
-    preset = args.preset or "tiny"
-    if args.checkpoint is not None:
-        config = check_checkpoint(args.checkpoint)
-        heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-        inter, vocab = config["intermediate_size"], config["vocab_size"]
-        max_position = config.get("max_position_embeddings") or 4096
-    else:
-        shape = PRESETS[preset]
-        heads, kv_heads, inter = (shape.num_attention_heads, shape.num_key_value_heads,
-                                  shape.intermediate_size)
-        vocab, max_position = shape.vocab_size, shape.max_position_embeddings
+    model = model_shape(args)
     if args.mapping is not None:
         mapping = parse_mapping(args.mapping)
         if args.world_size is not None and args.world_size != mapping.world_size:
             raise UsageError(f"--world-size {args.world_size} is not the --mapping's tp "
                              f"({mapping.tp_size}): the mapping regroups the ranks of one TP job",
                              flag="--world-size", hint="drop --world-size, or make them equal")
-        check_tp_fits_model(mapping, heads, kv_heads, inter, "--mapping")
+        check_model_fits_mapping(model, mapping, "--mapping")
     else:
         mapping = parse_mapping(f"tp={args.world_size or 2},attn_dp=1", "--world-size")
-        check_tp_fits_model(mapping, heads, kv_heads, inter, "--world-size")
-    return preset, vocab, max_position, mapping
+        check_model_fits_mapping(model, mapping, "--world-size")
+    return model.preset, model.vocab, model.max_position, mapping
 
 
 # ----------------------------------------------------------------------------- run and serve
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--preset / --checkpoint: the model a job serves."""
+def add_model_flags(p: argparse.ArgumentParser, default_preset: str = "tiny",
+                    checkpoint_help: str = "") -> None:
+    """--preset / --checkpoint: the model a command builds (``run``, ``serve``, ``verify``,
+    ``rewrite``; :func:`model_shape` reads them)."""
     p.add_argument("--preset", metavar="NAME", default=None, choices=sorted(PRESETS),
-                   help="model shape with random weights (text is noise): %(choices)s; if not "
-                   "given, tiny (or the --checkpoint's)")
+                   help="model shape with random weights: %(choices)s; if not given, "
+                   f"{default_preset} (or the --checkpoint's)")
     p.add_argument("--checkpoint", metavar="DIR", type=Path, default=None,
-                   help="Hugging Face Qwen3 checkpoint directory (config.json, *.safetensors, "
-                   "tokenizer; bf16 or the FP8 block-scaled format of the Qwen3-FP8 releases)")
+                   help="Hugging Face checkpoint directory (config.json, *.safetensors, "
+                   "tokenizer; bf16 or the FP8 block-scaled format of the Qwen3-FP8 releases "
+                   f"and of adp quantize){checkpoint_help}")
 
 
 def add_rank_flags(p: argparse.ArgumentParser, mapping_help: str) -> None:

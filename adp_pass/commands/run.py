@@ -10,8 +10,9 @@ from pathlib import Path
 
 from adp_pass.checks import check_requests
 from adp_pass.commands.flags import (BLOCK_SIZE, add_model_flags, add_rank_flags,
-                                     add_serving_flags, build_cache_dir, check_job_dirs,
-                                     check_ranks_fit_machine, float_in, kv_cache_settings,
+                                     add_serving_flags, build_cache_dir, check_fp8_shards,
+                                     check_job_dirs, check_ranks_fit_machine, float_in,
+                                     kv_cache_settings,
                                      log_path,
                                      model_and_mapping, positive, ranks_device)
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace, stage) -> int:
     kv_cache = kv_cache_settings(args)
     check_job_dirs(args)
     check_ranks_fit_machine(world_size, ranks_device(args))
+    check_fp8_shards(args.checkpoint, mapping, "--mapping" if args.mapping else "--world-size")
 
     from adp_pass.runtime.contract import Request, SamplingParams
     from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from adp_pass.checks import check_out_file
 from adp_pass.commands.flags import (BLOCK_SIZE, add_model_flags, add_rank_flags,
-                                     add_serving_flags, api_key, build_cache_dir, check_job_dirs,
+                                     add_serving_flags, api_key, build_cache_dir,
+                                     check_fp8_shards, check_job_dirs,
                                      check_ranks_fit_machine, float_in, int_at_least,
                                      kv_cache_settings, log_path,
                                      model_and_mapping, origin_list, port_number, positive,
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace, stage) -> int:
         _check_port_free("0.0.0.0", node.link_port, "--link-port")
     check_ranks_fit_machine(mapping.world_size // (args.nnodes if node else 1),
                              ranks_device(args))
+    check_fp8_shards(args.checkpoint, mapping, "--mapping" if args.mapping else "--world-size")
 
     from adp_pass.serving.guard import HTTPLimits
     from adp_pass.serving.server import ServeOptions, serve
