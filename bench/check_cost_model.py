@@ -44,17 +44,26 @@ def measured_rows(results: Path = RESULTS) -> list[dict]:
                          "batch": r["batch_per_gpu"], "prompt": r["prompt"],
                          "new_tokens": r["new_tokens"], "gpu": data.get("gpu", ""),
                          "step_ms": r["step_ms"], "checked": SUPERSEDED not in path.name})
-    for path in sorted(results.glob("decode-*-h200x1-*.json")):
+    for path in sorted(results.glob("decode-*x1-*.json")):  # one GPU: H200, H100
         data = json.loads(path.read_text())
         settings = data.get("settings", {})
         if not data.get("ranks") or settings.get("world_size") != 1:
             continue
-        step = max(r["mean_decode_step_ms"] for r in data["ranks"])
+        step = max(_step_ms(r) for r in data["ranks"])
         rows.append({"file": path.name, "model": settings["preset"], "mapping": "tp=1",
                      "batch": settings["requests_per_rank"], "prompt": settings["prompt_len"],
                      "new_tokens": settings["new_tokens"], "gpu": data.get("gpu", ""),
+                     "weights": settings.get("weights", "bf16"),
+                     "kv_cache": settings.get("kv_cache", "bf16"),
                      "step_ms": step, "checked": SUPERSEDED not in path.name})
     return rows
+
+
+def _step_ms(rank: dict) -> float:
+    """A rank's mean decode step: top level in older records, per phase in newer ones."""
+    if rank.get("mean_decode_step_ms"):
+        return rank["mean_decode_step_ms"]
+    return max(p["mean_decode_step_ms"] for p in rank["phases"] if p.get("mean_decode_step_ms"))
 
 
 def check(rows: list[dict]) -> list[dict]:
@@ -63,7 +72,8 @@ def check(rows: list[dict]) -> list[dict]:
         profile = profile_for_device(row["gpu"]) or "h200"
         p = predict(PRESETS[row["model"]], row["mapping"], batch_per_gpu=row["batch"],
                     prompt=row["prompt"], new_tokens=row["new_tokens"],
-                    calibration=load_calibration(profile))
+                    calibration=load_calibration(profile), weights=row.get("weights", "bf16"),
+                    kv_cache=row.get("kv_cache", "bf16"))
         out.append({**row, "profile": profile, "predicted_ms": p.step_ms,
                     "range_ms": list(p.step_ms_range), "error": p.step_ms / row["step_ms"] - 1,
                     "terms": p.breakdown})
@@ -195,14 +205,15 @@ def main() -> int:
         print(json.dumps({"rows": checked, "picks": chosen, "tolerance": TOLERANCE,
                           "within": not bad}, indent=1))
         return 1 if bad else 0
-    print(f"{'file':<46} {'model':<10} {'mapping':<24} {'req':>4} {'prompt':>6} "
+    print(f"{'file':<46} {'model':<14} {'mapping':<20} {'req':>4} {'prompt':>6} "
           f"{'measured':>9} {'predicted':>9} {'error':>7}  {'range ms':>13}")
     for r in checked:
         mark = "" if r["checked"] else "  (superseded runtime: not checked)"
         if r["checked"] and abs(r["error"]) > TOLERANCE:
             mark = "  <- off by more than 15%"
         lo, hi = r["range_ms"]
-        print(f"{r['file']:<46} {r['model']:<10} {r['mapping']:<24} {r['batch']:>4} "
+        model = r["model"] + ("/fp8" if r.get("weights") == "fp8" else "")
+        print(f"{r['file']:<46} {model:<14} {r['mapping']:<20} {r['batch']:>4} "
               f"{r['prompt']:>6} {r['step_ms']:>9.2f} {r['predicted_ms']:>9.2f} "
               f"{r['error']:>+7.1%}  {lo:>6.2f}-{hi:<6.2f}{mark}")
     print()

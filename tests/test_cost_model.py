@@ -489,6 +489,12 @@ KNOWN_MISSES = {  # (file, mapping, requests): why; the test fails once a row is
     ("mappings-qwen3-8b-2.json", "tp=2,attn_dp=0", 256):
         "the host's per-request work, measured in step on one rank between 16 and 64 rows, "
         "does not extrapolate to the 512 rows of a TP2 rank (docs/cost_model.md)",
+    ("decode-qwen3-8b-fp8-h100x1-64.json", "tp=1", 64):
+        "the model counts FP8 weights at copy bandwidth, as the bf16 kernels stream theirs; the "
+        "FP8 decode GEMMs of that run streamed at 13-65% of it (o_proj quantizing x inside the "
+        "kernel, gate|up on the decode kernel at 64 rows: docs/fp8.md, Measured)",
+    ("decode-qwen3-32b-fp8-h100x1-64.json", "tp=1", 64):
+        "as the Qwen3-8B-FP8 row",
 }
 
 

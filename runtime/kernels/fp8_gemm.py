@@ -8,8 +8,11 @@ Three backends, picked per (rows bucket, N, K) by ``choose`` from ``TUNED`` (def
 
 * ``decode`` (rows <= ``DECODE_MAX_ROWS``): a stream over the weight, as ``adp.decode_mm``,
   operands swapped (``y.T = W @ x.T``) so the weight rows fill the MMA's M side. FP8 halves the
-  bytes that decide its time. Each program quantizes the few ``x`` rows it needs itself (the
-  bits ``fp8_quant`` writes), so a decode projection is one launch (two with split-K);
+  bytes that decide its time. A high-precision ``x`` is quantized first by
+  ``adp.fp8_quant_groups`` (one small launch); the kernel can also quantize the ``x`` rows it
+  needs itself (``DecodeConfig.quantize_x_in_kernel``), but every program then repeats the
+  amax and the IEEE divisions of the whole tile: on an H100 that made a 4096 x 4096 projection
+  at 64 rows 43.6 us against 12.6 us on pre-quantized ``x`` (bench/results/fp8-gemm-h100.json);
 * ``triton`` (prefill): x quantized by ``adp.fp8_quant_groups``, then a tiled W8A8 GEMM;
 * ``scaled_mm``: x quantized (scales column-major), then ``torch._scaled_mm`` with cuBLAS's
   DeepSeek recipe (1x128 activation and 128x128 weight block scales; sm_90 with cuBLAS >= 12.9,
@@ -59,6 +62,9 @@ class DecodeConfig:
     split_k: int = 0  # programs along K; 0: enough to give every SM two programs
     num_stages: int = 4
     num_warps: int = 4
+    # A high-precision x quantized by each program itself rather than by one fp8_quant_groups
+    # launch first: one launch less, but measured 2-4x slower (module docstring).
+    quantize_x_in_kernel: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,14 +82,26 @@ class Choice:
     config: DecodeConfig | PrefillConfig | None = None
 
 
-# (N, K) -> {rows bucket: Choice}, from bench/bench_fp8_gemm.py on the target GPU. Empty until
-# measured: ``default_choice`` (Triton everywhere) is correct on every shape and GPU.
+# (N, K) -> {rows bucket: Choice}, from bench/bench_fp8_gemm.py on the target GPU, for a shape
+# whose best backend the defaults miss. Empty: the defaults below follow the H100 measurement.
 TUNED: dict[tuple[int, int], dict[int, Choice]] = {}
+# The decode kernel up to 16 rows on every shape measured, and up to 64 rows below this N; cuBLAS
+# block-scaled beyond (on pre-quantized x, H100, torch 2.11: at 64 rows N 4096 decode 12.6 us vs
+# cuBLAS 14.2, N 5120 25.1 vs 24.9, N 8192 24.0 vs 20.1, N 12288 28.1 vs 22.3; at 256 rows and
+# above cuBLAS 1.8-3x faster than the Triton tiles on every shape; bench/results/fp8-gemm-h100.json).
+DECODE_MAX_N_AT_64_ROWS = 5120
 
 
-def default_choice(rows: int) -> Choice:
-    if rows <= DECODE_MAX_ROWS:
+def default_choice(rows: int, n: int = 0, k: int = 0,
+                   device: torch.device | None = None) -> Choice:
+    """Where cuBLAS's block-scaled path is there (``scaled_mm_available``) and takes the shape:
+    decode up to 16 rows (and up to 64 at N <= ``DECODE_MAX_N_AT_64_ROWS``), cuBLAS above. Else
+    decode up to ``DECODE_MAX_ROWS`` rows and the Triton tiles above."""
+    cublas = device is not None and scaled_mm_fits(n, k) and scaled_mm_available(device)
+    if rows <= 16 or (rows <= DECODE_MAX_ROWS and (not cublas or n <= DECODE_MAX_N_AT_64_ROWS)):
         return Choice("decode", DecodeConfig())
+    if cublas:
+        return Choice("scaled_mm")
     return Choice("triton", PrefillConfig(block_m=64) if rows <= 256 else PrefillConfig())
 
 
@@ -91,11 +109,13 @@ def bucket(rows: int) -> int:
     return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
 
 
-def choose(rows: int, n: int, k: int) -> Choice:
-    """The backend for ``rows`` x ``(n, k)``: the table's entry, else ``default_choice``; a
-    ``scaled_mm`` entry the shape cannot take falls back to the default."""
-    choice = TUNED.get((n, k), {}).get(bucket(rows)) or default_choice(rows)
-    if choice.backend == "scaled_mm" and not scaled_mm_fits(n, k):
+def choose(rows: int, n: int, k: int, device: torch.device | None = None) -> Choice:
+    """The backend for ``rows`` x ``(n, k)`` on ``device``: the table's entry, else
+    ``default_choice``; an entry the shape or device cannot take falls back to the default."""
+    default = default_choice(rows, n, k, device)
+    choice = TUNED.get((n, k), {}).get(bucket(rows)) or default
+    if choice.backend == "scaled_mm" and not (
+            scaled_mm_fits(n, k) and device is not None and scaled_mm_available(device)):
         return default_choice(rows)
     if choice.backend == "decode" and rows > DECODE_MAX_ROWS:
         return default_choice(rows)
@@ -104,6 +124,39 @@ def choose(rows: int, n: int, k: int) -> Choice:
 
 def scaled_mm_fits(n: int, k: int) -> bool:
     return n % 128 == 0 and k % 512 == 0
+
+
+_SCALED_MM: dict[int, bool] = {}
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` takes the DeepSeek block scales on ``device``: sm_90 (Hopper's
+    cuBLAS recipe; other GPUs get the Triton kernels), then one tiny call, its answer kept per
+    device. During a CUDA graph capture a device not asked yet counts as without (no probe may
+    run inside a capture); the engine's eager prefill asks first."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SCALED_MM:
+        if torch.cuda.get_device_capability(index) != (9, 0):
+            _SCALED_MM[index] = False
+        elif torch.cuda.is_current_stream_capturing():
+            return False
+        else:
+            _SCALED_MM[index] = _probe_scaled_mm(torch.device("cuda", index))
+    return _SCALED_MM[index]
+
+
+def _probe_scaled_mm(device: torch.device) -> bool:
+    x = torch.zeros(4, 512, device=device).to(E4M3)
+    w = torch.zeros(128, 512, device=device).to(E4M3)
+    x_scale = torch.ones(4, 4, device=device).t().contiguous().t()  # column-major [M, K/128]
+    w_scale = torch.ones(1, 4, device=device)
+    try:
+        torch._scaled_mm(x, w.t(), x_scale, w_scale.t(), out_dtype=torch.bfloat16)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------ kernels
@@ -342,10 +395,12 @@ def linear_2d(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     """``x @ W.T`` for 2-D ``x`` (high precision, or fp8 with ``x_scale``) by ``choice``
     (default: ``choose``)."""
     rows, k = x.shape
-    choice = choice or choose(rows, weight.shape[0], k)
+    choice = choice or choose(rows, weight.shape[0], k, x.device)
     if choice.backend == "decode":
-        return launch_decode(x, weight, weight_scale, choice.config or DecodeConfig(), out_dtype,
-                             x_scale)
+        config = choice.config or DecodeConfig()
+        if x_scale is None and not config.quantize_x_in_kernel:
+            x, x_scale = quantize(x)
+        return launch_decode(x, weight, weight_scale, config, out_dtype, x_scale)
     column_major = choice.backend == "scaled_mm"
     if x_scale is None:
         x, x_scale = quantize(x, scales_column_major=column_major)
