@@ -253,6 +253,12 @@ def prepare_rank(
             gm = pipeline.decode_mm(gm)
         if prefetch_weights:
             gm = pipeline.prefetch_weights(gm, device)
+    if fp8_weights and device.type == "cuda":
+        from adp_pass.runtime.kernels.fp8_gemm import scaled_mm_available
+
+        # Asked here, eagerly: a CUDA-graph capture may not run the probe, and a graph captured
+        # before it would keep the Triton picks where cuBLAS is faster.
+        scaled_mm_available(device)
     layers = range(config.num_hidden_layers)
     cache = PagedKVCache.over(
         [gm.get_buffer(f"kv_cache_{i}_k") for i in layers],

@@ -133,7 +133,7 @@ def scaled_mm_available(device: torch.device) -> bool:
     """Whether ``torch._scaled_mm`` takes the DeepSeek block scales on ``device``: sm_90 (Hopper's
     cuBLAS recipe; other GPUs get the Triton kernels), then one tiny call, its answer kept per
     device. During a CUDA graph capture a device not asked yet counts as without (no probe may
-    run inside a capture); the engine's eager prefill asks first."""
+    run inside a capture); ``prepare_rank`` asks for an FP8 rank's device first."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
