@@ -96,10 +96,10 @@ def launch(
         try:
             results = elastic_launch(config, _recording_errors)(error_dir, entrypoint, *args)
         except ChildFailedError as err:
-            rank, detail = _culprit(err.failures, Path(error_dir))
+            rank, detail, hint = _culprit(err.failures, Path(error_dir))
             raise RankFailed(
                 f"rank {rank} failed: {_last_line(str(detail))}", rank=rank,
-                log=str(log_dir) if log_dir is not None else None,
+                log=str(log_dir) if log_dir is not None else None, hint=hint,
             ) from None
     return [results[rank] for rank in range(world_size)]
 
@@ -133,10 +133,11 @@ _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed ou
               "communicator was aborted", "failed to recv", "Broken pipe")
 
 
-def _culprit(failures: dict, error_dir: Path) -> tuple[int, str]:
-    """The rank whose own error ended the job, and its message: the earliest failure that is
-    not just a peer's disappearance (else the earliest). The ranks' own records come first;
-    torchrun's (a rank killed by a signal records nothing) fill in."""
+def _culprit(failures: dict, error_dir: Path) -> tuple[int, str, str | None]:
+    """The rank whose own error ended the job, its message and its fix (the error's ``hint``,
+    where it had one): the earliest failure that is not just a peer's disappearance (else the
+    earliest). The ranks' own records come first; torchrun's (a rank killed by a signal records
+    nothing) fill in."""
     def message(failure) -> str:
         detail = failure.message
         return str(detail.get("message", detail) if isinstance(detail, dict) else detail)
@@ -147,14 +148,15 @@ def _culprit(failures: dict, error_dir: Path) -> tuple[int, str]:
     for path in error_dir.glob("rank*.error.json"):
         with contextlib.suppress(OSError, ValueError, ContractError):
             failure = from_json(RankFailure, json.loads(path.read_text()))
-            recorded.append((failure.time, failure.rank, f"{failure.type}: {failure.message}"))
-    seen = {rank for _, rank, _ in recorded}
-    recorded += [(f.timestamp, rank, message(f)) for rank, f in failures.items()
+            recorded.append((failure.time, failure.rank, f"{failure.type}: {failure.message}",
+                             failure.hint))
+    seen = {entry[1] for entry in recorded}
+    recorded += [(f.timestamp, rank, message(f), None) for rank, f in failures.items()
                  if rank not in seen]
-    recorded.sort()
+    recorded.sort(key=lambda entry: entry[:3])
     own = [entry for entry in recorded if not any(s in entry[2] for s in _PEER_LOST)]
-    _, rank, text = (own or recorded)[0]
-    return rank, text
+    _, rank, text, hint = (own or recorded)[0]
+    return rank, text, hint
 
 
 @contextlib.contextmanager

@@ -14,7 +14,9 @@ pytestmark = pytest.mark.multirank
 def _rank_one_fails_while_rank_zero_waits() -> int:
     rank, _, _ = init_rank()
     if rank == 1:
-        raise ValueError("checkpoint shard missing on rank 1")
+        err = ValueError("checkpoint shard missing on rank 1")
+        err.hint = "download shard 2 again"  # a rank's fix travels with its error
+        raise err
     dist.all_reduce(torch.ones(1))  # would wait forever for rank 1 without the launcher/timeout
     return rank
 
@@ -42,6 +44,7 @@ def test_with_a_log_dir_the_failure_is_one_line_and_the_details_are_in_files(tmp
         launch(_rank_one_fails_while_rank_zero_waits, 2, timeout_s=30, log_dir=tmp_path)
     assert str(caught.value) == "rank 1 failed: ValueError: checkpoint shard missing on rank 1"
     assert caught.value.rank == 1 and caught.value.log == str(tmp_path)
+    assert caught.value.hint == "download shard 2 again"
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and len((out + err).splitlines()) <= 2
     # torchrun keeps the failing rank's traceback in its error file under the log dir
