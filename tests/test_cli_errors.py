@@ -437,7 +437,8 @@ def test_a_failed_rank_is_shown_as_its_own_message(monkeypatch, capsys, tmp_path
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("torchrun", [False, True], ids=["in-process", "torchrun"])
-def test_run_job_reports_the_ranks_error_and_keeps_the_log(tmp_path, capfd, torchrun):
+def test_run_job_reports_the_ranks_error_and_keeps_the_log(tmp_path, capfd, torchrun,
+                                                           monkeypatch):
     """A real job whose rank fails, in this process or under a torchrun subprocess: its own
     exception text, not torchrun's dump; the whole output in the log; the temporary job
     directory removed."""
@@ -446,6 +447,10 @@ def test_run_job_reports_the_ranks_error_and_keeps_the_log(tmp_path, capfd, torc
     from adp_pass.runtime.contract import Job
 
     log = tmp_path / "logs" / "job.log"
+    # A temp dir of its own: another test's job running beside this one (xdist) makes its own
+    # adp-job-* directories in the shared one.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     jobs_before = set(Path(tempfile.gettempdir()).glob("adp-job-*"))
     with pytest.raises(RankFailed) as caught:
         run_job(Job(mapping="tp=1,attn_dp=1", preset="no-such-preset"), 1, log_path=log,
