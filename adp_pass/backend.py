@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from adp_pass import fp8
 from adp_pass.capture import CapturedGraph, params_as_attributes
 from adp_pass.graph_record import graph_record
 from adp_pass.mapping import Mapping
@@ -108,13 +109,13 @@ def adp_backend(
         positions = graph_record(module).user_input_positions
         plan = pipeline.detect(module, mapping)
         module = pipeline.rewrite(module, plan,
-                                  state_dict=_gather_full_weights(module, plan, world))
+                                  state_dict=_gather_full_weights(module, plan))
         return make_boxed_func(_RowShare(module, positions, mapping.dp_rank(rank), mapping.dp_size))
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=compile_forward)
 
 
-def _gather_full_weights(module: fx.GraphModule, plan: Plan, world: int) -> dict:
+def _gather_full_weights(module: fx.GraphModule, plan: Plan) -> dict:
     """Every sharded parameter assembled from all ranks' shards.
 
     One all-gather per dtype of all the shards laid end to end, rather than one per parameter:
@@ -126,10 +127,7 @@ def _gather_full_weights(module: fx.GraphModule, plan: Plan, world: int) -> dict
     for dtype in sorted({t.dtype for t in locals_.values()}, key=str):
         group = [spec for spec in specs if locals_[spec.name].dtype == dtype]
         flat = torch.cat([locals_[spec.name].reshape(-1) for spec in group])
-        # Sent as bytes: gloo has no float8 (an FP8 model's weights; their scales go as floats).
-        wire = [torch.empty_like(flat).view(torch.uint8) for _ in range(world)]
-        dist.all_gather(wire, flat.view(torch.uint8))
-        gathered = [g.view(dtype) for g in wire]
+        gathered = fp8.all_gather_bytes(flat)  # an FP8 model's weights: gloo has no float8
         offset = 0
         for spec in group:
             local = locals_[spec.name]

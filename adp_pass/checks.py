@@ -160,7 +160,7 @@ def check_checkpoint(root: Path, flag: str = "--checkpoint") -> dict:
     config. Names every missing, mis-shaped or truncated tensor file, and every flaw of an FP8
     checkpoint (:func:`check_quantization`)."""
     config = read_checkpoint_config(root, flag)
-    files = _safetensors_files(root, flag)
+    files = safetensors_files(root, flag)
     found: dict[str, tuple[tuple[int, ...], str]] = {}
     entries: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in files:
@@ -189,14 +189,16 @@ def fp8_weight_shapes(root: Path, flag: str = "--checkpoint") -> dict[str, tuple
     shapes, from the safetensors headers (no tensor read); for a directory
     :func:`check_checkpoint` has passed."""
     shapes = {}
-    for path in _safetensors_files(root, flag):
+    for path in safetensors_files(root, flag):
         for name, (shape, dtype) in header_entries(path, flag).items():
             if dtype.upper() == FP8_DTYPE:
                 shapes[name] = shape
     return shapes
 
 
-def _safetensors_files(root: Path, flag: str) -> list[Path]:
+def safetensors_files(root: Path, flag: str = "--checkpoint") -> list[Path]:
+    """A checkpoint directory's safetensors files: those its index lists (all present), else
+    every ``*.safetensors``; a named error for a broken index or none at all."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
         try:

@@ -92,6 +92,28 @@ def dequantize_weight(weight_fp8: torch.Tensor, scale_inv: torch.Tensor,
     return weight_fp8.float() * scale[:out, :inn]
 
 
+def dequantize_state(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+                     ) -> dict[str, torch.Tensor]:
+    """A state dict with every fp8 weight and its ``weight_scale_inv`` replaced by the ``dtype``
+    weight they stand for (the scales dropped); other tensors as they are."""
+    from adp_pass.checks import SCALE_SUFFIX
+
+    return {name: (dequantize_weight(value, tensors[name + SCALE_SUFFIX]).to(dtype)
+                   if value.dtype == E4M3 else value)
+            for name, value in tensors.items() if not name.endswith(SCALE_SUFFIX)}
+
+
+def all_gather_bytes(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (the same shape and dtype on each), gathered as its bytes: gloo
+    has no float8 (an FP8 model's weights), and bytes carry every dtype on every backend."""
+    import torch.distributed as dist
+
+    flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+    wire = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(wire, flat, group=group)
+    return [w.view(tensor.dtype).view(tensor.shape) for w in wire]
+
+
 def quantize_activation(x: torch.Tensor, group: int = ACTIVATION_GROUP
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_fp8, scales)``: ``x [..., k]`` quantized per token and per ``group``-wide slice of

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 from adp_pass.checks import (DECODER_LINEAR, FP8_DTYPE, FP8_QUANT_CONFIG, SCALE_SUFFIX,
                              check_checkpoint, check_out_dir, expected_tensors, header_entries,
-                             read_checkpoint_config)
+                             read_checkpoint_config, safetensors_files)
 from adp_pass.errors import UsageError
 from adp_pass.presets import PRESETS, UnknownPreset
 
@@ -167,7 +167,7 @@ def check_inputs(out: str | Path, *, preset: str | None = None,
                 f"loads as it is: adp run --checkpoint {checkpoint}")
         check_checkpoint(checkpoint)  # files, shapes, truncation; fp8 tensors without a config
         sources = {}
-        for path in _source_files(checkpoint):
+        for path in safetensors_files(checkpoint):
             sources.update(header_entries(path))
         if _same_dir(out, checkpoint):
             raise UsageError(f"--out {out} is the --checkpoint directory itself",
@@ -215,14 +215,6 @@ def _existing(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     return path
-
-
-def _source_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [root / n for n in names]
-    return sorted(root.glob("*.safetensors"))
 
 
 def _plan(sources: dict[str, tuple[tuple[int, ...], str]], dtype: str,
@@ -297,7 +289,7 @@ def quantize_checkpoint(out: str | Path, *, preset: str | None = None,
     with contextlib.ExitStack() as stack:
         if inputs.checkpoint is not None:
             handles = [stack.enter_context(safe_open(str(p), "pt"))
-                       for p in _source_files(inputs.checkpoint)]
+                       for p in safetensors_files(inputs.checkpoint)]
             where = {key: h for h in handles for key in h.keys()}
             source: Callable[[str, tuple[int, ...]], torch.Tensor] = (
                 lambda name, shape: where[name].get_tensor(name))

@@ -269,8 +269,10 @@ def checkpoint_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     stored): the unsharded weights the rewrite's numeric self-check reads."""
     from safetensors.torch import load_file
 
+    from adp_pass.checks import safetensors_files
+
     tensors = {}
-    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+    for path in safetensors_files(Path(checkpoint)):
         tensors.update(load_file(str(path)))
     return tensors
 
@@ -281,16 +283,8 @@ def checkpoint_reference(config: PretrainedConfig, checkpoint: str | Path) -> to
     dropped, as ``runtime/first_step.py`` compares an FP8 rank: exact arithmetic on the weights
     the ranks hold."""
     from adp_pass import fp8
-    from adp_pass.checks import SCALE_SUFFIX
 
-    stored = checkpoint_tensors(checkpoint)
-    weights = {}
-    for name, value in stored.items():
-        if name.endswith(SCALE_SUFFIX):
-            continue
-        if value.dtype == fp8.E4M3:
-            value = fp8.dequantize_weight(value, stored[name + SCALE_SUFFIX])
-        weights[name] = value.float()
+    weights = {k: v.float() for k, v in fp8.dequantize_state(checkpoint_tensors(checkpoint)).items()}
     model = build_hf(config)
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # saved once

@@ -164,17 +164,16 @@ def variants(shape: Shape, rows: int, x: torch.Tensor, scaled_mm_ok: bool):
     backends = []
     if rows <= G.DECODE_MAX_ROWS:
         backends.append(G.Choice("decode"))
-        backends.append(G.Choice("decode", G.DecodeConfig(quantize_x_in_kernel=True)))
+        # on x in bf16 only: on quantized x it is the plain decode kernel
+        in_kernel = G.Choice("decode", G.DecodeConfig(quantize_x_in_kernel=True))
+        out.append(("fp8-decode-in-kernel", lambda x, w, s, c=in_kernel: G.linear_2d(
+            x, w, s, torch.bfloat16, choice=c), sets, shape.fp8_bytes, True))
     if rows >= 16:
         backends.append(G.Choice("triton", G.default_choice(max(rows, 65)).config))
     if scaled_mm_ok and G.scaled_mm_fits(shape.n, shape.k):
         backends.append(G.Choice("scaled_mm"))
     for choice in backends:
         name = f"fp8-{choice.backend}"
-        if choice.config is not None and getattr(choice.config, "quantize_x_in_kernel", False):
-            out.append((name + "-in-kernel", lambda x, w, s, c=choice: G.linear_2d(
-                x, w, s, torch.bfloat16, choice=c), sets, shape.fp8_bytes, True))
-            continue  # on quantized x it is the plain decode kernel
         out.append((name, lambda x, w, s, c=choice: G.linear_2d(x, w, s, torch.bfloat16, choice=c),
                     sets, shape.fp8_bytes, True))
         q_scale = xs_col if choice.backend == "scaled_mm" else xs

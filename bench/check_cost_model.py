@@ -21,10 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from adp_pass.cost_model import load_calibration, predict  # noqa: E402
 from adp_pass.presets import PRESETS  # noqa: E402
 from adp_pass.profiles import profile_for_device  # noqa: E402
+from results_file import decode_step_ms  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TOLERANCE = 0.15
@@ -49,7 +51,7 @@ def measured_rows(results: Path = RESULTS) -> list[dict]:
         settings = data.get("settings", {})
         if not data.get("ranks") or settings.get("world_size") != 1:
             continue
-        step = max(_step_ms(r) for r in data["ranks"])
+        step = max(decode_step_ms(r) for r in data["ranks"])
         rows.append({"file": path.name, "model": settings["preset"], "mapping": "tp=1",
                      "batch": settings["requests_per_rank"], "prompt": settings["prompt_len"],
                      "new_tokens": settings["new_tokens"], "gpu": data.get("gpu", ""),
@@ -58,12 +60,6 @@ def measured_rows(results: Path = RESULTS) -> list[dict]:
                      "step_ms": step, "checked": SUPERSEDED not in path.name})
     return rows
 
-
-def _step_ms(rank: dict) -> float:
-    """A rank's mean decode step: top level in older records, per phase in newer ones."""
-    if rank.get("mean_decode_step_ms"):
-        return rank["mean_decode_step_ms"]
-    return max(p["mean_decode_step_ms"] for p in rank["phases"] if p.get("mean_decode_step_ms"))
 
 
 def check(rows: list[dict]) -> list[dict]:

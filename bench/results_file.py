@@ -1,5 +1,6 @@
 """What the bench scripts write next to their figures: ``write_result(path, result)`` and
-``versions()``, the one record of what a measurement ran on (every script's results carry it)."""
+``versions()``, the one record of what a measurement ran on (every script's results carry it);
+and ``decode_step_ms(rank)``, how those who read a bench_decode record find its step."""
 
 from __future__ import annotations
 
@@ -23,3 +24,12 @@ def versions() -> dict:
     from adp_pass.calibrate import versions as installed  # torch: only when a result is made
 
     return installed()
+
+
+def decode_step_ms(rank: dict) -> float | None:
+    """A bench_decode rank record's mean decode step: top level in older records, per phase in
+    newer ones (the first phase that decoded)."""
+    if rank.get("mean_decode_step_ms"):
+        return rank["mean_decode_step_ms"]
+    phases = [p for p in rank.get("phases", []) if p.get("mean_decode_step_ms")]
+    return phases[0]["mean_decode_step_ms"] if phases else None

@@ -11,13 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _step_ms(rank: dict) -> float | None:
-    """A rank's mean decode step: top level in older records, per phase in newer ones."""
-    if rank.get("mean_decode_step_ms"):
-        return rank["mean_decode_step_ms"]
-    phases = [p for p in rank.get("phases", []) if p.get("mean_decode_step_ms")]
-    return phases[0]["mean_decode_step_ms"] if phases else None
+from results_file import decode_step_ms
 
 
 def rows(paths: list[Path]) -> list[dict]:
@@ -29,7 +23,7 @@ def rows(paths: list[Path]) -> list[dict]:
             if "ranks" not in data or "roofline" not in data:
                 continue  # not a bench_decode result
             settings, roof = data.get("settings", {}), data["roofline"]
-            steps = [_step_ms(r) for r in data["ranks"] if _step_ms(r)]
+            steps = [s for s in map(decode_step_ms, data["ranks"]) if s]
             step = sum(steps) / len(steps) if steps else float("nan")
             found.append({
                 "file": file.name, "gpu": data.get("gpu", "?"),

@@ -76,11 +76,7 @@ def _full_weights(model, reference, dtype: torch.dtype) -> tuple[dict | None, st
         if len(tensor.shape) != len(want) or len(dims) != 1 or want[dims[0]] % tensor.shape[dims[0]]:
             return None, f"{name} is {list(tensor.shape)}, not a shard of {list(want)}"
         dim, parts = dims[0], want[dims[0]] // tensor.shape[dims[0]]
-        pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(pieces, tensor.contiguous())
+        pieces = fp8.all_gather_bytes(tensor)  # an FP8 rank's codes too: gloo has no float8
         first = dist.get_rank() // parts * parts
         weights[name] = torch.cat(pieces[first:first + parts], dim=dim)
-    for name in scales:
-        weight = name.removesuffix(SCALE_SUFFIX)
-        weights[weight] = fp8.dequantize_weight(weights[weight], weights.pop(name)).to(dtype)
-    return weights, None
+    return fp8.dequantize_state(weights, dtype), None

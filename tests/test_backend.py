@@ -70,14 +70,14 @@ def _compiled_fp8(ids: torch.Tensor) -> dict:
 
     from adp_pass.presets import model_config
 
-    _, world, _ = init_rank()
+    rank, world, _ = init_rank()
     config = model_config("fp8-tiny")
     full = fp8_full_state(config)
     reference = Fp8EngineQwen3ForCausalLM(config).eval()
     reference.load_state_dict(full, strict=True)
     with torch.no_grad():
         want = reference(ids)
-    model = fp8_tp_model(config, world, init_rank()[0], full)
+    model = fp8_tp_model(config, world, rank, full)
     compiled = torch.compile(model, backend="adp", options={"mapping": f"tp={world},attn_dp=1"})
     torch._dynamo.mark_dynamic(ids, 0)
     with torch.no_grad():

@@ -20,6 +20,7 @@ from adp_pass.fx_vocab import COLLECTIVE_OPS, FP8_LINEAR_OPS, is_op
 from adp_pass.graph_record import graph_record
 from adp_pass.presets import model_config
 from adp_pass.rewrite import rewrite
+from adp_pass.verify import checkpoint_tensors
 from tp_sources import capture_fp8_source, capture_source, fp8_full_state
 
 SCALE = fp8.WEIGHT_BLOCK[0]
@@ -170,15 +171,6 @@ def checkpoint(tmp_path_factory):
     return out
 
 
-def _checkpoint_tensors(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    return tensors
-
-
 def test_loader_keeps_fp8_and_reads_each_ranks_tiles(captured, checkpoint):
     from adp_pass.runtime.weights import load_checkpoint
 
@@ -186,7 +178,7 @@ def test_loader_keeps_fp8_and_reads_each_ranks_tiles(captured, checkpoint):
     plan = detect(gm, "tp=4,attn_dp=1,attn_tp=2,mlp_tp=4")
     new = rewrite(gm, plan)  # uninitialised: every value below comes from the checkpoint
     report = load_checkpoint(new, plan, checkpoint, dtype=torch.float32, progress=False)
-    stored = _checkpoint_tensors(checkpoint)
+    stored = checkpoint_tensors(checkpoint)
     specs = {p.name: p for p in plan.params}
     assert report.kept_fp8 and len(report.fp8) == 14 and report.unused == []
     assert "14 FP8 weights kept in FP8 with their scales" in str(report)
@@ -258,7 +250,7 @@ def _parity_rank(config, checkpoint: str, ids: torch.Tensor, specs: list[str],
     start = time.perf_counter()
     rank, world, device = init_rank()
     full = {k: (v.float() if k.endswith("_scale_inv") else v)
-            for k, v in _checkpoint_tensors(Path(checkpoint)).items()}
+            for k, v in checkpoint_tensors(Path(checkpoint)).items()}
     model = fp8_tp_model(config, world, rank, full)
     pipeline = Pipeline()
     captured = pipeline.capture(lambda: capture_graph(model, [ids], rank=rank, world_size=world))
@@ -294,7 +286,7 @@ def _parity(config, checkpoint, world: int, splits: dict) -> None:
     results = launch(_parity_rank, world, config, str(checkpoint), ids, specs, splits,
                      timeout_s=240)
     reference = Fp8EngineQwen3ForCausalLM(config).eval()
-    stored = _checkpoint_tensors(checkpoint)
+    stored = checkpoint_tensors(checkpoint)
     reference.load_state_dict({k: (v.float() if k.endswith("_scale_inv") else v)
                                for k, v in stored.items()}, strict=True)
     with torch.no_grad():

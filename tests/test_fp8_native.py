@@ -158,13 +158,7 @@ def _reference(config, checkpoint, *, w8a8: bool):
     from transformers import Qwen3ForCausalLM
 
     stored = _tensors(checkpoint)
-    weights = {}
-    for name, value in stored.items():
-        if name.endswith(SCALE_SUFFIX):
-            continue
-        if value.dtype == fp8.E4M3:
-            value = fp8.dequantize_weight(value, stored[name + SCALE_SUFFIX])
-        weights[name] = value.float()
+    weights = {k: v.float() for k, v in fp8.dequantize_state(stored).items()}
     model = Qwen3ForCausalLM(config).eval()
     model.load_state_dict(weights, strict=True)
     if w8a8:

@@ -3,11 +3,14 @@
 # (a lent machine is released 30 s after a call, so each call pays a start: few, full calls).
 # Every step is cut to the time left; a step that would get under 30 s is skipped and says so.
 #
-# Usage: bash bench/scripts/session_gpu.sh OUT_DIR BUDGET_S STEP...
+# Usage: [BASE=DIR] [WHEELS=DIR] bash bench/scripts/session_gpu.sh OUT_DIR BUDGET_S STEP...
 # Steps:
-#   setup        versions, test wheels from .wheels, this tree installed, .baseline into /tmp/adp-base
+#   setup        versions, test wheels from $WHEELS (.wheels), this tree installed, the baseline
+#                tree $BASE (.baseline) into /tmp/adp-base
 #   tests        the GPU-only tests (compiled Triton, CUDA graphs, FP8 kernels)
-#   ab           Qwen3-8B 64 x 512 bf16 decode: .baseline (before) then this tree (after)
+#   ab           Qwen3-8B 64 x 512 bf16 decode: $BASE (before) then this tree (after); given
+#                again, another round (ab-before-2, ...)
+#   check        python bench/check_cost_model.py (predicted vs measured)
 #   fp8-gemm     bench_fp8_gemm.py without the sweeps; fp8-gemm-sweep with them
 #   fp8-8b-N fp8kv-8b-N fp8-32b-N fp8kv-32b-N bf16-32b-N (N requests: 64, 256)
 #                FP8 (weights; fp8kv: and KV cache) or bf16 decode rows at N x 512
@@ -17,7 +20,7 @@ set -u
 out=${1:?out dir}; budget=${2:?budget seconds}; shift 2
 mkdir -p "$out"; out=$(cd "$out" && pwd)
 export NCCL_NVLS_ENABLE=0
-mkdir -p "$out"
+base=$(cd "${BASE:-.baseline}" 2>/dev/null && pwd); wheels=${WHEELS:-.wheels}; ab_round=0
 start=$(date +%s); deadline=$(( start + budget ))
 gpu=$(python3 -c 'import torch; n = torch.cuda.get_device_name(0); print("h200" if "H200" in n else "h100" if "H100" in n else "gpu")' 2>/dev/null)
 
@@ -42,9 +45,9 @@ for what in "$@"; do
     setup)
       python3 -c 'import torch, triton, transformers; print(torch.cuda.get_device_name(0), "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "transformers", transformers.__version__)' > "$out/env.txt" 2>&1
       nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit,memory.total --format=csv >> "$out/env.txt" 2>&1
-      python3 -m pip install -q --no-index --find-links .wheels pytest pytest-xdist hypothesis httpx > "$out/pip.log" 2>&1
+      python3 -m pip install -q --no-index --find-links "$wheels" pytest pytest-xdist hypothesis httpx > "$out/pip.log" 2>&1
       python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$out/pip.log" 2>&1
-      python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/adp-base .baseline >> "$out/pip.log" 2>&1
+      [ -n "$base" ] && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/adp-base "$base" >> "$out/pip.log" 2>&1
       log "setup done on $(head -1 "$out/env.txt")" ;;
     tests)
       step tests 150 python3 -m pytest -q -o addopts="" -m "not full" -n 8 -p no:cacheprovider -rfEs \
@@ -52,10 +55,12 @@ for what in "$@"; do
         tests/test_sample_kernel.py
       tail -3 "$out/tests.log" >> "$out/status.txt" ;;
     ab)
-      ( cd .baseline && export PYTHONPATH=/tmp/adp-base && step ab-before 110 python3 bench/bench_decode.py \
-          --preset qwen3-8b --world-size 1 --requests-per-rank 64 --prompt-len 512 \
-          --graph-sizes 1,2,4,8,16,32,64 --no-check --out "$out/ab-before.json" )
-      decode ab-after 64 --preset qwen3-8b ;;
+      ab_round=$(( ab_round + 1 )); suffix=$([ "$ab_round" -gt 1 ] && echo "-$ab_round")
+      ( cd "$base" && export PYTHONPATH=/tmp/adp-base && step "ab-before$suffix" 110 \
+          python3 bench/bench_decode.py --preset qwen3-8b --world-size 1 --requests-per-rank 64 \
+          --prompt-len 512 --graph-sizes 1,2,4,8,16,32,64 --no-check --out "$out/ab-before$suffix.json" )
+      decode "ab-after$suffix" 64 --preset qwen3-8b ;;
+    check) python3 bench/check_cost_model.py > "$out/check.txt" 2>&1; log "check: $(tail -1 "$out/check.txt")" ;;
     fp8-gemm) step fp8-gemm 150 python3 bench/bench_fp8_gemm.py --no-sweep --out "$out/fp8-gemm-$gpu.json" ;;
     fp8-gemm-sweep) step fp8-gemm-sweep 240 python3 bench/bench_fp8_gemm.py --out "$out/fp8-gemm-sweep-$gpu.json" ;;
     fp8-8b-*) decode "decode-qwen3-8b-fp8-$gpu-${what##*-}" "${what##*-}" --preset qwen3-8b --quantize fp8 --quantize-dir /tmp/fp8-8b ;;

@@ -97,7 +97,7 @@ def default_choice(rows: int, n: int = 0, k: int = 0,
     """Where cuBLAS's block-scaled path is there (``scaled_mm_available``) and takes the shape:
     decode up to 16 rows (and up to 64 at N <= ``DECODE_MAX_N_AT_64_ROWS``), cuBLAS above. Else
     decode up to ``DECODE_MAX_ROWS`` rows and the Triton tiles above."""
-    cublas = device is not None and scaled_mm_fits(n, k) and scaled_mm_available(device)
+    cublas = _cublas_takes(n, k, device)
     if rows <= 16 or (rows <= DECODE_MAX_ROWS and (not cublas or n <= DECODE_MAX_N_AT_64_ROWS)):
         return Choice("decode", DecodeConfig())
     if cublas:
@@ -112,18 +112,19 @@ def bucket(rows: int) -> int:
 def choose(rows: int, n: int, k: int, device: torch.device | None = None) -> Choice:
     """The backend for ``rows`` x ``(n, k)`` on ``device``: the table's entry, else
     ``default_choice``; an entry the shape or device cannot take falls back to the default."""
-    default = default_choice(rows, n, k, device)
-    choice = TUNED.get((n, k), {}).get(bucket(rows)) or default
-    if choice.backend == "scaled_mm" and not (
-            scaled_mm_fits(n, k) and device is not None and scaled_mm_available(device)):
-        return default_choice(rows)
-    if choice.backend == "decode" and rows > DECODE_MAX_ROWS:
-        return default_choice(rows)
+    choice = TUNED.get((n, k), {}).get(bucket(rows))
+    if (choice is None or (choice.backend == "scaled_mm" and not _cublas_takes(n, k, device))
+            or (choice.backend == "decode" and rows > DECODE_MAX_ROWS)):
+        return default_choice(rows, n, k, device)
     return choice
 
 
 def scaled_mm_fits(n: int, k: int) -> bool:
     return n % 128 == 0 and k % 512 == 0
+
+
+def _cublas_takes(n: int, k: int, device: torch.device | None) -> bool:
+    return device is not None and scaled_mm_fits(n, k) and scaled_mm_available(device)
 
 
 _SCALED_MM: dict[int, bool] = {}
