@@ -93,6 +93,12 @@ def main() -> None:
         print(f"rank {r.rank} first-step logits vs transformers: {r.first_step_check}; "
               f"build {r.timings}")
     roofline = roofline_row(config, args, report)
+    for r in report.ranks:
+        phase = r.phases[0]
+        if phase.prefill_s:
+            print(f"rank {r.rank} prefill {phase.prefill_tokens} tokens in {phase.prefill_s:.3f} s: "
+                  f"{phase.prefill_tokens / phase.prefill_s:.0f} tokens/s (start-up prompt warm-up "
+                  f"{phase.prompt_warmup_s:.1f} s, not counted)")
     print(f"roofline {roofline['roofline_ms']:.2f} ms ({roofline['weights_gb']:.1f} GB weights + "
           f"{roofline['kv_gb']:.1f} GB KV at {roofline['copy_gbps']:.0f} GB/s): step at "
           f"{roofline['roofline_fraction']:.0%} of it; cost model {roofline['predicted_step_ms']:.2f} ms")

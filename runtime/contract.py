@@ -150,6 +150,7 @@ class PhaseStats:
     idle_calls: int = 0
     idle_s: float = 0.0
     agree_s: float = 0.0
+    prompt_warmup_s: float = 0.0  # start-up: the prompt path run before serving (CUDA)
 
     @classmethod
     def of(cls, stats, requests: int, wall_s: float) -> "PhaseStats":

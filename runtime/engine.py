@@ -98,6 +98,15 @@ class RankEngine:
         self.packed = self.runner.packs and lockstep is None if packed_prefill is None \
             else packed_prefill
         self.mix_decode = mix_decode
+        # Triton compiles a prompt call's kernels (packed attention, the FP8 prefill GEMMs) on
+        # first use and per specialization of the token count: run them before serving, as
+        # vLLM's start-up forward does, so the first requests' TTFT is not a compile.
+        if cache.device.type == "cuda":
+            start = time.perf_counter()
+            self.runner.warm_up_prompts(
+                min(max_prefill_tokens, max_position or max_prefill_tokens, 1024),
+                cache.blocks_for, packed=self.packed)
+            self.stats.prompt_warmup_s = time.perf_counter() - start
 
     # ------------------------------------------------------------------ public
     @property

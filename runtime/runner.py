@@ -171,6 +171,27 @@ class ModelRunner:
         index = torch.tensor(positions, dtype=torch.long).to(self.device)
         return self.model(*inputs, logits_indices=index)[0]
 
+    def warm_up_prompts(self, tokens: int, blocks_for, *, packed: bool) -> None:
+        """Run the prompt path before serving at ``tokens`` and ``tokens - 1`` tokens (Triton
+        specializes a count by its divisibility by 16), writing nothing (every slot -1): one
+        packed sequence, or a padded ``[1, tokens]`` call. Every rank of a lockstep group makes
+        the same calls, so the collectives inside match."""
+        for count in (tokens, tokens - 1):
+            if count < 2:
+                continue
+            if not packed:
+                self.prefill_logits([0] * count, 1, count)
+                continue
+            inputs = packed_batch([0] * count, list(range(count)), [-1] * count,
+                                  [[0] * blocks_for(count)], [count], [0, count], self.device)
+            with torch.no_grad():
+                if self.selects_logits:
+                    self._logits_at(inputs, [count - 1])
+                else:
+                    self.model(*inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ------------------------------------------------------------------ decode steps
     def launch(self, batch: DecodeBatch) -> PendingTokens:
         """Enqueue one decode step without waiting for it; :meth:`read` gives its tokens."""

@@ -45,6 +45,8 @@ class EngineStats:
     # Time to first token: from add() to the first sampled token, summed over requests.
     ttft_s_sum: float = 0.0
     ttft_count: int = 0
+    # Start-up only: the prompt path run before serving (RankEngine; CUDA).
+    prompt_warmup_s: float = 0.0
 
     @property
     def mean_ttft_ms(self) -> float:

@@ -12,8 +12,10 @@
 #                again, another round (ab-before-2, ...)
 #   check        python bench/check_cost_model.py (predicted vs measured)
 #   fp8-gemm     bench_fp8_gemm.py without the sweeps; fp8-gemm-sweep with them
-#   fp8-8b-N fp8kv-8b-N fp8-32b-N fp8kv-32b-N bf16-32b-N (N requests: 64, 256)
+#   fp8-8b-N fp8kv-8b-N fp8-32b-N fp8kv-32b-N bf16-8b-N bf16-32b-N (N requests: 64, 256)
 #                FP8 (weights; fp8kv: and KV cache) or bf16 decode rows at N x 512
+#   fp8check-8b  Qwen3-8B-FP8 at 8 x 512 with the first-step check (logits vs transformers over
+#                the dequantized weights)
 #   calibrate    adp calibrate on this GPU, folded into its profile (OUT/<gpu>.json), then
 #                Qwen3-8B decode at 64 and 256 x 512 against it; host-64: in-step host work
 set -u
@@ -67,6 +69,10 @@ for what in "$@"; do
     fp8kv-8b-*) decode "decode-qwen3-8b-fp8-fp8kv-$gpu-${what##*-}" "${what##*-}" --preset qwen3-8b --quantize fp8 --quantize-dir /tmp/fp8-8b --kv-cache-dtype fp8 ;;
     fp8kv-32b-*) decode "decode-qwen3-32b-fp8-fp8kv-$gpu-${what##*-}" "${what##*-}" --preset qwen3-32b --quantize fp8 --quantize-dir /tmp/fp8-32b --kv-cache-dtype fp8 ;;
     fp8-32b-*) decode "decode-qwen3-32b-fp8-$gpu-${what##*-}" "${what##*-}" --preset qwen3-32b --quantize fp8 --quantize-dir /tmp/fp8-32b ;;
+    fp8check-8b) step fp8check-8b 200 python3 bench/bench_decode.py --world-size 1 --requests-per-rank 8 \
+        --prompt-len 512 --graph-sizes 1,2,4,8 --preset qwen3-8b --quantize fp8 --quantize-dir /tmp/fp8-8b \
+        --out "$out/first-step-qwen3-8b-fp8-$gpu.json" ;;
+    bf16-8b-*) decode "decode-qwen3-8b-$gpu-${what##*-}" "${what##*-}" --preset qwen3-8b ;;
     bf16-32b-*) decode "decode-qwen3-32b-$gpu-${what##*-}" "${what##*-}" --preset qwen3-32b ;;
     calibrate)
       step calibrate 240 python3 -m adp_pass.cli calibrate --gpus 1 --out "$out/calibrate-$gpu-1gpu.json"
@@ -80,5 +86,5 @@ for what in "$@"; do
     *) log "unknown step $what" ;;
   esac
 done
-grep -h "roofline\|predicted\|step ms\|decode step" "$out"/*.log 2>/dev/null | tail -30 >> "$out/status.txt"
+grep -h "roofline\|predicted\|step ms\|decode step\|prefill" "$out"/*.log 2>/dev/null | tail -30 >> "$out/status.txt"
 cat "$out/status.txt"
