@@ -221,35 +221,51 @@ def measure(args, time_us, copy_bw: float, scaled_mm_ok: bool) -> list[dict]:
     return results
 
 
-def decode_sweep(args, time_us) -> list[dict]:
-    """The decode kernel's configurations on three shapes (bf16 x, quantized in the kernel)."""
+# The shapes the runtime's FP8 decode runs (q|k|v and gate|up fused, as fuse_projections leaves
+# them): the decode kernel's table is tuned on these.
+RUNTIME_SHAPES = [("qwen3-8b qkv", 6144, 4096), ("qwen3-8b o", 4096, 4096),
+                  ("qwen3-8b gate_up", 24576, 4096), ("qwen3-8b down", 4096, 12288),
+                  ("qwen3-32b qkv", 10240, 5120), ("qwen3-32b o", 5120, 8192),
+                  ("qwen3-32b gate_up", 51200, 5120), ("qwen3-32b down", 5120, 25600)]
+
+
+def decode_sweep(args, time_us, scaled_mm_ok: bool) -> list[dict]:
+    """The decode kernel's configurations on the runtime's shapes, on x already quantized (the
+    runtime quantizes a bf16 x by one launch first), beside cuBLAS block-scaled on the same x:
+    per (shape, rows) the fastest correct one."""
     device = "cpu" if args.dry_run else "cuda"
-    shapes = [("tiny", 256, 384)] if args.dry_run else [
-        ("qwen3-8b q|o", 4096, 4096), ("qwen3-8b gate|up", 12288, 4096),
-        ("qwen3-32b down", 5120, 25600)]
+    shapes = [("tiny", 256, 384)] if args.dry_run else RUNTIME_SHAPES
     grid = [G.DecodeConfig(block_n=b, split_k=s, num_stages=st)
-            for b, st, s in itertools.product((32, 64, 128), (3, 5), (1, 2, 4, 8))]
+            for b, st, s in itertools.product((32, 64, 128), (3, 5), (0, 1, 2, 4, 8))]
     if args.dry_run:
         grid = grid[:3]
-    rows_list = (3,) if args.dry_run else (16, 64)
+    rows_list = (3,) if args.dry_run else (16, 64)  # the row buckets of TUNED it fills
     out = []
     for label, n, k in shapes:
         shape = Shape(n, k, device, args.dry_run)
-        sets = [(w, s) for w, s in shape.fp8_sets]
         for rows in rows_list:
             x = torch.randn(rows, k, device=device).bfloat16()
+            xq, xs = Q.quantize(x)
             fp8_ref, _ = shape.reference(x)
+            sets = [(xq, xs, w, s) for w, s in shape.fp8_sets]
             timed = []
-            for config in grid + [None]:  # None: the shipped default (auto split)
+            for config in grid + [None]:  # None: the shipped default
                 cfg = config or G.DecodeConfig()
-                fn = (lambda x, w, s, c=cfg: G.launch_decode(x, w, s, c, torch.bfloat16))
+                fn = (lambda xq, xs, w, s, c=cfg: G.launch_decode(xq, w, s, c, torch.bfloat16,
+                                                                  x_scale=xs))
                 try:
-                    err = rel_err(fn(x, *sets[0]), fp8_ref)
-                    us = time_us(fn, [(x, w, s) for w, s in sets], rows)
+                    err = rel_err(fn(*sets[0]), fp8_ref)
+                    us = time_us(fn, sets, rows)
                 except Exception as exc:  # noqa: BLE001  (an over-budget config)
                     print(f"  sweep {label} rows={rows} {cfg}: FAILED {str(exc)[:120]}")
                     continue
                 timed.append((us, config, err))
+            cublas_us = float("nan")
+            if scaled_mm_ok and G.scaled_mm_fits(n, k):
+                xs_col = xs.t().contiguous().t()
+                fn = (lambda xq, xs, w, s: G.launch_scaled_mm(xq, xs, w, s, torch.bfloat16))
+                if rel_err(fn(xq, xs_col, *shape.fp8_sets[0]), fp8_ref) <= WRONG:
+                    cublas_us = time_us(fn, [(xq, xs_col, w, s) for w, s in shape.fp8_sets], rows)
             timed.sort(key=lambda t: t[0])
             default_us = next((us for us, c, _ in timed if c is None), float("nan"))
             best = next((t for t in timed if t[2] <= WRONG), None)
@@ -259,13 +275,30 @@ def decode_sweep(args, time_us) -> list[dict]:
             row = {"shape": label, "n": n, "k": k, "rows": rows, "default_us": round(default_us, 2),
                    "best_us": round(best[0], 2), "best": vars(best[1] or G.DecodeConfig()),
                    "best_gb_s": round(shape.fp8_bytes / best[0] / 1e3, 1),
+                   "scaled_mm_us": round(cublas_us, 2),
                    "top5": [{"us": round(us, 2), "rel": e, **vars(c or G.DecodeConfig())}
                             for us, c, e in timed[:5]]}
             out.append(row)
             print(f"  sweep {label:18s} rows={rows:<3d} default {default_us:8.1f} us | best "
-                  f"{best[0]:8.1f} us {row['best_gb_s']:6.0f} GB/s {row['best']}", flush=True)
+                  f"{best[0]:8.1f} us {row['best_gb_s']:6.0f} GB/s {row['best']} | cuBLAS "
+                  f"{cublas_us:8.1f} us", flush=True)
         del shape
     return out
+
+
+def decode_table(sweep: list[dict]) -> dict[str, str]:
+    """The sweep as ``fp8_gemm.TUNED`` entries: per (N, K) and rows bucket the faster of the best
+    decode configuration and cuBLAS."""
+    table = {}
+    for r in sweep:
+        if r["scaled_mm_us"] == r["scaled_mm_us"] and r["scaled_mm_us"] < r["best_us"]:
+            entry = 'Choice("scaled_mm")'
+        else:
+            b = r["best"]
+            entry = (f'Choice("decode", DecodeConfig(block_n={b["block_n"]}, '
+                     f'split_k={b["split_k"]}, num_stages={b["num_stages"]}))')
+        table[f"({r['n']}, {r['k']}) rows {r['rows']}"] = entry
+    return table
 
 
 def prefill_sweep(args, time_us) -> list[dict]:
@@ -345,6 +378,8 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help="comma-separated; default 1,16,64,256,2048,8192")
     parser.add_argument("--fused", action="store_true", help="also the fused qkv and gate_up shapes")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="the tuning sweeps alone (no table of every backend)")
     parser.add_argument("--dry-run", action="store_true", help="CPU smoke test, tiny shapes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -369,17 +404,22 @@ def main() -> None:
               "capability": list(torch.cuda.get_device_capability(0)) if device == "cuda" else None,
               "copy_gb_s": copy_bw, "scaled_mm": status, "graph_max_rows": GRAPH_MAX_ROWS,
               "rotation_bytes": ROTATION_BYTES}
-    result["rows"] = measure(args, time_us, copy_bw, status == "ok")
+    result["rows"] = [] if args.sweep_only else measure(args, time_us, copy_bw, status == "ok")
     result["suggested_tuned"] = suggest(result["rows"])
     write_result(out, result)  # a run cut short keeps the main table
     if args.sweep:
-        result["decode_sweep"] = decode_sweep(args, time_us)
-        result["prefill_sweep"] = prefill_sweep(args, time_us)
+        result["decode_sweep"] = decode_sweep(args, time_us, status == "ok")
+        result["decode_tuned"] = decode_table(result["decode_sweep"])
+        write_result(out, result)
+        if not args.sweep_only:
+            result["prefill_sweep"] = prefill_sweep(args, time_us)
     result["seconds"] = round(time.perf_counter() - started, 1)
     write_result(out, result)
     print("\nfastest correct fp8 backend per (N, K, rows bucket), for fp8_gemm.TUNED:")
     for key, backend in result["suggested_tuned"].items():
         print(f"  {key}: {backend}")
+    for key, entry in result.get("decode_tuned", {}).items():
+        print(f"  decode {key}: {entry}")
     print(f"\n{table(result['rows'])}\n(us per call; '!' = rel error above {WRONG}; copy "
           f"{copy_bw:.0f} GB/s; {result['seconds']} s)")
 
