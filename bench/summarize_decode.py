@@ -34,18 +34,31 @@ def rows(paths: list[Path]) -> list[dict]:
                 "tok_s": data.get("total_decode_tokens_per_s", float("nan")),
                 "roofline_ms": roof.get("roofline_ms", float("nan")),
                 "predicted_ms": roof.get("predicted_step_ms", float("nan")),
+                "prefill_tok_s": _prefill_tokens_per_s(data["ranks"]),
+                # Runs before the prompt warm-up counted Triton's compiles in the prefill time.
+                "warmed": any("prompt_warmup_s" in p for r in data["ranks"]
+                              for p in r.get("phases", [])),
             })
     return found
 
 
+def _prefill_tokens_per_s(ranks: list[dict]) -> float:
+    """The first workload's prompt tokens over its prefill time, summed over the ranks."""
+    phases = [r["phases"][0] for r in ranks if r.get("phases")]
+    seconds = max((p.get("prefill_s", 0.0) for p in phases), default=0.0)
+    return sum(p.get("prefill_tokens", 0) for p in phases) / seconds if seconds else float("nan")
+
+
 def table(found: list[dict]) -> str:
     lines = ["| GPU | model | weights | KV | requests x prompt | step ms | decode tok/s | roofline ms "
-             "| step / roofline | cost model ms | file |", "|---" * 11 + "|"]
+             "| step / roofline | cost model ms | prefill tok/s | file |", "|---" * 12 + "|"]
     for r in found:
+        prefill = f"{r['prefill_tok_s']:,.0f}" + ("" if r["warmed"] else " (cold)")
         lines.append(
             f"| {r['gpu']} | {r['model']} | {r['weights']} | {r['kv']} | {r['requests']} x "
             f"{r['prompt']} | {r['step_ms']:.2f} | {r['tok_s']:,.0f} | {r['roofline_ms']:.2f} | "
-            f"{r['step_ms'] / r['roofline_ms']:.2f} | {r['predicted_ms']:.2f} | {r['file']} |")
+            f"{r['step_ms'] / r['roofline_ms']:.2f} | {r['predicted_ms']:.2f} | {prefill} | "
+            f"{r['file']} |")
     return "\n".join(lines)
 
 
