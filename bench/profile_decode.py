@@ -116,7 +116,7 @@ def main() -> None:
     engine_step_ms, engine_step_in_step_ms = step_ms[True], step_ms[False]
 
     # The graph alone.
-    replay_ms = graph_ms(engine._graphs.graphs[args.batch], args.steps)
+    replay_ms = graph_ms(engine.runner.graphs.graphs[args.batch], args.steps)
 
     # Roofline: every weight once, plus each sequence's K and V so far, per step. The embedding
     # table is not read (a step gathers batch rows of it) unless the LM head shares it.

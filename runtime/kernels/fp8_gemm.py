@@ -82,9 +82,22 @@ class Choice:
     config: DecodeConfig | PrefillConfig | None = None
 
 
-# (N, K) -> {rows bucket: Choice}, from bench/bench_fp8_gemm.py on the target GPU, for a shape
-# whose best backend the defaults miss. Empty: the defaults below follow the H100 measurement.
-TUNED: dict[tuple[int, int], dict[int, Choice]] = {}
+# (N, K) -> {rows bucket: Choice}, from bench/bench_fp8_gemm.py --sweep-only on the target GPU
+# (the runtime's fused shapes, x already quantized, CUDA graphs): the entries whose best beat the
+# defaults below by more than 3%. H100, torch 2.11, Triton 3.6 (bench/results/
+# fp8-gemm-sweep-h100.json), us default -> tuned: Qwen3-8B q|k|v at 16 rows 11.7 -> 11.2,
+# o_proj at 64 12.2 -> 10.5, down_proj at 64 28.6 -> 24.1; Qwen3-32B gate|up at 16 101.4 -> 93.9,
+# o_proj at 64 24.3 -> 22.4, down_proj at 64 66.0 -> 59.1. Every other shape and bucket: the
+# default was the fastest or within 3% (cuBLAS for the wide N at 64 rows).
+_D = DecodeConfig
+TUNED: dict[tuple[int, int], dict[int, Choice]] = {
+    (6144, 4096): {16: Choice("decode", _D(block_n=64, split_k=4, num_stages=3))},
+    (4096, 4096): {64: Choice("decode", _D(block_n=128, split_k=4, num_stages=5))},
+    (4096, 12288): {64: Choice("decode", _D(block_n=128, split_k=4, num_stages=5))},
+    (51200, 5120): {16: Choice("decode", _D(block_n=128, split_k=0, num_stages=5))},
+    (5120, 8192): {64: Choice("decode", _D(block_n=64, split_k=0, num_stages=3))},
+    (5120, 25600): {64: Choice("decode", _D(block_n=128, split_k=4, num_stages=3))},
+}
 # The decode kernel up to 16 rows on every shape measured, and up to 64 rows below this N; cuBLAS
 # block-scaled beyond (on pre-quantized x, H100, torch 2.11: at 64 rows N 4096 decode 12.6 us vs
 # cuBLAS 14.2, N 5120 25.1 vs 24.9, N 8192 24.0 vs 20.1, N 12288 28.1 vs 22.3; at 256 rows and
