@@ -105,7 +105,7 @@ class RankEngine:
             start = time.perf_counter()
             self.runner.warm_up_prompts(
                 min(max_prefill_tokens, max_position or max_prefill_tokens, 1024),
-                cache.blocks_for, packed=self.packed)
+                cache.blocks_for, packed=self.packed, decode_rows=max_batch)
             self.stats.prompt_warmup_s = time.perf_counter() - start
 
     # ------------------------------------------------------------------ public
