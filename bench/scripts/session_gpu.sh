@@ -4,6 +4,8 @@
 # Every step is cut to the time left; a step that would get under 30 s is skipped and says so.
 #
 # Usage: [BASE=DIR] [WHEELS=DIR] bash bench/scripts/session_gpu.sh OUT_DIR BUDGET_S STEP...
+# On the lent device, whose reply carries back only the first 8 files under $OUT: give a folder
+# outside it and pack that, e.g. 'session_gpu.sh /tmp/run 570 ...; tar czf $OUT/run.tgz -C /tmp run'.
 # Steps:
 #   setup        versions, test wheels from $WHEELS (.wheels), this tree installed, the baseline
 #                tree $BASE (.baseline) into /tmp/adp-base
