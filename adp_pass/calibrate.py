@@ -282,13 +282,21 @@ def paged_attention_inputs(device: torch.device, attention: dict, block_size: in
     return q, k_cache, v_cache, block_tables, context_lens, a["head_dim"] ** -0.5
 
 
-def measure_attention_paged(device: torch.device, sizes: dict) -> float:
-    """The project's paged decode kernel at the same shape as the SDPA measurement, GB/s."""
+def measure_attention_paged(device: torch.device, sizes: dict, fp8: bool = False) -> float:
+    """The project's paged decode kernel at the same shape as the SDPA measurement, GB/s of the
+    K and V bytes it reads; ``fp8``: over a float8_e4m3fn cache (one byte an element, read with
+    its per-tensor scales), as ``--kv-cache-dtype fp8`` serves."""
     from adp_pass.runtime.kernels.paged_attention import paged_decode_attention
 
-    inputs = paged_attention_inputs(device, sizes["attention"])
-    seconds = timed(lambda: paged_decode_attention(*inputs), device, **_timing(sizes))
-    return _kv_bytes(sizes["attention"]) / seconds / GB
+    q, k_cache, v_cache, tables, lens, scale = paged_attention_inputs(device, sizes["attention"])
+    scales = {}
+    if fp8:
+        k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+        one = torch.ones(1, dtype=torch.float32, device=device)
+        scales = {"k_scale": one, "v_scale": one.clone()}
+    seconds = timed(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                                   **scales), device, **_timing(sizes))
+    return _kv_bytes(sizes["attention"]) // (2 if fp8 else 1) / seconds / GB
 
 
 def measure_kernel_launch(device: torch.device, sizes: dict) -> tuple[float, str]:
@@ -484,6 +492,12 @@ def calibrate(gpus: int, *, sizes: dict | None = None, timeout_s: float = 120.0,
         except Exception as err:  # noqa: BLE001 - optional: SDPA's figure stands in
             notes["attention_bandwidth_gbps"] = f"paged kernel failed ({err!r:.200}); SDPA's"
     attention = paged if paged is not None else sdpa
+    attention_fp8 = None
+    if cuda:
+        try:
+            attention_fp8 = measure_attention_paged(device, sizes, fp8=True)
+        except Exception as err:  # noqa: BLE001 - optional: the bf16 figure stands in
+            notes["attention_fp8_bandwidth_gbps"] = f"paged kernel on an fp8 cache failed ({err!r:.200})"
     progress(f"attention {_num(attention)} GB/s ({kernel}); small kernel ...")
     launch_us, launch_how = measure_kernel_launch(device, sizes)
     progress(f"small kernel {launch_us:.2f} us ({launch_how})")
@@ -529,6 +543,7 @@ def calibrate(gpus: int, *, sizes: dict | None = None, timeout_s: float = 120.0,
         **({"lockstep_agree_us": agree} if agree else {}),
         "attention_bandwidth_gbps": round(attention, 2),
         "attention_kernel": kernel,
+        **({"attention_fp8_bandwidth_gbps": round(attention_fp8, 2)} if attention_fp8 else {}),
         "attention_sdpa_bandwidth_gbps": round(sdpa, 2),
         "attention_paged_bandwidth_gbps": None if paged is None else round(paged, 2),
         "attention_shape": f"batch {a['batch']}, {a['q_heads']} q / {a['kv_heads']} kv heads, "

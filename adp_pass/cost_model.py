@@ -10,7 +10,8 @@ the dtypes (weights bf16 or fp8 block-scaled, KV cache bf16 or fp8, activations 
   tokens and dtype than reading its weights (0 when memory-bound).
 * ``gemm_shape_ms``: what the linear's own shape adds: a measured rate of that shard shape, else
   the wave-quantisation law (``wave_utilisation``): a TP-8 shard is a narrow GEMM.
-* ``kv_ms``: KV-cache bytes at the mean context / attention bandwidth.
+* ``kv_ms``: KV-cache bytes at the mean context / attention bandwidth (an FP8 cache: the FP8
+  kernel's measured rate, ``attention_fp8_bandwidth_gbps``, where the profile has it).
 * ``collectives_ms``: per collective, latency(op, group size) + NCCL's ring factor x bytes / bus
   bandwidth; latencies of unmeasured group sizes come from the ring law (``profiles``), each with
   a low / high range that gives ``step_ms_range``.
@@ -70,7 +71,8 @@ REQUIRED_KEYS = {
 # Optional constants of a profile (adp_pass/profiles.py): a calibration without them leaves
 # their term out (0), except FP8, which then needs peak_tflops.
 OPTIONAL_NUMBERS = ("gemm_fixed_us", "host_step_us", "host_per_request_us",
-                    "sampling_bandwidth_gbps", "sm_count", "fp8_gemm_efficiency")
+                    "sampling_bandwidth_gbps", "sm_count", "fp8_gemm_efficiency",
+                    "attention_fp8_bandwidth_gbps")
 _ZERO_OK = {"memory_reserve_gib", "step_overhead_us", "kernel_launch_us", "gemm_fixed_us",
             "host_step_us", "host_per_request_us"}  # may be 0
 GEMM_REF_HIDDEN = 4096  # adp calibrate's reference GEMM: [T x 4096] @ [4096 x 16384]
@@ -687,7 +689,11 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
     kv_bytes = int(seqs * mean_context * per_token)
     per_seq = full_context * per_token
     kv_peak = seqs * per_seq
-    kv_ms = kv_bytes / (cal["attention_bandwidth_gbps"] * GB) * 1e3
+    # An FP8 cache at the FP8 kernel's own measured read rate where the profile has it (it
+    # dequantizes every tile: on an H100 it saved a fraction of what half the bytes imply).
+    kv_bw = (cal.get("attention_fp8_bandwidth_gbps") if kv_cache == "fp8" else None) \
+        or cal["attention_bandwidth_gbps"]
+    kv_ms = kv_bytes / (kv_bw * GB) * 1e3
 
     # Collectives per step (bf16 activations).
     act_bytes = shape.hidden * DTYPE_BYTES[act]  # one token's hidden state
