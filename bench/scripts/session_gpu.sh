@@ -88,5 +88,5 @@ for what in "$@"; do
     *) log "unknown step $what" ;;
   esac
 done
-grep -h "roofline\|predicted\|step ms\|decode step\|prefill" "$out"/*.log 2>/dev/null | tail -30 >> "$out/status.txt"
+grep -h "roofline\|predicted\|step ms\|decode step\|prefill\|first step" "$out"/*.log 2>/dev/null | tail -30 >> "$out/status.txt"
 cat "$out/status.txt"
