@@ -21,3 +21,21 @@ import tempfile  # noqa: E402
 
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adp-test-cache-")
 
+
+
+# The files that take longest on 2 CPU cores (pytest --durations, 2026-12-07), longest first:
+# collected first, so that under `--dist loadfile` none of them starts last and runs alone while
+# the other worker idles. Files keep their own test order; the rest follow in collection order.
+SLOW_FILES = (
+    "test_engine_prefill.py", "test_serve.py", "test_families.py", "test_cache_insertion.py",
+    "test_fp8_native.py", "test_engine_lockstep.py", "test_serve_restart.py",
+    "test_source_styles.py", "test_fp8_graph.py", "test_backend.py", "test_cli.py",
+    "test_lower.py", "test_rank_passes.py", "test_structure.py", "test_build_cache.py",
+    "test_parity_ranks.py", "test_run_in_process.py", "test_http_hardening.py", "test_stamp.py",
+    "test_qwen3_32b.py", "test_fp8_kv_cache.py", "test_runtime.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(SLOW_FILES)))
