@@ -132,17 +132,12 @@ def main() -> None:
         args.out.write_text(json.dumps(record, indent=1))
 
 
-# FP8 weights against transformers on the dequantized weights: the activations' e4m3 rounding
-# (each element within 2^-4 of itself) bounds the logits' difference by 2^-3 of their largest
-# magnitude (tests/test_fp8_native.py, docs/fp8.md).
-FP8_FIRST_STEP = 2 ** -3
-
-
 def first_step_verdict(check, weights: str) -> dict | None:
     """The first-step check against its stated bound: FP8 weights only (bf16's is printed, not
     bounded here); None without a comparison."""
     if check is None or check.max_abs_diff is None or weights != "fp8":
         return None
+    from adp_pass.verify import FP8_FIRST_STEP
     limit = FP8_FIRST_STEP * check.max_abs_logit
     return {"within": check.max_abs_diff <= limit, "max_abs_diff": check.max_abs_diff,
             "limit": limit, "bound": f"max |logit diff| {check.max_abs_diff:.4g} <= 2^-3 x max "

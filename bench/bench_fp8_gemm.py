@@ -291,7 +291,7 @@ def decode_table(sweep: list[dict]) -> dict[str, str]:
     decode configuration and cuBLAS."""
     table = {}
     for r in sweep:
-        if r["scaled_mm_us"] == r["scaled_mm_us"] and r["scaled_mm_us"] < r["best_us"]:
+        if not math.isnan(r["scaled_mm_us"]) and r["scaled_mm_us"] < r["best_us"]:
             entry = 'Choice("scaled_mm")'
         else:
             b = r["best"]

@@ -69,7 +69,6 @@ def measured_rows(results: Path = RESULTS) -> list[dict]:
     return rows
 
 
-
 def check(rows: list[dict]) -> list[dict]:
     out = []
     for row in rows:

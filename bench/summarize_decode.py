@@ -35,7 +35,7 @@ def rows(paths: list[Path]) -> list[dict]:
                 "roofline_ms": roof.get("roofline_ms", float("nan")),
                 "predicted_ms": roof.get("predicted_step_ms", float("nan")),
                 "prefill_tok_s": _prefill_tokens_per_s(data["ranks"]),
-                # Runs before the prompt warm-up counted Triton's compiles in the prefill time.
+                # Runs before the prompt warm-up existed counted Triton's compiles in the prefill.
                 "warmed": any("prompt_warmup_s" in p for r in data["ranks"]
                               for p in r.get("phases", [])),
             })
@@ -53,7 +53,7 @@ def table(found: list[dict]) -> str:
     lines = ["| GPU | model | weights | KV | requests x prompt | step ms | decode tok/s | roofline ms "
              "| step / roofline | cost model ms | prefill tok/s | file |", "|---" * 12 + "|"]
     for r in found:
-        prefill = f"{r['prefill_tok_s']:,.0f}" + ("" if r["warmed"] else " (cold)")
+        prefill = f"{r['prefill_tok_s']:,.0f}" + ("" if r["warmed"] else " (no warm-up)")
         lines.append(
             f"| {r['gpu']} | {r['model']} | {r['weights']} | {r['kv']} | {r['requests']} x "
             f"{r['prompt']} | {r['step_ms']:.2f} | {r['tok_s']:,.0f} | {r['roofline_ms']:.2f} | "

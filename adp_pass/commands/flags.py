@@ -204,6 +204,14 @@ class ModelShape:
         """How messages name the model: the checkpoint's path, else the preset."""
         return str(self.checkpoint) if self.checkpoint is not None else self.preset
 
+    @property
+    def label(self) -> str:
+        """What a command's first line says it works on: ``checkpoint DIR`` (``(FP8)`` for an FP8
+        one) or ``preset NAME``."""
+        if self.checkpoint is None:
+            return f"preset {self.preset}"
+        return f"checkpoint {self.checkpoint}" + (" (FP8)" if self.fp8 else "")
+
     def config(self):
         """The transformers config a rank of this model builds (imports transformers): the
         checkpoint's config.json as ``Job.model_config`` reads it for ``adp run`` (SDPA, no KV

@@ -76,9 +76,7 @@ def run(args: argparse.Namespace, stage) -> int:
     config = model.config()
     fp8_weights = _fp8_weights(model)
 
-    what = (f"checkpoint {model.name}{' (FP8)' * bool(fp8_weights)}"
-            if model.checkpoint is not None else f"preset {model.preset}")
-    print(f"rewrite: {what}, mapping {mapping}, rank {args.rank}", flush=True)
+    print(f"rewrite: {model.label}, mapping {mapping}, rank {args.rank}", flush=True)
     pipeline = Pipeline(args.dump_dir)
     with stage(f"build and capture rank {args.rank}'s TP graph"):
         captured = pipeline.capture(lambda: capture_hf_qwen3(

@@ -104,9 +104,7 @@ def run(args: argparse.Namespace, stage) -> int:
     from adp_pass.verify import verify
 
     log_dir = log_dir or default_log_path("verify", suffix="")
-    what = (f"checkpoint {model.name}{' (FP8)' * model.fp8}" if model.checkpoint is not None
-            else f"preset {model.preset}")
-    print(f"verify: {what}, {args.world_size} ranks, mapping {mapping}, batch "
+    print(f"verify: {model.label}, {args.world_size} ranks, mapping {mapping}, batch "
           f"{args.batch}x{args.seq}")
     with stage(f"parity on {args.world_size} ranks (rank logs: {log_dir})"):
         report = verify(model.config(), args.world_size, batch=args.batch,
