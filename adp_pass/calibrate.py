@@ -39,6 +39,7 @@ block.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import os
@@ -52,6 +53,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from adp_pass import fp8
 from adp_pass.cost_model import GB, GIB, OPS
 from adp_pass.profiles import DEFAULT_PROFILE, load_profile_data, profile_for_device
 
@@ -155,15 +157,35 @@ def measure_copy(device: torch.device, sizes: dict) -> float:
 def measure_gemm(device: torch.device, sizes: dict) -> dict[str, float]:
     """bf16 ``[tokens x H] @ [H x 4H]`` in TFLOP/s, by token count."""
     hidden = sizes["gemm_hidden"]
-    weight = torch.randn(hidden, 4 * hidden, device=device).to(torch.bfloat16)
+    weights = _weights_past_l2(4 * hidden, hidden, device)
     rates = {}
     for tokens in sizes["gemm_tokens"]:
         x = torch.randn(tokens, hidden, device=device).to(torch.bfloat16)
-        out = torch.empty(tokens, 4 * hidden, device=device, dtype=torch.bfloat16)
-        seconds = timed(lambda: torch.mm(x, weight, out=out), device, graph=True,
-                        **_timing(sizes))
+        seconds = timed(_rotating(lambda w, x=x: torch.mm(x, w.t()), weights), device,
+                        graph=True, **_timing(sizes))
         rates[str(tokens)] = 2 * tokens * hidden * 4 * hidden / seconds / 1e12
     return rates
+
+
+def _weights_past_l2(n: int, k: int, device: torch.device, dtype=torch.bfloat16,
+                     make: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Copies of an ``[n, k]`` weight (the layout ``nn.Linear`` and the runtime hold) enough
+    for their bytes to exceed twice the L2 cache: the timed calls take them in turn, so each
+    reads its weight from HBM as a decode step does, not from the L2 the previous call filled
+    (one H100, 2026-12-07: 4096 x 4096 bf16 at 64 tokens timed alone ran at 3.6 TB/s of weight,
+    above the copy bandwidth). ``make``: the copies' dtype when it is not the one counted
+    (bf16 weights an FP8 caller quantizes)."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) \
+        if device.type == "cuda" else 0
+    nbytes = n * k * torch.empty((), dtype=dtype).element_size()
+    copies = max(1, min(64, -(-2 * l2 // nbytes)))
+    return [torch.randn(n, k, device=device).to(make or dtype) for _ in range(copies)]
+
+
+def _rotating(call: Callable[[torch.Tensor], Any], weights: list) -> Callable[[], Any]:
+    """``call`` on each of ``weights`` in turn, one a call (see ``_weights_past_l2``)."""
+    turn = itertools.cycle(weights)
+    return lambda: call(next(turn))
 
 
 def _fp8_mm(tokens: int, n: int, k: int, device: torch.device) -> Callable[[], Any] | None:
@@ -182,6 +204,20 @@ def _fp8_mm(tokens: int, n: int, k: int, device: torch.device) -> Callable[[], A
         return fn
     except (RuntimeError, TypeError, AttributeError):
         return None
+
+
+def _fp8_block_linear(device: torch.device) -> Callable | None:
+    """The runtime's block-scaled W8A8 linear on an activation already quantized, as the lowered
+    decode layer calls it after a fused producer (``adp::fp8_block_linear_quantized``, with the
+    Triton / cuBLAS kernel its dispatch picks per shape), or None on a CPU or where the kernels do
+    not load: the shard shapes' FP8 rates are this op's, not cuBLAS row-wise ``_scaled_mm``'s."""
+    if device.type != "cuda":
+        return None
+    try:
+        import adp_pass.runtime.kernels.fp8_gemm  # noqa: F401  (registers the CUDA kernels)
+    except ImportError:
+        return None
+    return torch.ops.adp.fp8_block_linear_quantized
 
 
 def measure_gemm_fp8(device: torch.device, sizes: dict) -> dict[str, float]:
@@ -221,19 +257,29 @@ def measure_gemm_shapes(device: torch.device, sizes: dict,
     """{"bf16": {"NxK": {tokens: TFLOP/s}}, "fp8": {...}} on the TP shard shapes."""
     out: dict[str, dict] = {"bf16": {}, "fp8": {}}
     shapes = shard_shapes(sizes["shape_models"], sizes["shape_tp"])
+    fp8_linear = _fp8_block_linear(device)
     for n, k in shapes:
-        weight = torch.randn(k, n, device=device).to(torch.bfloat16)
+        # As the runtime runs them: x @ W.T over an [n, k] weight (cuBLAS picks its kernel by
+        # layout), each call on a weight the L2 does not hold
+        weights = _weights_past_l2(n, k, device)
+        fp8_weights = [fp8.quantize_weight(w) for w in _weights_past_l2(
+            n, k, device, torch.float8_e4m3fn, make=torch.bfloat16)] if fp8_linear else []
         for tokens in sizes["shape_tokens"]:
             x = torch.randn(tokens, k, device=device).to(torch.bfloat16)
-            # cuBLAS as the runtime calls it; a shard small enough to stay in L2 reads faster than
-            # HBM, but the model takes max(weight read, compute), so only the compute side counts
-            seconds = timed(lambda x=x, w=weight: torch.mm(x, w), device, graph=True,
-                            **_timing(sizes))
+            seconds = timed(_rotating(lambda w, x=x: torch.mm(x, w.t()), weights), device,
+                            graph=True, **_timing(sizes))
             out["bf16"].setdefault(f"{n}x{k}", {})[str(tokens)] = round(
                 2 * tokens * n * k / seconds / 1e12, 3)
-            fn = _fp8_mm(tokens, n, k, device)
-            if fn is not None:
-                seconds = timed(fn, device, graph=True, **_timing(sizes))
+            if fp8_linear:
+                x_fp8, x_scale = fp8.quantize_activation(x)  # a fused producer's output
+                try:
+                    seconds = timed(_rotating(lambda w, a=x_fp8, s=x_scale: fp8_linear(
+                        a, s, *w, torch.bfloat16), fp8_weights), device, graph=True,
+                        **_timing(sizes))
+                except (RuntimeError, ValueError) as err:  # the bf16 table stays worth having
+                    progress(f"FP8 shard shapes not measured: {err!r:.200}")
+                    fp8_linear, out["fp8"] = None, {}
+                    continue
                 out["fp8"].setdefault(f"{n}x{k}", {})[str(tokens)] = round(
                     2 * tokens * n * k / seconds / 1e12, 3)
     progress(f"GEMM on {len(shapes)} shard shapes x {len(sizes['shape_tokens'])} token counts "

@@ -34,7 +34,7 @@ TOLERANCE = 0.15
 # Runtimes whose rows are listed, not checked: before fusion and one-step-ahead decoding
 # (2026-11-28); FP8 before the dispatch measured on the H100 (x quantized inside the decode
 # kernel, gate|up on it at 64 rows).
-SUPERSEDED = ("2026-11-28", "before-dispatch")
+SUPERSEDED = ("2026-11-28", "before-dispatch", "before-tuned")
 
 
 def superseded(name: str) -> bool:

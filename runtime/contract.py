@@ -170,6 +170,11 @@ class FirstStepCheck:
     same_argmax: bool | None = None
     ours_vs_fp32: float | None = None
     transformers_vs_fp32: float | None = None
+    # FP8 ranks: max |diff| against the kernels' arithmetic done exactly (the dequantized weights
+    # in fp32, each FP8 linear's input quantized per token and 128-wide group as the kernels do),
+    # and how far that reference itself is from the unquantized fp32 one (the quantization's cost)
+    ours_vs_w8a8: float | None = None
+    w8a8_vs_fp32: float | None = None
     skipped: str | None = None  # why there was no comparison (a weight that is not a shard)
 
 

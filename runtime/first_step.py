@@ -1,5 +1,7 @@
 """A batch rank's first-step check (``Job.check_first_step``): one prompt's prefill logits on
-the rank against transformers' model holding the same tensors, in the rank's dtype and in fp32.
+the rank against transformers' model holding the same tensors, in the rank's dtype and in fp32;
+an FP8 rank's also against the W8A8 arithmetic done exactly (fp32, the activations quantized
+where the kernels quantize them), which tells the kernels' error apart from the quantization's.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
     config, device = session.job.model_config(), session.device
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(config).eval()
-    weights, skipped = _full_weights(session.built.model, reference,
-                                     getattr(torch, session.job.dtype))
+    weights, skipped, fp8_linears = _full_weights(session.built.model, reference,
+                                                  getattr(torch, session.job.dtype))
     got = session.engine.prefill_logits(requests[0].prompt if requests else None)
     if not requests or weights is None:
         del reference
@@ -36,6 +38,13 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
         got = got.float()
         # The same weights in fp32: how far either bf16 path is from exact arithmetic.
         exact = reference.float()(input_ids=prompt, use_cache=False).logits[0, -1]
+        w8a8 = None
+        if fp8_linears:
+            hooks = [reference.get_submodule(name).register_forward_pre_hook(_quantize_input)
+                     for name in fp8_linears]
+            w8a8 = reference(input_ids=prompt, use_cache=False).logits[0, -1]
+            for hook in hooks:
+                hook.remove()
     del reference
     return FirstStepCheck(
         max_abs_diff=(got - want).abs().max().item(),
@@ -43,14 +52,26 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
         same_argmax=bool(got.argmax() == want.argmax()),
         ours_vs_fp32=(got - exact).abs().max().item(),
         transformers_vs_fp32=(want - exact).abs().max().item(),
+        ours_vs_w8a8=None if w8a8 is None else (got - w8a8).abs().max().item(),
+        w8a8_vs_fp32=None if w8a8 is None else (w8a8 - exact).abs().max().item(),
     )
 
 
-def _full_weights(model, reference, dtype: torch.dtype) -> tuple[dict | None, str | None]:
+def _quantize_input(module, args):
+    """A forward pre-hook: the linear's input rounded to e4m3 per token and 128-wide group, as
+    the FP8 kernels quantize it (adp_pass/fp8.py's reference), kept in fp32."""
+    from adp_pass import fp8
+
+    x = args[0]
+    return (fp8.dequantize_activation(*fp8.quantize_activation(x)).to(x.dtype), *args[1:])
+
+
+def _full_weights(model, reference, dtype: torch.dtype
+                  ) -> tuple[dict | None, str | None, list[str]]:
     """The rank's weights at the reference's full shapes: its own tensors where they are full,
     else the shards of the ``full // local`` consecutive ranks around it, all-gathered over the
     world and concatenated along the one sharded dim (shards are contiguous, in rank order);
-    FP8 weights dequantized to ``dtype``.
+    FP8 weights dequantized to ``dtype``. Also: the modules whose weights were FP8.
 
     Collective when a weight is sharded; every rank holds the same names and shapes, so all of
     them gather the same tensors in the same order (or all skip)."""
@@ -64,6 +85,7 @@ def _full_weights(model, reference, dtype: torch.dtype) -> tuple[dict | None, st
     # An FP8 rank's linears hold e4m3 codes and their tile scales (adp_pass/fp8_linears.py): the
     # scales are gathered like their weights, then each pair becomes the dequantized weight.
     scales = {k for k in weights if k.endswith(SCALE_SUFFIX)}
+    fp8_linears = sorted(name.removesuffix(SCALE_SUFFIX).rpartition(".")[0] for name in scales)
     for name in scales:
         weight = name.removesuffix(SCALE_SUFFIX)
         if weight in full:
@@ -74,9 +96,9 @@ def _full_weights(model, reference, dtype: torch.dtype) -> tuple[dict | None, st
             continue
         dims = [d for d, (a, b) in enumerate(zip(tensor.shape, want)) if a != b]
         if len(tensor.shape) != len(want) or len(dims) != 1 or want[dims[0]] % tensor.shape[dims[0]]:
-            return None, f"{name} is {list(tensor.shape)}, not a shard of {list(want)}"
+            return None, f"{name} is {list(tensor.shape)}, not a shard of {list(want)}", fp8_linears
         dim, parts = dims[0], want[dims[0]] // tensor.shape[dims[0]]
         pieces = fp8.all_gather_bytes(tensor)  # an FP8 rank's codes too: gloo has no float8
         first = dist.get_rank() // parts * parts
         weights[name] = torch.cat(pieces[first:first + parts], dim=dim)
-    return fp8.dequantize_state(weights, dtype), None
+    return fp8.dequantize_state(weights, dtype), None, fp8_linears

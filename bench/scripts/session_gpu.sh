@@ -19,7 +19,8 @@
 #   fp8check-8b  Qwen3-8B-FP8 at 8 x 512 with the first-step check (logits vs transformers over
 #                the dequantized weights)
 #   calibrate    adp calibrate on this GPU, folded into its profile (OUT/<gpu>.json), then
-#                Qwen3-8B decode at 64 and 256 x 512 against it; host-64: in-step host work
+#                Qwen3-8B decode at 64 and 256 x 512 against it (calibrate-only: without them);
+#                host-64: in-step host work
 set -u
 out=${1:?out dir}; budget=${2:?budget seconds}; shift 2
 mkdir -p "$out"; out=$(cd "$out" && pwd)
@@ -76,9 +77,10 @@ for what in "$@"; do
         --out "$out/first-step-qwen3-8b-fp8-$gpu.json" ;;
     bf16-8b-*) decode "decode-qwen3-8b-$gpu-${what##*-}" "${what##*-}" --preset qwen3-8b ;;
     bf16-32b-*) decode "decode-qwen3-32b-$gpu-${what##*-}" "${what##*-}" --preset qwen3-32b ;;
-    calibrate)
+    calibrate|calibrate-only)
       step calibrate 240 python3 -m adp_pass.cli calibrate --gpus 1 --out "$out/calibrate-$gpu-1gpu.json"
       python3 -m adp_pass.profiles fold "$gpu" "$out/calibrate-$gpu-1gpu.json" "$out/$gpu.json" >> "$out/status.txt" 2>&1
+      [ "$what" = calibrate-only ] && continue
       for requests in 64 256; do
         decode "decode-qwen3-8b-$gpu-$requests" "$requests" --preset qwen3-8b --calibration "$out/$gpu.json"
       done ;;
