@@ -23,25 +23,36 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
     config, device = session.job.model_config(), session.device
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(config).eval()
-    weights, skipped, fp8_linears = _full_weights(session.built.model, reference,
-                                                  getattr(torch, session.job.dtype))
+    tensors, skipped = _full_weights(session.built.model, reference)
     got = session.engine.prefill_logits(requests[0].prompt if requests else None)
-    if not requests or weights is None:
+    if not requests or tensors is None:
         del reference
         return FirstStepCheck(skipped=skipped) if requests else None
-    reference.load_state_dict(weights, strict=False, assign=True)  # shares the rank's tensors
+    from adp_pass import fp8
+    from adp_pass.checks import SCALE_SUFFIX
+
+    fp8_weights = [k.removesuffix(SCALE_SUFFIX) for k in tensors if k.endswith(SCALE_SUFFIX)]
+    # shares the rank's tensors; an FP8 rank's weights dequantized to the rank's dtype
+    reference.load_state_dict(fp8.dequantize_state(tensors, getattr(torch, session.job.dtype)),
+                              strict=False, assign=True)
     with torch.device(device):  # inv_freq is not in the state dict: build it for real
         reference.model.rotary_emb = type(reference.model.rotary_emb)(config)
     prompt = torch.tensor([requests[0].prompt], device=device)
     with torch.no_grad():
         want = reference(input_ids=prompt, use_cache=False).logits[0, -1].float()
         got = got.float()
-        # The same weights in fp32: how far either bf16 path is from exact arithmetic.
-        exact = reference.float()(input_ids=prompt, use_cache=False).logits[0, -1]
+        # The same weights in fp32: how far either bf16 path is from exact arithmetic. An FP8
+        # weight is dequantized again, in fp32: e4m3 x its tile's scale needs up to 12
+        # significant bits, which bf16 (8) would round.
+        reference.float()
+        for name in fp8_weights:
+            reference.get_parameter(name).data = fp8.dequantize_weight(
+                tensors[name], tensors[name + SCALE_SUFFIX])
+        exact = reference(input_ids=prompt, use_cache=False).logits[0, -1]
         w8a8 = None
-        if fp8_linears:
-            hooks = [reference.get_submodule(name).register_forward_pre_hook(_quantize_input)
-                     for name in fp8_linears]
+        if fp8_weights:
+            hooks = [reference.get_submodule(name.rpartition(".")[0])
+                     .register_forward_pre_hook(_quantize_input) for name in fp8_weights]
             w8a8 = reference(input_ids=prompt, use_cache=False).logits[0, -1]
             for hook in hooks:
                 hook.remove()
@@ -59,19 +70,18 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
 
 def _quantize_input(module, args):
     """A forward pre-hook: the linear's input rounded to e4m3 per token and 128-wide group, as
-    the FP8 kernels quantize it (adp_pass/fp8.py's reference), kept in fp32."""
+    the FP8 kernels quantize it (adp_pass/fp8.py's reference), in the input's dtype."""
     from adp_pass import fp8
 
     x = args[0]
     return (fp8.dequantize_activation(*fp8.quantize_activation(x)).to(x.dtype), *args[1:])
 
 
-def _full_weights(model, reference, dtype: torch.dtype
-                  ) -> tuple[dict | None, str | None, list[str]]:
+def _full_weights(model, reference) -> tuple[dict | None, str | None]:
     """The rank's weights at the reference's full shapes: its own tensors where they are full,
     else the shards of the ``full // local`` consecutive ranks around it, all-gathered over the
     world and concatenated along the one sharded dim (shards are contiguous, in rank order);
-    FP8 weights dequantized to ``dtype``. Also: the modules whose weights were FP8.
+    an FP8 weight as its e4m3 codes beside its tile scales (``..._scale_inv``).
 
     Collective when a weight is sharded; every rank holds the same names and shapes, so all of
     them gather the same tensors in the same order (or all skip)."""
@@ -83,9 +93,8 @@ def _full_weights(model, reference, dtype: torch.dtype
     full = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     weights = {k: v for k, v in unfused_state_dict(model).items() if not k.startswith("kv_cache")}
     # An FP8 rank's linears hold e4m3 codes and their tile scales (adp_pass/fp8_linears.py): the
-    # scales are gathered like their weights, then each pair becomes the dequantized weight.
+    # scales are gathered like their weights.
     scales = {k for k in weights if k.endswith(SCALE_SUFFIX)}
-    fp8_linears = sorted(name.removesuffix(SCALE_SUFFIX).rpartition(".")[0] for name in scales)
     for name in scales:
         weight = name.removesuffix(SCALE_SUFFIX)
         if weight in full:
@@ -96,9 +105,9 @@ def _full_weights(model, reference, dtype: torch.dtype
             continue
         dims = [d for d, (a, b) in enumerate(zip(tensor.shape, want)) if a != b]
         if len(tensor.shape) != len(want) or len(dims) != 1 or want[dims[0]] % tensor.shape[dims[0]]:
-            return None, f"{name} is {list(tensor.shape)}, not a shard of {list(want)}", fp8_linears
+            return None, f"{name} is {list(tensor.shape)}, not a shard of {list(want)}"
         dim, parts = dims[0], want[dims[0]] // tensor.shape[dims[0]]
         pieces = fp8.all_gather_bytes(tensor)  # an FP8 rank's codes too: gloo has no float8
         first = dist.get_rank() // parts * parts
         weights[name] = torch.cat(pieces[first:first + parts], dim=dim)
-    return fp8.dequantize_state(weights, dtype), None, fp8_linears
+    return weights, None
