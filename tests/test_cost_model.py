@@ -360,6 +360,29 @@ def test_calibration_gemms_read_their_weights_as_the_runtime_does():
     assert [call() for _ in range(5)] == [0, 1, 2, 0, 1]
 
 
+def test_fp8_shard_shapes_are_timed_on_the_runtime_op(monkeypatch):
+    """The GPU calibration's FP8 shard-shape timing, run here through the op's CPU path (the
+    device check is what keeps it off a CPU): every shape gets an FP8 rate beside its bf16 one."""
+    import torch
+
+    from adp_pass import calibrate
+    from adp_pass.runtime.kernels import fp8_gemm  # noqa: F401  (registers the op's kernels)
+
+    shapes = []
+
+    def op(x_fp8, x_scale, weight, scale, out_dtype):
+        shapes.append(tuple(weight.shape))
+        return torch.ops.adp.fp8_block_linear_quantized(x_fp8, x_scale, weight, scale, out_dtype)
+
+    monkeypatch.setattr(calibrate, "_fp8_block_linear", lambda device: op)
+    sizes = {**calibrate.CPU_SIZES, "shape_tp": (1,), "warmup": 1, "iters": 1, "repeats": 1}
+    rates = calibrate.measure_gemm_shapes(torch.device("cpu"), sizes, lambda line: None)
+    assert set(rates) == {"bf16", "fp8"} and rates["fp8"].keys() == rates["bf16"].keys()
+    # every shape, as [n, k] weights (the runtime's layout), warm-up and timed calls
+    assert {f"{n}x{k}" for n, k in shapes} == set(rates["fp8"])
+    assert len(shapes) == 2 * len(rates["fp8"])
+
+
 def test_fit_collective_recovers_latency_and_bandwidth():
     from adp_pass.calibrate import fit_collective
 
