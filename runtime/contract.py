@@ -175,6 +175,9 @@ class FirstStepCheck:
     # and how far that reference itself is from the unquantized fp32 one (the quantization's cost)
     ours_vs_w8a8: float | None = None
     w8a8_vs_fp32: float | None = None
+    # ... and the same W8A8 arithmetic in the rank's dtype against the exact one: the distance a
+    # correct pipeline at that precision lands at (a deep model amplifies the rounding)
+    w8a8_in_dtype_vs_w8a8: float | None = None
     skipped: str | None = None  # why there was no comparison (a weight that is not a shard)
 
 

@@ -38,9 +38,13 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
     with torch.device(device):  # inv_freq is not in the state dict: build it for real
         reference.model.rotary_emb = type(reference.model.rotary_emb)(config)
     prompt = torch.tensor([requests[0].prompt], device=device)
+    hooked = lambda: _with_quantized_inputs(reference, fp8_weights, prompt)  # noqa: E731
     with torch.no_grad():
         want = reference(input_ids=prompt, use_cache=False).logits[0, -1].float()
         got = got.float()
+        # The W8A8 arithmetic in the rank's dtype: where a deep model amplifies rounding, how
+        # far a correct W8A8 pipeline at this precision lands from the exact one (below)
+        w8a8_in_dtype = hooked().float() if fp8_weights else None
         # The same weights in fp32: how far either bf16 path is from exact arithmetic. An FP8
         # weight is dequantized again, in fp32: e4m3 x its tile's scale needs up to 12
         # significant bits, which bf16 (8) would round.
@@ -49,13 +53,7 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
             reference.get_parameter(name).data = fp8.dequantize_weight(
                 tensors[name], tensors[name + SCALE_SUFFIX])
         exact = reference(input_ids=prompt, use_cache=False).logits[0, -1]
-        w8a8 = None
-        if fp8_weights:
-            hooks = [reference.get_submodule(name.rpartition(".")[0])
-                     .register_forward_pre_hook(_quantize_input) for name in fp8_weights]
-            w8a8 = reference(input_ids=prompt, use_cache=False).logits[0, -1]
-            for hook in hooks:
-                hook.remove()
+        w8a8 = hooked() if fp8_weights else None
     del reference
     return FirstStepCheck(
         max_abs_diff=(got - want).abs().max().item(),
@@ -65,7 +63,21 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
         transformers_vs_fp32=(want - exact).abs().max().item(),
         ours_vs_w8a8=None if w8a8 is None else (got - w8a8).abs().max().item(),
         w8a8_vs_fp32=None if w8a8 is None else (w8a8 - exact).abs().max().item(),
+        w8a8_in_dtype_vs_w8a8=None if w8a8 is None else (w8a8_in_dtype - w8a8).abs().max().item(),
     )
+
+
+def _with_quantized_inputs(reference, fp8_weights: list[str], prompt: torch.Tensor
+                           ) -> torch.Tensor:
+    """The reference's last-position logits with each FP8 linear's input rounded as the
+    kernels round it (forward pre-hooks, removed after the call)."""
+    hooks = [reference.get_submodule(name.rpartition(".")[0])
+             .register_forward_pre_hook(_quantize_input) for name in fp8_weights]
+    try:
+        return reference(input_ids=prompt, use_cache=False).logits[0, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _quantize_input(module, args):

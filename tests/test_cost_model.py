@@ -426,6 +426,8 @@ def test_a_measured_calibration_overrides_only_what_it_measures(tmp_path):
     path.write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-01",
                                 "versions": {"torch": "2.11"}, "copy_bandwidth_gbps": 3000.0,
                                 "attention_fp8_bandwidth_gbps": 1234.0,
+                                "gemm_shapes": {"bf16": {"4096x4096": {"64": 100.0}},
+                                                "fp8": {"4096x4096": {"64": 150.0}}},
                                 "gemm_tflops": {"64": 200.0, "1024": 700.0}}))
     cal = load_calibration(path)
     base = load_calibration("h100")
@@ -434,6 +436,11 @@ def test_a_measured_calibration_overrides_only_what_it_measures(tmp_path):
     # the FP8 cache's read rate is a measured constant too (it was once dropped on the way in)
     assert cal["attention_fp8_bandwidth_gbps"] == 1234.0
     assert cal.provenance["attention_fp8_bandwidth_gbps"]["source"] == "measured"
+    # the FP8 shard-shape rates are taken; the bf16 ones would count what the fitted
+    # step_overhead_us already holds a second time
+    assert cal.shape_rate(64, 4096, 4096, "fp8") == (150.0, "measured shape")
+    assert cal.shape_rate(64, 4096, 4096, "bf16")[1] != "measured shape"
+    assert any("bf16 shard-shape rates are not used" in n for n in cal.notes)
     assert cal["attention_bandwidth_gbps"] == base["attention_bandwidth_gbps"]  # not measured
     # 64 tokens at 200 TFLOP/s is the weight read (memory-bound): not taken as a compute rate
     assert cal["gemm_tflops"]["64"] == base["gemm_tflops"]["64"]
@@ -544,15 +551,6 @@ KNOWN_MISSES = {  # (file, mapping, requests): why; the test fails once a row is
     ("mappings-qwen3-8b-2.json", "tp=2,attn_dp=0", 256):
         "the host's per-request work, measured in step on one rank between 16 and 64 rows, "
         "does not extrapolate to the 512 rows of a TP2 rank (docs/cost_model.md)",
-    ("decode-qwen3-32b-fp8-h100x1-64.json", "tp=1", 64):
-        "the model streams FP8 weights at copy bandwidth plus each GEMM's ramp, as the bf16 "
-        "kernels do; that run's FP8 o_proj / down_proj decode GEMMs took 8-16% longer than the "
-        "sweep's best (tuned since: the Qwen3-8B-FP8 step went 6.54 -> 6.24 ms, the Qwen3-32B "
-        "row not re-measured) and each FP8 layer launches 2-3 kernels the bf16 count leaves out "
-        "(o_proj's activation quantization, split-K sums): docs/fp8.md",
-    ("decode-qwen3-32b-fp8-fp8kv-h100x1-64.json", "tp=1", 64):
-        "the Qwen3-32B-FP8 row's miss (measured before the tuned tiles), with the FP8 cache read "
-        "at its measured rate (attention_fp8_bandwidth_gbps, 1,751 GB/s of one-byte K and V)",
 }
 
 

@@ -317,4 +317,6 @@ def test_a_job_on_an_fp8_checkpoint_runs_fp8_and_checks_its_first_step(checkpoin
     # another order, which may move an activation across an e4m3 midpoint (FP8_FLIP_TOLERANCE).
     assert check.ours_vs_w8a8 <= FP8_FLIP_TOLERANCE, check
     assert check.w8a8_vs_fp32 > 10 * check.ours_vs_w8a8, check  # the quantization dominates
+    # the job runs in fp32, so its dtype's W8A8 is the exact one, bit for bit or nearly
+    assert check.w8a8_in_dtype_vs_w8a8 <= 1e-5, check
     assert len(record.results[0].tokens) == 4
