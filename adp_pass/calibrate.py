@@ -167,19 +167,17 @@ def measure_gemm(device: torch.device, sizes: dict) -> dict[str, float]:
     return rates
 
 
-def _weights_past_l2(n: int, k: int, device: torch.device, dtype=torch.bfloat16,
-                     make: torch.dtype | None = None) -> list[torch.Tensor]:
-    """Copies of an ``[n, k]`` weight (the layout ``nn.Linear`` and the runtime hold) enough
-    for their bytes to exceed twice the L2 cache: the timed calls take them in turn, so each
-    reads its weight from HBM as a decode step does, not from the L2 the previous call filled
-    (one H100, 2026-12-07: 4096 x 4096 bf16 at 64 tokens timed alone ran at 3.6 TB/s of weight,
-    above the copy bandwidth). ``make``: the copies' dtype when it is not the one counted
-    (bf16 weights an FP8 caller quantizes)."""
+def _weights_past_l2(n: int, k: int, device: torch.device, timed_bytes: int = 2
+                     ) -> list[torch.Tensor]:
+    """bf16 copies of an ``[n, k]`` weight (the layout ``nn.Linear`` and the runtime hold),
+    enough for their bytes, at ``timed_bytes`` an element as timed (1: an FP8 caller quantizes
+    them), to exceed twice the L2 cache: the timed calls take them in turn, so each reads its
+    weight from HBM as a decode step does, not from the L2 the previous call filled (one H100,
+    2026-12-07: 4096 x 4096 bf16 at 64 tokens timed alone ran at 3.6 TB/s, above copy bandwidth)."""
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) \
         if device.type == "cuda" else 0
-    nbytes = n * k * torch.empty((), dtype=dtype).element_size()
-    copies = max(1, min(64, -(-2 * l2 // nbytes)))
-    return [torch.randn(n, k, device=device).to(make or dtype) for _ in range(copies)]
+    copies = max(1, min(64, -(-2 * l2 // (n * k * timed_bytes))))
+    return [torch.randn(n, k, device=device).to(torch.bfloat16) for _ in range(copies)]
 
 
 def _rotating(call: Callable[[torch.Tensor], Any], weights: list) -> Callable[[], Any]:
@@ -262,8 +260,8 @@ def measure_gemm_shapes(device: torch.device, sizes: dict,
         # As the runtime runs them: x @ W.T over an [n, k] weight (cuBLAS picks its kernel by
         # layout), each call on a weight the L2 does not hold
         weights = _weights_past_l2(n, k, device)
-        fp8_weights = [fp8.quantize_weight(w) for w in _weights_past_l2(
-            n, k, device, torch.float8_e4m3fn, make=torch.bfloat16)] if fp8_linear else []
+        fp8_weights = [fp8.quantize_weight(w) for w in _weights_past_l2(n, k, device, 1)
+                       ] if fp8_linear else []
         for tokens in sizes["shape_tokens"]:
             x = torch.randn(tokens, k, device=device).to(torch.bfloat16)
             seconds = timed(_rotating(lambda w, x=x: torch.mm(x, w.t()), weights), device,

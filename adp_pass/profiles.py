@@ -46,10 +46,13 @@ OPS = ("allreduce", "allgather", "reducescatter")
 # an all-reduce is a reduce-scatter then an all-gather, g-1 steps each.
 RING_STEPS = {"allreduce": lambda g: 2 * (g - 1), "allgather": lambda g: g - 1,
               "reducescatter": lambda g: g - 1}
+# The single positive numbers an `adp calibrate` output measures: checked, then laid over a
+# profile (one list, so a new measured number cannot be checked but dropped on its way in).
+MEASURED_NUMBERS = ("copy_bandwidth_gbps", "attention_bandwidth_gbps",
+                    "attention_fp8_bandwidth_gbps", "kernel_launch_us", "device_memory_gib")
 # Keys of an `adp calibrate` output that measure a profile constant (the rest is metadata).
-MEASURED_KEYS = ("copy_bandwidth_gbps", "gemm_tflops", "gemm_tflops_fp8", "gemm_shapes",
-                 "attention_bandwidth_gbps", "attention_fp8_bandwidth_gbps", "kernel_launch_us",
-                 "device_memory_gib", "lockstep_agree_us", *OPS)
+MEASURED_KEYS = (*MEASURED_NUMBERS, "gemm_tflops", "gemm_tflops_fp8", "gemm_shapes",
+                 "lockstep_agree_us", *OPS)
 # Compute-bound check of a measured GEMM point: its time must exceed the weight read (at copy
 # bandwidth) plus the fixed per-GEMM cost by this factor to count as a compute rate.
 COMPUTE_BOUND_MARGIN = 1.15
@@ -182,8 +185,7 @@ def _read(path: Path, flag: str) -> Any:
 
 
 def _check_calibration(raw: dict, where: str) -> None:
-    for key in ("copy_bandwidth_gbps", "attention_bandwidth_gbps",
-                "attention_fp8_bandwidth_gbps", "kernel_launch_us", "device_memory_gib"):
+    for key in MEASURED_NUMBERS:
         if key in raw and not (_number(raw[key]) and raw[key] > 0):
             raise ProfileError(f"{where}: {key} must be a positive number, got {raw[key]!r}",
                                flag="--gpu", hint="re-run 'adp calibrate --out FILE'")
@@ -226,8 +228,7 @@ def overlay(flat: dict, prov: dict, measured: dict, where: str) -> list[str]:
     stamp = {"source": "measured", "date": measured.get("date"),
              "versions": measured.get("versions"), "gpu": measured.get("gpu"),
              "from": f"adp calibrate ({measured.get('source', 'calibration')}), {where}"}
-    for key in ("copy_bandwidth_gbps", "attention_bandwidth_gbps",
-                "attention_fp8_bandwidth_gbps", "kernel_launch_us", "device_memory_gib"):
+    for key in MEASURED_NUMBERS:
         if _number(measured.get(key)) and measured[key] > 0:
             flat[key], prov[key] = measured[key], dict(stamp)
     for key, dtype_bytes in (("gemm_tflops", 2), ("gemm_tflops_fp8", 1)):

@@ -9,7 +9,8 @@ Rows: every ``bench/results/mappings-*.json`` row (bench_mappings.py, 2 GPUs) an
 decode rows (``bench/results/decode-*-h200x1-*.json`` of the current runtime; the dated
 ``*-2026-11-28`` files and ``mappings-qwen3-8b-2-2026-11-28.json`` ran a runtime whose kernels
 are gone, unfused and in step with the host; the ``*-before-dispatch`` FP8 rows ran the FP8
-linears before their dispatch was measured: listed, not checked). Each row is predicted with
+linears before their dispatch was measured, the ``*-before-tuned`` ones before the tuned decode
+tiles and were measured again since: listed, not checked). Each row is predicted with
 the profile of the GPU it ran on. No GPU, no torch: a second or two.
 """
 
@@ -33,7 +34,7 @@ RESULTS = ROOT / "bench" / "results"
 TOLERANCE = 0.15
 # Runtimes whose rows are listed, not checked: before fusion and one-step-ahead decoding
 # (2026-11-28); FP8 before the dispatch measured on the H100 (x quantized inside the decode
-# kernel, gate|up on it at 64 rows).
+# kernel, gate|up on it at 64 rows); FP8 rows re-measured with the tuned tiles (fp8_gemm.TUNED).
 SUPERSEDED = ("2026-11-28", "before-dispatch", "before-tuned")
 
 

@@ -22,7 +22,6 @@ import tempfile  # noqa: E402
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adp-test-cache-")
 
 
-
 # The files that take longest on 2 CPU cores (pytest --durations, 2026-12-07), longest first:
 # collected first, so that under `--dist loadfile` none of them starts last and runs alone while
 # the other worker idles. Files keep their own test order; the rest follow in collection order.

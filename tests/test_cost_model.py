@@ -291,11 +291,12 @@ def test_adp_plan_errors_name_the_fix(capsys, args, code, words):
         assert word in err, (word, err)
 
 
-def test_adp_plan_rejects_a_calibration_with_a_bad_value(capsys, tmp_path):
+@pytest.mark.parametrize("key", ["copy_bandwidth_gbps", "attention_fp8_bandwidth_gbps"])
+def test_adp_plan_rejects_a_calibration_with_a_bad_value(capsys, tmp_path, key):
     path = tmp_path / "cal.json"
-    path.write_text(json.dumps({**CAL, "copy_bandwidth_gbps": -3}))
+    path.write_text(json.dumps({**CAL, key: -3}))
     code, _, err = _plan(capsys, "--calibration", str(path))
-    assert code == 2 and "copy_bandwidth_gbps must be a positive number" in err
+    assert code == 2 and f"{key} must be a positive number" in err
     assert "adp calibrate" in err and "Traceback" not in err
 
 
