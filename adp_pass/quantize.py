@@ -131,9 +131,11 @@ def parse_size(text: str) -> int:
 def check_inputs(out: str | Path, *, preset: str | None = None,
                  checkpoint: str | Path | None = None, scale_dtype: str = "bf16",
                  dtype: str = "bf16", block: int = BLOCK, force: bool = False,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Inputs:
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 layers: int | None = None) -> Inputs:
     """Every input of :func:`quantize_checkpoint`, checked before any work, each problem a
-    :class:`UsageError` (or the checkpoint checks' errors) naming it and the fix."""
+    :class:`UsageError` (or the checkpoint checks' errors) naming it and the fix. ``layers``:
+    a preset's first N decoder layers only (its widths, embeddings and head as they are)."""
     if (preset is None) == (checkpoint is None):
         raise UsageError("give --preset NAME or --checkpoint DIR (one of them)", flag="--preset",
                          hint="--preset qwen3-8b writes that preset's random model; --checkpoint "
@@ -153,8 +155,18 @@ def check_inputs(out: str | Path, *, preset: str | None = None,
             raise UnknownPreset(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}",
                                 flag="--preset", hint="e.g. --preset qwen3-8b")
         config = _preset_config_json(preset)
+        if layers is not None:
+            if not 1 <= layers <= config["num_hidden_layers"]:
+                raise UsageError(
+                    f"--layers {layers}: preset {preset} has {config['num_hidden_layers']} "
+                    "decoder layers", flag="--layers",
+                    hint=f"give 1 to {config['num_hidden_layers']}, or drop --layers")
+            config["num_hidden_layers"] = layers
         sources = {name: (shape, "F32") for name, shape in expected_tensors(config).items()}
     else:
+        if layers is not None:
+            raise UsageError("--layers truncates a --preset's random model; a --checkpoint is "
+                             "quantized whole", flag="--layers", hint="drop --layers")
         checkpoint = Path(checkpoint)
         config = read_checkpoint_config(checkpoint)
         quant = config.get("quantization_config")
@@ -260,7 +272,8 @@ def quantize_checkpoint(out: str | Path, *, preset: str | None = None,
                         dtype: str = "bf16", block: int = BLOCK, seed: int = 0,
                         std: float = 0.02, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                         force: bool = False, progress: bool = True,
-                        inputs: Inputs | None = None, device: str = "cpu") -> QuantizeReport:
+                        inputs: Inputs | None = None, device: str = "cpu",
+                        layers: int | None = None) -> QuantizeReport:
     """Write the FP8 block-scaled checkpoint of ``preset`` (its seeded random model, drawn as
     ``runtime.weights.random_weights`` draws it with ``seed``/``std``, in float32) or of the
     unquantized ``checkpoint`` to the directory ``out``. ``scale_dtype``/``dtype``: "bf16",
@@ -268,12 +281,14 @@ def quantize_checkpoint(out: str | Path, *, preset: str | None = None,
     result of :func:`check_inputs`, when already checked (its arguments then stand for those
     of the same names here). ``device``: where a preset's weights are drawn and quantized (a
     GPU writes Qwen3-32B in well under a minute where the CPU takes minutes; its generator draws
-    other numbers than the CPU's for the same seed, so the two give different models)."""
+    other numbers than the CPU's for the same seed, so the two give different models).
+    ``layers``: a preset's first N decoder layers only; each tensor is drawn by its name, so
+    they are the whole model's first N layers, weight for weight."""
     start = time.perf_counter()
     if inputs is None:
         inputs = check_inputs(out, preset=preset, checkpoint=checkpoint, scale_dtype=scale_dtype,
                               dtype=dtype, block=block, force=force,
-                              max_shard_bytes=max_shard_bytes)
+                              max_shard_bytes=max_shard_bytes, layers=layers)
     import contextlib
 
     import torch
@@ -378,7 +393,8 @@ def _fp8_config(inputs: Inputs) -> dict:
     if inputs.preset is not None:
         from adp_pass.presets import model_config
 
-        config = json.loads(model_config(inputs.preset).to_json_string())
+        config = json.loads(model_config(
+            inputs.preset, num_hidden_layers=inputs.config["num_hidden_layers"]).to_json_string())
     else:
         config = dict(inputs.config)
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -405,18 +421,25 @@ def _copy_side_files(source: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
 
 
-def preset_checkpoint(preset: str, out: str | Path | None = None, *, seed: int = 0) -> Path:
-    """The preset's seeded random model as an FP8 checkpoint in ``out`` (default: a folder under
-    the temp dir named after the preset, seed and device), written once and reused: what the
-    benches' ``--quantize fp8`` serve. Drawn on the GPU when there is one (a bench's model only
-    has to be the same within one run)."""
+def preset_checkpoint(preset: str, out: str | Path | None = None, *, seed: int = 0,
+                      layers: int | None = None) -> Path:
+    """The preset's seeded random model (``layers``: its first N decoder layers) as an FP8
+    checkpoint in ``out`` (default: a folder under the temp dir named after the preset, layers,
+    seed and device), written once and reused: what the benches' ``--quantize fp8`` serve.
+    Drawn on the GPU when there is one (a bench's model only has to be the same within one
+    run)."""
     import tempfile
 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(out) if out is not None else (
-        Path(tempfile.gettempdir()) / f"adp-fp8-{preset}-seed{seed}-{device}")
-    if not (out / "config.json").is_file():
-        quantize_checkpoint(out, preset=preset, seed=seed, force=out.exists(), device=device)
+        Path(tempfile.gettempdir())
+        / f"adp-fp8-{preset}{f'-{layers}layers' if layers else ''}-seed{seed}-{device}")
+    want = layers or PRESETS[preset].num_hidden_layers
+    written = out / "config.json"
+    # a folder reused for another depth is written again, not served at the wrong one
+    if not written.is_file() or json.loads(written.read_text()).get("num_hidden_layers") != want:
+        quantize_checkpoint(out, preset=preset, seed=seed, force=out.exists(), device=device,
+                            layers=layers)
     return out

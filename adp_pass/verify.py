@@ -63,11 +63,18 @@ FP8_LOWERED_RELATIVE = 1e-3
 # * A rank's first-step logits (``runtime/first_step.py``; bench_decode states it,
 #   tests/test_fp8_native.py asserts it) against the W8A8 arithmetic done exactly: the
 #   dequantized weights in fp32 with each FP8 linear's input rounded to e4m3 as the kernels
-#   round it. Max |diff| <= 2^-3 of the largest |logit| (fp8-tiny in fp32: 3.7e-7). It holds
-#   where rounding does not compound: on Qwen3-8B's 36 random layers (one H100) ours is 2.35 from
-#   exact W8A8, which is itself 2.15 from unquantized fp32, for a largest logit of 6.1; the model
-#   amplifies any rounding, so no bf16 W8A8 pipeline meets it there (docs/fp8.md).
+#   round it. Max |diff| <= the larger of 2^-3 of the largest |logit| and FP8_FIRST_STEP_FLOOR
+#   times the noise floor: the same W8A8 arithmetic in the rank's dtype (PyTorch's ops) against
+#   the exact one, where a correct pipeline at that precision lands. Where rounding does not
+#   compound the first term governs (fp8-tiny in fp32: 3.7e-7; Qwen3-8B cut to 2 layers,
+#   ``--layers 2``: every kernel at the real widths). On Qwen3-8B's 36 random layers any
+#   rounding is amplified to O(1) (one H100: ours 2.35 from exact W8A8, which is 2.15 from
+#   unquantized fp32, for a largest logit of 6.1) and the floor governs: there the check says
+#   only that ours lands where a correct bf16 pipeline does (docs/fp8.md).
 FP8_FIRST_STEP = 2**-3
+# Two correct pipelines in one dtype each land about the floor from the exact arithmetic, by
+# different rounding paths: twice the floor leaves room for that spread, not for an error.
+FP8_FIRST_STEP_FLOOR = 2.0
 
 
 def hf_tp_source(

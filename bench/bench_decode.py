@@ -30,6 +30,7 @@ import torch
 
 from model_flags import add_model_flags, resolve_model  # bench/ is the script's dir
 from adp_pass.runtime.contract import to_json
+from adp_pass.runtime.first_step import fp8_first_step_verdict
 from adp_pass.runtime.frontend import assign_by_load, make_job, run_job, synthetic_requests
 from adp_pass.runtime.serving_config import ServingConfig
 from adp_pass.runtime.sampling import SamplingParams
@@ -69,7 +70,7 @@ def main() -> None:
         f"tp={args.world_size},attn_dp=1",
         assign_by_load(requests, args.world_size),
         preset=args.preset,
-        checkpoint=str(args.checkpoint) if args.checkpoint else None,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None, layers=args.job_layers,
         dtype=args.dtype,
         serving=ServingConfig(
             num_blocks=blocks_per_seq * args.requests_per_rank + 8,
@@ -82,7 +83,8 @@ def main() -> None:
         ),
         check_first_step=not args.no_check,
     )
-    print(f"bench: {args.checkpoint or args.preset} {args.dtype} (weights {args.weights}, KV cache "
+    depth = f" ({config.num_hidden_layers} layers)" if args.layers else ""
+    print(f"bench: {args.checkpoint or args.preset}{depth} {args.dtype} (weights {args.weights}, KV cache "
           f"{args.kv_cache_dtype}), {args.world_size} ranks x "
           f"{args.requests_per_rank} requests, prompt {args.prompt_len}, {args.new_tokens} new",
           file=sys.stderr, flush=True)
@@ -93,7 +95,7 @@ def main() -> None:
     for r in report.ranks:
         print(f"rank {r.rank} first-step logits vs transformers: {r.first_step_check}; "
               f"build {r.timings}")
-        verdict = first_step_verdict(r.first_step_check, args.weights)
+        verdict = fp8_first_step_verdict(r.first_step_check) if args.weights == "fp8" else None
         if verdict is not None:
             first_step.append({"rank": r.rank, **verdict})
             print(f"rank {r.rank} first step {'within' if verdict['within'] else 'OUTSIDE'} "
@@ -131,27 +133,6 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
-
-
-def first_step_verdict(check, weights: str) -> dict | None:
-    """The FP8 first-step check against its stated bound (bf16's is printed, not bounded here);
-    None without a comparison. Judged against the W8A8 arithmetic done exactly (an FP8 rank
-    always has it), so the bound is the kernels' own error; printed beside it: what quantizing
-    the activations costs, and the distance a correct W8A8 pipeline in the rank's dtype lands at
-    (where a deep model amplifies rounding, the floor under any such bound: docs/fp8.md)."""
-    if check is None or check.ours_vs_w8a8 is None or weights != "fp8":
-        return None
-    from adp_pass.verify import FP8_FIRST_STEP
-    limit = FP8_FIRST_STEP * check.max_abs_logit
-    diff = check.ours_vs_w8a8
-    return {"within": diff <= limit, "max_abs_diff": diff, "against": "W8A8 in fp32",
-            "limit": limit, "noise_floor": check.w8a8_in_dtype_vs_w8a8,
-            "bound": f"max |logit diff| vs W8A8 in fp32 {diff:.4g} <= 2^-3 x max |logit| "
-                     f"{check.max_abs_logit:.4g} = {limit:.4g}",
-            "quantization_cost": (
-                f"W8A8 in fp32 vs unquantized fp32: max |diff| {check.w8a8_vs_fp32:.4g}; ours vs "
-                f"transformers (bf16, unquantized) {check.max_abs_diff:.4g}; W8A8 in the rank's "
-                f"dtype vs W8A8 in fp32 {check.w8a8_in_dtype_vs_w8a8:.4g}")}
 
 
 def roofline_row(config, args, report) -> dict:

@@ -17,12 +17,18 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-dir", type=Path, default=None,
                         help="where --quantize writes (kept and reused); default a folder under "
                         "the temp dir named after the preset")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="the preset's first N decoder layers only, weight for weight the "
+                        "whole model's (bf16, or the FP8 checkpoint --quantize writes): the "
+                        "real widths at a depth that fits one GPU, or that does not amplify "
+                        "rounding in the first-step check")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
 
 
 def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The model's config; sets ``args.checkpoint`` (written for --quantize), ``args.weights``
-    and ``args.kv_cache`` (the cost model's names: "bf16" or "fp8")."""
+    and ``args.kv_cache`` (the cost model's names: "bf16" or "fp8"), and ``args.job_layers``
+    (the job's ``layers``: a bf16 preset's depth; an FP8 checkpoint's config says its own)."""
     from transformers import AutoConfig
 
     from adp_pass.presets import qwen3_config
@@ -30,10 +36,14 @@ def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
     if args.quantize and args.checkpoint:
         parser.error("give --checkpoint or --quantize, not both")
+    if args.layers is not None and args.checkpoint:
+        parser.error("--layers cuts the preset's model; a --checkpoint has its own depth")
     if args.quantize:
-        args.checkpoint = preset_checkpoint(args.preset, args.quantize_dir)
-    config = (qwen3_config(args.preset) if args.checkpoint is None
+        args.checkpoint = preset_checkpoint(args.preset, args.quantize_dir, layers=args.layers)
+    depth = {} if args.layers is None else {"num_hidden_layers": args.layers}
+    config = (qwen3_config(args.preset, **depth) if args.checkpoint is None
               else AutoConfig.from_pretrained(args.checkpoint))
     args.weights = "fp8" if getattr(config, "quantization_config", None) else "bf16"
     args.kv_cache = "fp8" if args.kv_cache_dtype == "fp8" else "bf16"
+    args.job_layers = args.layers if args.checkpoint is None else None
     return config

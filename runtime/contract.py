@@ -88,6 +88,10 @@ class Job:
     dtype: str = "float32"
     serving: ServingConfig = field(default_factory=ServingConfig)
     seed: int = 0
+    # A preset's first N decoder layers only (None: all), weight for weight the whole model's:
+    # the benches' shallow models (the real widths at a depth that fits, or that does not
+    # amplify rounding). A checkpoint's config.json says its own depth.
+    layers: int | None = None
     check_first_step: bool = False
     # Build cache of the ranks' built graphs (runtime/build_cache.py, docs/build_cache.md): a
     # rank loads its entry from here, or builds and stores it; None: build, store nothing.
@@ -121,6 +125,8 @@ class Job:
             return config
         from adp_pass.presets import qwen3_config
 
+        if self.layers is not None:
+            return qwen3_config(self.preset, num_hidden_layers=self.layers)
         return qwen3_config(self.preset)
 
     def write(self, path: str | Path) -> None:

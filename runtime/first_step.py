@@ -67,6 +67,34 @@ def first_step_check(session: RankSession, requests: list[Request]) -> FirstStep
     )
 
 
+def fp8_first_step_verdict(check: FirstStepCheck | None) -> dict | None:
+    """An FP8 rank's first step against its stated bound (``adp_pass/verify.py``): its logits
+    within the larger of 2^-3 x max |logit| and ``FP8_FIRST_STEP_FLOOR`` x the noise floor of
+    the W8A8 arithmetic done exactly. The floor (the same arithmetic in the rank's dtype) is
+    where a correct pipeline at that precision lands; where a deep model amplifies rounding,
+    nothing tighter holds (docs/fp8.md). None without a W8A8 comparison (not an FP8 rank)."""
+    if check is None or check.ours_vs_w8a8 is None:
+        return None
+    from adp_pass.verify import FP8_FIRST_STEP, FP8_FIRST_STEP_FLOOR
+
+    by_logit = FP8_FIRST_STEP * check.max_abs_logit
+    floor = check.w8a8_in_dtype_vs_w8a8
+    by_floor = FP8_FIRST_STEP_FLOOR * floor
+    limit, diff = max(by_logit, by_floor), check.ours_vs_w8a8
+    governs = ("2^-3 x max |logit|" if by_logit >= by_floor
+               else f"{FP8_FIRST_STEP_FLOOR:g} x the noise floor")
+    return {"within": diff <= limit, "max_abs_diff": diff, "against": "W8A8 in fp32",
+            "limit": limit, "limit_by_logit": by_logit, "limit_by_floor": by_floor,
+            "noise_floor": floor, "governs": governs,
+            "bound": f"max |logit diff| vs W8A8 in fp32 {diff:.4g} <= {limit:.4g} ({governs}; "
+                     f"2^-3 x max |logit| {check.max_abs_logit:.4g} = {by_logit:.4g}, "
+                     f"{FP8_FIRST_STEP_FLOOR:g} x noise floor {floor:.4g} = {by_floor:.4g})",
+            "quantization_cost": (
+                f"W8A8 in fp32 vs unquantized fp32: max |diff| {check.w8a8_vs_fp32:.4g}; ours vs "
+                f"transformers (the rank's dtype, unquantized) {check.max_abs_diff:.4g}; noise "
+                f"floor (W8A8 in the rank's dtype vs W8A8 in fp32) {floor:.4g}")}
+
+
 def _with_quantized_inputs(reference, fp8_weights: list[str], prompt: torch.Tensor
                            ) -> torch.Tensor:
     """The reference's last-position logits with each FP8 linear's input rounded as the

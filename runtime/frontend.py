@@ -162,6 +162,11 @@ def check_job(job: Job) -> None:
     from adp_pass.presets import PRESETS, UnknownPreset
 
     if job.checkpoint is not None:
+        if job.layers is not None:
+            raise JobInvalid(f"layers={job.layers} cuts a preset's random model; checkpoint "
+                             f"{job.checkpoint} is served at the depth its config.json says",
+                             hint="drop layers (adp quantize --layers N writes a shallow FP8 "
+                             "checkpoint)")
         config = check_checkpoint(Path(job.checkpoint), "checkpoint")
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
         inter, vocab = config["intermediate_size"], config["vocab_size"]
@@ -171,6 +176,10 @@ def check_job(job: Job) -> None:
             raise UnknownPreset(f"unknown preset {job.preset!r}; known: {', '.join(PRESETS)}",
                                 flag="preset")
         shape = PRESETS[job.preset]
+        if job.layers is not None and not 1 <= job.layers <= shape.num_hidden_layers:
+            raise JobInvalid(f"layers={job.layers}: preset {job.preset} has "
+                             f"{shape.num_hidden_layers} decoder layers",
+                             hint=f"give 1 to {shape.num_hidden_layers}, or None for all")
         heads, kv_heads, inter = (shape.num_attention_heads, shape.num_key_value_heads,
                                   shape.intermediate_size)
         vocab, positions = shape.vocab_size, shape.max_position_embeddings

@@ -146,6 +146,8 @@ def test_the_contract_imports_no_torch():
     (dict(new_tokens=600), ["more than the 512 positions"]),
     (dict(num_blocks=1), ["needs 24 tokens of KV cache", "holds 16"]),
     (dict(lists=3), ["3 request lists", "2 DP groups"]),
+    (dict(layers=3), ["layers=3: preset tiny has 2 decoder layers"]),
+    (dict(layers=0), ["layers=0"]),
 ])
 def test_make_job_refuses_what_no_rank_could_serve(change, words):
     """The Python front end checks a job before any rank starts (a rank would fail only after
@@ -160,10 +162,19 @@ def test_make_job_refuses_what_no_rank_could_serve(change, words):
     lists = [[request]] + [[] for _ in range(change.get("lists", 1) - 1)]
     with pytest.raises(AdpError) as info:
         make_job(change.get("mapping", "tp=2,attn_dp=1"), lists,
-                 preset=change.get("preset", "tiny"),
+                 preset=change.get("preset", "tiny"), layers=change.get("layers"),
                  serving=ServingConfig(num_blocks=change.get("num_blocks", 256)))
     for word in words:
         assert word in str(info.value), str(info.value)
+
+
+def test_a_jobs_layers_cut_the_presets_model_and_never_a_checkpoint(tmp_path):
+    from adp_pass.runtime.frontend import JobInvalid, make_job
+
+    assert c.Job(c.Mapping(tp_size=1), preset="tiny", layers=1).model_config().num_hidden_layers == 1
+    assert c.Job(c.Mapping(tp_size=1), preset="tiny").model_config().num_hidden_layers == 2
+    with pytest.raises(JobInvalid, match="served at the depth its config.json says"):
+        make_job("tp=1,attn_dp=1", [[]], checkpoint=str(tmp_path), layers=1)
 
 
 def test_run_job_refuses_a_world_size_that_is_not_the_mappings():

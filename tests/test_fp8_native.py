@@ -10,6 +10,7 @@ Checkpoint: ``adp quantize --preset fp8-tiny --dtype fp32`` (bf16 scales), writt
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -25,6 +26,7 @@ from adp_pass.fx_vocab import FP8_LINEAR_OPS, is_op
 from adp_pass.graph_record import graph_record
 from adp_pass.presets import model_config
 from adp_pass.rewrite import rewrite
+from adp_pass.runtime.first_step import fp8_first_step_verdict
 from adp_pass.verify import FP8_FLIP_TOLERANCE
 
 aten = torch.ops.aten
@@ -319,4 +321,23 @@ def test_a_job_on_an_fp8_checkpoint_runs_fp8_and_checks_its_first_step(checkpoin
     assert check.w8a8_vs_fp32 > 10 * check.ours_vs_w8a8, check  # the quantization dominates
     # the job runs in fp32, so its dtype's W8A8 is the exact one, bit for bit or nearly
     assert check.w8a8_in_dtype_vs_w8a8 <= 1e-5, check
+    assert fp8_first_step_verdict(check)["within"]
     assert len(record.results[0].tokens) == 4
+
+
+@pytest.mark.parametrize("ours, floor, within, governs", [
+    (0.10, 0.01, True, "2^-3 x max |logit|"),    # shallow: the logit bound, 0.125 of 1.0
+    (0.20, 0.01, False, "2^-3 x max |logit|"),   # a kernel error no floor excuses
+    (1.90, 1.00, True, "2 x the noise floor"),   # deep: where a correct bf16 pipeline lands
+    (2.10, 1.00, False, "2 x the noise floor"),  # past twice it
+])
+def test_the_fp8_first_step_bound_is_the_larger_of_logit_and_floor(ours, floor, within, governs):
+    from adp_pass.runtime.contract import FirstStepCheck
+
+    check = FirstStepCheck(max_abs_diff=0.5, max_abs_logit=1.0, same_argmax=True,
+                           ours_vs_fp32=0.5, transformers_vs_fp32=0.1, ours_vs_w8a8=ours,
+                           w8a8_vs_fp32=0.4, w8a8_in_dtype_vs_w8a8=floor)
+    verdict = fp8_first_step_verdict(check)
+    assert (verdict["within"], verdict["governs"]) == (within, governs), verdict
+    assert verdict["limit"] == max(0.125, 2 * floor)
+    assert fp8_first_step_verdict(dataclasses.replace(check, ours_vs_w8a8=None)) is None

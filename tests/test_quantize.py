@@ -116,6 +116,20 @@ def test_the_preset_is_the_random_model_every_rank_builds_quantized(written, rep
             assert torch.equal(stored, state[name].bfloat16()), name
 
 
+def test_layers_writes_the_models_first_layers_weight_for_weight(written, tmp_path):
+    # The shallow checkpoint the first-step check runs at the real widths (--layers): the same
+    # tensors as the whole model's first layer, codes and scales alike, and a config that says 1.
+    out = tmp_path / "one-layer"
+    _quantize("--preset", PRESET, "--layers", "1", "--out", str(out))
+    shallow, whole = _files(out), _files(written)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    assert {n for n in whole if not n.startswith("model.layers.") or n.startswith(
+        "model.layers.0.")} == set(shallow)
+    for name, tensor in shallow.items():
+        assert torch.equal(tensor.view(torch.uint8), whole[name].view(torch.uint8)), name
+    check_checkpoint(out)
+
+
 # ----------------------------------------------------------------------------- the loader
 def test_a_replicated_rank_loads_the_dequantized_model(written, replicated, capsys):
     gm, plan = replicated
@@ -268,7 +282,7 @@ def test_writing_streams_one_tensor_at_a_time(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("case", [
     "neither", "both", "unknown-preset", "block-64", "out-has-files", "already-quantized",
-    "out-is-source", "no-checkpoint", "bad-shard-size"])
+    "out-is-source", "no-checkpoint", "bad-shard-size", "too-many-layers", "layers-of-checkpoint"])
 def test_bad_input_is_named_with_the_fix(case, written, bf16_source, tmp_path, capsys):
     new = str(tmp_path / "new")
     args, words = {
@@ -286,6 +300,10 @@ def test_bad_input_is_named_with_the_fix(case, written, bf16_source, tmp_path, c
                           "does not exist"),
         "bad-shard-size": (["--preset", "tiny", "--out", new, "--max-shard-size", "lots"],
                            "--max-shard-size"),
+        "too-many-layers": (["--preset", "tiny", "--layers", "3", "--out", new],
+                            "--layers 3: preset tiny has 2 decoder layers"),
+        "layers-of-checkpoint": (["--checkpoint", str(bf16_source), "--layers", "1", "--out",
+                                  new], "a --checkpoint is quantized whole"),
     }[case]
     code = cli.main(["quantize", *args])
     err = capsys.readouterr().err

@@ -40,6 +40,10 @@ def add_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
                    help="dtype of the tensors that stay unquantized (embeddings, norms, LM head)")
     p.add_argument("--block", metavar="N", type=int, default=BLOCK,
                    help="weight block size (128 only: the block the FP8 kernels support)")
+    p.add_argument("--layers", metavar="N", type=int_at_least(1), default=None,
+                   help="--preset: its first N decoder layers only, weight for weight those of "
+                   "the whole model (the real widths at little depth: a check of the kernels "
+                   "that depth would not amplify)")
     p.add_argument("--seed", metavar="N", type=int_at_least(0), default=0,
                    help="--preset: the random weights' seed")
     p.add_argument("--max-shard-size", metavar="SIZE", type=_size, default=DEFAULT_SHARD_BYTES,
@@ -55,8 +59,10 @@ def run(args: argparse.Namespace, stage) -> int:
 
     inputs = check_inputs(Path(args.out), preset=args.preset, checkpoint=args.checkpoint,
                           scale_dtype=args.scale_dtype, dtype=args.dtype, block=args.block,
-                          force=args.force, max_shard_bytes=args.max_shard_size)
-    source = f"preset {args.preset}" if args.preset else str(args.checkpoint)
+                          force=args.force, max_shard_bytes=args.max_shard_size,
+                          layers=args.layers)
+    source = (f"preset {args.preset}{f' (first {args.layers} layers)' if args.layers else ''}"
+              if args.preset else str(args.checkpoint))
     size = (f"{inputs.nbytes / 1e9:.2f} GB" if inputs.nbytes >= 1e9
             else f"{inputs.nbytes / 1e6:.1f} MB")
     with stage(f"quantize {source} to FP8 ({size}) in {args.out}"):

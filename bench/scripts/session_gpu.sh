@@ -15,9 +15,13 @@
 #   check        python bench/check_cost_model.py (predicted vs measured)
 #   fp8-gemm     bench_fp8_gemm.py without the sweeps; fp8-gemm-sweep the decode kernel's sweep alone
 #   fp8-8b-N fp8kv-8b-N fp8-32b-N fp8kv-32b-N bf16-8b-N bf16-32b-N (N requests: 64, 256)
-#                FP8 (weights; fp8kv: and KV cache) or bf16 decode rows at N x 512
+#                FP8 (weights; fp8kv: and KV cache) or bf16 decode rows at N x 512;
+#   fp8-32b-32layers-N bf16-32b-32layers-N  the same, Qwen3-32B's first 32 of 64 layers (bf16
+#                fits one H100; the LM head weighs twice as much in the step, so the FP8/bf16
+#                ratio is an upper bound on the whole model's)
 #   fp8check-8b  Qwen3-8B-FP8 at 8 x 512 with the first-step check (logits vs transformers over
-#                the dequantized weights)
+#                the dequantized weights); fp8check-8b-2layers: the same at its first 2 layers
+#                (every kernel at the real widths, no depth to amplify rounding)
 #   calibrate    adp calibrate on this GPU, folded into its profile (OUT/<gpu>.json), then
 #                Qwen3-8B decode at 64 and 256 x 512 against it (calibrate-only: without them);
 #                host-64: in-step host work
@@ -70,8 +74,13 @@ for what in "$@"; do
     fp8-gemm-sweep) step fp8-gemm-sweep 240 python3 bench/bench_fp8_gemm.py --sweep-only --out "$out/fp8-gemm-sweep-$gpu.json" ;;
     fp8-8b-*) decode "decode-qwen3-8b-fp8-$gpu-${what##*-}" "${what##*-}" --preset qwen3-8b --quantize fp8 --quantize-dir /tmp/fp8-8b ;;
     fp8kv-8b-*) decode "decode-qwen3-8b-fp8-fp8kv-$gpu-${what##*-}" "${what##*-}" --preset qwen3-8b --quantize fp8 --quantize-dir /tmp/fp8-8b --kv-cache-dtype fp8 ;;
+    fp8-32b-32layers-*) decode "decode-qwen3-32b-32layers-fp8-$gpu-${what##*-}" "${what##*-}" --preset qwen3-32b --layers 32 --quantize fp8 --quantize-dir /tmp/fp8-32b-32layers ;;
+    bf16-32b-32layers-*) decode "decode-qwen3-32b-32layers-$gpu-${what##*-}" "${what##*-}" --preset qwen3-32b --layers 32 ;;
     fp8kv-32b-*) decode "decode-qwen3-32b-fp8-fp8kv-$gpu-${what##*-}" "${what##*-}" --preset qwen3-32b --quantize fp8 --quantize-dir /tmp/fp8-32b --kv-cache-dtype fp8 ;;
     fp8-32b-*) decode "decode-qwen3-32b-fp8-$gpu-${what##*-}" "${what##*-}" --preset qwen3-32b --quantize fp8 --quantize-dir /tmp/fp8-32b ;;
+    fp8check-8b-2layers) step fp8check-8b-2layers 120 python3 bench/bench_decode.py --world-size 1 \
+        --requests-per-rank 8 --prompt-len 512 --graph-sizes 1,2,4,8 --preset qwen3-8b --quantize fp8 \
+        --layers 2 --quantize-dir /tmp/fp8-8b-2layers --out "$out/first-step-qwen3-8b-fp8-2layers-$gpu.json" ;;
     fp8check-8b) step fp8check-8b 200 python3 bench/bench_decode.py --world-size 1 --requests-per-rank 8 \
         --prompt-len 512 --graph-sizes 1,2,4,8 --preset qwen3-8b --quantize fp8 --quantize-dir /tmp/fp8-8b \
         --out "$out/first-step-qwen3-8b-fp8-$gpu.json" ;;
