@@ -17,6 +17,7 @@ the profile of the GPU it ran on. No GPU, no torch: a second or two.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def measured_rows(results: Path = RESULTS) -> list[dict]:
             continue
         step = max(decode_step_ms(r) for r in data["ranks"])
         rows.append({"file": path.name, "model": settings["preset"], "mapping": "tp=1",
+                     "layers": settings.get("layers"),  # a depth-cut model (--layers N)
                      "batch": settings["requests_per_rank"], "prompt": settings["prompt_len"],
                      "new_tokens": settings["new_tokens"], "gpu": data.get("gpu", ""),
                      "weights": settings.get("weights", "bf16"),
@@ -74,7 +76,10 @@ def check(rows: list[dict]) -> list[dict]:
     out = []
     for row in rows:
         profile = profile_for_device(row["gpu"]) or "h200"
-        p = predict(PRESETS[row["model"]], row["mapping"], batch_per_gpu=row["batch"],
+        shape = PRESETS[row["model"]]
+        if row.get("layers"):
+            shape = dataclasses.replace(shape, num_hidden_layers=row["layers"])
+        p = predict(shape, row["mapping"], batch_per_gpu=row["batch"],
                     prompt=row["prompt"], new_tokens=row["new_tokens"],
                     calibration=load_calibration(profile), weights=row.get("weights", "bf16"),
                     kv_cache=row.get("kv_cache", "bf16"))
@@ -216,7 +221,8 @@ def main() -> int:
         if r["checked"] and abs(r["error"]) > TOLERANCE:
             mark = "  <- off by more than 15%"
         lo, hi = r["range_ms"]
-        model = r["model"] + ("/fp8" if r.get("weights") == "fp8" else "")
+        model = (r["model"] + (f"[{r['layers']}L]" if r.get("layers") else "")
+                 + ("/fp8" if r.get("weights") == "fp8" else ""))
         print(f"{r['file']:<46} {model:<14} {r['mapping']:<20} {r['batch']:>4} "
               f"{r['prompt']:>6} {r['step_ms']:>9.2f} {r['predicted_ms']:>9.2f} "
               f"{r['error']:>+7.1%}  {lo:>6.2f}-{hi:<6.2f}{mark}")
