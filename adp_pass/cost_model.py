@@ -286,6 +286,16 @@ class Calibration:
             f"{_OP_WORDS[op]} over {group} ranks uses the calibration's figures for {size}")
         return entry["latency_us"] * 1e-6, entry["bus_bandwidth_gbps"] * GB, note
 
+    def value_range(self, key: str) -> tuple[float, float]:
+        """(low, high) of a constant: the span its provenance states (``range``), stretched to
+        hold the value itself; the value at both ends where none is stated (a calibration
+        file's own measurements)."""
+        value = float(self.data.get(key, 0.0))
+        span = (self.provenance.get(key) or {}).get("range")
+        if not span:
+            return value, value
+        return min(float(span[0]), value), max(float(span[1]), value)
+
     def latency_range(self, op: str, group: int) -> tuple[float, float]:
         """(low, high) multipliers of the nominal latency (``profiles.latency_range``)."""
         from adp_pass.profiles import latency_range
@@ -502,7 +512,9 @@ class Prediction:
     collectives: list[CollectiveCost] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     gemms: list[GemmCost] = field(default_factory=list)
-    step_ms_range: tuple[float, float] = (0.0, 0.0)  # collective latencies at their low / high
+    # the step with the collective latencies and the host's work per request at the low / high
+    # ends of their stated ranges
+    step_ms_range: tuple[float, float] = (0.0, 0.0)
     dtypes: dict[str, str] = field(default_factory=dict)
     in_step: bool = False  # the host's work and the agreement add to the step (lockstep)
 
@@ -734,8 +746,13 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
 
     # Host: in step with it (a lockstep group), its work adds and so does the agreement; one
     # step ahead (a rank alone), the GPU waits only where the host is the slower.
-    host_ms_total = (cal.get("host_step_us", 0.0)
-                     + cal.get("host_per_request_us", 0.0) * seqs) / 1e3
+    def host_total(per_request_us: float) -> float:
+        return (cal.get("host_step_us", 0.0) + per_request_us * seqs) / 1e3
+
+    host_ms_total = host_total(cal.get("host_per_request_us", 0.0))
+    # Host work differs between hosts of one kind (fourfold between two H100 hosts at 256 rows):
+    # the range takes the per-request figure at the ends of its stated span.
+    host_per_request_span = cal.value_range("host_per_request_us")
     lockstep = mapping.lockstep_size
     in_step = bool(cal.get("lockstep_in_step", False)) and lockstep > 1
     agree_ms = cal.agree_us(lockstep) / 1e3 if in_step else 0.0
@@ -743,17 +760,17 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
                  "kv_ms": kv_ms, "collectives_ms": collectives_ms, "sampling_ms": sampling_ms,
                  "launch_ms": launch_ms}
 
-    def host_term(gpu_ms: float) -> float:
-        return host_ms_total if in_step else max(0.0, host_ms_total - gpu_ms)
+    def host_term(gpu_ms: float, total: float = host_ms_total) -> float:
+        return total if in_step else max(0.0, total - gpu_ms)
 
     gpu_ms = sum(gpu_terms.values()) + overhead_ms
     breakdown = {**gpu_terms, "host_ms": host_term(gpu_ms), "agree_ms": agree_ms,
                  "overhead_ms": overhead_ms}
     step_ms = sum(breakdown.values())
     ranged = []
-    for coll in (coll_low, coll_high):
+    for coll, per_request_us in zip((coll_low, coll_high), host_per_request_span):
         g = gpu_ms - collectives_ms + coll
-        ranged.append(g + host_term(g) + agree_ms)
+        ranged.append(g + host_term(g, host_total(per_request_us)) + agree_ms)
 
     # Memory.
     usable = gpu_memory_bytes - int(cal["memory_reserve_gib"] * GIB)
@@ -891,8 +908,9 @@ def format_table(ranked: list[tuple[Mapping, Prediction]], chosen: Prediction | 
             + ("  <- pick" if p is chosen else ""))
     lines += [
         "",
-        "range: the step with every collective latency at the low / high end of its stated",
-        "range; KV: the cache a step reads (mean context); memory: weights + KV at the full",
+        "range: the step with every collective latency and the host's work per request at the",
+        "low / high end of their stated ranges; KV: the cache a step reads (mean context);",
+        "memory: weights + KV at the full",
         "context; KV room: sequences that fit per GPU (or DP group) / sequences it serves.",
         "Terms (ms, they add up to the step): " + "; ".join(
             f"{column} = {meaning}" for _, column, meaning in TERMS) + " (docs/cost_model.md).",

@@ -513,6 +513,26 @@ def test_the_collective_latency_law_and_its_range():
     assert rep.step_ms_range == (pytest.approx(rep.step_ms), pytest.approx(rep.step_ms))
 
 
+def test_the_range_takes_the_host_work_at_the_ends_of_its_stated_span():
+    # Host work differs between hosts of one kind (two H100 hosts: 2.4 and 12.5 us per request
+    # at 256 rows), so a lockstep group's range spans it; collective latencies held fixed here.
+    cal = load_calibration("h200")
+    lo, hi = cal.value_range("host_per_request_us")
+    assert lo == 2.4 and lo < cal["host_per_request_us"] < hi
+    flat = copy.deepcopy(cal.data)
+    flat["collective_law"] = {**flat["collective_law"], "graph_fraction": 1.0,
+                              "hop_us_range": [1.0, 1.0]}
+    fixed_latency = Calibration(flat, provenance=cal.provenance)
+    load = dict(batch_per_gpu=256, prompt=512, new_tokens=128)
+    tp = predict(_config("qwen3-8b"), "tp=2", calibration=fixed_latency, **load)
+    rows = 2 * 256  # a TP group steps every rank's requests, in step with the host
+    value = cal["host_per_request_us"]
+    assert tp.step_ms_range == (pytest.approx(tp.step_ms - (value - lo) * rows / 1e3),
+                                pytest.approx(tp.step_ms + (hi - value) * rows / 1e3))
+    # a calibration file states no span: its measured value at both ends
+    assert Calibration(flat).value_range("host_per_request_us") == (value, value)
+
+
 def test_tp_pays_host_work_for_its_whole_group_in_step():
     cal = load_calibration("h200")
     config = _config("qwen3-8b")
