@@ -623,6 +623,7 @@ def test_adp_plan_json_carries_terms_provenance_and_uncertainty(capsys):
     assert set(tp8["breakdown"]) == {key for key, _, _ in TERMS} == set(data["terms"])
     assert tp8["step_ms_range"][0] < tp8["step_ms"] < tp8["step_ms_range"][1]
     assert all("latency_range" in c for c in tp8["collectives"]) and tp8["gemms"]
+    assert data["host_per_request_us_range"] == [2.4, 13.9]
 
 
 def test_sweep_marks_picks_that_the_latency_range_can_flip():

@@ -140,7 +140,10 @@ def run(args: argparse.Namespace, stage=None) -> int:
                         "provenance": calibration.provenance},
             "terms": {key: meaning for key, _, meaning in TERMS},
             "uncertainty": "step_ms_range / tok_s_per_gpu_range: every collective latency at "
-                           "the low / high end of its range (collectives[].latency_range)",
+                           "the low / high end of its range (collectives[].latency_range) and "
+                           "the host's work per request at the low / high end of its "
+                           "(host_per_request_us_range)",
+            "host_per_request_us_range": list(calibration.value_range("host_per_request_us")),
             "predictions": [p.as_dict() for _, p in ranked],
             "pick": None if chosen is None else chosen.prediction.name,
             "pick_stable": None if chosen is None else _stable(chosen, ranked),
