@@ -38,6 +38,13 @@ def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error("give --checkpoint or --quantize, not both")
     if args.layers is not None and args.checkpoint:
         parser.error("--layers cuts the preset's model; a --checkpoint has its own depth")
+    if args.layers is not None:
+        from adp_pass.presets import PRESETS
+
+        depth = PRESETS[args.preset].num_hidden_layers if args.preset in PRESETS else None
+        if args.layers < 1 or (depth is not None and args.layers > depth):
+            parser.error(f"--layers {args.layers}: preset {args.preset} has {depth} decoder "
+                         "layers; give 1 to that")
     if args.quantize:
         args.checkpoint = preset_checkpoint(args.preset, args.quantize_dir, layers=args.layers)
     depth = {} if args.layers is None else {"num_hidden_layers": args.layers}
