@@ -17,7 +17,7 @@ Variants: ``bf16`` (torch.matmul), ``decode_mm`` (bf16, where its TUNED table ha
 ``fp8`` (the op as shipped: ``fp8_gemm.choose``), ``fp8-decode`` / ``fp8-triton`` /
 ``fp8-scaled_mm`` (each backend forced), each also with ``:q`` (x already fp8, as after a fused
 ``rms_norm_fp8``/``silu_mul_fp8``: the GEMM alone). The sweeps time the decode kernel's
-(block_n, split_k, num_stages) and a few prefill tiles. The JSON (``--out``; default
+(block_n, split_k, num_stages, num_warps; ``--sweep-*`` set the grid) and a few prefill tiles. The JSON (``--out``; default
 ``$OUT/fp8-gemm-<gpu>.json``, or ``bench/results/`` when ``$OUT`` is unset) holds every row, the
 sweeps, the suggested ``TUNED`` table and the versions; a short table is printed last.
 """
@@ -235,11 +235,12 @@ def decode_sweep(args, time_us, scaled_mm_ok: bool) -> list[dict]:
     per (shape, rows) the fastest correct one."""
     device = "cpu" if args.dry_run else "cuda"
     shapes = [("tiny", 256, 384)] if args.dry_run else RUNTIME_SHAPES
-    grid = [G.DecodeConfig(block_n=b, split_k=s, num_stages=st)
-            for b, st, s in itertools.product((32, 64, 128), (3, 5), (0, 1, 2, 4, 8))]
+    grid = [G.DecodeConfig(block_n=b, split_k=s, num_stages=st, num_warps=w)
+            for b, st, s, w in itertools.product(args.sweep_block_n, args.sweep_stages,
+                                                 args.sweep_splits, args.sweep_warps)]
     if args.dry_run:
         grid = grid[:3]
-    rows_list = (3,) if args.dry_run else (16, 64)  # the row buckets of TUNED it fills
+    rows_list = (3,) if args.dry_run else args.sweep_rows  # the row buckets of TUNED it fills
     out = []
     for label, n, k in shapes:
         shape = Shape(n, k, device, args.dry_run)
@@ -295,8 +296,9 @@ def decode_table(sweep: list[dict]) -> dict[str, str]:
             entry = 'Choice("scaled_mm")'
         else:
             b = r["best"]
+            warps = f', num_warps={b["num_warps"]}' if b.get("num_warps", 4) != 4 else ""
             entry = (f'Choice("decode", DecodeConfig(block_n={b["block_n"]}, '
-                     f'split_k={b["split_k"]}, num_stages={b["num_stages"]}))')
+                     f'split_k={b["split_k"]}, num_stages={b["num_stages"]}{warps}))')
         table[f"({r['n']}, {r['k']}) rows {r['rows']}"] = entry
     return table
 
@@ -380,6 +382,14 @@ def main() -> None:
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
     parser.add_argument("--sweep-only", action="store_true",
                         help="the tuning sweeps alone (no table of every backend)")
+    ints = lambda text: tuple(int(v) for v in text.split(",") if v)  # noqa: E731
+    parser.add_argument("--sweep-rows", type=ints, default=(16, 64),
+                        help="the decode sweep's row counts (TUNED's buckets)")
+    parser.add_argument("--sweep-block-n", type=ints, default=(32, 64, 128))
+    parser.add_argument("--sweep-stages", type=ints, default=(3, 5))
+    parser.add_argument("--sweep-splits", type=ints, default=(0, 1, 2, 4, 8))
+    parser.add_argument("--sweep-warps", type=ints, default=(4,),
+                        help="e.g. 4,8: two warpgroups share a 128-row weight tile's MMAs")
     parser.add_argument("--dry-run", action="store_true", help="CPU smoke test, tiny shapes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -13,7 +13,8 @@
 #   ab           Qwen3-8B 64 x 512 bf16 decode: $BASE (before) then this tree (after); given
 #                again, another round (ab-before-2, ...)
 #   check        python bench/check_cost_model.py (predicted vs measured)
-#   fp8-gemm     bench_fp8_gemm.py without the sweeps; fp8-gemm-sweep the decode kernel's sweep alone
+#   fp8-gemm     bench_fp8_gemm.py without the sweeps; fp8-gemm-sweep the decode kernel's sweep alone;
+#                fp8-gemm-warps its 64-row sweep over 4 and 8 warps and 256-row weight tiles
 #   fp8-8b-N fp8kv-8b-N fp8-32b-N fp8kv-32b-N bf16-8b-N bf16-32b-N (N requests: 64, 256)
 #                FP8 (weights; fp8kv: and KV cache) or bf16 decode rows at N x 512;
 #   fp8-32b-32layers-N bf16-32b-32layers-N  the same, Qwen3-32B's first 32 of 64 layers (bf16
@@ -72,6 +73,9 @@ for what in "$@"; do
     check) python3 bench/check_cost_model.py > "$out/check.txt" 2>&1; log "check: $(tail -1 "$out/check.txt")" ;;
     fp8-gemm) step fp8-gemm 150 python3 bench/bench_fp8_gemm.py --no-sweep --out "$out/fp8-gemm-$gpu.json" ;;
     fp8-gemm-sweep) step fp8-gemm-sweep 240 python3 bench/bench_fp8_gemm.py --sweep-only --out "$out/fp8-gemm-sweep-$gpu.json" ;;
+    fp8-gemm-warps) step fp8-gemm-warps 200 python3 bench/bench_fp8_gemm.py --sweep-only --sweep-rows 64 \
+        --sweep-block-n 64,128,256 --sweep-stages 3,4 --sweep-splits 0,1,4 --sweep-warps 4,8 \
+        --out "$out/fp8-gemm-warps-$gpu.json" ;;
     fp8-8b-*) decode "decode-qwen3-8b-fp8-$gpu-${what##*-}" "${what##*-}" --preset qwen3-8b --quantize fp8 --quantize-dir /tmp/fp8-8b ;;
     fp8kv-8b-*) decode "decode-qwen3-8b-fp8-fp8kv-$gpu-${what##*-}" "${what##*-}" --preset qwen3-8b --quantize fp8 --quantize-dir /tmp/fp8-8b --kv-cache-dtype fp8 ;;
     fp8-32b-32layers-*) decode "decode-qwen3-32b-32layers-fp8-$gpu-${what##*-}" "${what##*-}" --preset qwen3-32b --layers 32 --quantize fp8 --quantize-dir /tmp/fp8-32b-32layers ;;
