@@ -17,10 +17,12 @@ the dtypes (weights bf16 or fp8 block-scaled, KV cache bf16 or fp8, activations 
   a low / high range that gives ``step_ms_range``.
 * ``sampling_ms``: every row the rank samples reads its logits (TP: all N x b rows).
 * ``launch_ms``: each GEMM's ramp (``gemm_fixed_us``) and the small kernels.
-* ``host_ms``: the host's work per step and request; a lockstep group decodes in step with the
-  host, so it adds, for every request of the group; a rank alone decodes one step ahead and
-  waits only where the host is slower than the GPU.
-* ``agree_ms``: the lockstep group's per-step agreement (a host all-reduce).
+* ``host_ms``: the host's work per step and request (a lockstep group's: every request of the
+  group, and its per-step agreement, a host all-reduce). Decoding one step ahead (a rank alone,
+  and a lockstep group since the runtime runs it ahead: ``lockstep_in_step`` false) the GPU
+  waits only where that work is slower than the GPU's step; in step with the host
+  (``lockstep_in_step`` true, the runtime before issue 28) a lockstep group's host work adds.
+* ``agree_ms``: the agreement where it adds (a lockstep group in step with the host).
 * ``overhead_ms``: ``step_overhead_us``, the one fitted constant.
 
 Which collectives a mapping keeps or inserts, its weights per rank and its lockstep group come
@@ -754,14 +756,16 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
     # the range takes the per-request figure at the ends of its stated span.
     host_per_request_span = cal.value_range("host_per_request_us")
     lockstep = mapping.lockstep_size
+    agreement_ms = cal.agree_us(lockstep) / 1e3 if lockstep > 1 else 0.0
     in_step = bool(cal.get("lockstep_in_step", False)) and lockstep > 1
-    agree_ms = cal.agree_us(lockstep) / 1e3 if in_step else 0.0
+    agree_ms = agreement_ms if in_step else 0.0
     gpu_terms = {"weights_ms": weights_ms, "gemm_ms": gemm_ms, "gemm_shape_ms": shape_ms,
                  "kv_ms": kv_ms, "collectives_ms": collectives_ms, "sampling_ms": sampling_ms,
                  "launch_ms": launch_ms}
 
     def host_term(gpu_ms: float, total: float = host_ms_total) -> float:
-        return total if in_step else max(0.0, total - gpu_ms)
+        # one step ahead, the agreement is host work like the rest: hidden while it is shorter
+        return total if in_step else max(0.0, total + agreement_ms - gpu_ms)
 
     gpu_ms = sum(gpu_terms.values()) + overhead_ms
     breakdown = {**gpu_terms, "host_ms": host_term(gpu_ms), "agree_ms": agree_ms,

@@ -174,6 +174,8 @@ def _document(args, rows: list, bandwidth: float | None, started: float) -> dict
         "weights": args.weights, "kv_cache_dtype": args.kv_cache_dtype,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+        # how lockstep groups stepped (check_cost_model.py predicts older files in step)
+        "lockstep": "ahead",
         "rows": rows,
     }
 

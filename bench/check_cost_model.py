@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from adp_pass.cost_model import load_calibration, predict  # noqa: E402
+from adp_pass.cost_model import Calibration, load_calibration, predict  # noqa: E402
 from adp_pass.presets import PRESETS  # noqa: E402
 from adp_pass.profiles import profile_for_device  # noqa: E402
 from results_file import decode_step_ms  # noqa: E402
@@ -53,6 +53,8 @@ def measured_rows(results: Path = RESULTS) -> list[dict]:
             if not r.get("step_ms"):
                 continue
             rows.append({"file": path.name, "model": r["model"], "mapping": r["mapping"],
+                         # measured before lockstep groups ran one step ahead (issue 28)
+                         "lockstep_in_step": data.get("lockstep") != "ahead",
                          "batch": r["batch_per_gpu"], "prompt": r["prompt"],
                          "new_tokens": r["new_tokens"], "gpu": data.get("gpu", ""),
                          "step_ms": r["step_ms"], "checked": not superseded(path.name)})
@@ -79,9 +81,13 @@ def check(rows: list[dict]) -> list[dict]:
         shape = PRESETS[row["model"]]
         if row.get("layers"):
             shape = dataclasses.replace(shape, num_hidden_layers=row["layers"])
+        calibration = load_calibration(profile)
+        if row.get("lockstep_in_step"):  # predicted with the runtime the row ran
+            calibration = Calibration({**calibration.data, "lockstep_in_step": True},
+                                      calibration.where, calibration.provenance)
         p = predict(shape, row["mapping"], batch_per_gpu=row["batch"],
                     prompt=row["prompt"], new_tokens=row["new_tokens"],
-                    calibration=load_calibration(profile), weights=row.get("weights", "bf16"),
+                    calibration=calibration, weights=row.get("weights", "bf16"),
                     kv_cache=row.get("kv_cache", "bf16"))
         out.append({**row, "profile": profile, "predicted_ms": p.step_ms,
                     "range_ms": list(p.step_ms_range), "error": p.step_ms / row["step_ms"] - 1,
@@ -134,8 +140,6 @@ def seed_table(prompt: int = 512, new_tokens: int = 128) -> dict:
     for each constant the factor it would have to move by, alone, to meet each seed figure
     (None: no factor in 1/20..20 does)."""
     import copy
-
-    from adp_pass.cost_model import Calibration
 
     base = load_calibration("h20")
     kw = dict(batch_per_gpu=64, prompt=prompt, new_tokens=new_tokens, weights="fp8")

@@ -28,7 +28,8 @@ step ahead").
 With a :class:`~adp_pass.runtime.lockstep.Lockstep` (mappings whose graph holds collectives:
 a sharded MLP, attention TP, the plain TP job), the ranks of a lockstep group agree on each
 step's shapes first and every rank makes the same calls, padded to the group's largest batch
-(``_lockstep_step``; docs/runtime.md, "Lockstep stepping").
+(``_lockstep_step``; docs/runtime.md, "Lockstep stepping"). They too decode one step ahead:
+the shapes are agreed from what the host knows before the step in flight is read.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ class RankEngine:
         self.scheduler = Scheduler(cache, self.stats, max_batch=max_batch,
                                    max_prefill_tokens=max_prefill_tokens,
                                    max_position=max_position, seed=seed)
-        # Lockstep groups agree on every step's shapes first: they decode in step with the host.
-        self.async_decode = async_decode and lockstep is None
+        # Lockstep groups too: a step's shapes are agreed from what the host knows before the
+        # step in flight is read (a row that may have ended there stays a padding row).
+        self.async_decode = async_decode
         self._inflight: _Launched | None = None
         self.runner = ModelRunner(
             model, cache.device, rows=max([max_batch, *(cuda_graph_sizes or ())]),
@@ -203,8 +205,10 @@ class RankEngine:
         work = self.has_work
         group = self.scheduler.admit()
         # Decode rows are bounded before the prefill samples: a prompt that finishes at its
-        # first token leaves a padding row instead.
-        decode_bound = len(self.running) + len(group)
+        # first token leaves a padding row instead. One step ahead, the rows launched are those
+        # whose token in flight is not certain to end them (``to_decode``); one that ends there
+        # on a stop token is a row the host learns of a step late, as on a rank alone.
+        decode_bound = len(self.scheduler.to_decode()) + len(group)
         start = time.perf_counter()
         prefill_rows, length, decode_rows, any_work = self.lockstep.agree(
             [len(group), max((len(r.prompt) for r in group), default=0), decode_bound, int(work)]
@@ -214,6 +218,10 @@ class RankEngine:
             self._group_done = True
             return []
         if not prefill_rows and not decode_rows:
+            if self._inflight is not None:  # nothing to launch: read the step in flight
+                return self._decode(0)
+            if not work:  # idle while a peer reads its step in flight
+                return []
             raise RuntimeError("lockstep: a rank has work but no rank of the group can admit or "
                                "decode anything (max_batch 0?)")
         finished = self._prefill(group, prefill_rows, length) if prefill_rows else []

@@ -104,16 +104,37 @@ def test_a_seeded_request_draws_the_same_tokens_in_any_batch():
     assert reseeded != alone
 
 
-def test_lockstep_never_runs_ahead():
+def test_lockstep_runs_ahead_and_agrees_on_the_rows_it_launches():
+    """A lockstep group decodes one step ahead too: each step's rows are agreed from what the
+    host knows before the step in flight is read (rows certain to end there are not offered; a
+    stop token read a step late leaves its row in the next launch), and the tokens are those of
+    the engine in step with the host."""
+
     class Alone:
+        def __init__(self):
+            self.offers = []
+
         def agree(self, values):
+            self.offers.append(list(values))
             return values
 
+    requests = _requests(5, seed=1, new=(6, 1, 5, 4, 7))
+    plain, _, _, _ = _serve(requests, async_decode=False)
+    requests = _with_stop(requests, {"s1-0": plain["s1-0"][0][1], "s1-4": plain["s1-4"][0][2]})
+    want, _, _, _ = _serve(requests, async_decode=False)
+    lockstep = Alone()
     model = ToyModel()
-    engine = RankEngine(model, model.cache(), lockstep=Alone())
-    assert not engine.async_decode
-    engine.generate(_requests(2, seed=3))
-    assert engine._inflight is None
+    cache = model.cache()
+    engine = RankEngine(model, cache, max_batch=3, lockstep=lockstep)
+    assert engine.async_decode
+    got = engine.generate(requests)
+    assert {r.request_id: (r.tokens, r.finish_reason) for r in got} == want
+    assert engine._inflight is None and engine.stats.idle_calls == 0
+    assert cache.num_free_blocks == cache.num_blocks
+    # every decode launch had exactly the rows this rank offered: no padding row for a row
+    # already known to end
+    assert [b for b, s in model.calls if s == 1] == [rows for _, _, rows, _ in lockstep.offers
+                                                     if rows]
 
 
 def test_the_device_token_is_the_previous_rows_argmax():
