@@ -76,3 +76,32 @@ def test_programmatic_dependent_launch_changes_no_value():
         got_tokens, got_logits = _logits_and_tokens(level, prompts)
         assert got_tokens == want_tokens
         assert torch.equal(got_logits, want_logits)
+
+
+def test_a_lockstep_rank_running_ahead_replays_padded_graphs_with_the_eager_tokens():
+    """A lockstep rank one step ahead of the host on the GPU (issue 28): the stand-in peers make
+    every step prefill and decode at a floor, so each decode replays the graph of the padded
+    size with rows of the step in flight taking their tokens on the device; the tokens are
+    those of the rank alone, eager."""
+
+    class Peers:  # the other ranks of the group: always a bigger batch
+        def __init__(self, floor):
+            self.floor = floor
+
+        def agree(self, values):
+            if not values[3]:
+                return values
+            return [max(v, f) for v, f in zip(values, self.floor)] + values[len(self.floor):]
+
+    generator = torch.Generator().manual_seed(5)
+    requests = [Request(f"r{i}", torch.randint(0, 256, (4 + i,), generator=generator).tolist(),
+                        SamplingParams(max_new_tokens=(9, 3, 12)[i])) for i in range(3)]
+    eager, _ = _serve((), requests)
+    built = prepare_rank(model_config("tiny"), "tp=1,attn_dp=1", 0, device=torch.device("cuda"),
+                         num_blocks=64, max_position=256)
+    engine = RankEngine(built.model, built.cache, max_batch=8, max_seq_len=64, max_position=256,
+                        cuda_graph_sizes=(1, 2, 4, 8), seed=3, lockstep=Peers([2, 16, 8]))
+    assert engine.async_decode
+    got = {r.request_id: r.tokens for r in engine.generate(requests)}
+    assert got == eager
+    assert engine._inflight is None or not engine._inflight.seqs
