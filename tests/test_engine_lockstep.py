@@ -251,6 +251,57 @@ def test_lockstep_ranks_with_a_sharded_mlp_match_one_rank_alone(mapping, per_gro
     assert time.monotonic() - start < 60
 
 
+def _cancel_in_lockstep(mapping_spec: str, per_group: list[int], cancel_after: int) -> dict:
+    """Each rank serves its requests one step at a time; DP group 0 cancels its first request
+    after ``cancel_after`` steps, while a step is in flight (the group runs one step ahead)."""
+    import torch.distributed as dist
+
+    from adp_pass.launch import init_rank
+    from adp_pass.mapping import Mapping
+    from adp_pass.runtime.groups import create_groups
+    from adp_pass.runtime.lockstep import Lockstep
+
+    rank, _, _ = init_rank()
+    mapping = Mapping.load(mapping_spec)
+    groups = create_groups(mapping)
+    mlp = mapping.mlp_group(rank)
+    dp = mapping.dp_rank(rank)
+    requests = _requests(per_group[dp], seed=20 + dp, new=(9, 6, 8, 7, 5))
+    model = ToyModel(group=(groups.names["mlp"], len(mlp), mlp.index(rank)))
+    cache = model.cache()
+    engine = RankEngine(model, cache, max_batch=2, lockstep=Lockstep(groups.lockstep))
+    for request in requests:
+        engine.add(request)
+    engine.begin()
+    results, steps, cancelled, in_flight = [], 0, None, False
+    while engine.active:
+        if dp == 0 and steps == cancel_after:
+            in_flight = engine._inflight is not None and bool(engine._inflight.seqs)
+            cancelled = requests[0].request_id
+            assert engine.cancel(cancelled)
+        results += engine.step()
+        steps += 1
+    kept = [r for r in requests if r.request_id != cancelled]
+    alone = ToyModel()
+    want = _tokens(RankEngine(alone, alone.cache(), max_batch=2).generate(kept))
+    dist.barrier()
+    return {"got": _tokens(results), "want": want, "cancelled": cancelled,
+            "in_flight": in_flight, "free": cache.num_free_blocks == cache.num_blocks}
+
+
+@pytest.mark.multirank
+def test_a_cancel_while_the_group_runs_ahead_leaves_the_other_tokens_and_frees_its_blocks():
+    from adp_pass.launch import launch
+
+    start = time.monotonic()
+    ranks = launch(_cancel_in_lockstep, 2, "tp=2,attn_dp=1,mlp_tp=2", [3, 2], 3, timeout_s=60)
+    assert ranks[0]["cancelled"] == "s20-0" and ranks[0]["in_flight"]
+    assert "s20-0" not in ranks[0]["got"]
+    for out in ranks:
+        assert out["got"] == out["want"] and out["free"]
+    assert time.monotonic() - start < 60
+
+
 # ----------------------------------------------------------------------------- end to end
 def _e2e_config():
     from adp_pass.presets import qwen3_config
