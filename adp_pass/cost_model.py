@@ -746,8 +746,9 @@ def predict(config: Any, mapping: "Mapping | str", *, batch_per_gpu: int, prompt
     launch_ms = fixed_ms + shape.layers * cal["kernels_per_layer"] * cal["kernel_launch_us"] / 1e3
     overhead_ms = cal["step_overhead_us"] / 1e3
 
-    # Host: in step with it (a lockstep group), its work adds and so does the agreement; one
-    # step ahead (a rank alone), the GPU waits only where the host is the slower.
+    # Host: one step ahead (every rank since issue 28; a lockstep group's agreement is host work
+    # too), the GPU waits only where the host is the slower; in step with it (lockstep_in_step,
+    # the runtime older 2-GPU rows ran), a lockstep group's work and agreement add.
     def host_total(per_request_us: float) -> float:
         return (cal.get("host_step_us", 0.0) + per_request_us * seqs) / 1e3
 
@@ -914,8 +915,8 @@ def format_table(ranked: list[tuple[Mapping, Prediction]], chosen: Prediction | 
         "",
         "range: the step with every collective latency and the host's work per request at the",
         "low / high end of their stated ranges; KV: the cache a step reads (mean context);",
-        "memory: weights + KV at the full",
-        "context; KV room: sequences that fit per GPU (or DP group) / sequences it serves.",
+        "memory: weights + KV at the full context; KV room: sequences that fit per GPU (or DP",
+        "group) / sequences it serves.",
         "Terms (ms, they add up to the step): " + "; ".join(
             f"{column} = {meaning}" for _, column, meaning in TERMS) + " (docs/cost_model.md).",
     ]

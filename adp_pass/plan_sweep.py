@@ -3,8 +3,9 @@
 For one model, GPU count and profile, every cell (requests per GPU 8..512, context 512..32k:
 the prompt; ``new_tokens`` more are generated) gets the mapping with the most tokens/s per GPU
 that fits, its margin over the runner-up, and whether that pick survives the collective
-latencies and the host's work per request at the low and at the high end of their stated ranges
-(``Prediction.step_ms_range``); cells where it does not are hatched in the picture. matplotlib is imported only to draw.
+latencies and the host's work per request at the low and at the high end of their stated
+ranges (``Prediction.step_ms_range``); cells where it does not are hatched in the picture.
+matplotlib is imported only to draw.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class Sweep:
 
     def summary(self) -> str:
         lines = [f"best mapping per cell ({self.gpus} x {self.gpu}; rows: context, columns: "
-                 "requests per GPU; * = the pick changes inside the latency and host-work ranges)"]
+                 "requests per GPU; * = the pick changes inside the latency and host-work "
+                 "ranges)"]
         lines.append(f"{'context':>8} " + " ".join(f"{r:>22}" for r in REQUESTS))
         for context in CONTEXTS:
             row = []
@@ -105,8 +107,8 @@ def sweep(config: Any, gpus: int, *, calibration: Calibration, weights: str = "b
 
 def draw_sweep(result: Sweep, out: Path, title: str, line_context: int = 2048) -> Path:
     """Left: the pick per cell, coloured by mapping, the margin written in, hatched where the
-    latency and host-work ranges change it. Right: tokens/s per GPU of each mapping over requests per GPU at
-    ``line_context``."""
+    latency and host-work ranges change it. Right: tokens/s per GPU of each mapping over
+    requests per GPU at ``line_context``."""
     import matplotlib
 
     matplotlib.use("Agg")

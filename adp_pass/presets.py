@@ -46,6 +46,16 @@ def _shape(preset: str | PresetShape) -> PresetShape:
     return PRESETS[preset]
 
 
+def preset_depth(preset: str | PresetShape, layers: int | None = None) -> int:
+    """The decoder layers a preset is served with: all of them, or its first ``layers`` (the
+    benches' and ``adp quantize``'s depth-cut models). ValueError naming the preset's depth for
+    a ``layers`` outside 1..that; each caller words it for its own flag or field."""
+    depth = _shape(preset).num_hidden_layers
+    if layers is not None and not 1 <= layers <= depth:
+        raise ValueError(f"preset {preset} has {depth} decoder layers")
+    return depth if layers is None else layers
+
+
 def model_config(preset: str | PresetShape, **overrides) -> "PretrainedConfig":
     """The transformers config of a preset name (or shape) of any family, with overrides applied:
     ``Qwen3Config`` for "tiny", ``LlamaConfig`` for "llama-tiny", ``Qwen2Config`` for
@@ -63,4 +73,4 @@ def qwen3_config(preset: str | PresetShape, **overrides) -> "Qwen3Config":
 
 
 __all__ = ["PRESETS", "PresetShape", "Qwen3Shape", "UnknownPreset", "model_config",
-           "qwen3_config"]
+           "preset_depth", "qwen3_config"]

@@ -32,7 +32,7 @@ from adp_pass.checks import (DECODER_LINEAR, FP8_DTYPE, FP8_QUANT_CONFIG, SCALE_
                              check_checkpoint, check_out_dir, expected_tensors, header_entries,
                              read_checkpoint_config, safetensors_files)
 from adp_pass.errors import UsageError
-from adp_pass.presets import PRESETS, UnknownPreset
+from adp_pass.presets import PRESETS, UnknownPreset, preset_depth
 
 if TYPE_CHECKING:
     import torch
@@ -155,13 +155,13 @@ def check_inputs(out: str | Path, *, preset: str | None = None,
             raise UnknownPreset(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}",
                                 flag="--preset", hint="e.g. --preset qwen3-8b")
         config = _preset_config_json(preset)
-        if layers is not None:
-            if not 1 <= layers <= config["num_hidden_layers"]:
-                raise UsageError(
-                    f"--layers {layers}: preset {preset} has {config['num_hidden_layers']} "
-                    "decoder layers", flag="--layers",
-                    hint=f"give 1 to {config['num_hidden_layers']}, or drop --layers")
-            config["num_hidden_layers"] = layers
+        try:
+            depth = preset_depth(preset, layers)
+        except ValueError as err:
+            raise UsageError(f"--layers {layers}: {err}", flag="--layers",
+                             hint=f"give 1 to {config['num_hidden_layers']}, or drop --layers"
+                             ) from None
+        config["num_hidden_layers"] = depth
         sources = {name: (shape, "F32") for name, shape in expected_tensors(config).items()}
     else:
         if layers is not None:
@@ -436,10 +436,10 @@ def preset_checkpoint(preset: str, out: str | Path | None = None, *, seed: int =
     out = Path(out) if out is not None else (
         Path(tempfile.gettempdir())
         / f"adp-fp8-{preset}{f'-{layers}layers' if layers else ''}-seed{seed}-{device}")
-    want = layers or PRESETS[preset].num_hidden_layers
     written = out / "config.json"
     # a folder reused for another depth is written again, not served at the wrong one
-    if not written.is_file() or json.loads(written.read_text()).get("num_hidden_layers") != want:
+    if (not written.is_file() or json.loads(written.read_text()).get("num_hidden_layers")
+            != preset_depth(preset, layers)):
         quantize_checkpoint(out, preset=preset, seed=seed, force=out.exists(), device=device,
                             layers=layers)
     return out

@@ -70,7 +70,8 @@ def main() -> None:
         f"tp={args.world_size},attn_dp=1",
         assign_by_load(requests, args.world_size),
         preset=args.preset,
-        checkpoint=str(args.checkpoint) if args.checkpoint else None, layers=args.job_layers,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None,
+        layers=args.job_layers,
         dtype=args.dtype,
         serving=ServingConfig(
             num_blocks=blocks_per_seq * args.requests_per_rank + 8,
@@ -84,8 +85,8 @@ def main() -> None:
         check_first_step=not args.no_check,
     )
     depth = f" ({config.num_hidden_layers} layers)" if args.layers else ""
-    print(f"bench: {args.checkpoint or args.preset}{depth} {args.dtype} (weights {args.weights}, KV cache "
-          f"{args.kv_cache_dtype}), {args.world_size} ranks x "
+    print(f"bench: {args.checkpoint or args.preset}{depth} {args.dtype} (weights {args.weights}, "
+          f"KV cache {args.kv_cache_dtype}), {args.world_size} ranks x "
           f"{args.requests_per_rank} requests, prompt {args.prompt_len}, {args.new_tokens} new",
           file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -17,9 +17,10 @@ Variants: ``bf16`` (torch.matmul), ``decode_mm`` (bf16, where its TUNED table ha
 ``fp8`` (the op as shipped: ``fp8_gemm.choose``), ``fp8-decode`` / ``fp8-triton`` /
 ``fp8-scaled_mm`` (each backend forced), each also with ``:q`` (x already fp8, as after a fused
 ``rms_norm_fp8``/``silu_mul_fp8``: the GEMM alone). The sweeps time the decode kernel's
-(block_n, split_k, num_stages, num_warps; ``--sweep-*`` set the grid) and a few prefill tiles. The JSON (``--out``; default
-``$OUT/fp8-gemm-<gpu>.json``, or ``bench/results/`` when ``$OUT`` is unset) holds every row, the
-sweeps, the suggested ``TUNED`` table and the versions; a short table is printed last.
+(block_n, split_k, num_stages, num_warps; ``--sweep-*`` set the grid) and a few prefill tiles.
+The JSON (``--out``; default ``$OUT/fp8-gemm-<gpu>.json``, or ``bench/results/`` when ``$OUT``
+is unset) holds every row, the sweeps, the suggested ``TUNED`` table and the versions; a short
+table is printed last.
 """
 
 from __future__ import annotations

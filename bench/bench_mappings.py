@@ -80,7 +80,8 @@ def run_mapping(spec: str, args, config, workloads: list[tuple[int, int]], log_d
                             cuda_graph_sizes=tuple(sizes), kv_cache_dtype=args.kv_cache_dtype)
     job = make_job(mapping, phases[0], workloads=phases[1:], preset=args.preset,
                    checkpoint=str(args.checkpoint) if args.checkpoint else None,
-                   layers=args.job_layers, dtype=args.dtype, serving=serving, check_first_step=not args.no_check)
+                   layers=args.job_layers, dtype=args.dtype, serving=serving,
+                   check_first_step=not args.no_check)
     print(f"\n== {spec}: {ranks} rank(s), {per_group} requests per DP group at most, "
           f"{blocks} KV blocks per rank", flush=True)
     try:

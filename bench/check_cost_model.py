@@ -75,13 +75,15 @@ def measured_rows(results: Path = RESULTS) -> list[dict]:
 
 
 def check(rows: list[dict]) -> list[dict]:
-    out = []
+    out, profiles = [], {}
     for row in rows:
         profile = profile_for_device(row["gpu"]) or "h200"
+        if profile not in profiles:  # each profile read once, not once a row
+            profiles[profile] = load_calibration(profile)
         shape = PRESETS[row["model"]]
         if row.get("layers"):
             shape = dataclasses.replace(shape, num_hidden_layers=row["layers"])
-        calibration = load_calibration(profile)
+        calibration = profiles[profile]
         if row.get("lockstep_in_step"):  # predicted with the runtime the row ran
             calibration = Calibration({**calibration.data, "lockstep_in_step": True},
                                       calibration.where, calibration.provenance)

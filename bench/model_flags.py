@@ -39,16 +39,16 @@ def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.layers is not None and args.checkpoint:
         parser.error("--layers cuts the preset's model; a --checkpoint has its own depth")
     if args.layers is not None:
-        from adp_pass.presets import PRESETS
+        from adp_pass.presets import preset_depth
 
-        depth = PRESETS[args.preset].num_hidden_layers if args.preset in PRESETS else None
-        if args.layers < 1 or (depth is not None and args.layers > depth):
-            parser.error(f"--layers {args.layers}: preset {args.preset} has {depth} decoder "
-                         "layers; give 1 to that")
+        try:
+            preset_depth(args.preset, args.layers)
+        except ValueError as err:
+            parser.error(f"--layers {args.layers}: {err}; give 1 to that")
     if args.quantize:
         args.checkpoint = preset_checkpoint(args.preset, args.quantize_dir, layers=args.layers)
-    depth = {} if args.layers is None else {"num_hidden_layers": args.layers}
-    config = (qwen3_config(args.preset, **depth) if args.checkpoint is None
+    cut = {} if args.layers is None else {"num_hidden_layers": args.layers}
+    config = (qwen3_config(args.preset, **cut) if args.checkpoint is None
               else AutoConfig.from_pretrained(args.checkpoint))
     args.weights = "fp8" if getattr(config, "quantization_config", None) else "bf16"
     args.kv_cache = "fp8" if args.kv_cache_dtype == "fp8" else "bf16"

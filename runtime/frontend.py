@@ -159,7 +159,7 @@ def check_job(job: Job) -> None:
     """The model exists and the mapping divides it; every request fits the vocabulary, the
     positions and one rank's KV cache (see :func:`make_job`)."""
     from adp_pass.checks import check_checkpoint
-    from adp_pass.presets import PRESETS, UnknownPreset
+    from adp_pass.presets import PRESETS, UnknownPreset, preset_depth
 
     if job.checkpoint is not None:
         if job.layers is not None:
@@ -176,10 +176,12 @@ def check_job(job: Job) -> None:
             raise UnknownPreset(f"unknown preset {job.preset!r}; known: {', '.join(PRESETS)}",
                                 flag="preset")
         shape = PRESETS[job.preset]
-        if job.layers is not None and not 1 <= job.layers <= shape.num_hidden_layers:
-            raise JobInvalid(f"layers={job.layers}: preset {job.preset} has "
-                             f"{shape.num_hidden_layers} decoder layers",
-                             hint=f"give 1 to {shape.num_hidden_layers}, or None for all")
+        try:
+            preset_depth(job.preset, job.layers)
+        except ValueError as err:
+            raise JobInvalid(f"layers={job.layers}: {err}",
+                             hint=f"give 1 to {shape.num_hidden_layers}, or None for all"
+                             ) from None
         heads, kv_heads, inter = (shape.num_attention_heads, shape.num_key_value_heads,
                                   shape.intermediate_size)
         vocab, positions = shape.vocab_size, shape.max_position_embeddings
