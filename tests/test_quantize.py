@@ -315,3 +315,21 @@ def test_bad_input_is_named_with_the_fix(case, written, bf16_source, tmp_path, c
     if case == "out-has-files":
         assert "--force" in err
     assert not Path(new).exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--layers", "3", "--quantize", "fp8"],
+     "--layers 3: preset tiny has 2 decoder layers; give 1 to that"),
+    (["--layers", "1", "--checkpoint", "somewhere"], "a --checkpoint has its own depth"),
+])
+def test_the_benches_refuse_a_depth_the_preset_has_not(args, words):
+    # bench_decode / bench_mappings share these flags (bench/model_flags.py): a usage error,
+    # before any model is built or written
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_decode.py"
+    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--world-size", "1",
+                          *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and words in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
