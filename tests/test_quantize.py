@@ -322,14 +322,19 @@ def test_bad_input_is_named_with_the_fix(case, written, bf16_source, tmp_path, c
      "--layers 3: preset tiny has 2 decoder layers; give 1 to that"),
     (["--layers", "1", "--checkpoint", "somewhere"], "a --checkpoint has its own depth"),
 ])
-def test_the_benches_refuse_a_depth_the_preset_has_not(args, words):
+def test_the_benches_refuse_a_depth_the_preset_has_not(args, words, capsys, monkeypatch):
     # bench_decode / bench_mappings share these flags (bench/model_flags.py): a usage error,
     # before any model is built or written
-    import subprocess
-    import sys
+    import argparse
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "bench_decode.py"
-    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--world-size", "1",
-                          *args], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and words in run.stderr, run.stderr
-    assert "Traceback" not in run.stderr
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from model_flags import add_model_flags, resolve_model
+
+    parser = argparse.ArgumentParser(prog="bench_decode.py")
+    parser.add_argument("--preset", default="tiny")
+    add_model_flags(parser)
+    with pytest.raises(SystemExit) as exit_:
+        resolve_model(parser, parser.parse_args(args))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and words in err, err
+    assert "Traceback" not in err
